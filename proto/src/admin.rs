@@ -1,0 +1,174 @@
+//! Host admin protocol: `snowflock` CLI <-> `snowflockd`.
+//!
+//! Length-prefixed JSON frames ([`crate::frame`]) over the daemon's Unix
+//! socket. Every connection sends one [`AdminRequest`] and reads
+//! [`AdminResponse`]s: one for most requests, a stream for `Exec` (the client
+//! may then send [`ExecInput`] frames on the same connection).
+
+use serde::{Deserialize, Serialize};
+
+use crate::channel::Stream;
+
+/// Accelerator choice for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// KVM only when the host CPU shows `vmx` or `svm`, else TCG.
+    #[default]
+    Auto,
+    Tcg,
+    Kvm,
+}
+
+/// Lifecycle state of a VM as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// QEMU started, guest agent not yet connected.
+    Booting,
+    /// Running and its agent answered.
+    Running,
+    /// Paused for a clone.
+    Cloning,
+    /// A clone whose identity is being applied.
+    Resuming,
+    /// Being torn down.
+    Stopping,
+}
+
+/// One VM in `vm list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub host: String,
+    pub state: VmState,
+    /// Ticket this VM was cloned from; `None` for an original VM.
+    pub ticket: Option<String>,
+    /// 0 for an original VM (a parent), 1..=m for clones.
+    pub clone_id: u32,
+    /// The original VM this one descends from (itself for a parent).
+    pub parent: String,
+    pub ip: String,
+    pub mac: String,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+    pub accel: String,
+    pub pid: Option<u32>,
+}
+
+/// Daemon status for `daemon status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub host: String,
+    pub version: String,
+    pub pid: u32,
+    pub state_dir: String,
+    pub vms: usize,
+    pub uptime_s: u64,
+    pub accel: String,
+}
+
+/// Figures of one clone operation, kept by the daemon for `bench`/`clones`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloneReport {
+    pub parent: String,
+    pub ticket: String,
+    pub clones: u32,
+    /// Time the parent VM was paused (stop to cont).
+    pub parent_pause_ms: f64,
+    /// Size of the encoded VM descriptor.
+    pub descriptor_bytes: u64,
+    /// Device-state part of the descriptor.
+    pub device_state_bytes: u64,
+    /// Bytes of guest RAM copied into the frozen generation (holes skipped).
+    pub frozen_bytes: u64,
+    pub guest_ram_bytes: u64,
+    /// From the daemon receiving the clone request to every clone's `Ready`.
+    pub all_ready_ms: f64,
+    /// Named phases in order, milliseconds since the request arrived.
+    pub timeline: Vec<(String, f64)>,
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    Status,
+    VmStart { name: String, image: String, mem_mib: u32, vcpus: u32, accel: Accel },
+    VmList,
+    VmStop { name: String },
+    /// Returns the serial console log.
+    VmConsole { name: String },
+    /// Runs `argv` in the guest; answered by a stream of `ExecOutput` and a
+    /// final `ExecExit`. The client sends [`ExecInput`] frames for stdin.
+    Exec { name: String, argv: Vec<String> },
+    /// The clone reports recorded so far (newest last).
+    CloneReports,
+    /// Stops every VM and exits.
+    Shutdown,
+}
+
+/// Stdin for an exec session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecInput {
+    #[serde(with = "crate::b64")]
+    pub data: Vec<u8>,
+    pub eof: bool,
+}
+
+/// Stable error classes for admin answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminErrorCode {
+    NotFound,
+    AlreadyExists,
+    BadRequest,
+    BadImage,
+    Unavailable,
+    Failed,
+}
+
+/// An answer from the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AdminResponse {
+    Ok,
+    Status(DaemonStatus),
+    Vm(VmInfo),
+    VmList { vms: Vec<VmInfo> },
+    Console { #[serde(with = "crate::b64")] data: Vec<u8> },
+    ExecOutput { stream: Stream, #[serde(with = "crate::b64")] data: Vec<u8> },
+    ExecExit { code: i32 },
+    CloneReports { reports: Vec<CloneReport> },
+    Error { code: AdminErrorCode, message: String },
+}
+
+/// VM names: 1-48 chars of `[a-z0-9-]`, starting with a letter.
+pub fn valid_vm_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 48
+        && b[0].is_ascii_lowercase()
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_vm_name("vm1"));
+        assert!(valid_vm_name("a-b-3"));
+        assert!(!valid_vm_name(""));
+        assert!(!valid_vm_name("1vm"));
+        assert!(!valid_vm_name("../etc"));
+        assert!(!valid_vm_name(&"a".repeat(49)));
+    }
+
+    #[test]
+    fn request_shape() {
+        let r = AdminRequest::VmStop { name: "x".into() };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"vm_stop","name":"x"}"#);
+    }
+}

@@ -1,0 +1,139 @@
+//! Length-prefixed JSON framing used on Unix sockets (agent API and admin).
+//!
+//! A frame is a little-endian `u32` payload length followed by that many
+//! bytes of UTF-8 JSON. Lengths above [`MAX_FRAME`] are rejected before any
+//! allocation, so a hostile peer cannot make the reader allocate unbounded
+//! memory.
+
+use serde::{de::DeserializeOwned, Serialize};
+use std::io::{self, Read, Write};
+
+/// Largest accepted frame payload, in bytes.
+pub const MAX_FRAME: usize = 4 << 20;
+
+/// Errors of the framing layer.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection cleanly between frames.
+    #[error("Connection closed")]
+    Closed,
+    /// The announced frame length is above [`MAX_FRAME`].
+    #[error("Frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    TooLarge(usize),
+    /// The payload is not valid JSON for the expected message type.
+    #[error("Malformed message")]
+    Malformed(#[source] serde_json::Error),
+    /// An I/O error on the underlying stream.
+    #[error("I/O error")]
+    Io(#[from] io::Error),
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).expect("protocol types always serialize");
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a frame payload (without its length prefix).
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(payload).map_err(FrameError::Malformed)
+}
+
+/// Writes one frame to a blocking stream.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg))?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame from a blocking stream.
+pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    decode(&buf)
+}
+
+/// Async versions for tokio streams.
+#[cfg(feature = "tokio")]
+pub mod tokio_io {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// Writes one frame.
+    pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+        w: &mut W,
+        msg: &T,
+    ) -> Result<(), FrameError> {
+        w.write_all(&encode(msg)).await?;
+        w.flush().await?;
+        Ok(())
+    }
+
+    /// Reads one frame.
+    pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+        r: &mut R,
+    ) -> Result<T, FrameError> {
+        let mut len = [0u8; 4];
+        match r.read_exact(&mut len).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+            Err(e) => return Err(e.into()),
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        let mut buf = vec![0u8; len];
+        r.read_exact(&mut buf).await?;
+        decode(&buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let v = serde_json::json!({"a": 1});
+        let bytes = encode(&v);
+        let back: serde_json::Value = read_frame(&mut &bytes[..]).unwrap();
+        assert_eq!(v, back);
+    }
+
+    #[test]
+    fn rejects_oversized_length_without_allocating() {
+        let bytes = u32::MAX.to_le_bytes();
+        let err = read_frame::<_, serde_json::Value>(&mut &bytes[..]).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(_)), "{err}");
+    }
+
+    #[test]
+    fn clean_eof_is_closed_and_truncated_body_is_io() {
+        let empty: &[u8] = &[];
+        assert!(matches!(read_frame::<_, serde_json::Value>(&mut &empty[..]), Err(FrameError::Closed)));
+        let mut bytes = encode(&serde_json::json!({"a": 1}));
+        bytes.truncate(6);
+        assert!(matches!(read_frame::<_, serde_json::Value>(&mut &bytes[..]), Err(FrameError::Io(_))));
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let mut bytes = 3u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{{{");
+        assert!(matches!(read_frame::<_, serde_json::Value>(&mut &bytes[..]), Err(FrameError::Malformed(_))));
+    }
+}

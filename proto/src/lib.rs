@@ -1,0 +1,45 @@
+//! Protocol types shared by every side of snowflock.
+//!
+//! Three protocols live here, each with types that all sides import:
+//!
+//! * [`api`]: application <-> guest agent, over the guest Unix socket
+//!   `/run/snowflock/agent.sock` (length-prefixed JSON, see [`frame`]).
+//! * [`channel`]: guest agent <-> host daemon, over the virtio-serial port
+//!   `org.snowflock.agent` (newline-delimited JSON, see [`channel`] for why).
+//! * [`admin`]: `snowflock` CLI <-> `snowflockd`, over the daemon's Unix
+//!   socket (length-prefixed JSON, see [`frame`]).
+
+pub mod admin;
+pub mod api;
+pub mod channel;
+pub mod frame;
+
+/// Version of the guest channel protocol. Both sides accept N and N-1.
+pub const CHANNEL_VERSION: u32 = 1;
+/// Version of the admin protocol.
+pub const ADMIN_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port that carries the guest channel.
+pub const AGENT_PORT_NAME: &str = "org.snowflock.agent";
+/// Path of the agent's API socket inside the guest.
+pub const AGENT_SOCKET: &str = "/run/snowflock/agent.sock";
+/// Default path of the host daemon's admin socket.
+pub const DAEMON_SOCKET: &str = "/run/snowflock/snowflockd.sock";
+
+/// Serde helper: `Vec<u8>` as base64 text, so binary payloads stay compact
+/// and JSON lines never contain raw newlines.
+pub mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(data))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
