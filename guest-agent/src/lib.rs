@@ -1,1 +1,35 @@
-//! snowflock-guest
+//! The guest side of snowflock.
+//!
+//! * [`client`]: the SnowFlock API for Rust programs (`sf_request_ticket`,
+//!   `sf_clone`, `sf_exit`, `sf_join`, `sf_kill`, plus `id`). It talks to the
+//!   agent's Unix socket with the framing of [`snowflock_proto::frame`].
+//! * [`capi`]: the same API as a C ABI (`libsnowflock.so`, header
+//!   `include/snowflock.h`).
+//! * [`agent`]: `snowflock-agent`, started at boot. It serves the API socket,
+//!   forwards calls to the host daemon over the virtio-serial channel
+//!   ([`snowflock_proto::channel`]), applies a clone's identity and runs
+//!   `snowflock vm exec` commands.
+//! * [`memtest`]: `sf-memtest`, a helper that holds a patterned buffer across
+//!   a clone so tests can check that process memory survived.
+//!
+//! The binaries (`snowflock-agent`, `sf`, `sf-memtest`) are thin wrappers.
+
+pub mod agent;
+pub mod capi;
+pub mod client;
+pub mod memtest;
+
+/// Formats an error and its `source()` chain as `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.ends_with(t.as_str()) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

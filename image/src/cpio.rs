@@ -46,7 +46,11 @@ struct Header<'a> {
 impl<W: Write> CpioWriter<W> {
     /// A writer whose first entry gets inode number 1.
     pub fn new(out: W) -> Self {
-        CpioWriter { out, next_ino: 1, offset: 0 }
+        CpioWriter {
+            out,
+            next_ino: 1,
+            offset: 0,
+        }
     }
 
     fn header(&mut self, h: Header<'_>, ino: u32) -> io::Result<()> {
@@ -54,7 +58,9 @@ impl<W: Write> CpioWriter<W> {
         let mut s = String::with_capacity(110 + h.name.len() + 4);
         s.push_str(MAGIC);
         // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
-        for v in [ino, h.mode, 0, 0, h.nlink, 0, h.filesize, 0, 0, h.rdev.0, h.rdev.1, namesize, 0] {
+        for v in [
+            ino, h.mode, 0, 0, h.nlink, 0, h.filesize, 0, 0, h.rdev.0, h.rdev.1, namesize, 0,
+        ] {
             s.push_str(&format!("{v:08x}"));
         }
         s.push_str(h.name);
@@ -91,19 +97,50 @@ impl<W: Write> CpioWriter<W> {
     /// A directory; `perm` holds only permission bits.
     pub fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
         let ino = self.ino();
-        self.header(Header { name, mode: S_IFDIR | perm, nlink: 2, filesize: 0, rdev: (0, 0) }, ino)
+        self.header(
+            Header {
+                name,
+                mode: S_IFDIR | perm,
+                nlink: 2,
+                filesize: 0,
+                rdev: (0, 0),
+            },
+            ino,
+        )
     }
 
     /// A regular file whose `size` bytes are read from `data`.
-    pub fn file(&mut self, name: &str, perm: u32, size: u64, data: &mut dyn Read) -> io::Result<()> {
-        let filesize = u32::try_from(size)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large for cpio newc (4 GiB)"))?;
+    pub fn file(
+        &mut self,
+        name: &str,
+        perm: u32,
+        size: u64,
+        data: &mut dyn Read,
+    ) -> io::Result<()> {
+        let filesize = u32::try_from(size).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "file too large for cpio newc (4 GiB)",
+            )
+        })?;
         let ino = self.ino();
-        self.header(Header { name, mode: S_IFREG | perm, nlink: 1, filesize, rdev: (0, 0) }, ino)?;
+        self.header(
+            Header {
+                name,
+                mode: S_IFREG | perm,
+                nlink: 1,
+                filesize,
+                rdev: (0, 0),
+            },
+            ino,
+        )?;
         let copied = io::copy(&mut data.take(size), &mut self.out)?;
         self.offset += copied;
         if copied != size {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while it was being archived"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while it was being archived",
+            ));
         }
         self.pad4()
     }
@@ -111,7 +148,13 @@ impl<W: Write> CpioWriter<W> {
     /// A symbolic link to `target`.
     pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
         let ino = self.ino();
-        let h = Header { name, mode: S_IFLNK | 0o777, nlink: 1, filesize: target.len() as u32, rdev: (0, 0) };
+        let h = Header {
+            name,
+            mode: S_IFLNK | 0o777,
+            nlink: 1,
+            filesize: target.len() as u32,
+            rdev: (0, 0),
+        };
         self.header(h, ino)?;
         self.write_all(target.as_bytes())?;
         self.pad4()
@@ -120,12 +163,30 @@ impl<W: Write> CpioWriter<W> {
     /// A character device node.
     pub fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
         let ino = self.ino();
-        self.header(Header { name, mode: S_IFCHR | perm, nlink: 1, filesize: 0, rdev: (major, minor) }, ino)
+        self.header(
+            Header {
+                name,
+                mode: S_IFCHR | perm,
+                nlink: 1,
+                filesize: 0,
+                rdev: (major, minor),
+            },
+            ino,
+        )
     }
 
     /// Writes the trailer, pads the archive to 512 bytes and returns the sink.
     pub fn finish(mut self) -> io::Result<W> {
-        self.header(Header { name: TRAILER, mode: 0, nlink: 1, filesize: 0, rdev: (0, 0) }, 0)?;
+        self.header(
+            Header {
+                name: TRAILER,
+                mode: 0,
+                nlink: 1,
+                filesize: 0,
+                rdev: (0, 0),
+            },
+            0,
+        )?;
         self.pad_to(512)?;
         self.out.flush()?;
         Ok(self.out)
@@ -166,7 +227,10 @@ pub struct Tree {
 /// Normalises an absolute in-image path (`/usr//lib/` -> `usr/lib`).
 /// Rejects relative paths, `.`/`..` components, NUL bytes and the root itself.
 pub fn normalize(dest: &str) -> Result<String, ImageError> {
-    let bad = |reason: &str| ImageError::InvalidDest { dest: dest.to_string(), reason: reason.to_string() };
+    let bad = |reason: &str| ImageError::InvalidDest {
+        dest: dest.to_string(),
+        reason: reason.to_string(),
+    };
     if !dest.starts_with('/') {
         return Err(bad("must be an absolute path"));
     }
@@ -242,7 +306,9 @@ impl Tree {
 
     /// Whether `dest` (absolute) is in the tree.
     pub fn contains(&self, dest: &str) -> bool {
-        normalize(dest).map(|p| self.nodes.contains_key(&p)).unwrap_or(false)
+        normalize(dest)
+            .map(|p| self.nodes.contains_key(&p))
+            .unwrap_or(false)
     }
 
     /// The node at absolute path `dest`.
@@ -267,22 +333,30 @@ impl Tree {
             match node {
                 Node::Dir(perm) => w.dir(path, *perm).map_err(|e| io_err(path, e))?,
                 Node::Symlink(target) => w.symlink(path, target).map_err(|e| io_err(path, e))?,
-                Node::CharDev(perm, major, minor) => {
-                    w.char_dev(path, *perm, *major, *minor).map_err(|e| io_err(path, e))?
-                }
-                Node::File(perm, Source::Bytes(b)) => {
-                    w.file(path, *perm, b.len() as u64, &mut &b[..]).map_err(|e| io_err(path, e))?
-                }
+                Node::CharDev(perm, major, minor) => w
+                    .char_dev(path, *perm, *major, *minor)
+                    .map_err(|e| io_err(path, e))?,
+                Node::File(perm, Source::Bytes(b)) => w
+                    .file(path, *perm, b.len() as u64, &mut &b[..])
+                    .map_err(|e| io_err(path, e))?,
                 Node::File(perm, Source::Path(src)) => {
-                    let read_err =
-                        |source| ImageError::Io { action: "read", path: src.clone(), source };
+                    let read_err = |source| ImageError::Io {
+                        action: "read",
+                        path: src.clone(),
+                        source,
+                    };
                     let mut f = File::open(src).map_err(read_err)?;
                     let size = f.metadata().map_err(read_err)?.len();
-                    w.file(path, *perm, size, &mut f).map_err(|e| io_err(path, e))?;
+                    w.file(path, *perm, size, &mut f)
+                        .map_err(|e| io_err(path, e))?;
                 }
             }
         }
-        w.finish().map_err(|e| ImageError::Io { action: "write", path: PathBuf::from("initramfs"), source: e })
+        w.finish().map_err(|e| ImageError::Io {
+            action: "write",
+            path: PathBuf::from("initramfs"),
+            source: e,
+        })
     }
 }
 
@@ -360,17 +434,31 @@ mod tests {
     #[test]
     fn tree_orders_and_creates_parents() {
         let mut t = Tree::new();
-        t.insert("/usr/bin/x", Node::File(0o755, Source::Bytes(b"x".to_vec()))).unwrap();
-        t.insert("/bin/sh", Node::Symlink("/bin/busybox".into())).unwrap();
+        t.insert(
+            "/usr/bin/x",
+            Node::File(0o755, Source::Bytes(b"x".to_vec())),
+        )
+        .unwrap();
+        t.insert("/bin/sh", Node::Symlink("/bin/busybox".into()))
+            .unwrap();
         t.insert("/a-b", Node::Dir(0o700)).unwrap();
-        assert_eq!(t.paths(), vec!["/a-b", "/bin", "/bin/sh", "/usr", "/usr/bin", "/usr/bin/x"]);
+        assert_eq!(
+            t.paths(),
+            vec!["/a-b", "/bin", "/bin/sh", "/usr", "/usr/bin", "/usr/bin/x"]
+        );
         // a file under a file conflicts; a dir over a file conflicts
         assert!(matches!(
             t.insert("/bin/sh/x", Node::Dir(0o755)),
             Err(ImageError::PathConflict { .. })
         ));
-        assert!(matches!(t.insert("/usr/bin/x", Node::Dir(0o755)), Err(ImageError::PathConflict { .. })));
-        assert!(matches!(t.insert("/usr", Node::Symlink("x".into())), Err(ImageError::PathConflict { .. })));
+        assert!(matches!(
+            t.insert("/usr/bin/x", Node::Dir(0o755)),
+            Err(ImageError::PathConflict { .. })
+        ));
+        assert!(matches!(
+            t.insert("/usr", Node::Symlink("x".into())),
+            Err(ImageError::PathConflict { .. })
+        ));
         // a later file replaces an earlier one
         t.insert("/usr/bin/x", Node::Symlink("y".into())).unwrap();
         assert!(matches!(t.get("/usr/bin/x"), Some(Node::Symlink(s)) if s == "y"));

@@ -13,7 +13,13 @@ use crate::ImageError;
 
 /// The modules the guest loads at boot (virtio-mmio transport, the agent's
 /// serial port, networking, entropy, balloon/free page reporting).
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_net", "virtio_rng", "virtio_balloon"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_net",
+    "virtio_rng",
+    "virtio_balloon",
+];
 
 /// A module to put into the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +47,11 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let ft = e.file_type()?;
         if ft.is_dir() {
             walk(&p, out)?;
-        } else if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(".ko")) {
+        } else if p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.contains(".ko"))
+        {
             out.push(p);
         }
     }
@@ -62,16 +72,27 @@ fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
         None
     };
     match tool {
-        None => fs::read(path).map_err(|source| ImageError::Io { action: "read", path: path.into(), source }),
+        None => fs::read(path).map_err(|source| ImageError::Io {
+            action: "read",
+            path: path.into(),
+            source,
+        }),
         Some(tool) => {
-            let out = Command::new(tool).arg("-dc").arg(path).output().map_err(|e| ImageError::Decompress {
-                path: path.into(),
-                reason: format!("cannot run {tool}: {e}"),
-            })?;
+            let out = Command::new(tool)
+                .arg("-dc")
+                .arg(path)
+                .output()
+                .map_err(|e| ImageError::Decompress {
+                    path: path.into(),
+                    reason: format!("cannot run {tool}: {e}"),
+                })?;
             if !out.status.success() {
                 return Err(ImageError::Decompress {
                     path: path.into(),
-                    reason: format!("{tool} -dc failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                    reason: format!(
+                        "{tool} -dc failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
                 });
             }
             Ok(out.stdout)
@@ -83,8 +104,14 @@ fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
 /// section, or `None` when the bytes are not such an object.
 pub fn modinfo(elf: &[u8]) -> Option<Vec<String>> {
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
     if elf.get(..6)? != b"\x7fELF\x02\x01" {
         return None;
     }
@@ -123,7 +150,9 @@ pub fn modinfo(elf: &[u8]) -> Option<Vec<String>> {
 /// first; built-in modules are left out.
 pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<Module>, ImageError> {
     if !modules_dir.is_dir() {
-        return Err(ImageError::MissingModules { path: modules_dir.to_path_buf() });
+        return Err(ImageError::MissingModules {
+            path: modules_dir.to_path_buf(),
+        });
     }
     let builtin: HashSet<String> = fs::read_to_string(modules_dir.join("modules.builtin"))
         .map(|s| s.lines().map(module_name).collect())
@@ -131,8 +160,11 @@ pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<Module>, Image
 
     // name -> relative path of every module file
     let mut files = Vec::new();
-    walk(&modules_dir.join("kernel"), &mut files)
-        .map_err(|source| ImageError::Io { action: "list", path: modules_dir.join("kernel"), source })?;
+    walk(&modules_dir.join("kernel"), &mut files).map_err(|source| ImageError::Io {
+        action: "list",
+        path: modules_dir.join("kernel"),
+        source,
+    })?;
     let mut by_name: BTreeMap<String, PathBuf> = BTreeMap::new();
     for f in files {
         let name = module_name(&f.to_string_lossy());
@@ -141,12 +173,19 @@ pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<Module>, Image
 
     // modules.dep, when present: "kernel/a.ko: kernel/b.ko kernel/c.ko"
     let dep_file: Option<BTreeMap<String, Vec<String>>> =
-        fs::read_to_string(modules_dir.join("modules.dep")).ok().map(|s| {
-            s.lines()
-                .filter_map(|l| l.split_once(':'))
-                .map(|(m, deps)| (module_name(m), deps.split_whitespace().map(module_name).collect()))
-                .collect()
-        });
+        fs::read_to_string(modules_dir.join("modules.dep"))
+            .ok()
+            .map(|s| {
+                s.lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(m, deps)| {
+                        (
+                            module_name(m),
+                            deps.split_whitespace().map(module_name).collect(),
+                        )
+                    })
+                    .collect()
+            });
 
     struct St<'a> {
         builtin: &'a HashSet<String>,
@@ -176,8 +215,10 @@ pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<Module>, Image
         let deps: Vec<String> = match st.dep_file.as_ref().and_then(|d| d.get(&name)) {
             Some(d) => d.clone(),
             None => {
-                let info = modinfo(&data)
-                    .ok_or_else(|| ImageError::BadModule { path: path.clone(), reason: "not an ELF64 object".into() })?;
+                let info = modinfo(&data).ok_or_else(|| ImageError::BadModule {
+                    path: path.clone(),
+                    reason: "not an ELF64 object".into(),
+                })?;
                 info.iter()
                     .filter_map(|kv| kv.strip_prefix("depends="))
                     .flat_map(|d| d.split(','))
@@ -191,10 +232,17 @@ pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<Module>, Image
             visit(st, d, Some(&name))?;
         }
         st.visiting.pop();
-        let base = path.file_name().and_then(|n| n.to_str()).unwrap_or("module.ko");
+        let base = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("module.ko");
         let file_name = format!("{}.ko", base.split(".ko").next().unwrap_or(base));
         st.done.insert(name.clone());
-        st.out.push(Module { name, file_name, data });
+        st.out.push(Module {
+            name,
+            file_name,
+            data,
+        });
         Ok(())
     }
 
@@ -219,7 +267,10 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(module_name("kernel/drivers/char/hw_random/virtio-rng.ko"), "virtio_rng");
+        assert_eq!(
+            module_name("kernel/drivers/char/hw_random/virtio-rng.ko"),
+            "virtio_rng"
+        );
         assert_eq!(module_name("virtio_ring.ko.xz"), "virtio_ring");
         assert_eq!(module_name("rng-core"), "rng_core");
     }

@@ -1,1 +1,70 @@
-//! snowflockd
+//! `snowflockd`: the per-host snowflock daemon.
+//!
+//! It runs VMs (QEMU processes driven over QMP), answers SnowFlock API calls
+//! from their guest agents, clones VMs, allocates tickets, and keeps each
+//! flock's private network. The CLI talks to it over the admin socket.
+//!
+//! Module map: [`daemon`] (state, VM lifecycle), [`clone`] (the clone
+//! operation), [`api`] (guest API calls), [`agent_link`] (guest channel),
+//! [`admin`] (CLI socket), [`qmp`], [`net`], [`vm`] (QEMU command line).
+
+pub mod admin;
+pub mod agent_link;
+pub mod api;
+pub mod clone;
+pub mod config;
+pub mod daemon;
+pub mod net;
+pub mod qmp;
+pub mod vm;
+
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another daemon answers on the socket.
+    #[error("A snowflockd is already running on {0}")]
+    AlreadyRunning(String),
+    /// The socket or state directory cannot be set up.
+    #[error("Cannot set up {what}")]
+    Setup { what: String, #[source] err: std::io::Error },
+}
+
+/// Runs the daemon until `Shutdown` or SIGTERM/SIGINT; stops every VM before
+/// returning.
+pub async fn run(cfg: config::Config) -> Result<(), StartError> {
+    let setup = |what: String| move |err| StartError::Setup { what, err };
+    if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+        return Err(StartError::AlreadyRunning(cfg.socket.display().to_string()));
+    }
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir).map_err(setup(dir.display().to_string()))?;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(setup(cfg.state_dir.display().to_string()))?;
+    // Leftovers of a crashed daemon: its QEMUs died with it (PDEATHSIG).
+    let _ = std::fs::remove_dir_all(cfg.state_dir.join("gens"));
+    let _ = std::fs::remove_dir_all(cfg.state_dir.join("vms"));
+    std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(setup(cfg.state_dir.display().to_string()))?;
+    let listener = tokio::net::UnixListener::bind(&cfg.socket).map_err(setup(cfg.socket.display().to_string()))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600));
+    let d = daemon::Daemon::new(cfg);
+    tracing::info!(host = %d.cfg.host, socket = %d.cfg.socket.display(), state = %d.cfg.state_dir.display(), "snowflockd started");
+    let server = tokio::spawn(admin::serve(d.clone(), listener));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(setup("signal handler".into()))?;
+    let mut shutdown = d.shutdown.subscribe();
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+        _ = crate::daemon::wait_until(&mut shutdown, |s| *s) => {},
+    }
+    d.stop_all().await;
+    d.shutdown.send_replace(true);
+    let _ = server.await;
+    let _ = std::fs::remove_file(&d.cfg.socket);
+    let _ = std::fs::remove_dir_all(d.cfg.state_dir.join("gens"));
+    tracing::info!("snowflockd stopped");
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! Who this VM is, and becoming a clone.
+//!
+//! A fresh clone is a byte-for-byte copy of its parent. On
+//! `BecomeClone{request_id, identity}` the agent makes it distinct, in this
+//! order: reseed (and credit) the kernel RNG, set the clock, set the
+//! hostname and `/etc/hostname`, write `/etc/machine-id`, move eth0 to the
+//! clone's MAC and IP and flush stale neighbours. Then it records the
+//! identity (memory and `identity.json`), sends `Ready` and answers the
+//! pending `sf_clone` with the clone ID; a gratuitous ARP follows, best
+//! effort. `Ready` goes out before the app's answer so that the host sees it
+//! before any API call the clone makes next.
+//!
+//! Every field is validated before anything is changed, so a bad identity
+//! leaves the VM untouched and is reported with `CloneFailed`.
+
+use super::{host, lock, sys, Agent, AgentConfig};
+use serde::{Deserialize, Serialize};
+use snowflock_proto::api::{valid_ticket_syntax, ApiErrorCode, ApiResponse};
+use snowflock_proto::channel::{CloneIdentity, GuestMsg};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Name of the identity record in the state directory.
+pub const IDENTITY_FILE: &str = "identity.json";
+/// Largest accepted RNG seed.
+pub const MAX_SEED: usize = 4096;
+const NET_DEV: &str = "eth0";
+
+/// What `Id` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub vm: String,
+    pub clone_id: u32,
+    pub ticket: Option<String>,
+    pub ip: Option<String>,
+}
+
+/// Contents of `identity.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct IdentityFile {
+    #[serde(flatten)]
+    state: State,
+    hostname: String,
+    mac: String,
+    ip_cidr: String,
+    machine_id: String,
+}
+
+impl State {
+    /// The identity at start: `identity.json` if a previous agent run in
+    /// this clone wrote one, else the kernel command line.
+    pub fn initial(cfg: &AgentConfig) -> State {
+        let path = cfg.state_dir().join(IDENTITY_FILE);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            match serde_json::from_str::<IdentityFile>(&text) {
+                Ok(f) => return f.state,
+                Err(e) => tracing::warn!("Ignoring malformed {}: {e}", path.display()),
+            }
+        }
+        State::from_cmdline(&cfg.cmdline)
+    }
+
+    /// Reads `sf.vm=NAME` and `sf.ip=IP[/PREFIX]` from a kernel command line.
+    pub fn from_cmdline(cmdline: &str) -> State {
+        let mut s = State { vm: String::new(), clone_id: 0, ticket: None, ip: None };
+        for word in cmdline.split_whitespace() {
+            if let Some(v) = word.strip_prefix("sf.vm=") {
+                s.vm = v.to_string();
+            } else if let Some(v) = word.strip_prefix("sf.ip=") {
+                s.ip = Some(ip_of(v).to_string()).filter(|v| !v.is_empty());
+            }
+        }
+        s
+    }
+}
+
+fn ip_of(cidr: &str) -> &str {
+    cidr.split('/').next().unwrap_or(cidr)
+}
+
+/// Checks every field before anything is applied.
+pub fn validate(id: &CloneIdentity) -> Result<(), String> {
+    if id.clone_id == 0 {
+        return Err("Clone ID 0 is the parent's".into());
+    }
+    if !valid_ticket_syntax(&id.ticket) {
+        return Err(format!("Malformed ticket {:?}", id.ticket));
+    }
+    if id.vm.is_empty() || id.vm.len() > 255 || id.vm.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("Malformed VM name {:?}", id.vm));
+    }
+    let host_ok = !id.hostname.is_empty()
+        && id.hostname.len() <= 64
+        && !id.hostname.starts_with(['-', '.'])
+        && id.hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !host_ok {
+        return Err(format!("Malformed hostname {:?}", id.hostname));
+    }
+    if id.machine_id.len() != 32 || !id.machine_id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!("Malformed machine id {:?}", id.machine_id));
+    }
+    let octets: Vec<&str> = id.mac.split(':').collect();
+    let mac_ok = octets.len() == 6
+        && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0);
+    if !mac_ok {
+        return Err(format!("Malformed or multicast MAC {:?}", id.mac));
+    }
+    let (addr, prefix) = id.ip_cidr.split_once('/').ok_or_else(|| format!("Malformed IP {:?}", id.ip_cidr))?;
+    let addr: IpAddr = addr.parse().map_err(|_| format!("Malformed IP {:?}", id.ip_cidr))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if !prefix.parse::<u8>().is_ok_and(|p| p <= max) {
+        return Err(format!("Malformed IP {:?}", id.ip_cidr));
+    }
+    if id.seed.is_empty() || id.seed.len() > MAX_SEED {
+        return Err(format!("RNG seed must be 1 to {MAX_SEED} bytes, got {}", id.seed.len()));
+    }
+    if id.unix_time_ns == 0 {
+        return Err("Clock value is 0".into());
+    }
+    Ok(())
+}
+
+/// Applies a validated identity to the system, or only logs the steps
+/// when `dry` (tests).
+pub fn apply(id: &CloneIdentity, dry: bool) -> Result<(), String> {
+    if dry {
+        tracing::info!(
+            "Dry identity: would reseed the RNG with {} bytes, set the clock to {} ns, hostname {}, machine-id {}, {NET_DEV} {} {}",
+            id.seed.len(),
+            id.unix_time_ns,
+            id.hostname,
+            id.machine_id,
+            id.mac,
+            id.ip_cidr
+        );
+        return Ok(());
+    }
+    reseed(&id.seed)?;
+    set_clock(id.unix_time_ns)?;
+    nix::unistd::sethostname(&id.hostname).map_err(|e| format!("Cannot set the hostname: {}", e.desc()))?;
+    write_file("/etc/hostname", &format!("{}\n", id.hostname))?;
+    write_file("/etc/machine-id", &format!("{}\n", id.machine_id))?;
+    let ip = tool("ip");
+    for args in [
+        vec!["link", "set", NET_DEV, "down"],
+        vec!["link", "set", NET_DEV, "address", &id.mac],
+        vec!["addr", "flush", "dev", NET_DEV],
+        vec!["addr", "add", &id.ip_cidr, "dev", NET_DEV],
+        vec!["link", "set", NET_DEV, "up"],
+        vec!["neigh", "flush", "dev", NET_DEV],
+    ] {
+        run(&ip, &args)?;
+    }
+    Ok(())
+}
+
+fn reseed(seed: &[u8]) -> Result<(), String> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("Cannot open /dev/urandom: {e}"))?;
+    match sys::add_entropy(&f, seed) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!("RNDADDENTROPY failed ({e}); mixing the seed in without credit");
+            use std::io::Write;
+            (&f).write_all(seed).map_err(|e| format!("Cannot write the seed to /dev/urandom: {e}"))
+        }
+    }
+}
+
+fn set_clock(ns: u64) -> Result<(), String> {
+    use nix::sys::time::TimeSpec;
+    use nix::time::{clock_settime, ClockId};
+    let ts = TimeSpec::new((ns / 1_000_000_000) as libc::time_t, (ns % 1_000_000_000) as libc::c_long);
+    clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("Cannot set the clock: {}", e.desc()))
+}
+
+fn write_file(path: &str, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("Cannot write {path}: {e}"))
+}
+
+/// Full path of a busybox/iproute tool, or the bare name for `PATH` lookup.
+fn tool(name: &str) -> PathBuf {
+    ["/sbin", "/bin", "/usr/sbin", "/usr/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn run(prog: &Path, args: &[&str]) -> Result<(), String> {
+    let cmd = format!("{} {}", prog.display(), args.join(" "));
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("Cannot run {cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Announces the new MAC/IP pair, best effort, without delaying anything.
+fn gratuitous_arp(ip: String) {
+    let spawned = Command::new(tool("arping"))
+        .args(["-U", "-c", "1", "-I", NET_DEV, &ip])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("arping not run: {e}");
+            return;
+        }
+    };
+    let _ = std::thread::Builder::new().name("arping".into()).spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+}
+
+fn write_identity_file(dir: &Path, id: &CloneIdentity, state: &State) -> Result<(), String> {
+    let rec = IdentityFile {
+        state: state.clone(),
+        hostname: id.hostname.clone(),
+        mac: id.mac.clone(),
+        ip_cidr: id.ip_cidr.clone(),
+        machine_id: id.machine_id.clone(),
+    };
+    let text = serde_json::to_string_pretty(&rec).map_err(|e| e.to_string())? + "\n";
+    let path = dir.join(IDENTITY_FILE);
+    let tmp = dir.join(format!(".{IDENTITY_FILE}.tmp"));
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, text))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("Cannot write {}: {e}", path.display()))
+}
+
+/// Handles `BecomeClone`. `orphans` are the requests that were pending when
+/// it arrived: the parent's host owned them, so they are failed here.
+pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: Vec<u64>) {
+    let _serial = lock(&agent.clone_lock);
+    let clone_id = id.clone_id;
+    tracing::info!("Becoming clone {clone_id} of ticket {} as {}", id.ticket, id.vm);
+    match validate(&id).and_then(|()| apply(&id, agent.cfg.dry_identity)) {
+        Ok(()) => {
+            let ip = ip_of(&id.ip_cidr).to_string();
+            let state = State { vm: id.vm.clone(), clone_id, ticket: Some(id.ticket.clone()), ip: Some(ip.clone()) };
+            *lock(&agent.identity) = state.clone();
+            if let Err(e) = write_identity_file(&agent.cfg.state_dir(), &id, &state) {
+                tracing::warn!("{e}");
+            }
+            for o in orphans {
+                host::answer(
+                    agent,
+                    o,
+                    ApiResponse::Error {
+                        code: ApiErrorCode::Failed,
+                        message: format!("This VM became clone {clone_id} while the call was pending; it has no answer"),
+                    },
+                );
+            }
+            agent.chan.send_or_log(&GuestMsg::Ready { clone_id });
+            if !host::answer(agent, request_id, ApiResponse::Cloned { clone_id, ticket: id.ticket.clone() }) {
+                tracing::info!("No application waits for clone request {request_id}");
+            }
+            tracing::info!("Now clone {clone_id} ({}, {})", id.hostname, id.ip_cidr);
+            if !agent.cfg.dry_identity {
+                gratuitous_arp(ip);
+            }
+        }
+        Err(message) => {
+            tracing::error!("Cannot become clone {clone_id}: {message}");
+            agent.chan.send_or_log(&GuestMsg::CloneFailed { clone_id, message: message.clone() });
+            host::answer(
+                agent,
+                request_id,
+                ApiResponse::Error { code: ApiErrorCode::Failed, message: format!("Cannot become clone {clone_id}: {message}") },
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn good() -> CloneIdentity {
+        CloneIdentity {
+            clone_id: 2,
+            ticket: "t-1f".into(),
+            vm: "vm1-t1f-c2".into(),
+            hostname: "vm1-c2".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            mac: "52:54:00:12:34:56".into(),
+            ip_cidr: "10.250.3.12/24".into(),
+            seed: vec![7; 32],
+            unix_time_ns: 1_700_000_000_000_000_000,
+        }
+    }
+
+    #[test]
+    fn validation_accepts_good_and_rejects_each_bad_field() {
+        assert_eq!(validate(&good()), Ok(()));
+        let bad: Vec<fn(&mut CloneIdentity)> = vec![
+            |i| i.clone_id = 0,
+            |i| i.ticket = "x".into(),
+            |i| i.vm = "a b".into(),
+            |i| i.hostname = "-x".into(),
+            |i| i.hostname = "a;rm".into(),
+            |i| i.machine_id = "0123".into(),
+            |i| i.machine_id = "0123456789ABCDEF0123456789abcdef".into(),
+            |i| i.mac = "52:54:00:12:34".into(),
+            |i| i.mac = "53:54:00:12:34:56".into(),
+            |i| i.mac = "zz:54:00:12:34:56".into(),
+            |i| i.ip_cidr = "10.0.0.1".into(),
+            |i| i.ip_cidr = "10.0.0.1/33".into(),
+            |i| i.ip_cidr = "-x/24".into(),
+            |i| i.seed = vec![],
+            |i| i.seed = vec![0; MAX_SEED + 1],
+            |i| i.unix_time_ns = 0,
+        ];
+        for (n, f) in bad.iter().enumerate() {
+            let mut i = good();
+            f(&mut i);
+            assert!(validate(&i).is_err(), "case {n} accepted");
+        }
+        let mut i = good();
+        i.ip_cidr = "fd00::5/64".into();
+        assert_eq!(validate(&i), Ok(()));
+    }
+
+    #[test]
+    fn cmdline() {
+        let s = State::from_cmdline("console=ttyS0 sf.vm=vm1 quiet sf.ip=10.250.3.1/24\n");
+        assert_eq!(s, State { vm: "vm1".into(), clone_id: 0, ticket: None, ip: Some("10.250.3.1".into()) });
+        let s = State::from_cmdline("console=ttyS0");
+        assert_eq!(s, State { vm: String::new(), clone_id: 0, ticket: None, ip: None });
+    }
+
+    #[test]
+    fn identity_file_roundtrip_is_loaded_at_start() {
+        let dir = std::env::temp_dir().join(format!("sf-ident-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let id = good();
+        let st = State { vm: id.vm.clone(), clone_id: 2, ticket: Some(id.ticket.clone()), ip: Some("10.250.3.12".into()) };
+        write_identity_file(&dir, &id, &st).unwrap();
+        let cfg = AgentConfig {
+            port: super::super::port::PortSpec::Virtio,
+            socket: dir.join("agent.sock"),
+            config_file: dir.join("agent.toml"),
+            dry_identity: true,
+            cmdline: "sf.vm=other".into(),
+        };
+        assert_eq!(State::initial(&cfg), st);
+        std::fs::write(dir.join(IDENTITY_FILE), "{").unwrap();
+        assert_eq!(State::initial(&cfg).vm, "other");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

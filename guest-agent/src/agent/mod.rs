@@ -1,0 +1,157 @@
+//! `snowflock-agent`: the guest half of snowflock.
+//!
+//! ```text
+//!  apps (sf, libsnowflock, python)          snowflockd (host)
+//!        |  API socket, frames                    |  virtio-serial port, JSON lines
+//!        v                                        v
+//!   [api] one thread per connection  <---->  [host] reader thread + shared writer
+//!        |   Id: answered locally                 |  Hello/Ping: answered at once
+//!        |   others: Request{id} -> pending map <-|  Response{id}
+//!        |                                        |  BecomeClone -> [identity] thread
+//!        |                                        |  Exec* -> [exec] threads per process
+//! ```
+//!
+//! Threads and blocking I/O only: a slow or hostile app blocks only its own
+//! connection thread; the channel reader never blocks on an app.
+//!
+//! Environment (all optional):
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `SNOWFLOCK_AGENT_PORT` | the channel: a device/file path, or `unix:/path` to connect to a Unix socket (tests). Default: the virtio-serial port named [`snowflock_proto::AGENT_PORT_NAME`]. |
+//! | `SNOWFLOCK_AGENT_SOCKET` | API socket path (default [`snowflock_proto::AGENT_SOCKET`]). `identity.json` is written next to it. |
+//! | `SNOWFLOCK_AGENT_CONFIG` | config file (default `/etc/snowflock/agent.toml`). |
+//! | `SNOWFLOCK_LOG` | log filter (default `info`). |
+//! | `SNOWFLOCK_AGENT_DRY_IDENTITY=1` | **test only**: log the identity changes of `BecomeClone` instead of touching the RNG, clock, hostname, `/etc` and network. |
+//! | `SNOWFLOCK_AGENT_CMDLINE` | **test only**: text used instead of `/proc/cmdline`. |
+
+pub mod api;
+pub mod exec;
+pub mod host;
+pub mod identity;
+pub mod port;
+mod sys;
+
+use snowflock_proto::api::ApiResponse;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How long an API call waits for the host's `Hello` before failing.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Agent version reported in `GuestMsg::Hello`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where the agent reads its settings from; see the module doc.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub port: port::PortSpec,
+    pub socket: PathBuf,
+    pub config_file: PathBuf,
+    pub dry_identity: bool,
+    pub cmdline: String,
+}
+
+impl AgentConfig {
+    /// Reads the environment (and `/proc/cmdline`).
+    pub fn from_env() -> AgentConfig {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        AgentConfig {
+            port: port::PortSpec::parse(var("SNOWFLOCK_AGENT_PORT").as_deref()),
+            socket: var(crate::client::SOCKET_ENV)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(snowflock_proto::AGENT_SOCKET)),
+            config_file: var("SNOWFLOCK_AGENT_CONFIG")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(allocator_hooks::DEFAULT_CONFIG_PATH)),
+            dry_identity: var("SNOWFLOCK_AGENT_DRY_IDENTITY").is_some_and(|v| v != "0"),
+            cmdline: var("SNOWFLOCK_AGENT_CMDLINE")
+                .unwrap_or_else(|| std::fs::read_to_string("/proc/cmdline").unwrap_or_default()),
+        }
+    }
+
+    /// Directory for runtime state (`identity.json`): the API socket's.
+    pub fn state_dir(&self) -> PathBuf {
+        self.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/snowflock"))
+    }
+}
+
+/// State shared by every agent thread.
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub chan: host::Channel,
+    /// API calls sent to the host and not answered yet, by request id.
+    pending: Mutex<HashMap<u64, mpsc::Sender<ApiResponse>>>,
+    next_id: AtomicU64,
+    pub identity: Mutex<identity::State>,
+    pub execs: exec::Execs,
+    /// Serialises `BecomeClone` handling.
+    clone_lock: Mutex<()>,
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> Agent {
+        let ident = identity::State::initial(&cfg);
+        Agent {
+            cfg,
+            chan: host::Channel::new(),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            identity: Mutex::new(ident),
+            execs: exec::Execs::default(),
+            clone_lock: Mutex::new(()),
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, mpsc::Sender<ApiResponse>>> {
+        lock(&self.pending)
+    }
+
+    /// Current identity snapshot.
+    pub fn ident(&self) -> identity::State {
+        lock(&self.identity).clone()
+    }
+}
+
+/// Locks `m`, ignoring poisoning: agent state stays usable after a thread
+/// panicked (none should).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Entry point of the `snowflock-agent` binary. Only returns on a fatal
+/// start-up error.
+pub fn main() -> std::process::ExitCode {
+    init_logging();
+    let cfg = AgentConfig::from_env();
+    if cfg.dry_identity {
+        tracing::warn!("SNOWFLOCK_AGENT_DRY_IDENTITY is set: clone identities will be logged, not applied (test mode)");
+    }
+    let agent = Arc::new(Agent::new(cfg));
+    let id = agent.ident();
+    tracing::info!(
+        "snowflock-agent {AGENT_VERSION} starting: vm={} clone_id={} channel={} socket={}",
+        id.vm,
+        id.clone_id,
+        agent.cfg.port,
+        agent.cfg.socket.display()
+    );
+    if let Err(e) = api::spawn(agent.clone()) {
+        tracing::error!("Cannot start the API server: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    host::run(agent)
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SNOWFLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_env_filter(filter)
+        .try_init();
+}

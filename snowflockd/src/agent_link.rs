@@ -1,0 +1,135 @@
+//! The host end of a VM's guest channel (virtio-serial, QEMU chardev socket).
+//!
+//! One task per VM owns the connection: it (re)connects to the chardev
+//! socket, says `Hello`, forwards queued [`HostMsg`]s and dispatches every
+//! [`GuestMsg`]. The guest's bytes are untrusted: lines are bounded and
+//! malformed ones are counted and dropped, never fatal.
+
+use crate::api;
+use crate::daemon::{Daemon, ExecEvent, Vm};
+use snowflock_proto::admin::VmState;
+use snowflock_proto::channel::{decode_line, encode_line, GuestMsg, HostMsg, LineReader};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// Malformed lines seen from all guests (exported in status).
+pub static MALFORMED_LINES: AtomicU64 = AtomicU64::new(0);
+
+pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<HostMsg>) {
+    let path = crate::vm::agent_path(&vm.dir);
+    let mut ended = vm.ended.subscribe();
+    // Messages queued while no connection exists wait here.
+    let mut backlog: Vec<HostMsg> = Vec::new();
+    loop {
+        let done = ended.borrow().is_some();
+        if done {
+            return;
+        }
+        let stream = match UnixStream::connect(&path).await {
+            Ok(s) => s,
+            Err(_) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = ended.changed() => {}
+                    m = rx.recv() => match m { Some(m) => backlog.push(m), None => return },
+                }
+                continue;
+            }
+        };
+        tracing::debug!(vm = %vm.name, "agent channel connected");
+        let (mut rd, mut wr) = stream.into_split();
+        let mut reader = LineReader::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut ok = wr.write_all(&encode_line(&HostMsg::Hello { version: snowflock_proto::CHANNEL_VERSION })).await.is_ok();
+        for m in backlog.drain(..) {
+            ok = ok && wr.write_all(&encode_line(&m)).await.is_ok();
+        }
+        while ok {
+            tokio::select! {
+                n = rd.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut msgs = Vec::new();
+                        reader.feed(&buf[..n], |line| match line.map_err(|e| e.to_string())
+                            .and_then(|l| decode_line::<GuestMsg>(l).map_err(|e| e.to_string())) {
+                            Ok(m) => msgs.push(m),
+                            Err(e) => {
+                                let c = MALFORMED_LINES.fetch_add(1, Ordering::Relaxed);
+                                if c < 10 || c.is_power_of_two() {
+                                    tracing::warn!(vm = %vm.name, error = %e, total = c + 1, "malformed line from guest dropped");
+                                }
+                            }
+                        });
+                        for m in msgs {
+                            dispatch(&d, &vm, m);
+                        }
+                    }
+                },
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        if wr.write_all(&encode_line(&m)).await.is_err() {
+                            backlog.push(m);
+                            break;
+                        }
+                    }
+                    None => return,
+                },
+                _ = ended.changed() => return,
+            }
+        }
+        vm.agent_up.send_replace(false);
+        tracing::debug!(vm = %vm.name, "agent channel closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
+    match msg {
+        GuestMsg::Hello { version, agent, clone_id } => {
+            tracing::debug!(vm = %vm.name, version, %agent, clone_id, "agent hello");
+            vm.agent_up.send_replace(true);
+            let mut st = vm.state.lock().unwrap();
+            if *st == VmState::Booting {
+                *st = VmState::Running;
+            }
+        }
+        GuestMsg::Request { id, req } => {
+            tokio::spawn(api::handle(d.clone(), vm.clone(), id, req));
+        }
+        GuestMsg::Ready { clone_id } => {
+            if clone_id != vm.clone_id {
+                tracing::warn!(vm = %vm.name, clone_id, "Ready for the wrong clone id ignored");
+                return;
+            }
+            if let Some(tx) = vm.ready.lock().unwrap().take() {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        GuestMsg::CloneFailed { clone_id, message } => {
+            tracing::warn!(vm = %vm.name, clone_id, %message, "clone failed to apply its identity");
+            if let Some(tx) = vm.ready.lock().unwrap().take() {
+                let _ = tx.send(Err(message));
+            }
+        }
+        GuestMsg::ExecOutput { exec, stream, data } => {
+            if let Some(tx) = vm.execs.lock().unwrap().get(&exec) {
+                let _ = tx.send(ExecEvent::Output(stream, data));
+            }
+        }
+        GuestMsg::ExecExit { exec, code } => {
+            if let Some(tx) = vm.execs.lock().unwrap().remove(&exec) {
+                let _ = tx.send(ExecEvent::Exit(code));
+            }
+        }
+        GuestMsg::ExecError { exec, message } => {
+            if let Some(tx) = vm.execs.lock().unwrap().remove(&exec) {
+                let _ = tx.send(ExecEvent::Error(message));
+            }
+        }
+        GuestMsg::Pong { .. } => {}
+    }
+}

@@ -1,0 +1,205 @@
+//! SnowFlock API calls arriving from guests (`GuestMsg::Request`).
+//!
+//! Everything here is driven by untrusted guests: a guest can only act on
+//! its own tickets and its own children, and every refusal is a clear
+//! [`ApiResponse::Error`]; nothing a guest sends can stop or pause another
+//! VM, or leave its own parent paused.
+
+use crate::daemon::{api_error, random_hex, Daemon, Ticket, TicketState, Vm};
+use snowflock_proto::api::{ApiErrorCode as E, ApiRequest, ApiResponse, ChildState};
+use snowflock_proto::channel::HostMsg;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Unused tickets stop reserving capacity after this long.
+pub const TICKET_TTL: Duration = Duration::from_secs(600);
+/// Discarded tickets kept for precise error messages.
+const KEEP_DISCARDED: usize = 1024;
+
+pub async fn handle(d: Arc<Daemon>, vm: Arc<Vm>, id: u64, req: ApiRequest) {
+    let resp = match req.validate() {
+        Err(msg) => api_error(E::BadRequest, msg),
+        Ok(()) => match req {
+            ApiRequest::RequestTicket { n } => request_ticket(&d, &vm, n),
+            ApiRequest::Clone { ticket } => {
+                // The answer to the parent is sent by the clone operation
+                // itself once the children are confirmed running.
+                crate::clone::clone(d.clone(), vm.clone(), id, ticket).await
+            }
+            ApiRequest::Exit { status } => exit(&d, &vm, status).await,
+            ApiRequest::Join { ticket } => join(&d, &vm, &ticket).await,
+            ApiRequest::Kill { ticket } => kill(&d, &vm, &ticket).await,
+            ApiRequest::Id => ApiResponse::Identity {
+                vm: vm.name.clone(),
+                clone_id: vm.clone_id,
+                ticket: vm.ticket.clone(),
+                ip: Some(vm.ip.clone()),
+            },
+        },
+    };
+    if !vm.is_ended() {
+        vm.send(HostMsg::Response { id, resp });
+    }
+}
+
+fn purge(st: &mut crate::daemon::State) {
+    let now = Instant::now();
+    for t in st.tickets.values_mut() {
+        if t.state == TicketState::Granted && now.duration_since(t.created) > TICKET_TTL {
+            t.state = TicketState::Discarded("it expired unused");
+        }
+    }
+    let discarded = st.tickets.values().filter(|t| matches!(t.state, TicketState::Discarded(_))).count();
+    if discarded > KEEP_DISCARDED {
+        let mut old: Vec<_> = st
+            .tickets
+            .values()
+            .filter(|t| matches!(t.state, TicketState::Discarded(_)))
+            .map(|t| (t.created, t.id.clone()))
+            .collect();
+        old.sort();
+        for (_, id) in old.into_iter().take(discarded - KEEP_DISCARDED) {
+            st.tickets.remove(&id);
+        }
+    }
+}
+
+fn request_ticket(d: &Daemon, vm: &Vm, n: u32) -> ApiResponse {
+    if vm.clone_id != 0 {
+        return api_error(E::WrongRole, "Nested cloning is not supported: only an original VM (clone ID 0) can request tickets");
+    }
+    let mut st = d.state.lock().unwrap();
+    purge(&mut st);
+    let free = Daemon::free_slots(&st, d.cfg.max_vms);
+    let granted = n.min(d.cfg.quota_per_ticket).min(free).min(crate::net::MAX_CLONE_ID);
+    if granted == 0 {
+        return api_error(
+            E::NoCapacity,
+            format!("No capacity for clones on this host ({} VMs max, {} in use or reserved)", d.cfg.max_vms, d.cfg.max_vms - free),
+        );
+    }
+    let id = format!("t-{}", random_hex(8));
+    st.tickets.insert(
+        id.clone(),
+        Ticket {
+            id: id.clone(),
+            owner: vm.name.clone(),
+            granted,
+            state: TicketState::Granted,
+            children: BTreeMap::new(),
+            generation: None,
+            created: Instant::now(),
+        },
+    );
+    tracing::info!(vm = %vm.name, ticket = %id, requested = n, granted, "ticket granted");
+    ApiResponse::Ticket { ticket: id, granted }
+}
+
+/// Looks up a ticket that `vm` owns, with precise errors.
+pub fn check_ticket<'a>(st: &'a mut crate::daemon::State, vm: &Vm, ticket: &str) -> Result<&'a mut Ticket, ApiResponse> {
+    let t = st.tickets.get_mut(ticket).ok_or_else(|| api_error(E::UnknownTicket, format!("Unknown ticket {ticket}")))?;
+    if t.owner != vm.name {
+        return Err(api_error(E::NotYourTicket, format!("Ticket {ticket} belongs to another VM")));
+    }
+    if let TicketState::Discarded(why) = t.state {
+        return Err(api_error(E::TicketDiscarded, format!("Ticket {ticket} was discarded: {why}")));
+    }
+    Ok(t)
+}
+
+async fn exit(d: &Arc<Daemon>, vm: &Arc<Vm>, status: i32) -> ApiResponse {
+    if vm.clone_id == 0 {
+        return api_error(E::WrongRole, "sf_exit is for clones; the parent (clone ID 0) uses sf_join or sf_kill");
+    }
+    {
+        let mut st = d.state.lock().unwrap();
+        if let Some(c) = vm.ticket.as_ref().and_then(|t| st.tickets.get_mut(t)).and_then(|t| t.children.get_mut(&vm.clone_id)) {
+            if c.state == ChildState::Running {
+                c.state = ChildState::Exited { code: status };
+            }
+        }
+    }
+    d.bump_tickets();
+    tracing::info!(vm = %vm.name, status, "clone called sf_exit");
+    let (d2, vm2) = (d.clone(), vm.clone());
+    tokio::spawn(async move {
+        // Let the answer reach the guest before the VM goes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        d2.stop_vm(&vm2).await;
+    });
+    ApiResponse::Exiting
+}
+
+async fn join(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
+    let mut changed = d.tickets_changed.subscribe();
+    loop {
+        {
+            let mut st = d.state.lock().unwrap();
+            let t = match check_ticket(&mut st, vm, ticket) {
+                Ok(t) => t,
+                Err(e) => return e,
+            };
+            match t.state {
+                TicketState::Granted => {
+                    return api_error(E::BadRequest, format!("Ticket {ticket} has not been used by sf_clone"))
+                }
+                TicketState::Cloning => {}
+                _ if t.all_done() => {
+                    let children = t.statuses();
+                    t.state = TicketState::Discarded("it was joined");
+                    let gen = t.generation.take();
+                    drop(st);
+                    if let Some(g) = gen {
+                        let _ = std::fs::remove_dir_all(g);
+                    }
+                    return ApiResponse::Joined { children };
+                }
+                _ => {}
+            }
+        }
+        let mut ended = vm.ended.subscribe();
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = crate::daemon::wait_until(&mut ended, |e| e.is_some()) => return api_error(E::Failed, "VM is stopping"),
+        }
+    }
+}
+
+async fn kill(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
+    // Wait out a clone in progress so none of its children escape the kill.
+    let mut changed = d.tickets_changed.subscribe();
+    let kids = loop {
+        {
+            let mut st = d.state.lock().unwrap();
+            let t = match check_ticket(&mut st, vm, ticket) {
+                Ok(t) => t,
+                Err(e) => return e,
+            };
+            if t.state != TicketState::Cloning {
+                let names: Vec<String> = t
+                    .children
+                    .values_mut()
+                    .filter(|c| c.state == ChildState::Running)
+                    .map(|c| {
+                        c.state = ChildState::Killed;
+                        c.vm.clone()
+                    })
+                    .collect();
+                t.state = TicketState::Discarded("it was killed");
+                let gen = t.generation.take();
+                if let Some(g) = gen {
+                    let _ = std::fs::remove_dir_all(g);
+                }
+                break names.into_iter().filter_map(|n| st.vms.get(&n).cloned()).collect::<Vec<_>>();
+            }
+        }
+        let _ = changed.changed().await;
+    };
+    futures::future::join_all(kids.iter().map(|k| d.stop_vm(k))).await;
+    d.bump_tickets();
+    let st = d.state.lock().unwrap();
+    let children = st.tickets.get(ticket).map(|t| t.statuses()).unwrap_or_default();
+    tracing::info!(vm = %vm.name, %ticket, killed = kids.len(), "ticket killed");
+    ApiResponse::Killed { children }
+}

@@ -1,0 +1,547 @@
+//! The daemon's state: VMs, tickets, flocks, and the VM lifecycle.
+
+use crate::agent_link;
+use crate::config::Config;
+use crate::net::{self, NetNames};
+use crate::qmp::Qmp;
+use crate::vm::{self, QemuSpec};
+use snowflock_proto::admin::{CloneReport, VmInfo, VmState};
+use snowflock_proto::api::{ApiErrorCode, ApiResponse, ChildState, ChildStatus};
+use snowflock_proto::channel::{HostMsg, Stream};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Errors of daemon operations, mapped to admin/API error codes by callers.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No VM of that name.
+    #[error("No VM named {0:?}")]
+    NoSuchVm(String),
+    /// A VM of that name exists.
+    #[error("A VM named {0:?} already exists")]
+    VmExists(String),
+    /// Arguments out of range or malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The image directory is unusable.
+    #[error("Bad image")]
+    Image(#[from] snowflock_image::ImageError),
+    /// Host capacity exhausted.
+    #[error("{0}")]
+    NoCapacity(String),
+    /// Host networking failed.
+    #[error("Network setup failed")]
+    Net(#[from] net::NetError),
+    /// QEMU could not be started or driven.
+    #[error("QEMU failed")]
+    Qmp(#[from] crate::qmp::QmpError),
+    /// An I/O error on the daemon's files.
+    #[error("{what}")]
+    Io { what: String, #[source] err: std::io::Error },
+    /// The VM did not get ready in time or died while starting.
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Result<T, E = DaemonError> = std::result::Result<T, E>;
+
+/// Events for one `vm exec` session.
+#[derive(Debug)]
+pub enum ExecEvent {
+    Output(Stream, Vec<u8>),
+    Exit(i32),
+    Error(String),
+}
+
+/// Why a VM's QEMU ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ended {
+    /// We stopped it (stop, exit, kill).
+    Stopped,
+    /// It went away on its own.
+    Lost(String),
+}
+
+/// A VM known to the daemon.
+pub struct Vm {
+    pub name: String,
+    pub dir: PathBuf,
+    pub index: u64,
+    pub flock: u32,
+    pub clone_id: u32,
+    pub ticket: Option<String>,
+    /// The original VM of this flock (itself for a parent).
+    pub parent: String,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+    pub accel: String,
+    pub image: PathBuf,
+    pub cmdline: String,
+    pub mac: String,
+    pub ip: String,
+    pub tap: String,
+    pub ram_path: PathBuf,
+    pub pid: Mutex<Option<u32>>,
+    pub state: Mutex<VmState>,
+    /// Messages to the guest agent.
+    pub agent_tx: mpsc::UnboundedSender<HostMsg>,
+    /// Set once the agent answered Hello on the current connection.
+    pub agent_up: watch::Sender<bool>,
+    /// Open `vm exec` sessions.
+    pub execs: Mutex<HashMap<u64, mpsc::UnboundedSender<ExecEvent>>>,
+    /// Waiter for a clone's `Ready` / `CloneFailed`.
+    pub ready: Mutex<Option<oneshot::Sender<std::result::Result<(), String>>>>,
+    /// Set when QEMU has exited.
+    pub ended: watch::Sender<Option<Ended>>,
+    pub stopping: AtomicBool,
+    /// Clone generations made from this VM.
+    pub generations: AtomicU64,
+    /// Serialises clone operations of this VM.
+    pub clone_lock: tokio::sync::Mutex<()>,
+}
+
+impl Vm {
+    pub fn info(&self, host: &str) -> VmInfo {
+        VmInfo {
+            name: self.name.clone(),
+            host: host.to_string(),
+            state: self.state.lock().unwrap().clone(),
+            ticket: self.ticket.clone(),
+            clone_id: self.clone_id,
+            parent: self.parent.clone(),
+            ip: self.ip.clone(),
+            mac: self.mac.clone(),
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            accel: self.accel.clone(),
+            pid: *self.pid.lock().unwrap(),
+        }
+    }
+
+    pub fn set_state(&self, s: VmState) {
+        *self.state.lock().unwrap() = s;
+    }
+
+    pub fn send(&self, msg: HostMsg) {
+        let _ = self.agent_tx.send(msg);
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.borrow().is_some()
+    }
+
+    pub fn qmp_path(&self) -> PathBuf {
+        vm::qmp_path(&self.dir)
+    }
+}
+
+/// Lifecycle of a ticket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TicketState {
+    Granted,
+    Cloning,
+    Active,
+    Discarded(&'static str),
+}
+
+/// One child of a ticket.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub vm: String,
+    pub state: ChildState,
+}
+
+pub struct Ticket {
+    pub id: String,
+    pub owner: String,
+    pub granted: u32,
+    pub state: TicketState,
+    pub children: BTreeMap<u32, Child>,
+    pub generation: Option<PathBuf>,
+    pub created: Instant,
+}
+
+impl Ticket {
+    pub fn statuses(&self) -> Vec<ChildStatus> {
+        self.children
+            .iter()
+            .map(|(id, c)| ChildStatus { clone_id: *id, vm: c.vm.clone(), state: c.state.clone() })
+            .collect()
+    }
+    pub fn all_done(&self) -> bool {
+        self.children.values().all(|c| c.state != ChildState::Running)
+    }
+    /// Capacity this ticket holds: granted slots until it has clones, then
+    /// its running clones (their VMs count themselves).
+    fn reserved(&self) -> u32 {
+        match self.state {
+            TicketState::Granted | TicketState::Cloning => self.granted,
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct State {
+    pub vms: BTreeMap<String, Arc<Vm>>,
+    pub tickets: HashMap<String, Ticket>,
+    pub flocks: BTreeSet<u32>,
+    pub next_index: u64,
+    pub next_exec: u64,
+    pub reports: Vec<CloneReport>,
+}
+
+/// The daemon.
+pub struct Daemon {
+    pub cfg: Config,
+    pub names: NetNames,
+    pub state: Mutex<State>,
+    pub started: Instant,
+    /// Bumped whenever any ticket's children change.
+    pub tickets_changed: watch::Sender<u64>,
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Unguessable id in hex.
+pub fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn api_error(code: ApiErrorCode, message: impl Into<String>) -> ApiResponse {
+    ApiResponse::Error { code, message: message.into() }
+}
+
+/// What a new VM is made from.
+pub struct NewVm {
+    pub name: String,
+    pub flock: u32,
+    pub clone_id: u32,
+    pub ticket: Option<String>,
+    pub parent: String,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+    pub accel: String,
+    pub image: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// RAM to map: `None` = a fresh shared RAM file in the VM directory.
+    pub generation_ram: Option<PathBuf>,
+}
+
+impl Daemon {
+    pub fn new(cfg: Config) -> Arc<Daemon> {
+        let names = NetNames { prefix: cfg.net_prefix.clone() };
+        Arc::new(Daemon {
+            cfg,
+            names,
+            state: Mutex::new(State::default()),
+            started: Instant::now(),
+            tickets_changed: watch::channel(0).0,
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    pub fn vm(&self, name: &str) -> Result<Arc<Vm>> {
+        self.state.lock().unwrap().vms.get(name).cloned().ok_or_else(|| DaemonError::NoSuchVm(name.into()))
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let vms: Vec<_> = self.state.lock().unwrap().vms.values().cloned().collect();
+        vms.iter().map(|v| v.info(&self.cfg.host)).collect()
+    }
+
+    pub fn bump_tickets(&self) {
+        self.tickets_changed.send_modify(|v| *v += 1);
+    }
+
+    /// Free VM slots, counting ungranted capacity held by tickets.
+    pub fn free_slots(st: &State, max: u32) -> u32 {
+        let used = st.vms.len() as u32 + st.tickets.values().map(|t| t.reserved()).sum::<u32>();
+        max.saturating_sub(used)
+    }
+
+    pub fn alloc_flock(st: &mut State) -> Result<u32> {
+        let f = (0..net::MAX_FLOCKS)
+            .find(|f| !st.flocks.contains(f))
+            .ok_or_else(|| DaemonError::NoCapacity("All 256 flock networks are in use".into()))?;
+        st.flocks.insert(f);
+        Ok(f)
+    }
+
+    /// Creates the VM's directory, tap and QEMU process, registers it and
+    /// starts its agent link and exit monitor. Returns once QEMU runs.
+    pub async fn create_vm(self: &Arc<Self>, new: NewVm) -> Result<Arc<Vm>> {
+        let index = {
+            let mut st = self.state.lock().unwrap();
+            if st.vms.contains_key(&new.name) {
+                return Err(DaemonError::VmExists(new.name));
+            }
+            st.next_index += 1;
+            st.next_index
+        };
+        let dir = self.cfg.state_dir.join("vms").join(&new.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|err| DaemonError::Io { what: format!("Cannot create {}", dir.display()), err })?;
+        let (ram_path, share) = match &new.generation_ram {
+            Some(g) => (g.clone(), false),
+            None => (dir.join("ram"), true),
+        };
+        let mac = net::mac(new.flock, new.clone_id);
+        let ip = net::ip_cidr(new.flock, new.clone_id);
+        let tap = self.names.tap(index);
+        let bridge = self.names.bridge(new.flock);
+        let setup = (|| -> Result<()> {
+            net::ensure_bridge(&bridge)?;
+            net::create_tap(&tap, &bridge)?;
+            Ok(())
+        })();
+        if let Err(e) = setup {
+            let _ = net::delete_link(&tap);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let spec = QemuSpec {
+            qemu: self.cfg.qemu.clone(),
+            accel: new.accel.clone(),
+            vcpus: new.vcpus,
+            mem_mib: new.mem_mib,
+            ram_path: ram_path.clone(),
+            share,
+            kernel: new.kernel,
+            initrd: new.initrd,
+            cmdline: new.cmdline.clone(),
+            dir: dir.clone(),
+            tap: tap.clone(),
+            mac: mac.clone(),
+            incoming: new.generation_ram.is_some(),
+        };
+        let (agent_tx, agent_rx) = mpsc::unbounded_channel();
+        let vm = Arc::new(Vm {
+            name: new.name.clone(),
+            dir: dir.clone(),
+            index,
+            flock: new.flock,
+            clone_id: new.clone_id,
+            ticket: new.ticket,
+            parent: new.parent,
+            mem_mib: new.mem_mib,
+            vcpus: new.vcpus,
+            accel: new.accel,
+            image: new.image,
+            cmdline: new.cmdline,
+            mac,
+            ip,
+            tap,
+            ram_path,
+            pid: Mutex::new(None),
+            state: Mutex::new(if new.generation_ram.is_some() { VmState::Resuming } else { VmState::Booting }),
+            agent_tx,
+            agent_up: watch::channel(false).0,
+            execs: Mutex::new(HashMap::new()),
+            ready: Mutex::new(None),
+            ended: watch::channel(None).0,
+            stopping: AtomicBool::new(false),
+            generations: AtomicU64::new(0),
+            clone_lock: tokio::sync::Mutex::new(()),
+        });
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.vms.contains_key(&vm.name) {
+                drop(st);
+                self.release_vm_resources(&vm);
+                return Err(DaemonError::VmExists(vm.name.clone()));
+            }
+            st.vms.insert(vm.name.clone(), vm.clone());
+        }
+        let child = match spec.spawn() {
+            Ok(c) => c,
+            Err(err) => {
+                self.state.lock().unwrap().vms.remove(&vm.name);
+                self.release_vm_resources(&vm);
+                return Err(DaemonError::Io { what: format!("Cannot start {}", self.cfg.qemu.display()), err });
+            }
+        };
+        *vm.pid.lock().unwrap() = child.id();
+        tracing::info!(vm = %vm.name, pid = ?child.id(), "QEMU started");
+        tokio::spawn(agent_link::run(self.clone(), vm.clone(), agent_rx));
+        tokio::spawn(self.clone().monitor(vm.clone(), child));
+        Ok(vm)
+    }
+
+    /// Waits for QEMU to exit, then cleans up and records why.
+    async fn monitor(self: Arc<Self>, vm: Arc<Vm>, mut child: tokio::process::Child) {
+        let status = child.wait().await;
+        let requested = vm.stopping.load(Ordering::SeqCst);
+        let reason = match &status {
+            Ok(s) if requested => format!("stopped ({s})"),
+            Ok(s) => format!("QEMU exited unexpectedly ({s})"),
+            Err(e) => format!("cannot wait for QEMU: {e}"),
+        };
+        let log_tail = std::fs::read_to_string(vm.dir.join("qemu.log"))
+            .ok()
+            .map(|l| l.lines().rev().take(3).collect::<Vec<_>>().join(" | "))
+            .unwrap_or_default();
+        if requested {
+            tracing::info!(vm = %vm.name, "VM stopped");
+        } else {
+            tracing::warn!(vm = %vm.name, %reason, qemu_log = %log_tail, "VM lost");
+        }
+        let ended = if requested { Ended::Stopped } else { Ended::Lost(reason.clone()) };
+        *vm.pid.lock().unwrap() = None;
+        vm.set_state(VmState::Stopping);
+        // Fail whatever waited on this VM.
+        for (_, tx) in vm.execs.lock().unwrap().drain() {
+            let _ = tx.send(ExecEvent::Error(format!("VM {} ended: {reason}", vm.name)));
+        }
+        if let Some(tx) = vm.ready.lock().unwrap().take() {
+            let _ = tx.send(Err(format!("clone VM ended before it was ready: {reason}")));
+        }
+        {
+            let mut st = self.state.lock().unwrap();
+            st.vms.remove(&vm.name);
+            if let Some(t) = vm.ticket.as_ref().and_then(|t| st.tickets.get_mut(t)) {
+                if let Some(c) = t.children.get_mut(&vm.clone_id) {
+                    if c.state == ChildState::Running {
+                        c.state = if requested {
+                            ChildState::Killed
+                        } else {
+                            ChildState::Lost { reason: reason.clone() }
+                        };
+                    }
+                }
+            }
+            if vm.clone_id == 0 {
+                st.flocks.remove(&vm.flock);
+            }
+        }
+        self.release_vm_resources(&vm);
+        if vm.clone_id == 0 {
+            let _ = net::delete_link(&self.names.bridge(vm.flock));
+        }
+        vm.ended.send_replace(Some(ended));
+        self.bump_tickets();
+    }
+
+    fn release_vm_resources(&self, vm: &Vm) {
+        if let Err(e) = net::delete_link(&vm.tap) {
+            tracing::warn!(vm = %vm.name, error = %e, "cannot delete tap");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&vm.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(vm = %vm.name, error = %e, "cannot remove VM directory");
+            }
+        }
+    }
+
+    /// Stops a VM: QMP `quit`, then SIGKILL after a grace period. Returns
+    /// once QEMU has exited and the VM is cleaned up. Children of a parent
+    /// are stopped first.
+    pub async fn stop_vm(self: &Arc<Self>, vm: &Arc<Vm>) {
+        if vm.clone_id == 0 {
+            let kids: Vec<Arc<Vm>> = {
+                let mut st = self.state.lock().unwrap();
+                for t in st.tickets.values_mut().filter(|t| t.owner == vm.name) {
+                    for c in t.children.values_mut() {
+                        if c.state == ChildState::Running {
+                            c.state = ChildState::Killed;
+                        }
+                    }
+                    t.state = TicketState::Discarded("its parent VM was stopped");
+                }
+                st.vms.values().filter(|v| v.parent == vm.name && v.clone_id != 0).cloned().collect()
+            };
+            futures::future::join_all(kids.iter().map(|k| self.stop_one(k))).await;
+            self.cleanup_generations(&vm.name);
+        }
+        self.stop_one(vm).await;
+    }
+
+    async fn stop_one(self: &Arc<Self>, vm: &Arc<Vm>) {
+        let mut ended = vm.ended.subscribe();
+        let done = ended.borrow().is_some();
+        if done {
+            return;
+        }
+        vm.stopping.store(true, Ordering::SeqCst);
+        vm.set_state(VmState::Stopping);
+        let qmp = vm.qmp_path();
+        let _ = tokio::task::spawn_blocking(move || {
+            Qmp::connect(&qmp, Duration::from_millis(500)).and_then(|mut q| q.quit())
+        })
+        .await;
+        let mut first = vm.ended.subscribe();
+        let timed_out = tokio::time::timeout(Duration::from_secs(3), first.wait_for(|e| e.is_some())).await.is_err();
+        if timed_out {
+            if let Some(pid) = *vm.pid.lock().unwrap() {
+                tracing::warn!(vm = %vm.name, pid, "QEMU ignored quit; killing");
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            }
+            let _ = ended.wait_for(|e| e.is_some()).await;
+        }
+    }
+
+    /// Removes generation directories of a parent no longer needed.
+    pub fn cleanup_generations(&self, parent: &str) {
+        let gens = self.cfg.state_dir.join("gens");
+        if let Ok(rd) = std::fs::read_dir(&gens) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if n.starts_with(&format!("{parent}-g")) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Waits (bounded) until the VM's agent has said hello.
+    pub async fn wait_agent(&self, vm: &Vm, timeout: Duration) -> Result<()> {
+        let mut up = vm.agent_up.subscribe();
+        let mut ended = vm.ended.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(timeout, wait_until(&mut up, |u| *u)) => match r {
+                Ok(_) => Ok(()),
+                Err(_) => Err(DaemonError::Failed(format!(
+                    "VM {} did not start its agent within {} s; see `snowflock vm console {}`",
+                    vm.name, timeout.as_secs(), vm.name))),
+            },
+            _ = crate::daemon::wait_until(&mut ended, |e| e.is_some()) => {
+                let why = match vm.ended.borrow().clone() {
+                    Some(crate::daemon::Ended::Lost(r)) => r,
+                    _ => "stopped".to_string(),
+                };
+                Err(DaemonError::Failed(format!("VM {} ended while starting: {why}", vm.name)))
+            }
+        }
+    }
+
+    pub fn record_report(&self, r: CloneReport) {
+        let mut st = self.state.lock().unwrap();
+        st.reports.push(r);
+        let n = st.reports.len();
+        if n > 256 {
+            st.reports.drain(..n - 256);
+        }
+    }
+
+    /// Stops every VM (used on shutdown).
+    pub async fn stop_all(self: &Arc<Self>) {
+        let parents: Vec<Arc<Vm>> = self.state.lock().unwrap().vms.values().cloned().collect();
+        futures::future::join_all(parents.iter().map(|v| self.stop_vm(v))).await;
+    }
+}
+
+
+/// Waits until `f` holds for the watched value, without holding the value's
+/// read guard across an await (which would make the future `!Send`).
+pub async fn wait_until<T>(rx: &mut watch::Receiver<T>, f: impl FnMut(&T) -> bool) {
+    let _ = rx.wait_for(f).await.map(|_| ());
+}

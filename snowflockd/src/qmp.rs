@@ -1,0 +1,150 @@
+//! QMP access to a QEMU process, through the `qapi` crate.
+//!
+//! The client is synchronous; async callers run it under
+//! `tokio::task::spawn_blocking`. Each [`Qmp`] owns one connection; the
+//! daemon opens one per operation sequence (a clone, a stop), so there is no
+//! shared connection state to race on.
+
+use qapi::qmp;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Errors talking to QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// The QMP socket could not be reached.
+    #[error("Cannot connect to QMP socket {path}")]
+    Connect { path: String, #[source] err: std::io::Error },
+    /// QEMU answered a command with an error, or the connection broke.
+    #[error("QMP command {cmd} failed: {msg}")]
+    Command { cmd: &'static str, msg: String },
+    /// A migration ended in a state other than `completed`.
+    #[error("Migration {0}")]
+    Migration(String),
+    /// A bounded wait ran out.
+    #[error("Timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+/// One QMP connection.
+pub struct Qmp {
+    inner: qapi::Qmp<qapi::Stream<std::io::BufReader<UnixStream>, UnixStream>>,
+}
+
+impl Qmp {
+    /// Connects and negotiates capabilities, retrying until `timeout` while
+    /// the socket does not exist yet (QEMU still starting).
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(err) if start.elapsed() >= timeout => {
+                    return Err(QmpError::Connect { path: path.display().to_string(), err })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let reader = stream
+            .try_clone()
+            .map_err(|err| QmpError::Connect { path: path.display().to_string(), err })?;
+        let mut inner = qapi::Qmp::new(qapi::Stream::new(std::io::BufReader::new(reader), stream));
+        // read_capabilities panics on EOF inside qapi; contain it.
+        let hs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.handshake()));
+        match hs {
+            Ok(Ok(_)) => Ok(Qmp { inner }),
+            Ok(Err(e)) => Err(QmpError::Command { cmd: "qmp_capabilities", msg: e.to_string() }),
+            Err(_) => Err(QmpError::Command { cmd: "qmp_capabilities", msg: "connection closed".into() }),
+        }
+    }
+
+    fn exec<C: qapi::Command>(&mut self, cmd: &C) -> Result<C::Ok, QmpError> {
+        self.inner.execute(cmd).map_err(|e| QmpError::Command { cmd: C::NAME, msg: e.to_string() })
+    }
+
+    /// Pauses the vCPUs.
+    pub fn stop(&mut self) -> Result<(), QmpError> {
+        self.exec(&qmp::stop {}).map(drop)
+    }
+
+    /// Resumes the vCPUs.
+    pub fn cont(&mut self) -> Result<(), QmpError> {
+        self.exec(&qmp::cont {}).map(drop)
+    }
+
+    /// Asks QEMU to exit.
+    pub fn quit(&mut self) -> Result<(), QmpError> {
+        self.exec(&qmp::quit {}).map(drop)
+    }
+
+    /// Enables `x-ignore-shared`: shared, file-backed RAM is left out of the
+    /// migration stream, which then carries device state only.
+    pub fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
+        self.exec(&qmp::migrate_set_capabilities {
+            capabilities: vec![qmp::MigrationCapabilityStatus {
+                capability: qmp::MigrationCapability::x_ignore_shared,
+                state: true,
+            }],
+        })
+        .map(drop)
+    }
+
+    /// Starts an outgoing migration to `uri`.
+    pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.exec(&qmp::migrate { uri: Some(uri.into()), channels: None, detach: None, resume: None })
+            .map(drop)
+    }
+
+    /// Starts an incoming migration from `uri` (QEMU was started with `-incoming defer`).
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.exec(&qmp::migrate_incoming { uri: Some(uri.into()), channels: None, exit_on_error: None })
+            .map(drop)
+    }
+
+    /// Current status of the run state (`running`, `paused`, `inmigrate`, ...).
+    pub fn status(&mut self) -> Result<String, QmpError> {
+        self.exec(&qmp::query_status {}).map(|s| format!("{:?}", s.status))
+    }
+
+    /// Polls `query-migrate` until it completes, fails, or `timeout` passes.
+    pub fn wait_migration(&mut self, timeout: Duration) -> Result<(), QmpError> {
+        let start = Instant::now();
+        loop {
+            let info = self.exec(&qmp::query_migrate {})?;
+            match info.status {
+                Some(qmp::MigrationStatus::completed) => return Ok(()),
+                Some(s @ (qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled)) => {
+                    return Err(QmpError::Migration(format!(
+                        "{s:?}: {}",
+                        info.error_desc.unwrap_or_default()
+                    )))
+                }
+                _ => {}
+            }
+            if start.elapsed() > timeout {
+                return Err(QmpError::Timeout("migration"));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Waits until the incoming side has loaded the state (run state leaves
+    /// `inmigrate`).
+    pub fn wait_incoming(&mut self, timeout: Duration) -> Result<(), QmpError> {
+        let start = Instant::now();
+        loop {
+            let st = self.exec(&qmp::query_status {})?;
+            match st.status {
+                qmp::RunState::inmigrate => {}
+                qmp::RunState::paused | qmp::RunState::prelaunch | qmp::RunState::running => return Ok(()),
+                other => return Err(QmpError::Migration(format!("incoming ended in state {other:?}"))),
+            }
+            if start.elapsed() > timeout {
+                return Err(QmpError::Timeout("incoming migration"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}

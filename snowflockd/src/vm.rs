@@ -1,0 +1,121 @@
+//! One QEMU process: its command line, its files, and how it is started.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+/// Everything that decides a QEMU command line. Parent and clones of one
+/// flock use the same shape; only RAM sharing and `incoming` differ, which
+/// is what lets a clone load the parent's device state.
+#[derive(Debug, Clone)]
+pub struct QemuSpec {
+    pub qemu: PathBuf,
+    pub accel: String,
+    pub vcpus: u32,
+    pub mem_mib: u32,
+    pub ram_path: PathBuf,
+    /// `share=on` for an original VM (its RAM file is the live memory);
+    /// `share=off` for a clone (private copy-on-write view of a generation).
+    pub share: bool,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub dir: PathBuf,
+    pub tap: String,
+    pub mac: String,
+    /// Start paused, waiting for `migrate-incoming`.
+    pub incoming: bool,
+}
+
+/// Files of a VM inside its directory.
+pub fn qmp_path(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+pub fn agent_path(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
+}
+pub fn console_path(dir: &Path) -> PathBuf {
+    dir.join("console.log")
+}
+
+impl QemuSpec {
+    /// The QEMU arguments.
+    pub fn args(&self) -> Vec<String> {
+        let d = |p: PathBuf| p.display().to_string();
+        let cpu = if self.accel == "kvm" { "host" } else { "max" };
+        let mut a: Vec<String> = vec![
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-accel".into(),
+            self.accel.clone(),
+            "-cpu".into(),
+            cpu.into(),
+            "-M".into(),
+            "microvm,acpi=on,memory-backend=mem".into(),
+            "-smp".into(),
+            self.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", self.mem_mib),
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                self.mem_mib,
+                self.ram_path.display(),
+                if self.share { "on" } else { "off" }
+            ),
+            "-kernel".into(),
+            d(self.kernel.clone()),
+            "-initrd".into(),
+            d(self.initrd.clone()),
+            "-append".into(),
+            self.cmdline.clone(),
+            "-chardev".into(),
+            format!("file,id=con,path={}", console_path(&self.dir).display()),
+            "-serial".into(),
+            "chardev:con".into(),
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!("socket,id=agent,path={},server=on,wait=off", agent_path(&self.dir).display()),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={}", snowflock_proto::AGENT_PORT_NAME),
+            "-netdev".into(),
+            format!("tap,id=net0,ifname={},script=no,downscript=no", self.tap),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={}", self.mac),
+            "-device".into(),
+            "virtio-rng-device".into(),
+            "-device".into(),
+            "virtio-balloon-device,free-page-reporting=on".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp_path(&self.dir).display()),
+        ];
+        if self.incoming {
+            a.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        }
+        a
+    }
+
+    /// Starts QEMU. Its stderr goes to `qemu.log` in the VM directory. QEMU
+    /// gets SIGKILL if the daemon thread that started it dies, so a crashed
+    /// daemon leaves no guests behind.
+    pub fn spawn(&self) -> std::io::Result<tokio::process::Child> {
+        let log = std::fs::File::create(self.dir.join("qemu.log"))?;
+        let mut cmd = tokio::process::Command::new(&self.qemu);
+        cmd.args(self.args())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(false);
+        // SAFETY: prctl and setpgid are async-signal-safe and touch no
+        // memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        cmd.spawn()
+    }
+}
