@@ -1,0 +1,101 @@
+//! `snowflock demo`: a parallel protein search by cloning one VM.
+
+use crate::client::Client;
+use crate::daemon_ctl;
+use crate::vm_cmd;
+use anyhow::{bail, Context, Result};
+use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse};
+use std::path::PathBuf;
+
+pub struct DemoArgs {
+    pub clones: u32,
+    pub image: Option<PathBuf>,
+    pub mem_mib: u32,
+    pub json: bool,
+}
+
+/// Stops what the demo started, also on error.
+struct Cleanup<'a> {
+    c: &'a Client,
+    vm: Option<String>,
+    daemon: bool,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            eprintln!("demo: stopping VM {vm}");
+            let _ = vm_cmd::stop(self.c, &vm);
+        }
+        if self.daemon {
+            eprintln!("demo: stopping the daemon it started");
+            let _ = daemon_ctl::stop(self.c);
+        }
+    }
+}
+
+pub fn run(c: &Client, a: DemoArgs) -> Result<()> {
+    let image = a.image.unwrap_or_else(crate::image_cmd::default_out);
+    if snowflock_image::Image::open(&image).is_err() {
+        eprintln!("demo: no usable image at {}, building one", image.display());
+        crate::image_cmd::build(crate::image_cmd::BuildArgs {
+            out: Some(image.clone()),
+            add: vec![],
+            kernel_dir: None,
+            guest_bin_dir: None,
+        })?;
+    }
+    let mut guard = Cleanup { c, vm: None, daemon: false };
+    if c.call(&AdminRequest::Status).is_err() {
+        eprintln!("demo: starting snowflockd in network namespace sfdemo-h0");
+        daemon_ctl::start(
+            c,
+            daemon_ctl::StartOpts {
+                netns: Some("sfdemo-h0".into()),
+                state_dir: Some("/dev/shm/snowflock-demo".into()),
+                host: Some("h0".into()),
+                max_vms: None,
+                log: None,
+            },
+        )?;
+        guard.daemon = true;
+    }
+    let vm = format!("demo{}", std::process::id());
+    vm_cmd::start(c, &vm, &image.display().to_string(), a.mem_mib, 1, Accel::Auto, false)?;
+    guard.vm = Some(vm.clone());
+    eprintln!("demo: running sf-swdemo in {vm}; it will clone the VM {} time(s)", a.clones);
+    let out = vm_cmd::exec(c, &vm, &["sf-swdemo".into(), "run".into(), "--clones".into(), a.clones.to_string()], true)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for l in stderr.lines() {
+        eprintln!("  guest| {l}");
+    }
+    if out.code != 0 {
+        bail!("sf-swdemo failed with exit code {}", out.code);
+    }
+    let result: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("sf-swdemo printed no JSON result")?;
+    let report = match c.call(&AdminRequest::CloneReports)? {
+        AdminResponse::CloneReports { reports } => reports.into_iter().rev().find(|r| r.parent == vm),
+        _ => None,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "result": result, "clone": report }))?);
+        return Ok(());
+    }
+    println!("\nTop hits (merged from {} workers):", result["workers"].as_array().map_or(0, |w| w.len()));
+    for h in result["hits"].as_array().into_iter().flatten() {
+        println!("  {:>6}  {:<16} score {}", h["id"], h["name"].as_str().unwrap_or("?"), h["score"]);
+    }
+    if let Some(r) = report {
+        println!("\nClone timeline ({} clones, ticket {}):", r.clones, r.ticket);
+        for (what, ms) in &r.timeline {
+            println!("  {ms:>9.1} ms  {what}");
+        }
+        println!("\nFigures:");
+        println!("  parent pause        {:>9.1} ms", r.parent_pause_ms);
+        println!("  descriptor          {:>9} bytes ({} device state)", r.descriptor_bytes, r.device_state_bytes);
+        println!("  memory frozen       {:>9.1} MiB of {} MiB guest RAM", r.frozen_bytes as f64 / 1048576.0, r.guest_ram_bytes >> 20);
+        println!("  all clones returned {:>9.1} ms after sf_clone", r.all_ready_ms);
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! `snowflock vm ...`.
+
+use crate::client::{Client, ClientError};
+use anyhow::{bail, Result};
+use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse, ExecInput, VmInfo};
+use snowflock_proto::channel::Stream;
+use snowflock_proto::frame::{read_frame, write_frame};
+use std::io::{Read, Write};
+
+/// Parses `256M`, `1G`, `512` (MiB) into MiB.
+pub fn parse_mem(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('M' | 'm') => (&s[..s.len() - 1], 1),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1024),
+        _ => (s, 1),
+    };
+    num.parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid memory size {s:?} (use e.g. 256M or 1G)"))
+}
+
+pub fn start(c: &Client, name: &str, image: &str, mem_mib: u32, vcpus: u32, accel: Accel, json: bool) -> Result<()> {
+    let image = std::fs::canonicalize(image).map(|p| p.display().to_string()).unwrap_or_else(|_| image.to_string());
+    eprintln!("Starting VM {name} ({mem_mib} MiB, {vcpus} vCPU) and waiting for its agent...");
+    match c.call(&AdminRequest::VmStart { name: name.into(), image, mem_mib, vcpus, accel })? {
+        AdminResponse::Vm(v) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("VM {} running: ip {}, accel {}, pid {}", v.name, v.ip, v.accel, v.pid.unwrap_or(0));
+            }
+            Ok(())
+        }
+        other => bail!("Unexpected answer: {other:?}"),
+    }
+}
+
+pub fn list_vms(c: &Client) -> Result<Vec<VmInfo>> {
+    match c.call(&AdminRequest::VmList)? {
+        AdminResponse::VmList { vms } => Ok(vms),
+        other => bail!("Unexpected answer: {other:?}"),
+    }
+}
+
+pub fn list(c: &Client, json: bool) -> Result<()> {
+    let vms = list_vms(c)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vms)?);
+        return Ok(());
+    }
+    println!("{:<24} {:<10} {:<9} {:<20} {:>8} {:<16}", "NAME", "HOST", "STATE", "TICKET", "CLONE_ID", "IP");
+    for v in vms {
+        println!(
+            "{:<24} {:<10} {:<9} {:<20} {:>8} {:<16}",
+            v.name,
+            v.host,
+            format!("{:?}", v.state).to_lowercase(),
+            v.ticket.as_deref().unwrap_or("-"),
+            v.clone_id,
+            v.ip
+        );
+    }
+    Ok(())
+}
+
+pub fn stop(c: &Client, name: &str) -> Result<()> {
+    c.call(&AdminRequest::VmStop { name: name.into() })?;
+    println!("VM {name} stopped");
+    Ok(())
+}
+
+pub fn console(c: &Client, name: &str) -> Result<()> {
+    match c.call(&AdminRequest::VmConsole { name: name.into() })? {
+        AdminResponse::Console { data } => {
+            std::io::stdout().write_all(&data)?;
+            Ok(())
+        }
+        other => bail!("Unexpected answer: {other:?}"),
+    }
+}
+
+/// Result of an exec when captured (used by demo and bench).
+pub struct Captured {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Runs `argv` in the guest. With `capture`, output is collected instead of
+/// printed and stdin is empty; otherwise this process's stdin is forwarded.
+pub fn exec(c: &Client, name: &str, argv: &[String], capture: bool) -> Result<Captured, ClientError> {
+    let mut s = c.connect()?;
+    write_frame(&mut s, &AdminRequest::Exec { name: name.into(), argv: argv.to_vec() })?;
+    let mut w = s.try_clone().map_err(|e| ClientError::Frame(e.into()))?;
+    if capture {
+        write_frame(&mut w, &ExecInput { data: vec![], eof: true })?;
+    } else {
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = write_frame(&mut w, &ExecInput { data: vec![], eof: true });
+                        return;
+                    }
+                    Ok(n) => {
+                        if write_frame(&mut w, &ExecInput { data: buf[..n].to_vec(), eof: false }).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let mut out = Captured { code: 0, stdout: vec![], stderr: vec![] };
+    loop {
+        match read_frame(&mut s)? {
+            AdminResponse::ExecOutput { stream, data } => match (capture, stream) {
+                (true, Stream::Stdout) => out.stdout.extend_from_slice(&data),
+                (true, Stream::Stderr) => out.stderr.extend_from_slice(&data),
+                (false, Stream::Stdout) => {
+                    let mut o = std::io::stdout().lock();
+                    let _ = o.write_all(&data);
+                    let _ = o.flush();
+                }
+                (false, Stream::Stderr) => {
+                    let _ = std::io::stderr().write_all(&data);
+                }
+            },
+            AdminResponse::ExecExit { code } => {
+                out.code = code;
+                return Ok(out);
+            }
+            AdminResponse::Error { code, message } => return Err(ClientError::Daemon { code, message }),
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(parse_mem("256M"), Ok(256));
+        assert_eq!(parse_mem("1G"), Ok(1024));
+        assert_eq!(parse_mem("512"), Ok(512));
+        assert!(parse_mem("lots").is_err());
+        assert!(parse_mem("9999999G").is_err());
+    }
+}
