@@ -20,6 +20,8 @@ die() {
 log() {
     echo "fetch-kernel: $*" >&2
 }
+# Anything not handled with an explicit message above still says what failed.
+trap 'echo "fetch-kernel: error: command failed (line $LINENO): $BASH_COMMAND" >&2' ERR
 
 if [[ -e "$CACHE/kernel/current/vmlinux" ]]; then
     echo "$CACHE/kernel/current/vmlinux"

@@ -55,7 +55,11 @@ pub struct HookConfig {
 
 impl Default for HookConfig {
     fn default() -> Self {
-        Self { drop_caches: false, compact: false, malloc_trim: true }
+        Self {
+            drop_caches: false,
+            compact: false,
+            malloc_trim: true,
+        }
     }
 }
 
@@ -90,7 +94,10 @@ impl HookConfig {
     pub fn parse(text: &str, origin: &str) -> Result<HookConfig, ConfigError> {
         toml::from_str::<ConfigFile>(text)
             .map(|f| f.hooks)
-            .map_err(|source| ConfigError::Parse { path: origin.to_string(), source })
+            .map_err(|source| ConfigError::Parse {
+                path: origin.to_string(),
+                source,
+            })
     }
 
     /// Reads `path`. A missing file is `Ok(None)`.
@@ -100,7 +107,10 @@ impl HookConfig {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&text, &origin).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(ConfigError::Read { path: origin, source }),
+            Err(source) => Err(ConfigError::Read {
+                path: origin,
+                source,
+            }),
         }
     }
 
@@ -213,11 +223,26 @@ mod tests {
 
     #[test]
     fn defaults_when_file_or_keys_missing() {
-        assert_eq!(HookConfig::default(), HookConfig { drop_caches: false, compact: false, malloc_trim: true });
+        assert_eq!(
+            HookConfig::default(),
+            HookConfig {
+                drop_caches: false,
+                compact: false,
+                malloc_trim: true
+            }
+        );
         assert_eq!(HookConfig::parse("", "t").unwrap(), HookConfig::default());
-        assert_eq!(HookConfig::parse("[hooks]\n", "t").unwrap(), HookConfig::default());
-        assert_eq!(HookConfig::load("/nonexistent/snowflock/agent.toml"), HookConfig::default());
-        assert!(HookConfig::try_load("/nonexistent/snowflock/agent.toml").unwrap().is_none());
+        assert_eq!(
+            HookConfig::parse("[hooks]\n", "t").unwrap(),
+            HookConfig::default()
+        );
+        assert_eq!(
+            HookConfig::load("/nonexistent/snowflock/agent.toml"),
+            HookConfig::default()
+        );
+        assert!(HookConfig::try_load("/nonexistent/snowflock/agent.toml")
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -227,9 +252,23 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(c, HookConfig { drop_caches: true, compact: true, malloc_trim: false });
+        assert_eq!(
+            c,
+            HookConfig {
+                drop_caches: true,
+                compact: true,
+                malloc_trim: false
+            }
+        );
         let c = HookConfig::parse("[hooks]\ncompact = true\n", "t").unwrap();
-        assert_eq!(c, HookConfig { drop_caches: false, compact: true, malloc_trim: true });
+        assert_eq!(
+            c,
+            HookConfig {
+                drop_caches: false,
+                compact: true,
+                malloc_trim: true
+            }
+        );
     }
 
     #[test]
@@ -252,10 +291,18 @@ mod tests {
 
     #[test]
     fn malloc_trim_only_runs_what_is_enabled() {
-        let r = run_agent_hooks(&HookConfig { drop_caches: false, compact: false, malloc_trim: true });
+        let r = run_agent_hooks(&HookConfig {
+            drop_caches: false,
+            compact: false,
+            malloc_trim: true,
+        });
         assert_eq!(r.ran, vec![Hook::MallocTrim]);
         assert!(r.ok());
-        let r = run_agent_hooks(&HookConfig { drop_caches: false, compact: false, malloc_trim: false });
+        let r = run_agent_hooks(&HookConfig {
+            drop_caches: false,
+            compact: false,
+            malloc_trim: false,
+        });
         assert!(r.ran.is_empty() && r.ok());
         let _ = malloc_trim();
     }

@@ -81,7 +81,11 @@ unsafe fn ticket_id(t: *const SfTicket) -> Result<String, String> {
     }
     // SAFETY: the caller guarantees `t` points to a readable sf_ticket_t.
     let id = unsafe { &(*t).id };
-    let bytes: Vec<u8> = id.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let bytes: Vec<u8> = id
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     if bytes.len() == SF_TICKET_MAX {
         return Err("Ticket id is not NUL-terminated".into());
     }
@@ -103,7 +107,10 @@ pub unsafe extern "C" fn sf_request_ticket(n: c_int, out: *mut SfTicket) -> c_in
         if t.id.len() >= SF_TICKET_MAX || t.id.as_bytes().contains(&0) {
             return Err(format!("Ticket id {:?} does not fit in sf_ticket_t", t.id));
         }
-        let mut ticket = SfTicket { id: [0; SF_TICKET_MAX], granted: to_int(t.granted)? };
+        let mut ticket = SfTicket {
+            id: [0; SF_TICKET_MAX],
+            granted: to_int(t.granted)?,
+        };
         for (d, s) in ticket.id.iter_mut().zip(t.id.bytes()) {
             *d = s as c_char;
         }
@@ -143,7 +150,11 @@ fn child_of(c: &client::ChildStatus) -> Result<SfChild, String> {
         ChildState::Killed => (SF_CHILD_KILLED, 0),
         ChildState::Lost { .. } => (SF_CHILD_LOST, 0),
     };
-    Ok(SfChild { clone_id: to_int(c.clone_id)?, state, code })
+    Ok(SfChild {
+        clone_id: to_int(c.clone_id)?,
+        state,
+        code,
+    })
 }
 
 /// `int sf_join(const sf_ticket_t *t, sf_child_t *out, int max)`: waits for
@@ -185,7 +196,10 @@ pub unsafe extern "C" fn sf_kill(t: *const SfTicket) -> c_int {
         // SAFETY: forwarded caller guarantee.
         let id = unsafe { ticket_id(t) }?;
         let children = client::kill(&id).map_err(sf_err)?;
-        let n = children.iter().filter(|c| c.state == ChildState::Killed).count();
+        let n = children
+            .iter()
+            .filter(|c| c.state == ChildState::Killed)
+            .count();
         c_int::try_from(n).map_err(|_| "Too many children".into())
     })
 }
@@ -210,7 +224,9 @@ mod tests {
 
     fn last() -> String {
         // SAFETY: sf_last_error returns a valid NUL-terminated string.
-        unsafe { CStr::from_ptr(sf_last_error()) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(sf_last_error()) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     #[test]
@@ -225,7 +241,10 @@ mod tests {
             let mut c = [SfChild::default(); 2];
             assert_eq!(sf_join(std::ptr::null(), c.as_mut_ptr(), 2), -1);
             assert_eq!(last(), "Null ticket pointer");
-            let t = SfTicket { id: [b'a' as c_char; SF_TICKET_MAX], granted: 0 };
+            let t = SfTicket {
+                id: [b'a' as c_char; SF_TICKET_MAX],
+                granted: 0,
+            };
             assert_eq!(sf_join(&t, std::ptr::null_mut(), 1), -1);
             assert_eq!(last(), "Null output pointer");
             assert_eq!(sf_clone(&t), -1);
@@ -238,7 +257,9 @@ mod tests {
     #[test]
     fn last_error_is_per_thread() {
         set_error("mine");
-        std::thread::spawn(|| assert_eq!(last(), "")).join().unwrap();
+        std::thread::spawn(|| assert_eq!(last(), ""))
+            .join()
+            .unwrap();
         assert_eq!(last(), "mine");
     }
 }

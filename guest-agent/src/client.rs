@@ -83,7 +83,8 @@ pub fn socket_path() -> PathBuf {
 /// `Ok(ApiResponse::Error{..})`; only transport failures are `Err`.
 pub fn call(req: &ApiRequest) -> Result<ApiResponse, SfError> {
     let path = socket_path();
-    let mut s = UnixStream::connect(&path).map_err(|err| SfError::AgentUnreachable { path, err })?;
+    let mut s =
+        UnixStream::connect(&path).map_err(|err| SfError::AgentUnreachable { path, err })?;
     frame::write_frame(&mut s, req).map_err(protocol)?;
     frame::read_frame(&mut s).map_err(protocol)
 }
@@ -114,7 +115,10 @@ fn unexpected(what: &str, got: &ApiResponse) -> SfError {
 /// `sf_request_ticket(n)`: asks for an allocation of `n` clones.
 pub fn request_ticket(n: u32) -> Result<Ticket, SfError> {
     match call_ok(&ApiRequest::RequestTicket { n })? {
-        ApiResponse::Ticket { ticket, granted } => Ok(Ticket { id: ticket, granted }),
+        ApiResponse::Ticket { ticket, granted } => Ok(Ticket {
+            id: ticket,
+            granted,
+        }),
         other => Err(unexpected("ticket", &other)),
     }
 }
@@ -124,7 +128,9 @@ pub fn request_ticket(n: u32) -> Result<Ticket, SfError> {
 /// (`malloc_trim(0)`) first.
 pub fn clone(ticket: &str) -> Result<u32, SfError> {
     allocator_hooks::malloc_trim();
-    match call_ok(&ApiRequest::Clone { ticket: ticket.to_string() })? {
+    match call_ok(&ApiRequest::Clone {
+        ticket: ticket.to_string(),
+    })? {
         ApiResponse::Cloned { clone_id, .. } => Ok(clone_id),
         other => Err(unexpected("cloned", &other)),
     }
@@ -143,7 +149,9 @@ pub fn exit(status: i32) -> Result<Infallible, SfError> {
 
 /// `sf_join(ticket)`: waits until every child of `ticket` has ended.
 pub fn join(ticket: &str) -> Result<Vec<ChildStatus>, SfError> {
-    match call_ok(&ApiRequest::Join { ticket: ticket.to_string() })? {
+    match call_ok(&ApiRequest::Join {
+        ticket: ticket.to_string(),
+    })? {
         ApiResponse::Joined { children } => Ok(children),
         other => Err(unexpected("joined", &other)),
     }
@@ -151,7 +159,9 @@ pub fn join(ticket: &str) -> Result<Vec<ChildStatus>, SfError> {
 
 /// `sf_kill(ticket)`: ends every child of `ticket` now.
 pub fn kill(ticket: &str) -> Result<Vec<ChildStatus>, SfError> {
-    match call_ok(&ApiRequest::Kill { ticket: ticket.to_string() })? {
+    match call_ok(&ApiRequest::Kill {
+        ticket: ticket.to_string(),
+    })? {
         ApiResponse::Killed { children } => Ok(children),
         other => Err(unexpected("killed", &other)),
     }
@@ -160,7 +170,17 @@ pub fn kill(ticket: &str) -> Result<Vec<ChildStatus>, SfError> {
 /// Who am I: VM name, clone ID, ticket and IP.
 pub fn id() -> Result<Identity, SfError> {
     match call_ok(&ApiRequest::Id)? {
-        ApiResponse::Identity { vm, clone_id, ticket, ip } => Ok(Identity { vm, clone_id, ticket, ip }),
+        ApiResponse::Identity {
+            vm,
+            clone_id,
+            ticket,
+            ip,
+        } => Ok(Identity {
+            vm,
+            clone_id,
+            ticket,
+            ip,
+        }),
         other => Err(unexpected("identity", &other)),
     }
 }
@@ -194,7 +214,10 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// Serves `answers` in order, one per connection, returning the requests.
-    fn fake_agent(path: &std::path::Path, answers: Vec<ApiResponse>) -> std::thread::JoinHandle<Vec<ApiRequest>> {
+    fn fake_agent(
+        path: &std::path::Path,
+        answers: Vec<ApiResponse>,
+    ) -> std::thread::JoinHandle<Vec<ApiRequest>> {
         let l = UnixListener::bind(path).unwrap();
         std::thread::spawn(move || {
             let mut seen = Vec::new();
@@ -213,21 +236,42 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("agent.sock");
         let _ = std::fs::remove_file(&sock);
-        let child = ChildStatus { clone_id: 1, vm: "v-c1".into(), state: ChildState::Exited { code: 3 } };
+        let child = ChildStatus {
+            clone_id: 1,
+            vm: "v-c1".into(),
+            state: ChildState::Exited { code: 3 },
+        };
         let h = fake_agent(
             &sock,
             vec![
-                ApiResponse::Ticket { ticket: "t-ab".into(), granted: 2 },
-                ApiResponse::Cloned { clone_id: 0, ticket: "t-ab".into() },
-                ApiResponse::Joined { children: vec![child.clone()] },
-                ApiResponse::Error { code: ApiErrorCode::UnknownTicket, message: "No ticket t-cd".into() },
+                ApiResponse::Ticket {
+                    ticket: "t-ab".into(),
+                    granted: 2,
+                },
+                ApiResponse::Cloned {
+                    clone_id: 0,
+                    ticket: "t-ab".into(),
+                },
+                ApiResponse::Joined {
+                    children: vec![child.clone()],
+                },
+                ApiResponse::Error {
+                    code: ApiErrorCode::UnknownTicket,
+                    message: "No ticket t-cd".into(),
+                },
                 ApiResponse::Exiting,
             ],
         );
         // SOCKET_ENV is process-wide; this is the only test in this binary
         // that sets it.
         std::env::set_var(SOCKET_ENV, &sock);
-        assert_eq!(request_ticket(3).unwrap(), Ticket { id: "t-ab".into(), granted: 2 });
+        assert_eq!(
+            request_ticket(3).unwrap(),
+            Ticket {
+                id: "t-ab".into(),
+                granted: 2
+            }
+        );
         assert_eq!(clone("t-ab").unwrap(), 0);
         assert_eq!(join("t-ab").unwrap(), vec![child]);
         let e = kill("t-cd").unwrap_err();
@@ -238,7 +282,12 @@ mod tests {
         assert!(matches!(e, SfError::Protocol(_)), "{e}");
         let seen = h.join().unwrap();
         assert_eq!(seen[0], ApiRequest::RequestTicket { n: 3 });
-        assert_eq!(seen[1], ApiRequest::Clone { ticket: "t-ab".into() });
+        assert_eq!(
+            seen[1],
+            ApiRequest::Clone {
+                ticket: "t-ab".into()
+            }
+        );
         assert_eq!(seen[4], ApiRequest::Id);
 
         // Nobody listening: the agent is not running.
@@ -246,7 +295,10 @@ mod tests {
         let e = id().unwrap_err();
         assert!(matches!(e, SfError::AgentUnreachable { .. }));
         assert!(
-            e.to_string().starts_with(&format!("Cannot reach the snowflock agent at {}: ", sock.display())),
+            e.to_string().starts_with(&format!(
+                "Cannot reach the snowflock agent at {}: ",
+                sock.display()
+            )),
             "{e}"
         );
         std::env::remove_var(SOCKET_ENV);
@@ -255,15 +307,32 @@ mod tests {
 
     #[test]
     fn formatting() {
-        let c = |state| ChildStatus { clone_id: 2, vm: "v".into(), state };
-        assert_eq!(format_child(&c(ChildState::Exited { code: 0 })), "2 exited 0");
+        let c = |state| ChildStatus {
+            clone_id: 2,
+            vm: "v".into(),
+            state,
+        };
+        assert_eq!(
+            format_child(&c(ChildState::Exited { code: 0 })),
+            "2 exited 0"
+        );
         assert_eq!(format_child(&c(ChildState::Killed)), "2 killed");
         assert_eq!(format_child(&c(ChildState::Running)), "2 running");
         assert_eq!(
-            format_child(&c(ChildState::Lost { reason: "clone QEMU process died".into() })),
+            format_child(&c(ChildState::Lost {
+                reason: "clone QEMU process died".into()
+            })),
             "2 lost clone QEMU process died"
         );
-        let i = Identity { vm: "vm1".into(), clone_id: 0, ticket: None, ip: Some("10.0.0.1".into()) };
-        assert_eq!(format_identity(&i), "clone_id=0 ticket=- vm=vm1 ip=10.0.0.1");
+        let i = Identity {
+            vm: "vm1".into(),
+            clone_id: 0,
+            ticket: None,
+            ip: Some("10.0.0.1".into()),
+        };
+        assert_eq!(
+            format_identity(&i),
+            "clone_id=0 ticket=- vm=vm1 ip=10.0.0.1"
+        );
     }
 }

@@ -60,7 +60,8 @@ impl Held {
     pub fn new(mib: usize, seed: u64) -> Result<Held, String> {
         let words = mib.checked_mul(WORDS_PER_MIB).ok_or("Size overflows")?;
         let mut buf = Vec::new();
-        buf.try_reserve_exact(words).map_err(|e| format!("Cannot allocate {mib} MiB: {e}"))?;
+        buf.try_reserve_exact(words)
+            .map_err(|e| format!("Cannot allocate {mib} MiB: {e}"))?;
         buf.resize(words, 0);
         let mut h = Held { buf, seed };
         h.fill(seed);
@@ -118,13 +119,16 @@ impl Held {
 pub fn hold(mib: usize, seed: u64, sock: &Path) -> Result<(), String> {
     let mut held = Held::new(mib, seed)?;
     let _ = std::fs::remove_file(sock);
-    let l = UnixListener::bind(sock).map_err(|e| format!("Cannot listen on {}: {e}", sock.display()))?;
+    let l = UnixListener::bind(sock)
+        .map_err(|e| format!("Cannot listen on {}: {e}", sock.display()))?;
     println!("ready {mib} MiB seed {seed} on {}", sock.display());
     let _ = std::io::stdout().flush();
     for conn in l.incoming() {
         let Ok(conn) = conn else { continue };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-        let Ok(mut w) = conn.try_clone() else { continue };
+        let Ok(mut w) = conn.try_clone() else {
+            continue;
+        };
         for line in BufReader::new(conn).lines() {
             let Ok(line) = line else { break };
             let answer = held.command(&line);
@@ -138,11 +142,14 @@ pub fn hold(mib: usize, seed: u64, sock: &Path) -> Result<(), String> {
 
 /// `ctl`: sends one command; returns the answer line.
 pub fn ctl(sock: &Path, command: &str) -> Result<String, String> {
-    let mut s = UnixStream::connect(sock).map_err(|e| format!("Cannot connect to {}: {e}", sock.display()))?;
+    let mut s = UnixStream::connect(sock)
+        .map_err(|e| format!("Cannot connect to {}: {e}", sock.display()))?;
     writeln!(s, "{command}").map_err(|e| format!("Cannot send: {e}"))?;
     let _ = s.shutdown(std::net::Shutdown::Write);
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(|e| format!("Cannot read the answer: {e}"))?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("Cannot read the answer: {e}"))?;
     if line.is_empty() {
         return Err("No answer".into());
     }
@@ -188,7 +195,9 @@ mod tests {
         let first = loop {
             match ctl(&sock, "seed") {
                 Ok(a) => break a,
-                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 Err(e) => panic!("{e}"),
             }
         };

@@ -288,6 +288,61 @@ pub fn default_cache_dir() -> PathBuf {
     }
 }
 
+/// The host's TSC frequency in kHz, measured once (about 120 ms) and cached;
+/// `None` off x86_64 or when the measurement makes no sense.
+///
+/// Under TCG the guest's TSC ticks at the host's rate, but the guest kernel
+/// calibrates it against the emulated PIT, which fails when the host is busy
+/// ("tsc: Unable to calibrate against PIT"); the boot then hangs. Passing
+/// `tsc_early_khz=<this>` on the kernel command line skips that calibration,
+/// so the daemon appends it to [`Manifest::cmdline`] (see docs/image.md).
+pub fn host_tsc_khz() -> Option<u64> {
+    static CACHE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *CACHE.get_or_init(measure_tsc_khz)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn measure_tsc_khz() -> Option<u64> {
+    use std::time::{Duration, Instant};
+    #[allow(unused_unsafe)]
+    fn rdtsc() -> u64 {
+        // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
+        unsafe { std::arch::x86_64::_rdtsc() }
+    }
+    // A (tsc, instant) pair: the clock read bracketed by two TSC reads, the
+    // tightest bracket of a few tries (a preemption widens it).
+    fn sample() -> Option<(u64, Instant)> {
+        let mut best: Option<(u64, u64, Instant)> = None;
+        for _ in 0..20 {
+            let a = rdtsc();
+            let t = Instant::now();
+            let b = rdtsc();
+            if b >= a && best.is_none_or(|(w, _, _)| b - a < w) {
+                best = Some((b - a, a + (b - a) / 2, t));
+            }
+        }
+        best.map(|(_, tsc, t)| (tsc, t))
+    }
+    let mut khz = Vec::new();
+    for _ in 0..3 {
+        let (c0, t0) = sample()?;
+        std::thread::sleep(Duration::from_millis(40));
+        let (c1, t1) = sample()?;
+        let ns = t1.duration_since(t0).as_nanos();
+        if ns == 0 || c1 <= c0 {
+            return None;
+        }
+        khz.push(((c1 - c0) as u128 * 1_000_000 / ns) as u64);
+    }
+    khz.sort_unstable();
+    Some(khz[1]).filter(|k| (100_000..=20_000_000).contains(k))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure_tsc_khz() -> Option<u64> {
+    None
+}
+
 /// Parses `SRC:DEST`. The split is at the last `:` (DEST must be absolute and
 /// below `/`, without `.`/`..`); SRC must be non-empty. Existence of SRC is
 /// checked by [`build`].
@@ -551,6 +606,39 @@ fn input_file(what: &'static str, path: &Path) -> Result<fs::Metadata, ImageErro
 }
 
 /// Assembles the root filesystem tree for `opts` (without writing anything).
+/// The contents of `path` without debug information, when `strip` is
+/// available: release builds keep debuginfo for host backtraces, but in the
+/// initramfs it would be unpacked into guest RAM (~25 MB per binary).
+/// Falls back to the file as is.
+fn stripped(path: PathBuf) -> Source {
+    let Ok(tmp) = tempfile_path() else { return Source::Path(path) };
+    let ok = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let data = if ok { fs::read(&tmp).ok() } else { None };
+    let _ = fs::remove_file(&tmp);
+    match data {
+        Some(d) => Source::Bytes(d),
+        None => Source::Path(path),
+    }
+}
+
+fn tempfile_path() -> std::io::Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "snowflock-strip-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    Ok(p)
+}
+
 pub fn build_tree(opts: &BuildOptions) -> Result<Tree, ImageError> {
     let mut t = Tree::new();
 
@@ -646,14 +734,11 @@ pub fn build_tree(opts: &BuildOptions) -> Result<Tree, ImageError> {
     if !agent.is_file() {
         return Err(ImageError::MissingAgent { path: agent });
     }
-    t.insert(
-        "/sbin/snowflock-agent",
-        Node::File(0o755, Source::Path(agent)),
-    )?;
+    t.insert("/sbin/snowflock-agent", Node::File(0o755, stripped(agent)))?;
     for bin in GUEST_BINS {
         let p = opts.guest_bin_dir.join(bin);
         if p.is_file() {
-            t.insert(&format!("/bin/{bin}"), Node::File(0o755, Source::Path(p)))?;
+            t.insert(&format!("/bin/{bin}"), Node::File(0o755, stripped(p)))?;
         }
     }
 
@@ -661,10 +746,7 @@ pub fn build_tree(opts: &BuildOptions) -> Result<Tree, ImageError> {
     if let Some(dir) = &opts.lib_dir {
         let lib = dir.join("libsnowflock.so");
         if lib.is_file() {
-            t.insert(
-                "/usr/lib/libsnowflock.so",
-                Node::File(0o755, Source::Path(lib.clone())),
-            )?;
+            t.insert("/usr/lib/libsnowflock.so", Node::File(0o755, stripped(lib.clone())))?;
             let mut runtime = ldd(&lib)?;
             runtime.extend(GLIBC_RUNTIME.iter().map(|s| s.to_string()));
             for p in runtime {
@@ -764,6 +846,14 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn tsc_khz_is_plausible_and_cached() {
+        let k = host_tsc_khz().expect("x86_64 host has a TSC");
+        assert!((100_000..=20_000_000).contains(&k), "{k}");
+        assert_eq!(host_tsc_khz(), Some(k));
+    }
 
     #[test]
     fn parse_add_ok() {

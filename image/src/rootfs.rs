@@ -82,10 +82,10 @@ else
 fi
 
 # 6. virtio-serial ports. Ports and their names arrive from the host shortly
-#    after virtio_console binds: wait (at most 5 s) until every port is named.
+#    after virtio_console binds: wait (at most 10 s) until every port is named.
 if grep -qs '^0x0003$' /sys/bus/virtio/devices/*/device; then
     i=0
-    while [ "$i" -lt 50 ]; do
+    while [ "$i" -lt 100 ]; do
         named=0
         unnamed=0
         for p in /sys/class/virtio-ports/*; do

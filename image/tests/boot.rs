@@ -11,11 +11,14 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use snowflock_image::{build, default_cache_dir, BuildOptions, Image, DEFAULT_CMDLINE};
+use snowflock_image::{
+    build, default_cache_dir, host_tsc_khz, BuildOptions, Image, DEFAULT_CMDLINE,
+};
 
 /// Kills and reaps QEMU however the test ends.
 struct Qemu(Child);
@@ -174,12 +177,27 @@ fn image_boots_under_qemu_microvm() {
         .any(|f| f == "/etc/snowflock/note.txt"));
 
     let img = Image::open(&opts.out_dir).expect("image opens");
-    let append = format!(
-        "{DEFAULT_CMDLINE} sf.vm=t1 sf.hostname=t1 sf.ip=10.250.0.1/24 sf.mac=52:54:00:12:34:56"
-    );
+    // tsc_early_khz: without it a busy host makes the guest's TSC calibration
+    // fail and the boot hang (see host_tsc_khz).
+    let tsc = host_tsc_khz()
+        .map(|k| format!(" tsc_early_khz={k}"))
+        .unwrap_or_default();
+    let append =
+        format!("{DEFAULT_CMDLINE}{tsc} sf.vm=t1 sf.hostname=t1 sf.ip=10.250.0.1/24 sf.mac=52:54:00:12:34:56");
+    eprintln!("kernel command line: {append}");
     let qemu_log = fs::File::create(tmp.join("qemu.log")).unwrap();
     let mut cmd = qemu_command(&img, tmp, &append);
     cmd.stdout(qemu_log.try_clone().unwrap()).stderr(qemu_log);
+    // If the test process dies without unwinding, QEMU dies with it.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let start = Instant::now();
     let mut qemu = Qemu(cmd.spawn().expect("spawn qemu-system-x86_64"));
 

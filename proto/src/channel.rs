@@ -62,7 +62,9 @@ pub struct CloneIdentity {
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum GuestMsg {
     /// Handshake answer: agent version and the protocol versions it speaks.
-    Hello { version: u32, agent: String, clone_id: u32 },
+    /// `instance` is random per agent process (0 = unknown): a new value
+    /// means the agent restarted and lost its exec sessions.
+    Hello { version: u32, agent: String, clone_id: u32, #[serde(default)] instance: u64 },
     /// An application API call, tagged with an agent-chosen id.
     Request { id: u64, req: ApiRequest },
     /// The identity in `BecomeClone` was applied; the clone is running.

@@ -145,8 +145,11 @@ async fn vm_start(
         }
         Daemon::alloc_flock(&mut st)?
     };
+    // Under TCG the guest calibrates its TSC against emulated timers, which
+    // fails on a loaded host and can hang the boot; tell it the rate.
+    let tsc = snowflock_image::host_tsc_khz().map(|k| format!(" tsc_early_khz={k}")).unwrap_or_default();
     let cmdline = format!(
-        "{} sf.vm={name} sf.hostname={name} sf.ip={} sf.mac={} sf.machine_id={}",
+        "{}{tsc} sf.vm={name} sf.hostname={name} sf.ip={} sf.mac={} sf.machine_id={}",
         img.manifest.cmdline,
         crate::net::ip_cidr(flock, 0),
         crate::net::mac(flock, 0),

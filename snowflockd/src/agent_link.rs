@@ -89,8 +89,17 @@ pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<Ho
 
 fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
     match msg {
-        GuestMsg::Hello { version, agent, clone_id } => {
-            tracing::debug!(vm = %vm.name, version, %agent, clone_id, "agent hello");
+        GuestMsg::Hello { version, agent, clone_id, instance } => {
+            tracing::debug!(vm = %vm.name, version, %agent, clone_id, instance, "agent hello");
+            let previous = vm.agent_instance.swap(instance, Ordering::SeqCst);
+            if previous != 0 && instance != previous {
+                // A new agent process: whatever the old one ran is gone.
+                tracing::warn!(vm = %vm.name, "guest agent restarted");
+                for (_, tx) in vm.execs.lock().unwrap().drain() {
+                    let _ = tx.send(ExecEvent::Error("The guest agent restarted; the command's fate is unknown".into()));
+                }
+                vm.send(HostMsg::Hello { version: snowflock_proto::CHANNEL_VERSION });
+            }
             vm.agent_up.send_replace(true);
             let mut st = vm.state.lock().unwrap();
             if *st == VmState::Booting {

@@ -91,6 +91,8 @@ pub struct Vm {
     pub agent_tx: mpsc::UnboundedSender<HostMsg>,
     /// Set once the agent answered Hello on the current connection.
     pub agent_up: watch::Sender<bool>,
+    /// Instance id of the guest agent process last heard from (0 = none).
+    pub agent_instance: AtomicU64,
     /// Open `vm exec` sessions.
     pub execs: Mutex<HashMap<u64, mpsc::UnboundedSender<ExecEvent>>>,
     /// Waiter for a clone's `Ready` / `CloneFailed`.
@@ -98,6 +100,8 @@ pub struct Vm {
     /// Set when QEMU has exited.
     pub ended: watch::Sender<Option<Ended>>,
     pub stopping: AtomicBool,
+    /// Last console lines, kept when the VM directory goes.
+    pub console_tail: Mutex<String>,
     /// Clone generations made from this VM.
     pub generations: AtomicU64,
     /// Serialises clone operations of this VM.
@@ -346,10 +350,12 @@ impl Daemon {
             state: Mutex::new(if new.generation_ram.is_some() { VmState::Resuming } else { VmState::Booting }),
             agent_tx,
             agent_up: watch::channel(false).0,
+            agent_instance: AtomicU64::new(0),
             execs: Mutex::new(HashMap::new()),
             ready: Mutex::new(None),
             ended: watch::channel(None).0,
             stopping: AtomicBool::new(false),
+            console_tail: Mutex::new(String::new()),
             generations: AtomicU64::new(0),
             clone_lock: tokio::sync::Mutex::new(()),
         });
@@ -395,6 +401,7 @@ impl Daemon {
         } else {
             tracing::warn!(vm = %vm.name, %reason, qemu_log = %log_tail, "VM lost");
         }
+        *vm.console_tail.lock().unwrap() = console_tail(&vm);
         let ended = if requested { Ended::Stopped } else { Ended::Lost(reason.clone()) };
         *vm.pid.lock().unwrap() = None;
         vm.set_state(VmState::Stopping);
@@ -510,15 +517,16 @@ impl Daemon {
             r = tokio::time::timeout(timeout, wait_until(&mut up, |u| *u)) => match r {
                 Ok(_) => Ok(()),
                 Err(_) => Err(DaemonError::Failed(format!(
-                    "VM {} did not start its agent within {} s; see `snowflock vm console {}`",
-                    vm.name, timeout.as_secs(), vm.name))),
+                    "VM {} did not start its agent within {} s; console ends with:\n{}",
+                    vm.name, timeout.as_secs(), console_tail(vm)))),
             },
             _ = crate::daemon::wait_until(&mut ended, |e| e.is_some()) => {
                 let why = match vm.ended.borrow().clone() {
                     Some(crate::daemon::Ended::Lost(r)) => r,
                     _ => "stopped".to_string(),
                 };
-                Err(DaemonError::Failed(format!("VM {} ended while starting: {why}", vm.name)))
+                Err(DaemonError::Failed(format!(
+                    "VM {} ended while starting: {why}; console ended with:\n{}", vm.name, vm.console_tail.lock().unwrap())))
             }
         }
     }
@@ -539,6 +547,14 @@ impl Daemon {
     }
 }
 
+
+/// The last lines of a VM's serial console.
+pub fn console_tail(vm: &Vm) -> String {
+    let log = std::fs::read(vm::console_path(&vm.dir)).unwrap_or_default();
+    let text = String::from_utf8_lossy(&log);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
+}
 
 /// Waits until `f` holds for the watched value, without holding the value's
 /// read guard across an await (which would make the future `!Send`).

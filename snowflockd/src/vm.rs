@@ -46,6 +46,8 @@ impl QemuSpec {
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-nographic".into(),
+            // A guest reboot or panic ends the VM instead of looping.
+            "-no-reboot".into(),
             "-accel".into(),
             self.accel.clone(),
             "-cpu".into(),

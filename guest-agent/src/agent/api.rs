@@ -31,7 +31,9 @@ const THREAD_STACK: usize = 512 * 1024;
 pub fn spawn(agent: Arc<Agent>) -> io::Result<()> {
     let listener = bind(&agent.cfg.socket)?;
     tracing::info!("API socket listening on {}", agent.cfg.socket.display());
-    std::thread::Builder::new().name("api-accept".into()).spawn(move || accept_loop(agent, listener))?;
+    std::thread::Builder::new()
+        .name("api-accept".into())
+        .spawn(move || accept_loop(agent, listener))?;
     Ok(())
 }
 
@@ -82,10 +84,13 @@ fn accept_loop(agent: Arc<Agent>, listener: UnixListener) {
         }
         let a = agent.clone();
         let counter = active.clone();
-        let spawned = std::thread::Builder::new().name("api-conn".into()).stack_size(THREAD_STACK).spawn(move || {
-            serve_connection(&a, stream);
-            counter.fetch_sub(1, Ordering::SeqCst);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                serve_connection(&a, stream);
+                counter.fetch_sub(1, Ordering::SeqCst);
+            });
         if let Err(e) = spawned {
             active.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!("Cannot start a connection thread: {e}");
@@ -95,7 +100,13 @@ fn accept_loop(agent: Arc<Agent>, listener: UnixListener) {
 
 fn refuse(mut s: UnixStream, message: &str) {
     let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-    let _ = frame::write_frame(&mut s, &ApiResponse::Error { code: ApiErrorCode::Failed, message: message.into() });
+    let _ = frame::write_frame(
+        &mut s,
+        &ApiResponse::Error {
+            code: ApiErrorCode::Failed,
+            message: message.into(),
+        },
+    );
 }
 
 /// Why reading a request frame stopped.
@@ -124,7 +135,9 @@ fn read_payload(s: &mut UnixStream) -> Result<Vec<u8>, ReadError> {
         return Err(ReadError::TooLarge(len));
     }
     let mut buf = Vec::with_capacity(len.min(64 * 1024));
-    s.take(len as u64).read_to_end(&mut buf).map_err(ReadError::Io)?;
+    s.take(len as u64)
+        .read_to_end(&mut buf)
+        .map_err(ReadError::Io)?;
     if buf.len() < len {
         return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
     }
@@ -132,7 +145,10 @@ fn read_payload(s: &mut UnixStream) -> Result<Vec<u8>, ReadError> {
 }
 
 fn bad_request(message: String) -> ApiResponse {
-    ApiResponse::Error { code: ApiErrorCode::BadRequest, message }
+    ApiResponse::Error {
+        code: ApiErrorCode::BadRequest,
+        message,
+    }
 }
 
 fn serve_connection(agent: &Agent, mut s: UnixStream) {
@@ -151,7 +167,9 @@ fn serve_connection(agent: &Agent, mut s: UnixStream) {
             Err(ReadError::TooLarge(n)) => {
                 let _ = frame::write_frame(
                     &mut s,
-                    &bad_request(format!("Frame of {n} bytes exceeds the limit of {MAX_FRAME} bytes")),
+                    &bad_request(format!(
+                        "Frame of {n} bytes exceeds the limit of {MAX_FRAME} bytes"
+                    )),
                 );
                 return;
             }
@@ -172,7 +190,12 @@ pub fn handle(agent: &Agent, req: ApiRequest) -> ApiResponse {
     match req {
         ApiRequest::Id => {
             let i = agent.ident();
-            ApiResponse::Identity { vm: i.vm, clone_id: i.clone_id, ticket: i.ticket, ip: i.ip }
+            ApiResponse::Identity {
+                vm: i.vm,
+                clone_id: i.clone_id,
+                ticket: i.ticket,
+                ip: i.ip,
+            }
         }
         other => host::forward(agent, other),
     }

@@ -103,7 +103,9 @@ fn describe(e: &std::io::Error) -> String {
 pub fn start(agent: &Arc<Agent>, exec: u64, argv: Vec<String>, env: Vec<(String, String)>) {
     let fail = |message: String| {
         tracing::warn!("Exec {exec} not started: {message}");
-        agent.chan.send_or_log(&GuestMsg::ExecError { exec, message });
+        agent
+            .chan
+            .send_or_log(&GuestMsg::ExecError { exec, message });
     };
     let Some(prog) = argv.first() else {
         return fail("Empty command".into());
@@ -126,7 +128,14 @@ pub fn start(agent: &Arc<Agent>, exec: u64, argv: Vec<String>, env: Vec<(String,
     let pid = child.id() as i32;
     tracing::info!("Exec {exec} started: pid {pid}, {argv:?}");
     let (stdin_tx, stdin_rx) = mpsc::channel();
-    lock(&agent.execs.map).insert(exec, Session { pid, reaped: false, stdin: stdin_tx });
+    lock(&agent.execs.map).insert(
+        exec,
+        Session {
+            pid,
+            reaped: false,
+            stdin: stdin_tx,
+        },
+    );
 
     let mut stdin = child.stdin.take();
     spawn(&format!("exec{exec}-in"), move || {
@@ -147,8 +156,20 @@ pub fn start(agent: &Arc<Agent>, exec: u64, argv: Vec<String>, env: Vec<(String,
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut readers = 0;
     let outputs: [(Stream, Option<Box<dyn Read + Send>>); 2] = [
-        (Stream::Stdout, child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>)),
-        (Stream::Stderr, child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>)),
+        (
+            Stream::Stdout,
+            child
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        ),
+        (
+            Stream::Stderr,
+            child
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        ),
     ];
     for (stream, pipe) in outputs {
         let Some(mut pipe) = pipe else { continue };
@@ -159,7 +180,11 @@ pub fn start(agent: &Arc<Agent>, exec: u64, argv: Vec<String>, env: Vec<(String,
             loop {
                 match pipe.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => a.chan.send_or_log(&GuestMsg::ExecOutput { exec, stream, data: buf[..n].to_vec() }),
+                    Ok(n) => a.chan.send_or_log(&GuestMsg::ExecOutput {
+                        exec,
+                        stream,
+                        data: buf[..n].to_vec(),
+                    }),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(_) => break,
                 }
@@ -187,7 +212,9 @@ pub fn start(agent: &Arc<Agent>, exec: u64, argv: Vec<String>, env: Vec<(String,
         for _ in 0..readers {
             let left = deadline.saturating_duration_since(Instant::now());
             if done_rx.recv_timeout(left).is_err() {
-                tracing::info!("Exec {exec}: output still open after exit (a background process holds it)");
+                tracing::info!(
+                    "Exec {exec}: output still open after exit (a background process holds it)"
+                );
                 break;
             }
         }
@@ -204,7 +231,11 @@ pub fn start(agent: &Arc<Agent>, exec: u64, argv: Vec<String>, env: Vec<(String,
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> bool {
-    match std::thread::Builder::new().name(name.into()).stack_size(256 * 1024).spawn(f) {
+    match std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(256 * 1024)
+        .spawn(f)
+    {
         Ok(_) => true,
         Err(e) => {
             tracing::error!("Cannot start thread {name}: {e}");

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  agent                                   snowflockd
+//!    |------------------ Hello --------------->|   unsolicited, when the agent opens the port
 //!    |<----------------- Hello ----------------|   on every (re)connect
 //!    |------------------ Hello --------------->|   then API calls may flow
 //!    |-- Request{id, ApiRequest} ------------->|   id registered in `pending` first
@@ -12,11 +13,18 @@
 //!
 //! The reader never blocks on an application or a process: work that can
 //! take time (identity changes, exec I/O) runs on its own threads.
+//!
+//! API calls wait (up to [`HELLO_TIMEOUT`]) until the host is known to be
+//! there: it sent `Hello`, or, when init restarted the agent while the host
+//! stayed connected (its `Hello` went to the old process), it sent anything
+//! else (a `Ping`, an `ExecStart`).
 
 use super::{lock, Agent, HELLO_TIMEOUT};
 use allocator_hooks::HookConfig;
 use snowflock_proto::api::{ApiErrorCode, ApiRequest, ApiResponse};
-use snowflock_proto::channel::{decode_line, encode_line, GuestMsg, HostMsg, LineError, LineReader};
+use snowflock_proto::channel::{
+    decode_line, encode_line, GuestMsg, HostMsg, LineError, LineReader,
+};
 use snowflock_proto::CHANNEL_VERSION;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,7 +68,9 @@ impl Channel {
     pub fn send(&self, msg: &GuestMsg) -> io::Result<()> {
         let line = encode_line(msg);
         let mut w = lock(&self.writer);
-        let w = w.as_mut().ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "Channel is not open"))?;
+        let w = w
+            .as_mut()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "Channel is not open"))?;
         w.write_all(&line)?;
         w.flush()
     }
@@ -83,6 +93,11 @@ impl Channel {
         }
     }
 
+    /// True once the host is known to be connected.
+    pub fn hello_seen(&self) -> bool {
+        *lock(&self.hello)
+    }
+
     /// Waits up to `timeout` for the host's `Hello`; true if it came.
     pub fn wait_hello(&self, timeout: Duration) -> bool {
         let g = lock(&self.hello);
@@ -99,7 +114,10 @@ impl Channel {
         let now = Instant::now();
         if !matches!(*last, Some(t) if now.duration_since(t) < MALFORMED_LOG_INTERVAL) {
             *last = Some(now);
-            tracing::warn!("Dropped a malformed channel message ({n} so far): {}", crate::error_chain(e));
+            tracing::warn!(
+                "Dropped a malformed channel message ({n} so far): {}",
+                crate::error_chain(e)
+            );
         }
     }
 }
@@ -111,6 +129,11 @@ pub fn run(agent: Arc<Agent>) -> ! {
         let port = super::port::open_blocking(&agent.cfg.port);
         let mut reader = port.reader;
         agent.chan.set_writer(Some(port.writer));
+        // Unsolicited Hello: if this agent restarted while the host stayed
+        // connected, the host's Hello went to the old agent; this tells the
+        // host a new agent is listening. (On virtio-serial the write waits
+        // until a host is connected; nothing can be read before that.)
+        agent.chan.send_or_log(&hello(&agent));
         let mut lines = LineReader::new();
         let mut host_present = false;
         loop {
@@ -131,9 +154,11 @@ pub fn run(agent: Arc<Agent>) -> ! {
                 }
                 Ok(n) => {
                     host_present = true;
-                    lines.feed(&buf[..n], |line| match line.and_then(decode_line::<HostMsg>) {
-                        Ok(msg) => dispatch(&agent, msg),
-                        Err(e) => agent.chan.note_malformed(&e),
+                    lines.feed(&buf[..n], |line| {
+                        match line.and_then(decode_line::<HostMsg>) {
+                            Ok(msg) => dispatch(&agent, msg),
+                            Err(e) => agent.chan.note_malformed(&e),
+                        }
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -151,21 +176,46 @@ pub fn run(agent: Arc<Agent>) -> ! {
     }
 }
 
+fn hello(agent: &Agent) -> GuestMsg {
+    GuestMsg::Hello {
+        version: CHANNEL_VERSION,
+        agent: super::AGENT_VERSION.to_string(),
+        clone_id: agent.ident().clone_id,
+        instance: *INSTANCE,
+    }
+}
+
+/// Random id of this agent process, so the host can tell a restarted agent
+/// (whose exec sessions and pending calls are gone) from a reply.
+static INSTANCE: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    u64::from_le_bytes(b).max(1)
+});
+
 /// Handles one message from the host. Never blocks on apps or processes.
 fn dispatch(agent: &Arc<Agent>, msg: HostMsg) {
+    if !matches!(msg, HostMsg::Hello { .. }) && !agent.chan.hello_seen() {
+        // The host said Hello to a previous agent process (this one was
+        // restarted by init) and is talking to us: it is connected.
+        tracing::info!(
+            "Host is talking without a Hello (agent restarted?); treating it as connected"
+        );
+        agent.chan.set_hello(true);
+    }
     match msg {
         HostMsg::Hello { version } => {
             if version != CHANNEL_VERSION && version + 1 != CHANNEL_VERSION {
-                tracing::warn!("Host speaks channel version {version}; this agent speaks {CHANNEL_VERSION}");
+                tracing::warn!(
+                    "Host speaks channel version {version}; this agent speaks {CHANNEL_VERSION}"
+                );
             }
-            let clone_id = agent.ident().clone_id;
             // Our Hello goes out before any Request, so the host sees the
             // handshake first.
-            agent.chan.send_or_log(&GuestMsg::Hello {
-                version: CHANNEL_VERSION,
-                agent: super::AGENT_VERSION.to_string(),
-                clone_id,
-            });
+            agent.chan.send_or_log(&hello(agent));
             tracing::info!("Host connected (channel version {version})");
             agent.chan.set_hello(true);
         }
@@ -176,10 +226,18 @@ fn dispatch(agent: &Arc<Agent>, msg: HostMsg) {
             }
             None => tracing::warn!("Response for unknown request {id} dropped"),
         },
-        HostMsg::BecomeClone { request_id, identity } => {
+        HostMsg::BecomeClone {
+            request_id,
+            identity,
+        } => {
             // Requests pending now were sent to the parent's host; in the
             // clone nobody will answer them.
-            let orphans: Vec<u64> = agent.pending().keys().copied().filter(|&k| k != request_id).collect();
+            let orphans: Vec<u64> = agent
+                .pending()
+                .keys()
+                .copied()
+                .filter(|&k| k != request_id)
+                .collect();
             let a = agent.clone();
             if let Err(e) = std::thread::Builder::new()
                 .name("become-clone".into())

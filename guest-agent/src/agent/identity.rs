@@ -64,7 +64,12 @@ impl State {
 
     /// Reads `sf.vm=NAME` and `sf.ip=IP[/PREFIX]` from a kernel command line.
     pub fn from_cmdline(cmdline: &str) -> State {
-        let mut s = State { vm: String::new(), clone_id: 0, ticket: None, ip: None };
+        let mut s = State {
+            vm: String::new(),
+            clone_id: 0,
+            ticket: None,
+            ip: None,
+        };
         for word in cmdline.split_whitespace() {
             if let Some(v) = word.strip_prefix("sf.vm=") {
                 s.vm = v.to_string();
@@ -88,34 +93,55 @@ pub fn validate(id: &CloneIdentity) -> Result<(), String> {
     if !valid_ticket_syntax(&id.ticket) {
         return Err(format!("Malformed ticket {:?}", id.ticket));
     }
-    if id.vm.is_empty() || id.vm.len() > 255 || id.vm.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if id.vm.is_empty()
+        || id.vm.len() > 255
+        || id.vm.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(format!("Malformed VM name {:?}", id.vm));
     }
     let host_ok = !id.hostname.is_empty()
         && id.hostname.len() <= 64
         && !id.hostname.starts_with(['-', '.'])
-        && id.hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        && id
+            .hostname
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if !host_ok {
         return Err(format!("Malformed hostname {:?}", id.hostname));
     }
-    if id.machine_id.len() != 32 || !id.machine_id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if id.machine_id.len() != 32
+        || !id
+            .machine_id
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return Err(format!("Malformed machine id {:?}", id.machine_id));
     }
     let octets: Vec<&str> = id.mac.split(':').collect();
     let mac_ok = octets.len() == 6
-        && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
         && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0);
     if !mac_ok {
         return Err(format!("Malformed or multicast MAC {:?}", id.mac));
     }
-    let (addr, prefix) = id.ip_cidr.split_once('/').ok_or_else(|| format!("Malformed IP {:?}", id.ip_cidr))?;
-    let addr: IpAddr = addr.parse().map_err(|_| format!("Malformed IP {:?}", id.ip_cidr))?;
+    let (addr, prefix) = id
+        .ip_cidr
+        .split_once('/')
+        .ok_or_else(|| format!("Malformed IP {:?}", id.ip_cidr))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("Malformed IP {:?}", id.ip_cidr))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     if !prefix.parse::<u8>().is_ok_and(|p| p <= max) {
         return Err(format!("Malformed IP {:?}", id.ip_cidr));
     }
     if id.seed.is_empty() || id.seed.len() > MAX_SEED {
-        return Err(format!("RNG seed must be 1 to {MAX_SEED} bytes, got {}", id.seed.len()));
+        return Err(format!(
+            "RNG seed must be 1 to {MAX_SEED} bytes, got {}",
+            id.seed.len()
+        ));
     }
     if id.unix_time_ns == 0 {
         return Err("Clock value is 0".into());
@@ -140,7 +166,8 @@ pub fn apply(id: &CloneIdentity, dry: bool) -> Result<(), String> {
     }
     reseed(&id.seed)?;
     set_clock(id.unix_time_ns)?;
-    nix::unistd::sethostname(&id.hostname).map_err(|e| format!("Cannot set the hostname: {}", e.desc()))?;
+    nix::unistd::sethostname(&id.hostname)
+        .map_err(|e| format!("Cannot set the hostname: {}", e.desc()))?;
     write_file("/etc/hostname", &format!("{}\n", id.hostname))?;
     write_file("/etc/machine-id", &format!("{}\n", id.machine_id))?;
     let ip = tool("ip");
@@ -163,11 +190,12 @@ fn reseed(seed: &[u8]) -> Result<(), String> {
         .open("/dev/urandom")
         .map_err(|e| format!("Cannot open /dev/urandom: {e}"))?;
     match sys::add_entropy(&f, seed) {
-        Ok(()) => Ok(()),
+        Ok(()) => sys::reseed_crng(&f).map_err(|e| format!("Cannot reseed the kernel CRNG: {e}")),
         Err(e) => {
             tracing::warn!("RNDADDENTROPY failed ({e}); mixing the seed in without credit");
             use std::io::Write;
-            (&f).write_all(seed).map_err(|e| format!("Cannot write the seed to /dev/urandom: {e}"))
+            (&f).write_all(seed)
+                .map_err(|e| format!("Cannot write the seed to /dev/urandom: {e}"))
         }
     }
 }
@@ -175,8 +203,12 @@ fn reseed(seed: &[u8]) -> Result<(), String> {
 fn set_clock(ns: u64) -> Result<(), String> {
     use nix::sys::time::TimeSpec;
     use nix::time::{clock_settime, ClockId};
-    let ts = TimeSpec::new((ns / 1_000_000_000) as libc::time_t, (ns % 1_000_000_000) as libc::c_long);
-    clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("Cannot set the clock: {}", e.desc()))
+    let ts = TimeSpec::new(
+        (ns / 1_000_000_000) as libc::time_t,
+        (ns % 1_000_000_000) as libc::c_long,
+    );
+    clock_settime(ClockId::CLOCK_REALTIME, ts)
+        .map_err(|e| format!("Cannot set the clock: {}", e.desc()))
 }
 
 fn write_file(path: &str, text: &str) -> Result<(), String> {
@@ -202,7 +234,11 @@ fn run(prog: &Path, args: &[&str]) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "{cmd} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -221,17 +257,19 @@ fn gratuitous_arp(ip: String) {
             return;
         }
     };
-    let _ = std::thread::Builder::new().name("arping".into()).spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
+    let _ = std::thread::Builder::new()
+        .name("arping".into())
+        .spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    });
+            let _ = child.kill();
+            let _ = child.wait();
+        });
 }
 
 fn write_identity_file(dir: &Path, id: &CloneIdentity, state: &State) -> Result<(), String> {
@@ -256,11 +294,20 @@ fn write_identity_file(dir: &Path, id: &CloneIdentity, state: &State) -> Result<
 pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: Vec<u64>) {
     let _serial = lock(&agent.clone_lock);
     let clone_id = id.clone_id;
-    tracing::info!("Becoming clone {clone_id} of ticket {} as {}", id.ticket, id.vm);
+    tracing::info!(
+        "Becoming clone {clone_id} of ticket {} as {}",
+        id.ticket,
+        id.vm
+    );
     match validate(&id).and_then(|()| apply(&id, agent.cfg.dry_identity)) {
         Ok(()) => {
             let ip = ip_of(&id.ip_cidr).to_string();
-            let state = State { vm: id.vm.clone(), clone_id, ticket: Some(id.ticket.clone()), ip: Some(ip.clone()) };
+            let state = State {
+                vm: id.vm.clone(),
+                clone_id,
+                ticket: Some(id.ticket.clone()),
+                ip: Some(ip.clone()),
+            };
             *lock(&agent.identity) = state.clone();
             if let Err(e) = write_identity_file(&agent.cfg.state_dir(), &id, &state) {
                 tracing::warn!("{e}");
@@ -276,7 +323,14 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
                 );
             }
             agent.chan.send_or_log(&GuestMsg::Ready { clone_id });
-            if !host::answer(agent, request_id, ApiResponse::Cloned { clone_id, ticket: id.ticket.clone() }) {
+            if !host::answer(
+                agent,
+                request_id,
+                ApiResponse::Cloned {
+                    clone_id,
+                    ticket: id.ticket.clone(),
+                },
+            ) {
                 tracing::info!("No application waits for clone request {request_id}");
             }
             tracing::info!("Now clone {clone_id} ({}, {})", id.hostname, id.ip_cidr);
@@ -286,11 +340,17 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
         }
         Err(message) => {
             tracing::error!("Cannot become clone {clone_id}: {message}");
-            agent.chan.send_or_log(&GuestMsg::CloneFailed { clone_id, message: message.clone() });
+            agent.chan.send_or_log(&GuestMsg::CloneFailed {
+                clone_id,
+                message: message.clone(),
+            });
             host::answer(
                 agent,
                 request_id,
-                ApiResponse::Error { code: ApiErrorCode::Failed, message: format!("Cannot become clone {clone_id}: {message}") },
+                ApiResponse::Error {
+                    code: ApiErrorCode::Failed,
+                    message: format!("Cannot become clone {clone_id}: {message}"),
+                },
             );
         }
     }
@@ -348,9 +408,25 @@ mod tests {
     #[test]
     fn cmdline() {
         let s = State::from_cmdline("console=ttyS0 sf.vm=vm1 quiet sf.ip=10.250.3.1/24\n");
-        assert_eq!(s, State { vm: "vm1".into(), clone_id: 0, ticket: None, ip: Some("10.250.3.1".into()) });
+        assert_eq!(
+            s,
+            State {
+                vm: "vm1".into(),
+                clone_id: 0,
+                ticket: None,
+                ip: Some("10.250.3.1".into())
+            }
+        );
         let s = State::from_cmdline("console=ttyS0");
-        assert_eq!(s, State { vm: String::new(), clone_id: 0, ticket: None, ip: None });
+        assert_eq!(
+            s,
+            State {
+                vm: String::new(),
+                clone_id: 0,
+                ticket: None,
+                ip: None
+            }
+        );
     }
 
     #[test]
@@ -358,7 +434,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sf-ident-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let id = good();
-        let st = State { vm: id.vm.clone(), clone_id: 2, ticket: Some(id.ticket.clone()), ip: Some("10.250.3.12".into()) };
+        let st = State {
+            vm: id.vm.clone(),
+            clone_id: 2,
+            ticket: Some(id.ticket.clone()),
+            ip: Some("10.250.3.12".into()),
+        };
         write_identity_file(&dir, &id, &st).unwrap();
         let cfg = AgentConfig {
             port: super::super::port::PortSpec::Virtio,

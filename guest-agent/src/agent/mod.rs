@@ -74,7 +74,10 @@ impl AgentConfig {
 
     /// Directory for runtime state (`identity.json`): the API socket's.
     pub fn state_dir(&self) -> PathBuf {
-        self.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/snowflock"))
+        self.socket
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/snowflock"))
     }
 }
 
@@ -124,6 +127,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Entry point of the `snowflock-agent` binary. Only returns on a fatal
 /// start-up error.
 pub fn main() -> std::process::ExitCode {
+    sys::cloexec_inherited_fds();
     init_logging();
     let cfg = AgentConfig::from_env();
     if cfg.dry_identity {
@@ -147,7 +151,8 @@ pub fn main() -> std::process::ExitCode {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SNOWFLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("SNOWFLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)

@@ -71,7 +71,10 @@ pub fn try_open(spec: &PortSpec) -> io::Result<OpenPort> {
     match spec {
         PortSpec::Virtio => {
             let dev = find_virtio_port(Path::new(VIRTIO_PORTS))?.ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, format!("No virtio-serial port named {AGENT_PORT_NAME}"))
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("No virtio-serial port named {AGENT_PORT_NAME}"),
+                )
             })?;
             open_path(&dev)
         }
@@ -93,7 +96,12 @@ fn open_path(p: &Path) -> io::Result<OpenPort> {
     // std opens with O_CLOEXEC, so exec'd processes never inherit the port.
     let f = OpenOptions::new().read(true).write(true).open(p)?;
     let w = f.try_clone()?;
-    Ok(OpenPort { reader: Box::new(f), writer: Box::new(w), zero_read_is_eof: false, name: p.display().to_string() })
+    Ok(OpenPort {
+        reader: Box::new(f),
+        writer: Box::new(w),
+        zero_read_is_eof: false,
+        name: p.display().to_string(),
+    })
 }
 
 /// Opens the channel, retrying every [`RETRY`] until it succeeds.
@@ -122,7 +130,9 @@ pub fn open_blocking(spec: &PortSpec) -> OpenPort {
 pub fn find_virtio_port(class_dir: &Path) -> io::Result<Option<PathBuf>> {
     for entry in std::fs::read_dir(class_dir)? {
         let entry = entry?;
-        let Ok(name) = std::fs::read_to_string(entry.path().join("name")) else { continue };
+        let Ok(name) = std::fs::read_to_string(entry.path().join("name")) else {
+            continue;
+        };
         if name.trim_end() == AGENT_PORT_NAME {
             return Ok(Some(Path::new("/dev").join(entry.file_name())));
         }
@@ -137,20 +147,32 @@ mod tests {
     #[test]
     fn parses_spec() {
         assert_eq!(PortSpec::parse(None), PortSpec::Virtio);
-        assert_eq!(PortSpec::parse(Some("/dev/vport0p1")), PortSpec::Path("/dev/vport0p1".into()));
-        assert_eq!(PortSpec::parse(Some("unix:/tmp/x.sock")), PortSpec::Unix("/tmp/x.sock".into()));
+        assert_eq!(
+            PortSpec::parse(Some("/dev/vport0p1")),
+            PortSpec::Path("/dev/vport0p1".into())
+        );
+        assert_eq!(
+            PortSpec::parse(Some("unix:/tmp/x.sock")),
+            PortSpec::Unix("/tmp/x.sock".into())
+        );
     }
 
     #[test]
     fn finds_named_port_in_sysfs_layout() {
         let dir = std::env::temp_dir().join(format!("sf-port-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        for (port, name) in [("vport0p0", "org.qemu.guest_agent.0\n"), ("vport1p1", "org.snowflock.agent\n")] {
+        for (port, name) in [
+            ("vport0p0", "org.qemu.guest_agent.0\n"),
+            ("vport1p1", "org.snowflock.agent\n"),
+        ] {
             std::fs::create_dir_all(dir.join(port)).unwrap();
             std::fs::write(dir.join(port).join("name"), name).unwrap();
         }
         std::fs::create_dir_all(dir.join("vport2p1")).unwrap(); // no name file
-        assert_eq!(find_virtio_port(&dir).unwrap(), Some(PathBuf::from("/dev/vport1p1")));
+        assert_eq!(
+            find_virtio_port(&dir).unwrap(),
+            Some(PathBuf::from("/dev/vport1p1"))
+        );
         std::fs::write(dir.join("vport1p1").join("name"), "other\n").unwrap();
         assert_eq!(find_virtio_port(&dir).unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "sf-memtest", version, about = "Hold a patterned buffer across a VM clone")]
+#[command(
+    name = "sf-memtest",
+    version,
+    about = "Hold a patterned buffer across a VM clone"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,

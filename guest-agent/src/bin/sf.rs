@@ -40,8 +40,12 @@ fn run(cmd: Cmd) -> Result<(), client::SfError> {
         }
         Cmd::Clone { ticket } => println!("{}", client::clone(&ticket)?),
         Cmd::Exit { status } => match client::exit(status)? {},
-        Cmd::Join { ticket } => client::join(&ticket)?.iter().for_each(|c| println!("{}", client::format_child(c))),
-        Cmd::Kill { ticket } => client::kill(&ticket)?.iter().for_each(|c| println!("{}", client::format_child(c))),
+        Cmd::Join { ticket } => client::join(&ticket)?
+            .iter()
+            .for_each(|c| println!("{}", client::format_child(c))),
+        Cmd::Kill { ticket } => client::kill(&ticket)?
+            .iter()
+            .for_each(|c| println!("{}", client::format_child(c))),
         Cmd::Id => println!("{}", client::format_identity(&client::id()?)),
     }
     Ok(())

@@ -1,0 +1,13 @@
+//! `sf-swdemo`: see the `snowflock_demo` library.
+
+use clap::Parser;
+use snowflock_demo::app;
+use snowflock_demo::cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    std::process::exit(match &cli.command {
+        Command::Local(d) => app::local_main(d),
+        Command::Run(r) => app::run_main(&app::Agent, r),
+    })
+}
