@@ -1,0 +1,41 @@
+# snowflock: the two commands a new machine needs are `make demo` and `make test`.
+
+GUEST_TARGET := x86_64-unknown-linux-gnu
+CARGO ?= cargo
+SNOWFLOCK := ./target/release/snowflock
+
+.PHONY: all setup build guest image demo test unit bench clean
+
+all: build
+
+setup:
+	bash scripts/setup.sh
+
+# Host binaries (snowflock, snowflockd, libsnowflock.so) and the static guest
+# binaries (agent, sf, sf-memtest, sf-swdemo) that go into the image.
+build:
+	$(CARGO) build --release --workspace
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release \
+		--target $(GUEST_TARGET) -p snowflock-guest -p snowflock-demo --bins
+
+image: build
+	$(SNOWFLOCK) image build
+
+demo: setup build image
+	$(SNOWFLOCK) demo
+
+# Unit tests, host-side agent tests, and integration tests that boot real
+# VMs (one at a time: they are CPU-bound under TCG).
+test: setup build
+	SNOWFLOCK_REQUIRE_VM=1 $(CARGO) test --release --workspace -- --test-threads=1
+	python3 guest-agent/python/test_snowflock.py
+
+unit:
+	$(CARGO) test --workspace --lib
+
+bench: setup build image
+	$(SNOWFLOCK) daemon start --netns sfbench-h0 --state-dir /dev/shm/snowflock-bench --host h0
+	$(SNOWFLOCK) bench clone --clones 1,2,4,8 --runs 5; rc=$$?; $(SNOWFLOCK) daemon stop; exit $$rc
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what snowflock needs on a Debian host (idempotent; run as root):
+# QEMU, busybox-static, iproute2, build tools, and the Debian cloud kernel,
+# downloaded and extracted into the cache (never installed on the host).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: must run as root (VMs need taps, bridges and namespaces)" >&2
+    exit 1
+fi
+
+need=()
+check() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || need+=("$1"); }
+for p in qemu-system-x86 busybox-static fuse3 iproute2 lz4 cpio gcc libc6-dev binutils kmod iputils-ping python3 file; do
+    check "$p"
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+for dev in /dev/net/tun; do
+    [ -e "$dev" ] || { echo "setup: $dev is missing; taps cannot be created" >&2; exit 1; }
+done
+
+bash scripts/fetch-kernel.sh >/dev/null
+echo "setup: ok (kernel: $(readlink -f "${SNOWFLOCK_CACHE:-/var/cache/snowflock}/kernel/current"))"
