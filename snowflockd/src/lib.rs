@@ -65,6 +65,8 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     let _ = server.await;
     let _ = std::fs::remove_file(&d.cfg.socket);
     let _ = std::fs::remove_dir_all(d.cfg.state_dir.join("gens"));
+    let _ = std::fs::remove_dir(d.cfg.state_dir.join("vms"));
+    let _ = std::fs::remove_dir(&d.cfg.state_dir);
     tracing::info!("snowflockd stopped");
     Ok(())
 }
