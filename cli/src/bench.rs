@@ -22,6 +22,7 @@ pub struct Row {
     pub descriptor_bytes: u64,
     pub device_state_bytes: u64,
     pub frozen_bytes: u64,
+    pub paused_copy_bytes: u64,
     pub all_returned_ms: f64,
     pub guest_ram_bytes: u64,
 }
@@ -87,6 +88,7 @@ pub fn run(c: &Client, a: BenchArgs) -> Result<Vec<Row>> {
                 descriptor_bytes: median(reps.iter().map(|r| r.descriptor_bytes as f64).collect()) as u64,
                 device_state_bytes: median(reps.iter().map(|r| r.device_state_bytes as f64).collect()) as u64,
                 frozen_bytes: median(reps.iter().map(|r| r.frozen_bytes as f64).collect()) as u64,
+                paused_copy_bytes: median(reps.iter().map(|r| r.paused_copy_bytes as f64).collect()) as u64,
                 all_returned_ms: median(reps.iter().map(|r| r.all_ready_ms).collect()),
                 guest_ram_bytes: last.guest_ram_bytes,
             });
@@ -99,18 +101,19 @@ pub fn run(c: &Client, a: BenchArgs) -> Result<Vec<Row>> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!(
-            "{:>6} {:>5} {:>15} {:>16} {:>14} {:>14} {:>16} {:>10}",
-            "clones", "runs", "parent_pause_ms", "descriptor_bytes", "device_state_B", "frozen_MiB", "all_returned_ms", "ram_MiB"
+            "{:>6} {:>5} {:>15} {:>16} {:>14} {:>10} {:>15} {:>16} {:>8}",
+            "clones", "runs", "parent_pause_ms", "descriptor_bytes", "device_state_B", "frozen_MiB", "paused_copy_KiB", "all_returned_ms", "ram_MiB"
         );
         for r in &rows {
             println!(
-                "{:>6} {:>5} {:>15.1} {:>16} {:>14} {:>14.1} {:>16.1} {:>10}",
+                "{:>6} {:>5} {:>15.1} {:>16} {:>14} {:>10.1} {:>15.0} {:>16.1} {:>8}",
                 r.clones,
                 r.runs,
                 r.parent_pause_ms,
                 r.descriptor_bytes,
                 r.device_state_bytes,
                 r.frozen_bytes as f64 / 1048576.0,
+                r.paused_copy_bytes as f64 / 1024.0,
                 r.all_returned_ms,
                 r.guest_ram_bytes >> 20
             );

@@ -94,7 +94,12 @@ pub fn run(c: &Client, a: DemoArgs) -> Result<()> {
         println!("\nFigures:");
         println!("  parent pause        {:>9.1} ms", r.parent_pause_ms);
         println!("  descriptor          {:>9} bytes ({} device state)", r.descriptor_bytes, r.device_state_bytes);
-        println!("  memory frozen       {:>9.1} MiB of {} MiB guest RAM", r.frozen_bytes as f64 / 1048576.0, r.guest_ram_bytes >> 20);
+        println!(
+            "  memory frozen       {:>9.1} MiB of {} MiB guest RAM ({:.2} MiB copied while paused)",
+            r.frozen_bytes as f64 / 1048576.0,
+            r.guest_ram_bytes >> 20,
+            r.paused_copy_bytes as f64 / 1048576.0
+        );
         println!("  all clones returned {:>9.1} ms after sf_clone", r.all_ready_ms);
     }
     Ok(())

@@ -39,8 +39,10 @@ pub enum MemtapError {
 pub struct Frozen {
     /// Guest RAM size in bytes.
     pub size: u64,
-    /// Bytes actually copied (data extents).
+    /// Bytes of the generation that hold data (not holes).
     pub copied: u64,
+    /// Bytes copied while the VM was paused (changed since the precopy).
+    pub fixed: u64,
     /// One bit per page, set where the page is a hole (reads as zeros).
     pub holes: BitVec<u64, Lsb0>,
 }
@@ -82,51 +84,128 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
-    let mut off_in = start as libc::loff_t;
-    let mut off_out = start as libc::loff_t;
-    while (off_in as u64) < end {
-        let len = (end - off_in as u64).min(1 << 30) as usize;
-        // SAFETY: both fds are valid for the call; the offsets are ours.
-        let n = unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, len, 0)
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source ended early"));
-        }
-    }
-    Ok(())
+/// A generation being frozen in two phases, so that the VM is paused only
+/// for the second:
+///
+/// 1. [`Precopy::start`], VM running: copy the data extents of the RAM file.
+/// 2. [`Precopy::finish`], VM paused: compare the RAM file's data extents
+///    with the copy and copy the pages that changed (or were new).
+///
+/// The host kernel offers no dirty tracking for a shared file mapping
+/// (soft-dirty is often compiled out, and QEMU's dirty log is internal), so
+/// phase 2 compares. A compare reads both copies but writes only what
+/// changed, about 3x faster than copying everything while paused. Holes are
+/// never read through a mapping: on tmpfs that would allocate them.
+pub struct Precopy {
+    src: File,
+    /// Both mappings are kept from phase 1, so their page tables are
+    /// populated and phase 2 pays for memory bandwidth, not page faults
+    /// (expensive on a virtualised host).
+    src_map: Option<memmap2::Mmap>,
+    dst_map: Option<memmap2::MmapMut>,
+    size: u64,
+    /// Pages copied in phase 1.
+    copied: BitVec<u64, Lsb0>,
 }
 
-/// Copies the RAM file `src` to a new generation file `dst` (which must not
-/// exist), skipping holes, and returns the hole map.
-///
-/// The VM must be paused: the copy is only consistent if nothing writes
-/// `src` meanwhile.
+/// Prefaults a range of a mapping; best effort (older kernels lack it).
+fn populate(map: &[u8], a: usize, b: usize, write: bool) {
+    let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
+    // SAFETY: the range lies inside `map`; madvise does not change its
+    // contents, only prefaults page tables.
+    unsafe { libc::madvise(map.as_ptr().add(a) as *mut libc::c_void, b - a, advice) };
+}
+
+impl Precopy {
+    /// Phase 1: creates `dst` (which must not exist) and copies the data
+    /// extents of `src` into it while the VM keeps running.
+    pub fn start(src: &Path, dst: &Path) -> Result<Precopy, MemtapError> {
+        let serr = |err| MemtapError::Source { path: src.display().to_string(), err };
+        let derr = |err| MemtapError::Dest { path: dst.display().to_string(), err };
+        let s = File::open(src).map_err(serr)?;
+        let size = s.metadata().map_err(serr)?.len();
+        if size % PAGE_SIZE != 0 {
+            return Err(MemtapError::Size(size));
+        }
+        let d = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dst)
+            .map_err(derr)?;
+        d.set_len(size).map_err(derr)?;
+        let pages = (size / PAGE_SIZE) as usize;
+        let mut copied = bitvec![u64, Lsb0; 0; pages];
+        let extents = page_extents(&s, size).map_err(serr)?;
+        let (mut src_map, mut dst_map) = (None, None);
+        if size > 0 {
+            // SAFETY: `s` is guest RAM, read racily on purpose: phase 2
+            // rechecks every page with the VM paused. `d` is our new file.
+            // Neither is truncated while mapped; only data extents are
+            // touched (touching a tmpfs hole would allocate it).
+            let sm = unsafe { memmap2::MmapOptions::new().map(&s) }.map_err(serr)?;
+            let mut dm = unsafe { memmap2::MmapOptions::new().map_mut(&d) }.map_err(derr)?;
+            let ps = PAGE_SIZE as usize;
+            for &(a, b) in &extents {
+                let (a, b) = (a as usize, b as usize);
+                populate(&sm, a * ps, b * ps, false);
+                populate(&dm, a * ps, b * ps, true);
+                dm[a * ps..b * ps].copy_from_slice(&sm[a * ps..b * ps]);
+                copied[a..b].fill(true);
+            }
+            src_map = Some(sm);
+            dst_map = Some(dm);
+        }
+        Ok(Precopy { src: s, src_map, dst_map, size, copied })
+    }
+
+    /// Phase 2, VM paused: brings the copy up to date and returns the
+    /// frozen generation with its hole map.
+    ///
+    /// Drop the `Precopy` only after resuming the VM: unmapping hundreds of
+    /// megabytes of populated mappings takes longer than the compare.
+    pub fn finish(&mut self) -> Result<Frozen, MemtapError> {
+        let serr = |err| MemtapError::Source { path: "guest RAM".into(), err };
+        let pages = (self.size / PAGE_SIZE) as usize;
+        let mut holes = bitvec![u64, Lsb0; 1; pages];
+        let mut fixed = 0;
+        let extents = page_extents(&self.src, self.size).map_err(serr)?;
+        if let (Some(src), Some(dst)) = (&self.src_map, &mut self.dst_map) {
+            let ps = PAGE_SIZE as usize;
+            for &(a, b) in &extents {
+                for p in a as usize..b as usize {
+                    let r = p * ps..(p + 1) * ps;
+                    if !self.copied[p] || src[r.clone()] != dst[r.clone()] {
+                        dst[r.clone()].copy_from_slice(&src[r]);
+                        fixed += PAGE_SIZE;
+                    }
+                }
+                holes[a as usize..b as usize].fill(false);
+            }
+        }
+        // Pages copied in phase 1 hold data even if the guest has since
+        // returned them (free page reporting): they are not holes.
+        for p in self.copied.iter_ones() {
+            holes.set(p, false);
+        }
+        let data = (pages - holes.count_ones()) as u64 * PAGE_SIZE;
+        Ok(Frozen { size: self.size, copied: data, holes, fixed })
+    }
+}
+
+/// Data extents of `file` in whole pages `[first, end)`.
+fn page_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    Ok(data_extents(file, size)?
+        .into_iter()
+        .map(|(a, b)| (a / PAGE_SIZE, b.div_ceil(PAGE_SIZE).min(size / PAGE_SIZE)))
+        .collect())
+}
+
+/// Copies the RAM file `src` to a new generation file `dst` in one go (both
+/// phases of [`Precopy`] back to back). The VM must be paused.
 pub fn freeze_generation(src: &Path, dst: &Path) -> Result<Frozen, MemtapError> {
-    let serr = |err| MemtapError::Source { path: src.display().to_string(), err };
-    let derr = |err| MemtapError::Dest { path: dst.display().to_string(), err };
-    let s = File::open(src).map_err(serr)?;
-    let size = s.metadata().map_err(serr)?.len();
-    if size % PAGE_SIZE != 0 {
-        return Err(MemtapError::Size(size));
-    }
-    let d = OpenOptions::new().write(true).create_new(true).mode(0o600).open(dst).map_err(derr)?;
-    d.set_len(size).map_err(derr)?;
-    let extents = data_extents(&s, size).map_err(serr)?;
-    let pages = (size / PAGE_SIZE) as usize;
-    let mut holes = bitvec![u64, Lsb0; 1; pages];
-    let mut copied = 0;
-    for &(a, b) in &extents {
-        let (a, b) = (a / PAGE_SIZE * PAGE_SIZE, b.div_ceil(PAGE_SIZE) * PAGE_SIZE);
-        copy_range(&s, &d, a, b).map_err(derr)?;
-        holes[(a / PAGE_SIZE) as usize..(b / PAGE_SIZE) as usize].fill(false);
-        copied += b - a;
-    }
-    Ok(Frozen { size, copied, holes })
+    Precopy::start(src, dst)?.finish()
 }
 
 #[cfg(test)]
@@ -158,6 +237,30 @@ mod tests {
         // report a written page as a hole, and a sparse file must have some.
         assert!(fr.hole_pages() > 0 && fr.copied < fr.size, "{fr:?}");
         assert!(freeze_generation(&src, &dst).is_err(), "must not overwrite a generation");
+    }
+
+    #[test]
+    fn precopy_catches_changes_made_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("ram");
+        let mut f = OpenOptions::new().read(true).write(true).create(true).open(&src).unwrap();
+        f.set_len(32 * PAGE_SIZE).unwrap();
+        f.write_all(&[1u8; 4096]).unwrap();
+        let mut pc = Precopy::start(&src, &dir.path().join("gen")).unwrap();
+        // While "running": change a copied page and write a new one.
+        f.seek(SeekFrom::Start(10)).unwrap();
+        f.write_all(b"changed").unwrap();
+        f.seek(SeekFrom::Start(20 * PAGE_SIZE)).unwrap();
+        f.write_all(b"new page").unwrap();
+        drop(f);
+        let fr = pc.finish().unwrap();
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        File::open(&src).unwrap().read_to_end(&mut a).unwrap();
+        File::open(dir.path().join("gen")).unwrap().read_to_end(&mut b).unwrap();
+        assert_eq!(a, b);
+        assert!(!fr.holes[0] && !fr.holes[20]);
+        assert!(fr.fixed >= 2 * PAGE_SIZE && fr.fixed < fr.size, "{fr:?}");
     }
 
     #[test]

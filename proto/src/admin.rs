@@ -82,6 +82,9 @@ pub struct CloneReport {
     pub device_state_bytes: u64,
     /// Bytes of guest RAM copied into the frozen generation (holes skipped).
     pub frozen_bytes: u64,
+    /// Bytes of it copied while the parent was paused (changed since the precopy).
+    #[serde(default)]
+    pub paused_copy_bytes: u64,
     pub guest_ram_bytes: u64,
     /// From the daemon receiving the clone request to every clone's `Ready`.
     pub all_ready_ms: f64,
