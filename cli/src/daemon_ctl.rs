@@ -46,7 +46,7 @@ fn netns_exists(name: &str) -> bool {
 
 pub fn start(client: &Client, o: StartOpts) -> Result<()> {
     if client.call(&AdminRequest::Status).is_ok() {
-        println!("snowflockd is already running on {}", client.socket.display());
+        eprintln!("snowflockd is already running on {}", client.socket.display());
         return Ok(());
     }
     let mut created_netns = false;
@@ -109,7 +109,7 @@ pub fn start(client: &Client, o: StartOpts) -> Result<()> {
     let start = Instant::now();
     loop {
         if client.call(&AdminRequest::Status).is_ok() {
-            println!("snowflockd started (pid {}, socket {}, log {})", child.id(), client.socket.display(), log.display());
+            eprintln!("snowflockd started (pid {}, socket {}, log {})", child.id(), client.socket.display(), log.display());
             return Ok(());
         }
         if let Some(st) = child.try_wait()? {
@@ -156,7 +156,7 @@ pub fn stop(client: &Client) -> Result<()> {
         Ok(_) => {}
         Err(ClientError::NotRunning { .. }) => {
             cleanup_after_exit(&client.socket);
-            println!("snowflockd is not running");
+            eprintln!("snowflockd is not running");
             return Ok(());
         }
         Err(e) => return Err(e.into()),
@@ -171,7 +171,7 @@ pub fn stop(client: &Client) -> Result<()> {
         }
     }
     cleanup_after_exit(&client.socket);
-    println!("snowflockd stopped");
+    eprintln!("snowflockd stopped");
     Ok(())
 }
 

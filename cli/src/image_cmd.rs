@@ -46,6 +46,6 @@ pub fn build(a: BuildArgs) -> Result<PathBuf> {
     }
     eprintln!("Building guest image in {} ...", out.display());
     let m = snowflock_image::build(&o).context("Image build failed")?;
-    println!("Image ready: {} (kernel {}, {} files)", out.display(), m.kernel_version, m.files.len());
+    eprintln!("Image ready: {} (kernel {}, {} files)", out.display(), m.kernel_version, m.files.len());
     Ok(out)
 }

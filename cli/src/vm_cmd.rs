@@ -1,4 +1,7 @@
 //! `snowflock vm ...`.
+//!
+//! Messages about progress and outcome go to stderr; data (JSON, tables,
+//! command output) to stdout, so `--json` output can be piped as is.
 
 use crate::client::{Client, ClientError};
 use anyhow::{bail, Result};
@@ -29,7 +32,7 @@ pub fn start(c: &Client, name: &str, image: &str, mem_mib: u32, vcpus: u32, acce
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("VM {} running: ip {}, accel {}, pid {}", v.name, v.ip, v.accel, v.pid.unwrap_or(0));
+                eprintln!("VM {} running: ip {}, accel {}, pid {}", v.name, v.ip, v.accel, v.pid.unwrap_or(0));
             }
             Ok(())
         }
@@ -67,7 +70,7 @@ pub fn list(c: &Client, json: bool) -> Result<()> {
 
 pub fn stop(c: &Client, name: &str) -> Result<()> {
     c.call(&AdminRequest::VmStop { name: name.into() })?;
-    println!("VM {name} stopped");
+    eprintln!("VM {name} stopped");
     Ok(())
 }
 

@@ -81,6 +81,23 @@ impl State {
     }
 }
 
+fn parse_cidr(cidr: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (ip, prefix) = cidr.split_once('/').ok_or_else(|| format!("Malformed address {cidr:?}"))?;
+    let ip = ip.parse().map_err(|_| format!("Malformed IPv4 address {ip:?}"))?;
+    let prefix = prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| format!("Malformed prefix in {cidr:?}"))?;
+    Ok((ip, prefix))
+}
+
+fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("Malformed MAC {mac:?}");
+    let parts = mac
+        .split(':')
+        .map(|h| if h.len() == 2 { u8::from_str_radix(h, 16).ok() } else { None })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(bad)?;
+    parts.try_into().map_err(|_| bad())
+}
+
 fn ip_of(cidr: &str) -> &str {
     cidr.split('/').next().unwrap_or(cidr)
 }
@@ -170,17 +187,10 @@ pub fn apply(id: &CloneIdentity, dry: bool) -> Result<(), String> {
         .map_err(|e| format!("Cannot set the hostname: {}", e.desc()))?;
     write_file("/etc/hostname", &format!("{}\n", id.hostname))?;
     write_file("/etc/machine-id", &format!("{}\n", id.machine_id))?;
-    let ip = tool("ip");
-    for args in [
-        vec!["link", "set", NET_DEV, "down"],
-        vec!["link", "set", NET_DEV, "address", &id.mac],
-        vec!["addr", "flush", "dev", NET_DEV],
-        vec!["addr", "add", &id.ip_cidr, "dev", NET_DEV],
-        vec!["link", "set", NET_DEV, "up"],
-        vec!["neigh", "flush", "dev", NET_DEV],
-    ] {
-        run(&ip, &args)?;
-    }
+    let (addr, prefix) = parse_cidr(&id.ip_cidr)?;
+    let mac = parse_mac(&id.mac)?;
+    sys::configure_interface(NET_DEV, mac, addr, prefix)
+        .map_err(|e| format!("Cannot reconfigure {NET_DEV}: {e}"))?;
     Ok(())
 }
 
@@ -222,24 +232,6 @@ fn tool(name: &str) -> PathBuf {
         .map(|d| Path::new(d).join(name))
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from(name))
-}
-
-fn run(prog: &Path, args: &[&str]) -> Result<(), String> {
-    let cmd = format!("{} {}", prog.display(), args.join(" "));
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("Cannot run {cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// Announces the new MAC/IP pair, best effort, without delaying anything.
@@ -403,6 +395,18 @@ mod tests {
         let mut i = good();
         i.ip_cidr = "fd00::5/64".into();
         assert_eq!(validate(&i), Ok(()));
+    }
+
+    #[test]
+    fn address_parsing() {
+        assert_eq!(parse_cidr("10.250.3.4/24").unwrap(), ("10.250.3.4".parse().unwrap(), 24));
+        assert!(parse_cidr("10.250.3.4").is_err());
+        assert!(parse_cidr("10.250.3.4/33").is_err());
+        assert!(parse_cidr("x/24").is_err());
+        assert_eq!(parse_mac("52:54:00:0a:00:ff").unwrap(), [0x52, 0x54, 0, 10, 0, 255]);
+        assert!(parse_mac("52:54:00:0a:00").is_err());
+        assert!(parse_mac("52:54:00:0a:00:ff:zz").is_err());
+        assert!(parse_mac("52:54:00:0a:00:fff").is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 /// `_IOW('R', 0x03, int[2])` from `<linux/random.h>`.
 const RNDADDENTROPY: libc::c_ulong = {
@@ -62,6 +62,73 @@ pub fn reseed_crng(f: &File) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Reconfigures a network interface in place with `ioctl`s: down (which
+/// also flushes its neighbour entries), new MAC, new primary IPv4 address
+/// and netmask, up. No `ip` processes: under TCG each one costs ~50 ms and
+/// this runs while the parent waits for its clones.
+pub fn configure_interface(dev: &str, mac: [u8; 6], ip: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
+    if dev.len() >= libc::IFNAMSIZ || prefix > 32 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: socket() has no memory arguments; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let req = || {
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in r.ifr_name.iter_mut().zip(dev.bytes()) {
+            *d = s as libc::c_char;
+        }
+        r
+    };
+    let ioctl = |cmd: libc::c_ulong, r: &mut libc::ifreq| -> io::Result<()> {
+        // SAFETY: `r` is a valid ifreq for these SIOC* requests, which
+        // read or write only inside it.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), cmd as _, r as *mut libc::ifreq) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let inet = |a: std::net::Ipv4Addr| -> libc::sockaddr {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from(a).to_be() },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in and sockaddr have the same size on Linux.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    };
+    let mut r = req();
+    ioctl(libc::SIOCGIFFLAGS, &mut r)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { r.ifr_ifru.ifru_flags };
+    r.ifr_ifru.ifru_flags = flags & !(libc::IFF_UP as libc::c_short);
+    ioctl(libc::SIOCSIFFLAGS, &mut r)?;
+    let mut r = req();
+    r.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+    // SAFETY: writing the hwaddr member of the union we just selected.
+    for (d, s) in unsafe { r.ifr_ifru.ifru_hwaddr.sa_data.iter_mut() }.zip(mac) {
+        *d = s as libc::c_char;
+    }
+    ioctl(libc::SIOCSIFHWADDR, &mut r)?;
+    let mut r = req();
+    r.ifr_ifru.ifru_addr = inet(ip);
+    ioctl(libc::SIOCSIFADDR, &mut r)?;
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+    let mut r = req();
+    r.ifr_ifru.ifru_netmask = inet(std::net::Ipv4Addr::from(mask));
+    ioctl(libc::SIOCSIFNETMASK, &mut r)?;
+    let mut r = req();
+    r.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    ioctl(libc::SIOCSIFFLAGS, &mut r)
 }
 
 /// Marks every descriptor above stderr close-on-exec, so that whatever
