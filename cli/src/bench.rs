@@ -11,6 +11,9 @@ pub struct BenchArgs {
     pub runs: u32,
     pub image: String,
     pub mem_mib: u32,
+    /// MiB the guest fills (and keeps) before cloning, to show how the
+    /// pause grows with touched memory.
+    pub touch_mib: u32,
     pub json: bool,
 }
 
@@ -73,6 +76,19 @@ pub fn run(c: &Client, a: BenchArgs) -> Result<Vec<Row>> {
     let vm = format!("bench{}", std::process::id());
     vm_cmd::start(c, &vm, &a.image, a.mem_mib, 1, Accel::Auto, false)?;
     let res = (|| -> Result<Vec<Row>> {
+        if a.touch_mib > 0 {
+            eprintln!("bench: guest fills {} MiB before cloning", a.touch_mib);
+            let script = format!(
+                "sf-memtest hold --mib {} --seed 1 --sock /tmp/bench-mt.sock </dev/null >/dev/null 2>&1 & \
+                 i=0; while [ ! -S /tmp/bench-mt.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+                 [ -S /tmp/bench-mt.sock ]",
+                a.touch_mib
+            );
+            let out = vm_cmd::exec(c, &vm, &["sh".into(), "-c".into(), script], true)?;
+            if out.code != 0 {
+                bail!("the guest could not fill {} MiB", a.touch_mib);
+            }
+        }
         let mut rows = Vec::new();
         for &n in &a.clones {
             let mut reps = Vec::new();

@@ -150,6 +150,9 @@ enum BenchCmd {
         image: Option<PathBuf>,
         #[arg(long, default_value = "256M", value_parser = vm_cmd::parse_mem)]
         mem: u32,
+        /// MiB of memory the guest fills before cloning.
+        #[arg(long, default_value_t = 0)]
+        touch_mib: u32,
         #[arg(long)]
         json: bool,
     },
@@ -193,12 +196,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             VmCmd::Stop { name } => vm_cmd::stop(&c, &name)?,
         },
         Cmd::Demo { clones, image, mem, json } => demo::run(&c, demo::DemoArgs { clones, image, mem_mib: mem, json })?,
-        Cmd::Bench { cmd: BenchCmd::Clone { clones, runs, image, mem, json } } => {
+        Cmd::Bench { cmd: BenchCmd::Clone { clones, runs, image, mem, touch_mib, json } } => {
             if runs == 0 || clones.is_empty() || clones.contains(&0) {
                 anyhow::bail!("--runs and every --clones value must be at least 1");
             }
             let image = image.unwrap_or_else(image_cmd::default_out).display().to_string();
-            bench::run(&c, bench::BenchArgs { clones, runs, image, mem_mib: mem, json })?;
+            bench::run(&c, bench::BenchArgs { clones, runs, image, mem_mib: mem, touch_mib, json })?;
         }
     }
     Ok(ExitCode::SUCCESS)
