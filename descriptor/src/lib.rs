@@ -168,7 +168,7 @@ impl Descriptor {
     pub fn validate(&self) -> Result<(), DescriptorError> {
         let m = &self.meta;
         let inv = |s: String| Err(DescriptorError::Invalid(s));
-        if m.memory.size == 0 || m.memory.size % PAGE_SIZE != 0 {
+        if m.memory.size == 0 || !m.memory.size.is_multiple_of(PAGE_SIZE) {
             return inv(format!("memory size {} is not a positive multiple of 4 KiB", m.memory.size));
         }
         if m.memory.size != u64::from(m.machine.mem_mib) << 20 {

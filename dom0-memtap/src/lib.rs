@@ -243,7 +243,7 @@ mod tests {
     fn precopy_catches_changes_made_while_running() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("ram");
-        let mut f = OpenOptions::new().read(true).write(true).create(true).open(&src).unwrap();
+        let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&src).unwrap();
         f.set_len(32 * PAGE_SIZE).unwrap();
         f.write_all(&[1u8; 4096]).unwrap();
         let mut pc = Precopy::start(&src, &dir.path().join("gen")).unwrap();

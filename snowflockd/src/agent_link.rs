@@ -49,9 +49,9 @@ pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<Ho
             ok = ok && wr.write_all(&encode_line(&m)).await.is_ok();
         }
         while ok {
-            tokio::select! {
+            ok = tokio::select! {
                 n = rd.read(&mut buf) => match n {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) | Err(_) => false,
                     Ok(n) => {
                         let mut msgs = Vec::new();
                         reader.feed(&buf[..n], |line| match line.map_err(|e| e.to_string())
@@ -67,19 +67,21 @@ pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<Ho
                         for m in msgs {
                             dispatch(&d, &vm, m);
                         }
+                        true
                     }
                 },
                 m = rx.recv() => match m {
                     Some(m) => {
-                        if wr.write_all(&encode_line(&m)).await.is_err() {
+                        let sent = wr.write_all(&encode_line(&m)).await.is_ok();
+                        if !sent {
                             backlog.push(m);
-                            break;
                         }
+                        sent
                     }
                     None => return,
                 },
                 _ = ended.changed() => return,
-            }
+            };
         }
         vm.agent_up.send_replace(false);
         tracing::debug!(vm = %vm.name, "agent channel closed");
