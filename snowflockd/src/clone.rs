@@ -20,6 +20,7 @@
 //! The parent is resumed in every path once it was stopped, including
 //! failures; a failed child is recorded as lost and never blocks the parent.
 
+use crate::admin::chain;
 use crate::api::check_ticket;
 use crate::daemon::{api_error, random_hex, Child, Daemon, NewVm, TicketState, Vm};
 use crate::net;
@@ -80,7 +81,7 @@ fn freeze(qmp_path: &Path, ram: &Path, gen_dir: &Path, tl: &Timeline) -> Result<
     let sock_for_unblock = sock_path.clone();
     // Copy the RAM while the parent still runs; only changes are copied
     // while it is paused.
-    let mut precopy = dom0_memtap::Precopy::start(ram, &gen_dir.join("ram")).map_err(|e| error_chain(&e))?;
+    let mut precopy = dom0_memtap::Precopy::start(ram, &gen_dir.join("ram")).map_err(|e| chain(&e))?;
     tl.mark("memory_precopied");
     let t0 = Instant::now();
     q.stop().map_err(|e| e.to_string())?;
@@ -89,7 +90,7 @@ fn freeze(qmp_path: &Path, ram: &Path, gen_dir: &Path, tl: &Timeline) -> Result<
         q.migrate(&format!("unix:{}", sock_path.display())).map_err(|e| e.to_string())?;
         q.wait_migration(Duration::from_secs(30)).map_err(|e| e.to_string())?;
         tl.mark("device_state_saved");
-        let mem = precopy.finish().map_err(|e| error_chain(&e))?;
+        let mem = precopy.finish().map_err(|e| chain(&e))?;
         tl.mark("memory_frozen");
         Ok(mem)
     })();
@@ -111,17 +112,6 @@ fn freeze(qmp_path: &Path, ram: &Path, gen_dir: &Path, tl: &Timeline) -> Result<
     let state = state?;
     std::fs::write(&state_path, &state).map_err(|e| format!("cannot write device state: {e}"))?;
     Ok(Frozen { pause_ms, state, mem })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn now_ns() -> u64 {
@@ -218,7 +208,7 @@ async fn do_clone_in(
     parent.set_state(VmState::Running);
     let frozen = frozen?;
 
-    let image = snowflock_image::Image::open(&parent.image).map_err(|e| error_chain(&e))?;
+    let image = snowflock_image::Image::open(&parent.image).map_err(|e| chain(&e))?;
     let slots: Vec<CloneSlot> = (1..=granted)
         .map(|k| CloneSlot {
             clone_id: k,
@@ -252,12 +242,12 @@ async fn do_clone_in(
         device_state: frozen.state,
         holes: frozen.mem.holes.clone(),
     };
-    let encoded = desc.encode().map_err(|e| error_chain(&e))?;
+    let encoded = desc.encode().map_err(|e| chain(&e))?;
     std::fs::write(gen_dir.join("descriptor"), &encoded).map_err(|e| format!("cannot write descriptor: {e}"))?;
     tl.mark("descriptor_built");
 
     // Clones start from the descriptor alone (plus the generation's memory).
-    let desc = Descriptor::decode(&encoded).map_err(|e| error_chain(&e))?;
+    let desc = Descriptor::decode(&encoded).map_err(|e| chain(&e))?;
     let state_file = gen_dir.join("state");
     {
         // Children exist from now on, so a clone that exits at once is
@@ -342,13 +332,13 @@ async fn start_clone(
             generation_ram: Some(gen_ram.to_path_buf()),
         })
         .await
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| chain(&e))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     *vm.ready.lock().unwrap() = Some(tx);
     let res = async {
         let (q, s) = (vm.qmp_path(), state_file.to_path_buf());
         tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let mut q = Qmp::connect(&q, Duration::from_secs(30)).map_err(|e| error_chain(&e))?;
+            let mut q = Qmp::connect(&q, Duration::from_secs(30)).map_err(|e| chain(&e))?;
             q.ignore_shared_ram().map_err(|e| e.to_string())?;
             q.migrate_incoming(&format!("exec:cat '{}'", s.display())).map_err(|e| e.to_string())?;
             q.wait_incoming(Duration::from_secs(60)).map_err(|e| e.to_string())?;
