@@ -185,6 +185,9 @@ pub fn status(client: &Client, json: bool) -> Result<()> {
                     "snowflockd {} on host {}: pid {}, {} VMs, up {} s, accel {}, state {}",
                     s.version, s.host, s.pid, s.vms, s.uptime_s, s.accel, s.state_dir
                 );
+                for (k, v) in &s.counters {
+                    println!("  {k:<24} {v}");
+                }
             }
             Ok(())
         }

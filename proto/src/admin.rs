@@ -66,6 +66,9 @@ pub struct DaemonStatus {
     pub vms: usize,
     pub uptime_s: u64,
     pub accel: String,
+    /// Named event counters since the daemon started.
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// Figures of one clone operation, kept by the daemon for `bench`/`clones`.

@@ -71,6 +71,7 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream) {
             vms: d.state.lock().unwrap().vms.len(),
             uptime_s: d.started.elapsed().as_secs(),
             accel: if crate::config::host_has_hw_virt() { "kvm".into() } else { "tcg".into() },
+            counters: d.counter_map(),
         }),
         AdminRequest::VmList => AdminResponse::VmList { vms: d.list() },
         AdminRequest::VmStart { name, image, mem_mib, vcpus, accel } => {

@@ -9,6 +9,7 @@ use crate::daemon::{api_error, random_hex, Daemon, Ticket, TicketState, Vm};
 use snowflock_proto::api::{ApiErrorCode as E, ApiRequest, ApiResponse, ChildState};
 use snowflock_proto::channel::HostMsg;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,10 @@ pub async fn handle(d: Arc<Daemon>, vm: Arc<Vm>, id: u64, req: ApiRequest) {
             },
         },
     };
+    d.counters.api_requests.fetch_add(1, Ordering::Relaxed);
+    if matches!(resp, ApiResponse::Error { .. }) {
+        d.counters.api_errors.fetch_add(1, Ordering::Relaxed);
+    }
     if !vm.is_ended() {
         vm.send(HostMsg::Response { id, resp });
     }

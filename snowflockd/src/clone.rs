@@ -138,6 +138,7 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
         t.state = TicketState::Cloning;
         t.granted
     };
+    d.counters.clone_ops.fetch_add(1, Ordering::Relaxed);
     let result = do_clone(&d, &parent, request_id, &ticket, granted, &tl).await;
     let mut st = d.state.lock().unwrap();
     let t = st.tickets.get_mut(&ticket);
@@ -156,6 +157,7 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
             ApiResponse::Cloned { clone_id: 0, ticket }
         }
         Err(msg) => {
+            d.counters.clone_failures.fetch_add(1, Ordering::Relaxed);
             if let Some(t) = t {
                 t.state = TicketState::Discarded("the clone failed");
             }
@@ -333,6 +335,11 @@ async fn start_clone(
         })
         .await
         .map_err(|e| chain(&e))?;
+    if parent.is_ended() {
+        // The parent was stopped while we cloned it: its children go too.
+        d.stop_vm(&vm).await;
+        return Err("the parent VM was stopped during the clone".into());
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     *vm.ready.lock().unwrap() = Some(tx);
     let res = async {
@@ -373,12 +380,14 @@ async fn start_clone(
     .await;
     match res {
         Ok(()) => {
+            d.counters.clones_started.fetch_add(1, Ordering::Relaxed);
             vm.set_state(VmState::Running);
             vm.agent_up.send_replace(true);
             tl.mark(format!("clone{}_ready", slot.clone_id));
             Ok(())
         }
         Err(e) => {
+            d.counters.clones_lost.fetch_add(1, Ordering::Relaxed);
             d.stop_vm(&vm).await;
             Err(e)
         }

@@ -199,8 +199,22 @@ pub struct State {
     pub reports: Vec<CloneReport>,
 }
 
+/// Counters the CLI shows (`snowflock daemon status`).
+#[derive(Default)]
+pub struct Counters {
+    pub vms_started: AtomicU64,
+    pub vms_lost: AtomicU64,
+    pub clone_ops: AtomicU64,
+    pub clone_failures: AtomicU64,
+    pub clones_started: AtomicU64,
+    pub clones_lost: AtomicU64,
+    pub api_requests: AtomicU64,
+    pub api_errors: AtomicU64,
+}
+
 /// The daemon.
 pub struct Daemon {
+    pub counters: Counters,
     pub cfg: Config,
     pub names: NetNames,
     pub state: Mutex<State>,
@@ -244,6 +258,7 @@ impl Daemon {
     pub fn new(cfg: Config) -> Arc<Daemon> {
         let names = NetNames { prefix: cfg.net_prefix.clone() };
         Arc::new(Daemon {
+            counters: Counters::default(),
             cfg,
             names,
             state: Mutex::new(State::default()),
@@ -251,6 +266,26 @@ impl Daemon {
             tickets_changed: watch::channel(0).0,
             shutdown: watch::channel(false).0,
         })
+    }
+
+    /// Counters by name, for status output.
+    pub fn counter_map(&self) -> BTreeMap<String, u64> {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("vms_started", get(&c.vms_started)),
+            ("vms_lost", get(&c.vms_lost)),
+            ("clone_ops", get(&c.clone_ops)),
+            ("clone_failures", get(&c.clone_failures)),
+            ("clones_started", get(&c.clones_started)),
+            ("clones_lost", get(&c.clones_lost)),
+            ("api_requests", get(&c.api_requests)),
+            ("api_errors", get(&c.api_errors)),
+            ("malformed_guest_lines", get(&crate::agent_link::MALFORMED_LINES)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 
     pub fn vm(&self, name: &str) -> Result<Arc<Vm>> {
@@ -377,6 +412,7 @@ impl Daemon {
             }
         };
         *vm.pid.lock().unwrap() = child.id();
+        self.counters.vms_started.fetch_add(1, Ordering::Relaxed);
         tracing::info!(vm = %vm.name, pid = ?child.id(), "QEMU started");
         tokio::spawn(agent_link::run(self.clone(), vm.clone(), agent_rx));
         tokio::spawn(self.clone().monitor(vm.clone(), child));
@@ -399,6 +435,7 @@ impl Daemon {
         if requested {
             tracing::info!(vm = %vm.name, "VM stopped");
         } else {
+            self.counters.vms_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(vm = %vm.name, %reason, qemu_log = %log_tail, "VM lost");
         }
         *vm.console_tail.lock().unwrap() = console_tail(&vm);

@@ -176,6 +176,9 @@ fn clone_is_stateful_private_networked_and_distinct() {
     assert!(out.contains("child 1 state 1 code 41") && out.contains("child 2 state 1 code 42"), "{out}");
     assert!(out.contains("bogus: "), "{out}");
 
+    let status: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).unwrap();
+    assert_eq!(status["counters"]["clones_started"], 4, "{status}");
+    assert_eq!(status["counters"]["clone_failures"], 0, "{status}");
     // The parent kept running through all of it.
     let pv: Vec<Value> = h.vms().into_iter().filter(|v| v["name"] == "p").collect();
     assert_eq!(pv[0]["state"], "running");
@@ -242,6 +245,8 @@ fn join_reports_exits_and_lost_children_and_bad_tickets_harm_nothing() {
         (c == 0 && o.contains("clone_id=0")).then_some(())
     });
     assert!(back.is_some(), "agent must come back after channel garbage");
+    let status: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).unwrap();
+    assert!(status["counters"]["malformed_guest_lines"].as_u64().unwrap() >= 1, "{status}");
     // And cloning still works.
     let out = h.sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sf exit 0; fi; sf join $T");
     assert!(out.contains("1 exited 0"), "{out}");
