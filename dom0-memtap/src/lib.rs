@@ -98,6 +98,8 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
 /// never read through a mapping: on tmpfs that would allocate them.
 pub struct Precopy {
     src: File,
+    dst: File,
+    dst_path: std::path::PathBuf,
     /// Both mappings are kept from phase 1, so their page tables are
     /// populated and phase 2 pays for memory bandwidth, not page faults
     /// (expensive on a virtualised host).
@@ -117,9 +119,10 @@ fn populate(map: &[u8], a: usize, b: usize, write: bool) {
 }
 
 impl Precopy {
-    /// Phase 1: creates `dst` (which must not exist) and copies the data
-    /// extents of `src` into it while the VM keeps running.
-    pub fn start(src: &Path, dst: &Path) -> Result<Precopy, MemtapError> {
+    /// Creates `dst` (which must not exist) with the size of `src`, holes
+    /// only. A clone VMM may map it privately from now on: pages it has not
+    /// read yet show what phases 1 and 2 write.
+    pub fn create(src: &Path, dst: &Path) -> Result<Precopy, MemtapError> {
         let serr = |err| MemtapError::Source { path: src.display().to_string(), err };
         let derr = |err| MemtapError::Dest { path: dst.display().to_string(), err };
         let s = File::open(src).map_err(serr)?;
@@ -136,28 +139,49 @@ impl Precopy {
             .map_err(derr)?;
         d.set_len(size).map_err(derr)?;
         let pages = (size / PAGE_SIZE) as usize;
-        let mut copied = bitvec![u64, Lsb0; 0; pages];
-        let extents = page_extents(&s, size).map_err(serr)?;
-        let (mut src_map, mut dst_map) = (None, None);
-        if size > 0 {
-            // SAFETY: `s` is guest RAM, read racily on purpose: phase 2
-            // rechecks every page with the VM paused. `d` is our new file.
-            // Neither is truncated while mapped; only data extents are
-            // touched (touching a tmpfs hole would allocate it).
-            let sm = unsafe { memmap2::MmapOptions::new().map(&s) }.map_err(serr)?;
-            let mut dm = unsafe { memmap2::MmapOptions::new().map_mut(&d) }.map_err(derr)?;
-            let ps = PAGE_SIZE as usize;
-            for &(a, b) in &extents {
-                let (a, b) = (a as usize, b as usize);
-                populate(&sm, a * ps, b * ps, false);
-                populate(&dm, a * ps, b * ps, true);
-                dm[a * ps..b * ps].copy_from_slice(&sm[a * ps..b * ps]);
-                copied[a..b].fill(true);
-            }
-            src_map = Some(sm);
-            dst_map = Some(dm);
+        Ok(Precopy {
+            src: s,
+            dst: d,
+            dst_path: dst.to_path_buf(),
+            src_map: None,
+            dst_map: None,
+            size,
+            copied: bitvec![u64, Lsb0; 0; pages],
+        })
+    }
+
+    /// Phase 1, VM running: copies the data extents of the source.
+    pub fn copy(&mut self) -> Result<(), MemtapError> {
+        let serr = |err| MemtapError::Source { path: "guest RAM".into(), err };
+        let derr = |err| MemtapError::Dest { path: self.dst_path.display().to_string(), err };
+        if self.size == 0 {
+            return Ok(());
         }
-        Ok(Precopy { src: s, src_map, dst_map, size, copied })
+        let extents = page_extents(&self.src, self.size).map_err(serr)?;
+        // SAFETY: the source is guest RAM, read racily on purpose: phase 2
+        // rechecks every page with the VM paused. The destination is our
+        // new file. Neither is truncated while mapped; only data extents
+        // are touched (touching a tmpfs hole would allocate it).
+        let sm = unsafe { memmap2::MmapOptions::new().map(&self.src) }.map_err(serr)?;
+        let mut dm = unsafe { memmap2::MmapOptions::new().map_mut(&self.dst) }.map_err(derr)?;
+        let ps = PAGE_SIZE as usize;
+        for &(a, b) in &extents {
+            let (a, b) = (a as usize, b as usize);
+            populate(&sm, a * ps, b * ps, false);
+            populate(&dm, a * ps, b * ps, true);
+            dm[a * ps..b * ps].copy_from_slice(&sm[a * ps..b * ps]);
+            self.copied[a..b].fill(true);
+        }
+        self.src_map = Some(sm);
+        self.dst_map = Some(dm);
+        Ok(())
+    }
+
+    /// [`Precopy::create`] then [`Precopy::copy`].
+    pub fn start(src: &Path, dst: &Path) -> Result<Precopy, MemtapError> {
+        let mut p = Precopy::create(src, dst)?;
+        p.copy()?;
+        Ok(p)
     }
 
     /// Phase 2, VM paused: brings the copy up to date and returns the

@@ -57,7 +57,12 @@ const MAX_DEVICE_STATE: usize = 16 << 20;
 
 /// Pauses the parent, saves its device state and freezes its memory, and
 /// resumes it whatever happens.
-fn freeze(qmp_path: &Path, ram: &Path, gen_dir: &Path, tl: &Timeline) -> Result<Frozen, String> {
+fn freeze(
+    qmp_path: &Path,
+    mut precopy: dom0_memtap::Precopy,
+    gen_dir: &Path,
+    tl: &Timeline,
+) -> Result<Frozen, String> {
     let mut q = Qmp::connect(qmp_path, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     q.ignore_shared_ram().map_err(|e| e.to_string())?;
     let state_path = gen_dir.join("state");
@@ -81,7 +86,7 @@ fn freeze(qmp_path: &Path, ram: &Path, gen_dir: &Path, tl: &Timeline) -> Result<
     let sock_for_unblock = sock_path.clone();
     // Copy the RAM while the parent still runs; only changes are copied
     // while it is paused.
-    let mut precopy = dom0_memtap::Precopy::start(ram, &gen_dir.join("ram")).map_err(|e| chain(&e))?;
+    precopy.copy().map_err(|e| chain(&e))?;
     tl.mark("memory_precopied");
     let t0 = Instant::now();
     q.stop().map_err(|e| e.to_string())?;
@@ -98,7 +103,8 @@ fn freeze(qmp_path: &Path, ram: &Path, gen_dir: &Path, tl: &Timeline) -> Result<
     let resumed = q.cont();
     let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
     tl.mark("parent_resumed");
-    drop(precopy);
+    // Unmapping takes tens of milliseconds; nobody needs to wait for it.
+    std::thread::spawn(move || drop(precopy));
     if let Err(e) = resumed {
         return Err(format!("cannot resume the parent: {e}"));
     }
@@ -202,14 +208,6 @@ async fn do_clone_in(
     gen_name: &str,
     gen_dir: &Path,
 ) -> Result<CloneOutcome, String> {
-    parent.set_state(VmState::Cloning);
-    let frozen = {
-        let (q, r, g, tl2) = (parent.qmp_path(), parent.ram_path.clone(), gen_dir.to_path_buf(), tl.clone());
-        tokio::task::spawn_blocking(move || freeze(&q, &r, &g, &tl2)).await.map_err(|e| e.to_string())?
-    };
-    parent.set_state(VmState::Running);
-    let frozen = frozen?;
-
     let image = snowflock_image::Image::open(&parent.image).map_err(|e| chain(&e))?;
     let slots: Vec<CloneSlot> = (1..=granted)
         .map(|k| CloneSlot {
@@ -219,6 +217,32 @@ async fn do_clone_in(
             ip_cidr: net::ip_cidr(parent.flock, k),
         })
         .collect();
+    let gen_ram = gen_dir.join("ram");
+    let precopy = dom0_memtap::Precopy::create(&parent.ram_path, &gen_ram).map_err(|e| chain(&e))?;
+    {
+        // Children exist from now on, so a clone that exits at once is
+        // recorded as exited, not overwritten later.
+        let mut st = d.state.lock().unwrap();
+        if let Some(t) = st.tickets.get_mut(ticket) {
+            t.children =
+                slots.iter().map(|s| (s.clone_id, Child { vm: s.vm.clone(), state: ChildState::Running })).collect();
+        }
+    }
+    parent.set_state(VmState::Cloning);
+    let frozen = {
+        let (q, g, tl2) = (parent.qmp_path(), gen_dir.to_path_buf(), tl.clone());
+        tokio::task::spawn_blocking(move || freeze(&q, precopy, &g, &tl2)).await.map_err(|e| e.to_string())
+    };
+    parent.set_state(VmState::Running);
+    let frozen = frozen.and_then(|f| f)?;
+    // Clone QEMUs start only now. Starting them during the precopy (they
+    // could map the generation early) was measured slower on a 2-core host:
+    // QEMU start-up and the precopy compete for the same CPUs.
+    let spawned =
+        futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, parent, slot, ticket, &image, &gen_ram)))
+            .await;
+    tl.mark("clone_vmms_started");
+
     let desc = Descriptor {
         meta: Meta {
             parent: parent.name.clone(),
@@ -251,22 +275,15 @@ async fn do_clone_in(
     // Clones start from the descriptor alone (plus the generation's memory).
     let desc = Descriptor::decode(&encoded).map_err(|e| chain(&e))?;
     let state_file = gen_dir.join("state");
-    {
-        // Children exist from now on, so a clone that exits at once is
-        // recorded as exited, not overwritten later.
-        let mut st = d.state.lock().unwrap();
-        if let Some(t) = st.tickets.get_mut(ticket) {
-            t.children = desc
-                .meta
-                .clones
-                .iter()
-                .map(|s| (s.clone_id, Child { vm: s.vm.clone(), state: ChildState::Running }))
-                .collect();
+    let starts = spawned.into_iter().zip(&desc.meta.clones).map(|(vm, slot)| {
+        let state_file = &state_file;
+        let desc = &desc;
+        async move {
+            match vm {
+                Ok(vm) => resume_clone(d, vm, desc, slot, state_file, request_id, tl).await,
+                Err(e) => Err(e),
+            }
         }
-    }
-    let gen_ram = gen_dir.join("ram");
-    let starts = desc.meta.clones.iter().map(|slot| {
-        start_clone(d, parent, &desc, slot, &image, &gen_ram, &state_file, request_id, tl)
     });
     let outcomes = futures::future::join_all(starts).await;
     tl.mark("clones_ready");
@@ -304,38 +321,47 @@ async fn do_clone_in(
     Ok((gen_dir.to_path_buf(), report))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn start_clone(
+/// Starts a clone's QEMU, paused and waiting for its device state.
+async fn spawn_clone(
     d: &Arc<Daemon>,
     parent: &Arc<Vm>,
-    desc: &Descriptor,
     slot: &CloneSlot,
+    ticket: &str,
     image: &snowflock_image::Image,
     gen_ram: &Path,
+) -> Result<Arc<Vm>, String> {
+    d.create_vm(NewVm {
+        name: slot.vm.clone(),
+        flock: parent.flock,
+        clone_id: slot.clone_id,
+        ticket: Some(ticket.to_string()),
+        parent: parent.name.clone(),
+        mem_mib: parent.mem_mib,
+        vcpus: parent.vcpus,
+        accel: parent.accel.clone(),
+        image: parent.image.clone(),
+        kernel: image.vmlinux.clone(),
+        initrd: image.initramfs.clone(),
+        cmdline: parent.cmdline.clone(),
+        generation_ram: Some(gen_ram.to_path_buf()),
+    })
+    .await
+    .map_err(|e| chain(&e))
+}
+
+/// Loads the device state into a spawned clone, resumes it and gives it
+/// its identity; returns once it is ready.
+async fn resume_clone(
+    d: &Arc<Daemon>,
+    vm: Arc<Vm>,
+    desc: &Descriptor,
+    slot: &CloneSlot,
     state_file: &Path,
     request_id: u64,
     tl: &Timeline,
 ) -> Result<(), String> {
     let m = &desc.meta;
-    let vm = d
-        .create_vm(NewVm {
-            name: slot.vm.clone(),
-            flock: m.net.flock,
-            clone_id: slot.clone_id,
-            ticket: Some(m.ticket.clone()),
-            parent: parent.name.clone(),
-            mem_mib: m.machine.mem_mib,
-            vcpus: m.machine.vcpus,
-            accel: m.machine.accel.clone(),
-            image: parent.image.clone(),
-            kernel: image.vmlinux.clone(),
-            initrd: image.initramfs.clone(),
-            cmdline: m.machine.cmdline.clone(),
-            generation_ram: Some(gen_ram.to_path_buf()),
-        })
-        .await
-        .map_err(|e| chain(&e))?;
-    if parent.is_ended() {
+    if d.vm(&m.parent).is_err() {
         // The parent was stopped while we cloned it: its children go too.
         d.stop_vm(&vm).await;
         return Err("the parent VM was stopped during the clone".into());
