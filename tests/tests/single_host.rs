@@ -66,6 +66,7 @@ i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); do
 sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null || exit 9
 T=$(sf ticket 2) || exit 10
 ID=$(sf clone $T) || exit 11
+head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > /tmp/rng-first.txt
 echo "$ID" > /tmp/id.txt
 { echo "mark=$MARK"; cat /tmp/state.txt; sf-memtest ctl --sock /tmp/mt.sock verify; } > /tmp/verify.txt 2>&1
 echo "written-by-$ID" > /tmp/state.txt
@@ -74,8 +75,10 @@ echo done > /tmp/done.txt
 echo "$T"
 "#;
 
+// The RNG line is the first /dev/urandom read after `sf clone` returned:
+// without a reseed every VM would continue the parent's CRNG stream.
 const IDENTITY: &str = "hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address; \
-    ip -4 -o addr show dev eth0 | awk '{print $4}'; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    ip -4 -o addr show dev eth0 | awk '{print $4}'; cat /tmp/rng-first.txt; echo; date +%s";
 
 #[test]
 fn clone_is_stateful_private_networked_and_distinct() {
