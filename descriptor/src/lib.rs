@@ -321,6 +321,29 @@ mod tests {
     }
 
     #[test]
+    fn random_mutations_never_panic() {
+        let good = sample().encode().unwrap();
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let mut b = good.clone();
+            for _ in 0..(next() % 8 + 1) {
+                let i = (next() as usize) % b.len();
+                b[i] = next() as u8;
+            }
+            let _ = Descriptor::decode(&b);
+            let len = (next() as usize) % 256;
+            let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            assert!(Descriptor::decode(&junk).is_err());
+        }
+    }
+
+    #[test]
     fn inconsistent_meta_is_invalid() {
         let mut d = sample();
         d.meta.clones.push(d.meta.clones[0].clone());

@@ -214,6 +214,33 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic_and_memory_stays_bounded() {
+        let mut x: u64 = 0x2545f4914f6cdd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut r = LineReader::new();
+        let valid = encode_line(&GuestMsg::Pong { seq: 1 });
+        for round in 0..3000 {
+            let len = (next() % 512) as usize;
+            let mut chunk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 10 == 0 {
+                chunk.extend_from_slice(&valid);
+            }
+            r.feed(&chunk, |l| {
+                if let Ok(l) = l {
+                    let _ = decode_line::<GuestMsg>(l);
+                    let _ = decode_line::<HostMsg>(l);
+                }
+            });
+            assert!(r.buf.len() <= MAX_LINE);
+        }
+    }
+
+    #[test]
     fn garbage_line_is_malformed() {
         assert!(decode_line::<GuestMsg>(b"\x00\x01garbage").is_err());
         assert!(decode_line::<GuestMsg>(br#"{"t":"request","id":1,"req":{"op":"nope"}}"#).is_err());

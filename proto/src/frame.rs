@@ -131,6 +131,24 @@ mod tests {
     }
 
     #[test]
+    fn random_frames_never_panic() {
+        let mut x: u64 = 0x853c49e6748fea9b;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let len = (next() % 64) as usize;
+            let mut b = (len as u32).to_le_bytes().to_vec();
+            b.extend((0..len).map(|_| next() as u8));
+            let _ = read_frame::<_, crate::api::ApiRequest>(&mut &b[..]);
+            let _ = read_frame::<_, crate::admin::AdminRequest>(&mut &b[..]);
+        }
+    }
+
+    #[test]
     fn garbage_is_malformed() {
         let mut bytes = 3u32.to_le_bytes().to_vec();
         bytes.extend_from_slice(b"{{{");

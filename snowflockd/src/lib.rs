@@ -50,6 +50,10 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600));
     let d = daemon::Daemon::new(cfg);
+    let stale = net::remove_stale_links(&d.names);
+    if !stale.is_empty() {
+        tracing::warn!(links = ?stale, "removed links left by an earlier snowflockd");
+    }
     tracing::info!(host = %d.cfg.host, socket = %d.cfg.socket.display(), state = %d.cfg.state_dir.display(), "snowflockd started");
     let server = tokio::spawn(admin::serve(d.clone(), listener));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -184,6 +184,25 @@ pub fn create_tap(tap: &str, bridge: &str) -> Result<(), NetError> {
     res
 }
 
+/// Deletes bridges and taps named like this daemon's (`<prefix>b<N>`,
+/// `<prefix>t<N>`): leftovers of a daemon with the same prefix that
+/// crashed. Only one daemon serves a socket, and its prefix is its own.
+pub fn remove_stale_links(names: &NetNames) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/sys/class/net") else { return removed };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        let ours = n
+            .strip_prefix(&names.prefix)
+            .and_then(|r| r.strip_prefix('b').or_else(|| r.strip_prefix('t')))
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()));
+        if ours && delete_link(&n).is_ok() {
+            removed.push(n);
+        }
+    }
+    removed
+}
+
 /// Deletes a link if it exists.
 pub fn delete_link(name: &str) -> Result<(), NetError> {
     if link_exists(name) {
