@@ -83,10 +83,6 @@ pub fn start(client: &Client, o: StartOpts) -> Result<()> {
     if let Some(m) = o.max_vms {
         cmd.arg("--max-vms").arg(m.to_string());
     }
-    if let Some(ns) = &o.netns {
-        // Distinct tap/bridge names are not needed across namespaces.
-        let _ = ns;
-    }
     cmd.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     // SAFETY: setsid is async-signal-safe; the daemon outlives this CLI.
     unsafe {

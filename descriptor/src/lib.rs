@@ -227,7 +227,7 @@ impl Descriptor {
         if header.magic != MAGIC {
             return Err(DescriptorError::BadMagic);
         }
-        if header.version != VERSION && header.version + 1 != VERSION {
+        if header.version != VERSION && Some(header.version) != VERSION.checked_sub(1) {
             return Err(DescriptorError::Version(header.version));
         }
         let (ml, sl, hl) = (header.meta_len as usize, header.state_len as usize, header.holes_len as usize);

@@ -110,6 +110,19 @@ pub struct Precopy {
     copied: BitVec<u64, Lsb0>,
 }
 
+/// Reserves file space so that later writes through a mapping cannot fail.
+fn allocate(f: &File, off: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscall on a valid descriptor.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Prefaults a range of a mapping; best effort (older kernels lack it).
 fn populate(map: &[u8], a: usize, b: usize, write: bool) {
     let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
@@ -167,6 +180,9 @@ impl Precopy {
         let ps = PAGE_SIZE as usize;
         for &(a, b) in &extents {
             let (a, b) = (a as usize, b as usize);
+            // Allocate first: writing an unallocatable page through the
+            // mapping (tmpfs full) would be a SIGBUS, not an error.
+            allocate(&self.dst, a as u64 * PAGE_SIZE, (b - a) as u64 * PAGE_SIZE).map_err(derr)?;
             populate(&sm, a * ps, b * ps, false);
             populate(&dm, a * ps, b * ps, true);
             dm[a * ps..b * ps].copy_from_slice(&sm[a * ps..b * ps]);
@@ -195,6 +211,22 @@ impl Precopy {
         let mut holes = bitvec![u64, Lsb0; 1; pages];
         let mut fixed = 0;
         let extents = page_extents(&self.src, self.size).map_err(serr)?;
+        // Pages that appeared since phase 1 need room too (see `copy`).
+        let derr = |err| MemtapError::Dest { path: self.dst_path.display().to_string(), err };
+        for &(a, b) in &extents {
+            let mut p = a as usize;
+            while p < b as usize {
+                if self.copied[p] {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < b as usize && !self.copied[p] {
+                    p += 1;
+                }
+                allocate(&self.dst, start as u64 * PAGE_SIZE, (p - start) as u64 * PAGE_SIZE).map_err(derr)?;
+            }
+        }
         if let (Some(src), Some(dst)) = (&self.src_map, &mut self.dst_map) {
             let ps = PAGE_SIZE as usize;
             for &(a, b) in &extents {

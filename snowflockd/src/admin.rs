@@ -88,10 +88,8 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream) {
             Err(e) => daemon_err(e),
         },
         AdminRequest::VmConsole { name } => match d.vm(&name) {
-            Ok(vm) => match std::fs::read(crate::vm::console_path(&vm.dir)) {
-                Ok(data) => AdminResponse::Console { data },
-                Err(e) => err(C::Failed, format!("Cannot read the console log: {e}")),
-            },
+            // The last 2 MiB: the guest decides how much it prints.
+            Ok(vm) => AdminResponse::Console { data: crate::daemon::read_tail(&crate::vm::console_path(&vm.dir), 2 << 20) },
             Err(e) => daemon_err(e),
         },
         AdminRequest::CloneReports => {
@@ -133,6 +131,11 @@ async fn vm_start(
         Accel::Auto if crate::config::host_has_hw_virt() => "kvm",
         Accel::Auto => "tcg",
     };
+    if looks_like_clone_name(&name) {
+        return Err(DaemonError::BadRequest(format!(
+            "Invalid VM name {name:?}: names ending in -g<N>c<N> are reserved for clones"
+        )));
+    }
     let image_dir = PathBuf::from(&image);
     let img = snowflock_image::Image::open(&image_dir)?;
     let image_dir = std::fs::canonicalize(&image_dir).unwrap_or(image_dir);
@@ -141,6 +144,7 @@ async fn vm_start(
         if st.vms.contains_key(&name) {
             return Err(DaemonError::VmExists(name));
         }
+        crate::api::purge(&mut st);
         if Daemon::free_slots(&st, d.cfg.max_vms) == 0 {
             return Err(DaemonError::NoCapacity(format!("This host runs its maximum of {} VMs", d.cfg.max_vms)));
         }
@@ -187,6 +191,14 @@ async fn vm_start(
     Ok(AdminResponse::Vm(vm.info(&d.cfg.host)))
 }
 
+/// Clone VMs are named `<parent>-g<generation>c<clone id>`.
+fn looks_like_clone_name(name: &str) -> bool {
+    let Some((_, tail)) = name.rsplit_once("-g") else { return false };
+    let Some((g, c)) = tail.split_once('c') else { return false };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(g) && digits(c)
+}
+
 /// Streams one `vm exec`: client frames are stdin, daemon frames output.
 async fn exec(d: Arc<Daemon>, s: UnixStream, name: String, argv: Vec<String>) {
     let (mut rd, mut wr) = s.into_split();
@@ -231,8 +243,15 @@ async fn exec(d: Arc<Daemon>, s: UnixStream, name: String, argv: Vec<String>) {
         }
     });
     let mut stdin_open = true;
+    let mut ended = vm.ended.subscribe();
     loop {
         tokio::select! {
+            _ = crate::daemon::wait_until(&mut ended, |e| e.is_some()) => {
+                // The monitor may have drained the sessions before ours was
+                // registered: answer here rather than wait forever.
+                let _ = write_frame(&mut wr, &err(C::Failed, format!("VM {} ended", vm.name))).await;
+                break;
+            }
             ev = rx.recv() => {
                 let (resp, done) = match ev {
                     Some(ExecEvent::Output(stream, data)) => (AdminResponse::ExecOutput { stream, data }, false),
@@ -268,4 +287,17 @@ async fn exec(d: Arc<Daemon>, s: UnixStream, name: String, argv: Vec<String>) {
     }
     vm.execs.lock().unwrap().remove(&exec_id);
     reader.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clone_names_are_reserved() {
+        assert!(super::looks_like_clone_name("web-g1c2"));
+        assert!(super::looks_like_clone_name("a-b-g12c300"));
+        assert!(!super::looks_like_clone_name("web"));
+        assert!(!super::looks_like_clone_name("web-g1"));
+        assert!(!super::looks_like_clone_name("web-gxc1"));
+        assert!(!super::looks_like_clone_name("web-g1c"));
+    }
 }

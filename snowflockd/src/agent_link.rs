@@ -108,9 +108,22 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
                 *st = VmState::Running;
             }
         }
-        GuestMsg::Request { id, req } => {
-            tokio::spawn(api::handle(d.clone(), vm.clone(), id, req));
-        }
+        GuestMsg::Request { id, req } => match vm.requests.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let (d, vm) = (d.clone(), vm.clone());
+                tokio::spawn(async move {
+                    api::handle(d, vm, id, req).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => vm.send(HostMsg::Response {
+                id,
+                resp: crate::daemon::api_error(
+                    snowflock_proto::api::ApiErrorCode::BadRequest,
+                    format!("Too many API calls pending (at most {})", crate::daemon::MAX_PENDING_REQUESTS),
+                ),
+            }),
+        },
         GuestMsg::Ready { clone_id } => {
             if clone_id != vm.clone_id {
                 tracing::warn!(vm = %vm.name, clone_id, "Ready for the wrong clone id ignored");

@@ -48,7 +48,8 @@ pub async fn handle(d: Arc<Daemon>, vm: Arc<Vm>, id: u64, req: ApiRequest) {
     }
 }
 
-fn purge(st: &mut crate::daemon::State) {
+/// Expires unused tickets and forgets old discarded ones.
+pub fn purge(st: &mut crate::daemon::State) {
     let now = Instant::now();
     for t in st.tickets.values_mut() {
         if t.state == TicketState::Granted && now.duration_since(t.created) > TICKET_TTL {
@@ -77,7 +78,17 @@ fn request_ticket(d: &Daemon, vm: &Vm, n: u32) -> ApiResponse {
     let mut st = d.state.lock().unwrap();
     purge(&mut st);
     let free = Daemon::free_slots(&st, d.cfg.max_vms);
-    let granted = n.min(d.cfg.quota_per_ticket).min(free).min(crate::net::MAX_CLONE_ID);
+    // One VM may hold at most one ticket's quota of unused slots, so a
+    // guest cannot reserve the whole host.
+    let held: u32 = st.tickets.values().filter(|t| t.owner == vm.name).map(|t| t.reserved()).sum();
+    let allowed = d.cfg.quota_per_ticket.saturating_sub(held);
+    if allowed == 0 {
+        return api_error(
+            E::NoCapacity,
+            format!("This VM already holds {held} unused clone slots; use or let its tickets expire first"),
+        );
+    }
+    let granted = n.min(allowed).min(free).min(crate::net::MAX_CLONE_ID);
     if granted == 0 {
         return api_error(
             E::NoCapacity,
@@ -193,10 +204,12 @@ async fn kill(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
                     .collect();
                 t.state = TicketState::Discarded("it was killed");
                 let gen = t.generation.take();
+                let kids = names.into_iter().filter_map(|n| st.vms.get(&n).cloned()).collect::<Vec<_>>();
+                drop(st);
                 if let Some(g) = gen {
                     let _ = std::fs::remove_dir_all(g);
                 }
-                break names.into_iter().filter_map(|n| st.vms.get(&n).cloned()).collect::<Vec<_>>();
+                break kids;
             }
         }
         let _ = changed.changed().await;

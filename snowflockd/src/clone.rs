@@ -52,6 +52,17 @@ struct Frozen {
     mem: dom0_memtap::Frozen,
 }
 
+/// Connects to the device-state socket on drop, releasing a reader still
+/// waiting in `accept`.
+struct Unblock(PathBuf);
+
+impl Drop for Unblock {
+    fn drop(&mut self) {
+        let _ = std::os::unix::net::UnixStream::connect(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Upper bound on a device-state stream.
 const MAX_DEVICE_STATE: usize = 16 << 20;
 
@@ -84,6 +95,9 @@ fn freeze(
         Ok(buf)
     });
     let sock_for_unblock = sock_path.clone();
+    // Whatever path this function leaves by, the reader must not wait for a
+    // QEMU that never connects.
+    let _unblock = Unblock(sock_path.clone());
     // Copy the RAM while the parent still runs; only changes are copied
     // while it is paused.
     precopy.copy().map_err(|e| chain(&e))?;
@@ -99,8 +113,15 @@ fn freeze(
         tl.mark("memory_frozen");
         Ok(mem)
     })();
-    // Always resume the parent.
-    let resumed = q.cont();
+    // Always resume the parent; retry on a fresh connection if needed.
+    let mut resumed = q.cont();
+    for _ in 0..3 {
+        if resumed.is_ok() {
+            break;
+        }
+        tracing::warn!(error = ?resumed, "resuming the parent failed; retrying");
+        resumed = Qmp::connect(qmp_path, Duration::from_secs(2)).and_then(|mut q| q.cont());
+    }
     let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
     tl.mark("parent_resumed");
     // Unmapping takes tens of milliseconds; nobody needs to wait for it.
@@ -235,13 +256,6 @@ async fn do_clone_in(
     };
     parent.set_state(VmState::Running);
     let frozen = frozen.and_then(|f| f)?;
-    // Clone QEMUs start only now. Starting them during the precopy (they
-    // could map the generation early) was measured slower on a 2-core host:
-    // QEMU start-up and the precopy compete for the same CPUs.
-    let spawned =
-        futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, parent, slot, ticket, &image, &gen_ram)))
-            .await;
-    tl.mark("clone_vmms_started");
 
     let desc = Descriptor {
         meta: Meta {
@@ -275,12 +289,20 @@ async fn do_clone_in(
     // Clones start from the descriptor alone (plus the generation's memory).
     let desc = Descriptor::decode(&encoded).map_err(|e| chain(&e))?;
     let state_file = gen_dir.join("state");
+    // Clone QEMUs start only now, once nothing can fail before they are
+    // resumed or stopped. Starting them during the precopy (they could map
+    // the generation early) was measured slower on a 2-core host: QEMU
+    // start-up and the precopy compete for the same CPUs.
+    let spawned =
+        futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, parent, slot, ticket, &image, &gen_ram)))
+            .await;
+    tl.mark("clone_vmms_started");
     let starts = spawned.into_iter().zip(&desc.meta.clones).map(|(vm, slot)| {
         let state_file = &state_file;
         let desc = &desc;
         async move {
             match vm {
-                Ok(vm) => resume_clone(d, vm, desc, slot, state_file, request_id, tl).await,
+                Ok(vm) => resume_clone(d, parent, vm, desc, slot, state_file, request_id, tl).await,
                 Err(e) => Err(e),
             }
         }
@@ -288,9 +310,11 @@ async fn do_clone_in(
     let outcomes = futures::future::join_all(starts).await;
     tl.mark("clones_ready");
 
-    // Every clone QEMU has mapped the generation (or failed): the file can
-    // go; its pages live as long as a clone maps them.
+    // Every clone QEMU has mapped the generation and loaded the state (or
+    // failed): the files can go; the generation's pages live as long as a
+    // clone maps them. The descriptor stays until the ticket is discarded.
     let _ = std::fs::remove_file(gen_dir.join("ram"));
+    let _ = std::fs::remove_file(gen_dir.join("state"));
 
     {
         let mut st = d.state.lock().unwrap();
@@ -351,8 +375,10 @@ async fn spawn_clone(
 
 /// Loads the device state into a spawned clone, resumes it and gives it
 /// its identity; returns once it is ready.
+#[allow(clippy::too_many_arguments)]
 async fn resume_clone(
     d: &Arc<Daemon>,
+    parent: &Arc<Vm>,
     vm: Arc<Vm>,
     desc: &Descriptor,
     slot: &CloneSlot,
@@ -361,7 +387,7 @@ async fn resume_clone(
     tl: &Timeline,
 ) -> Result<(), String> {
     let m = &desc.meta;
-    if d.vm(&m.parent).is_err() {
+    if parent.stopping.load(Ordering::SeqCst) || parent.is_ended() {
         // The parent was stopped while we cloned it: its children go too.
         d.stop_vm(&vm).await;
         return Err("the parent VM was stopped during the clone".into());

@@ -106,7 +106,12 @@ pub struct Vm {
     pub generations: AtomicU64,
     /// Serialises clone operations of this VM.
     pub clone_lock: tokio::sync::Mutex<()>,
+    /// Bounds the API calls a guest may have in flight.
+    pub requests: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most API calls one guest may have pending at once.
+pub const MAX_PENDING_REQUESTS: usize = 64;
 
 impl Vm {
     pub fn info(&self, host: &str) -> VmInfo {
@@ -181,7 +186,7 @@ impl Ticket {
     }
     /// Capacity this ticket holds: granted slots until it has clones, then
     /// its running clones (their VMs count themselves).
-    fn reserved(&self) -> u32 {
+    pub fn reserved(&self) -> u32 {
         match self.state {
             TicketState::Granted | TicketState::Cloning => self.granted,
             _ => 0,
@@ -393,6 +398,7 @@ impl Daemon {
             console_tail: Mutex::new(String::new()),
             generations: AtomicU64::new(0),
             clone_lock: tokio::sync::Mutex::new(()),
+            requests: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_REQUESTS)),
         });
         {
             let mut st = self.state.lock().unwrap();
@@ -467,11 +473,42 @@ impl Daemon {
                 st.flocks.remove(&vm.flock);
             }
         }
-        self.release_vm_resources(&vm);
-        if vm.clone_id == 0 {
-            let _ = net::delete_link(&self.names.bridge(vm.flock));
-        }
+        let this = self.clone();
+        let vm2 = vm.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            this.release_vm_resources(&vm2);
+            if vm2.clone_id == 0 {
+                let _ = net::delete_link(&this.names.bridge(vm2.flock));
+            }
+        })
+        .await;
         vm.ended.send_replace(Some(ended));
+        self.bump_tickets();
+        if vm.clone_id == 0 && !requested {
+            // A parent that died on its own takes its clones with it, as
+            // `vm stop` would.
+            self.stop_children(&vm.name, "its parent VM ended").await;
+            self.cleanup_generations(&vm.name);
+        }
+    }
+
+    /// Discards a parent's tickets and stops its clones.
+    async fn stop_children(self: &Arc<Self>, parent: &str, why: &'static str) {
+        let kids: Vec<Arc<Vm>> = {
+            let mut st = self.state.lock().unwrap();
+            for t in st.tickets.values_mut().filter(|t| t.owner == parent) {
+                for c in t.children.values_mut() {
+                    if c.state == ChildState::Running {
+                        c.state = ChildState::Killed;
+                    }
+                }
+                if !matches!(t.state, TicketState::Discarded(_)) {
+                    t.state = TicketState::Discarded(why);
+                }
+            }
+            st.vms.values().filter(|v| v.parent == parent && v.clone_id != 0).cloned().collect()
+        };
+        futures::future::join_all(kids.iter().map(|k| self.stop_one(k))).await;
         self.bump_tickets();
     }
 
@@ -490,23 +527,17 @@ impl Daemon {
     /// once QEMU has exited and the VM is cleaned up. Children of a parent
     /// are stopped first.
     pub async fn stop_vm(self: &Arc<Self>, vm: &Arc<Vm>) {
+        // Set first: a clone in progress checks it before resuming children.
+        vm.stopping.store(true, Ordering::SeqCst);
         if vm.clone_id == 0 {
-            let kids: Vec<Arc<Vm>> = {
-                let mut st = self.state.lock().unwrap();
-                for t in st.tickets.values_mut().filter(|t| t.owner == vm.name) {
-                    for c in t.children.values_mut() {
-                        if c.state == ChildState::Running {
-                            c.state = ChildState::Killed;
-                        }
-                    }
-                    t.state = TicketState::Discarded("its parent VM was stopped");
-                }
-                st.vms.values().filter(|v| v.parent == vm.name && v.clone_id != 0).cloned().collect()
-            };
-            futures::future::join_all(kids.iter().map(|k| self.stop_one(k))).await;
-            self.cleanup_generations(&vm.name);
+            self.stop_children(&vm.name, "its parent VM was stopped").await;
         }
         self.stop_one(vm).await;
+        if vm.clone_id == 0 {
+            // Children a clone in progress spawned meanwhile.
+            self.stop_children(&vm.name, "its parent VM was stopped").await;
+            self.cleanup_generations(&vm.name);
+        }
     }
 
     async fn stop_one(self: &Arc<Self>, vm: &Arc<Vm>) {
@@ -539,7 +570,11 @@ impl Daemon {
         if let Ok(rd) = std::fs::read_dir(&gens) {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().to_string();
-                if n.starts_with(&format!("{parent}-g")) {
+                let ours = n
+                    .strip_prefix(parent)
+                    .and_then(|r| r.strip_prefix("-g"))
+                    .is_some_and(|g| !g.is_empty() && g.bytes().all(|c| c.is_ascii_digit()));
+                if ours {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -585,9 +620,23 @@ impl Daemon {
 }
 
 
+/// At most the last `max` bytes of a file (the guest controls its console
+/// log's size).
+pub fn read_tail(path: &std::path::Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > max {
+        let _ = f.seek(SeekFrom::Start(len - max));
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    buf
+}
+
 /// The last lines of a VM's serial console.
 pub fn console_tail(vm: &Vm) -> String {
-    let log = std::fs::read(vm::console_path(&vm.dir)).unwrap_or_default();
+    let log = read_tail(&vm::console_path(&vm.dir), 16 * 1024);
     let text = String::from_utf8_lossy(&log);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(8)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")

@@ -25,9 +25,24 @@ pub enum StartError {
     /// Another daemon answers on the socket.
     #[error("A snowflockd is already running on {0}")]
     AlreadyRunning(String),
+    /// Another daemon holds the state directory.
+    #[error("State directory {0} is in use by another snowflockd")]
+    StateInUse(String),
     /// The socket or state directory cannot be set up.
     #[error("Cannot set up {what}")]
     Setup { what: String, #[source] err: std::io::Error },
+}
+
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(".lock");
+    let f = std::fs::File::create(&path)
+        .map_err(|err| StartError::Setup { what: path.display().to_string(), err })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(StartError::StateInUse(dir.display().to_string()));
+    }
+    Ok(f)
 }
 
 /// Runs the daemon until `Shutdown` or SIGTERM/SIGINT; stops every VM before
@@ -42,6 +57,9 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     }
     let _ = std::fs::remove_file(&cfg.socket);
     std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(setup(cfg.state_dir.display().to_string()))?;
+    // One daemon per state directory: a second one would delete the first's
+    // live VMs as "leftovers". The lock lives as long as `_lock`.
+    let _lock = lock_state_dir(&cfg.state_dir)?;
     // Leftovers of a crashed daemon: its QEMUs died with it (PDEATHSIG).
     let _ = std::fs::remove_dir_all(cfg.state_dir.join("gens"));
     let _ = std::fs::remove_dir_all(cfg.state_dir.join("vms"));
@@ -70,6 +88,7 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     let _ = std::fs::remove_file(&d.cfg.socket);
     let _ = std::fs::remove_dir_all(d.cfg.state_dir.join("gens"));
     let _ = std::fs::remove_dir(d.cfg.state_dir.join("vms"));
+    let _ = std::fs::remove_file(d.cfg.state_dir.join(".lock"));
     let _ = std::fs::remove_dir(&d.cfg.state_dir);
     tracing::info!("snowflockd stopped");
     Ok(())

@@ -253,6 +253,26 @@ fn join_reports_exits_and_lost_children_and_bad_tickets_harm_nothing() {
     // And cloning still works.
     let out = h.sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sf exit 0; fi; sf join $T");
     assert!(out.contains("1 exited 0"), "{out}");
+
+    // One guest cannot reserve the whole host with unused tickets.
+    let (code, out, err) = h.sh("p", "T=$(sf ticket 200) && echo $T && sf ticket 1");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("granted 32 of 200") && err.contains("unused clone slots"), "{err}");
+    let big = out.trim();
+    h.sh_ok("p", &format!("sf kill {big}"));
+    h.sh_ok("p", "sf ticket 1");
+
+    // A parent that dies on its own takes its clones with it.
+    let t = h
+        .sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
+        .trim()
+        .to_string();
+    assert_eq!(clones_of(&h, &t).len(), 1);
+    let ppid = h.vms().iter().find(|v| v["name"] == "p").unwrap()["pid"].as_u64().unwrap() as i32;
+    // SAFETY: the parent's QEMU, started by this test's daemon.
+    unsafe { libc::kill(ppid, libc::SIGKILL) };
+    let empty = wait_until(Duration::from_secs(30), || h.vms().is_empty().then_some(()));
+    assert!(empty.is_some(), "clones must not outlive their parent: {:?}", h.vms());
 }
 
 #[test]
