@@ -265,7 +265,9 @@ async fn exec(d: Arc<Daemon>, s: UnixStream, name: String, argv: Vec<String>) {
                 }
                 if done { break; }
             }
-            i = in_rx.recv(), if stdin_open => match i {
+            // Polled after stdin's EOF too, to notice the client leaving.
+            i = in_rx.recv() => match i {
+                Some(Some(_)) if !stdin_open => {}
                 Some(Some(input)) => {
                     let eof = input.eof;
                     for (n, chunk) in input.data.chunks(MAX_CHUNK).enumerate() {

@@ -182,6 +182,19 @@ fn clone_is_stateful_private_networked_and_distinct() {
     let status: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).unwrap();
     assert_eq!(status["counters"]["clones_started"], 4, "{status}");
     assert_eq!(status["counters"]["clone_failures"], 0, "{status}");
+    // A `vm exec` client that goes away takes its guest process with it.
+    let mut client = h.cli().args(["vm", "exec", "p", "--", "sleep", "777"]).spawn().unwrap();
+    let started = wait_until(Duration::from_secs(20), || {
+        h.sh("p", "ps | grep -v grep | grep -q 'sleep 777'").0.eq(&0).then_some(())
+    });
+    assert!(started.is_some());
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let gone = wait_until(Duration::from_secs(20), || {
+        h.sh("p", "ps | grep -v grep | grep -q 'sleep 777'").0.eq(&1).then_some(())
+    });
+    assert!(gone.is_some(), "guest process must end with its exec client");
+
     // The parent kept running through all of it.
     let pv: Vec<Value> = h.vms().into_iter().filter(|v| v["name"] == "p").collect();
     assert_eq!(pv[0]["state"], "running");
