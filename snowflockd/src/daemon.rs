@@ -421,6 +421,7 @@ impl Daemon {
         self.counters.vms_started.fetch_add(1, Ordering::Relaxed);
         tracing::info!(vm = %vm.name, pid = ?child.id(), "QEMU started");
         tokio::spawn(agent_link::run(self.clone(), vm.clone(), agent_rx));
+        tokio::spawn(bound_console(vm.clone()));
         tokio::spawn(self.clone().monitor(vm.clone(), child));
         Ok(vm)
     }
@@ -620,6 +621,46 @@ impl Daemon {
 }
 
 
+/// Console bytes kept in memory per VM: the guest decides how much it
+/// prints, and the log lives on a tmpfs.
+pub const CONSOLE_KEEP: u64 = 1 << 20;
+
+/// Keeps a VM's console log from growing without bound: every few seconds,
+/// once more than 4x [`CONSOLE_KEEP`] is allocated, punches out everything
+/// but the last [`CONSOLE_KEEP`] bytes. The file keeps its length (QEMU
+/// writes at its own offset), so readers use [`read_tail`].
+async fn bound_console(vm: Arc<Vm>) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let path = vm::console_path(&vm.dir);
+    let mut ended = vm.ended.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = wait_until(&mut ended, |e| e.is_some()) => return,
+        }
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else { continue };
+        let Ok(m) = f.metadata() else { continue };
+        if m.blocks() * 512 <= 4 * CONSOLE_KEEP {
+            continue;
+        }
+        let cut = m.len().saturating_sub(CONSOLE_KEEP) & !4095;
+        // SAFETY: fallocate on a descriptor we own; no memory arguments.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                cut as libc::off_t,
+            )
+        };
+        if r != 0 {
+            tracing::warn!(vm = %vm.name, error = %std::io::Error::last_os_error(), "cannot trim console log");
+            return;
+        }
+    }
+}
+
 /// At most the last `max` bytes of a file (the guest controls its console
 /// log's size).
 pub fn read_tail(path: &std::path::Path, max: u64) -> Vec<u8> {
@@ -631,6 +672,9 @@ pub fn read_tail(path: &std::path::Path, max: u64) -> Vec<u8> {
     }
     let mut buf = Vec::new();
     let _ = f.take(max).read_to_end(&mut buf);
+    // A trimmed log starts with a hole: skip its zeros.
+    let start = buf.iter().position(|&b| b != 0).unwrap_or(buf.len());
+    buf.drain(..start);
     buf
 }
 

@@ -338,6 +338,17 @@ fn nothing_is_left_behind() {
     {
         let h = Host::start("h0");
         h.start_vm("p", &img, "128M");
+        // A guest flooding its console does not fill the host's memory.
+        h.sh_ok("p", "dd if=/dev/zero bs=1M count=6 2>/dev/null | tr '\\0' x > /dev/console");
+        let log = h.state.join("vms/p/console.log");
+        let bounded = wait_until(Duration::from_secs(20), || {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&log).ok()?;
+            (m.len() > 6 << 20 && m.blocks() * 512 <= 4 << 20).then_some(())
+        });
+        assert!(bounded.is_some(), "console log not trimmed");
+        let console = h.run(&["vm", "console", "p"]).stdout;
+        assert!(console.len() <= 2 << 20 && console.windows(64).any(|w| w.iter().all(|&b| b == b'x')), "{}", console.len());
         h.sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T); [ $ID = 0 ] && echo parent");
         assert_eq!(h.vms().len(), 2);
         netns = h.netns.clone();
