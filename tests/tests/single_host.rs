@@ -199,6 +199,35 @@ fn clone_is_stateful_private_networked_and_distinct() {
     let pv: Vec<Value> = h.vms().into_iter().filter(|v| v["name"] == "p").collect();
     assert_eq!(pv[0]["state"], "running");
     assert_eq!(h.sh_ok("p", "cat /tmp/state.txt").trim(), "written-by-0");
+
+    // vm exec forwards stdin, both output streams and the exit code.
+    let mut c = h
+        .cli()
+        .args(["vm", "exec", "p", "--", "sh", "-c", "cat; echo to-stderr >&2; exit 7"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = c.stdin.take().unwrap();
+        stdin.write_all(b"through stdin\n").unwrap();
+    }
+    let o = c.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "through stdin\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("to-stderr"));
+
+    // vm stop of a parent takes its clones; other flocks stay.
+    let t = h
+        .sh_ok("p", "T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
+        .trim()
+        .to_string();
+    assert_eq!(clones_of(&h, &t).len(), 2);
+    h.ok(&["vm", "stop", "p"]);
+    let names: Vec<Value> = h.vms().iter().map(|v| v["name"].clone()).collect();
+    assert_eq!(names, vec![Value::from("q")]);
 }
 
 #[test]
