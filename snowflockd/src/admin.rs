@@ -222,7 +222,7 @@ async fn exec(d: Arc<Daemon>, s: UnixStream, name: String, argv: Vec<String>) {
         st.next_exec += 1;
         st.next_exec
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(crate::daemon::EXEC_QUEUE);
     vm.execs.lock().unwrap().insert(exec_id, tx);
     vm.send(HostMsg::ExecStart { exec: exec_id, argv, env: vec![] });
     // Stdin frames are read by their own task: read_frame is not cancel-safe.
@@ -257,7 +257,7 @@ async fn exec(d: Arc<Daemon>, s: UnixStream, name: String, argv: Vec<String>) {
                     Some(ExecEvent::Output(stream, data)) => (AdminResponse::ExecOutput { stream, data }, false),
                     Some(ExecEvent::Exit(code)) => (AdminResponse::ExecExit { code }, true),
                     Some(ExecEvent::Error(m)) => (err(C::Failed, m), true),
-                    None => (err(C::Failed, "VM went away"), true),
+                    None => (err(C::Failed, "The command's output outran this client; the command was killed"), true),
                 };
                 if write_frame(&mut wr, &resp).await.is_err() {
                     vm.send(HostMsg::ExecKill { exec: exec_id });

@@ -6,7 +6,7 @@
 //! malformed ones are counted and dropped, never fatal.
 
 use crate::api;
-use crate::daemon::{Daemon, ExecEvent, Vm};
+use crate::daemon::{deliver, Daemon, ExecEvent, Vm};
 use snowflock_proto::admin::VmState;
 use snowflock_proto::channel::{decode_line, encode_line, GuestMsg, HostMsg, LineReader};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,7 +98,7 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
                 // A new agent process: whatever the old one ran is gone.
                 tracing::warn!(vm = %vm.name, "guest agent restarted");
                 for (_, tx) in vm.execs.lock().unwrap().drain() {
-                    let _ = tx.send(ExecEvent::Error("The guest agent restarted; the command's fate is unknown".into()));
+                    deliver(tx, ExecEvent::Error("The guest agent restarted; the command's fate is unknown".into()));
                 }
                 vm.send(HostMsg::Hello { version: snowflock_proto::CHANNEL_VERSION });
             }
@@ -140,18 +140,25 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
             }
         }
         GuestMsg::ExecOutput { exec, stream, data } => {
-            if let Some(tx) = vm.execs.lock().unwrap().get(&exec) {
-                let _ = tx.send(ExecEvent::Output(stream, data));
+            let mut execs = vm.execs.lock().unwrap();
+            let full = execs
+                .get(&exec)
+                .is_some_and(|tx| matches!(tx.try_send(ExecEvent::Output(stream, data)), Err(mpsc::error::TrySendError::Full(_))));
+            if full {
+                // The client does not keep up: end the command rather than
+                // buffer without bound. Dropping the sender tells the client.
+                execs.remove(&exec);
+                vm.send(HostMsg::ExecKill { exec });
             }
         }
         GuestMsg::ExecExit { exec, code } => {
             if let Some(tx) = vm.execs.lock().unwrap().remove(&exec) {
-                let _ = tx.send(ExecEvent::Exit(code));
+                deliver(tx, ExecEvent::Exit(code));
             }
         }
         GuestMsg::ExecError { exec, message } => {
             if let Some(tx) = vm.execs.lock().unwrap().remove(&exec) {
-                let _ = tx.send(ExecEvent::Error(message));
+                deliver(tx, ExecEvent::Error(message));
             }
         }
         GuestMsg::Pong { .. } => {}

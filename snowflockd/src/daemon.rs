@@ -57,6 +57,20 @@ pub enum ExecEvent {
     Error(String),
 }
 
+/// Output chunks queued per `vm exec` session before a slow client makes
+/// the daemon kill the command (32 MiB at 32 KiB a chunk).
+pub const EXEC_QUEUE: usize = 1024;
+
+/// Hands a session its final event. Never blocks the caller: a full queue
+/// is waited on in a task of its own.
+pub fn deliver(tx: mpsc::Sender<ExecEvent>, ev: ExecEvent) {
+    if let Err(mpsc::error::TrySendError::Full(ev)) = tx.try_send(ev) {
+        tokio::spawn(async move {
+            let _ = tx.send(ev).await;
+        });
+    }
+}
+
 /// Why a VM's QEMU ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ended {
@@ -94,7 +108,7 @@ pub struct Vm {
     /// Instance id of the guest agent process last heard from (0 = none).
     pub agent_instance: AtomicU64,
     /// Open `vm exec` sessions.
-    pub execs: Mutex<HashMap<u64, mpsc::UnboundedSender<ExecEvent>>>,
+    pub execs: Mutex<HashMap<u64, mpsc::Sender<ExecEvent>>>,
     /// Waiter for a clone's `Ready` / `CloneFailed`.
     pub ready: Mutex<Option<oneshot::Sender<std::result::Result<(), String>>>>,
     /// Set when QEMU has exited.
@@ -202,6 +216,8 @@ pub struct State {
     pub next_index: u64,
     pub next_exec: u64,
     pub reports: Vec<CloneReport>,
+    /// Names of VMs being created (reserved against duplicates).
+    pub creating: std::collections::HashSet<String>,
 }
 
 /// Counters the CLI shows (`snowflock daemon status`).
@@ -325,12 +341,20 @@ impl Daemon {
     pub async fn create_vm(self: &Arc<Self>, new: NewVm) -> Result<Arc<Vm>> {
         let index = {
             let mut st = self.state.lock().unwrap();
-            if st.vms.contains_key(&new.name) {
+            if st.vms.contains_key(&new.name) || !st.creating.insert(new.name.clone()) {
                 return Err(DaemonError::VmExists(new.name));
             }
             st.next_index += 1;
             st.next_index
         };
+        // The name stays reserved in `creating` until registered or failed.
+        let name = new.name.clone();
+        let res = self.create_vm_inner(new, index).await;
+        self.state.lock().unwrap().creating.remove(&name);
+        res
+    }
+
+    async fn create_vm_inner(self: &Arc<Self>, new: NewVm, index: u64) -> Result<Arc<Vm>> {
         let dir = self.cfg.state_dir.join("vms").join(&new.name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
@@ -400,15 +424,7 @@ impl Daemon {
             clone_lock: tokio::sync::Mutex::new(()),
             requests: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_REQUESTS)),
         });
-        {
-            let mut st = self.state.lock().unwrap();
-            if st.vms.contains_key(&vm.name) {
-                drop(st);
-                self.release_vm_resources(&vm);
-                return Err(DaemonError::VmExists(vm.name.clone()));
-            }
-            st.vms.insert(vm.name.clone(), vm.clone());
-        }
+        self.state.lock().unwrap().vms.insert(vm.name.clone(), vm.clone());
         let child = match spec.spawn() {
             Ok(c) => c,
             Err(err) => {
@@ -451,7 +467,7 @@ impl Daemon {
         vm.set_state(VmState::Stopping);
         // Fail whatever waited on this VM.
         for (_, tx) in vm.execs.lock().unwrap().drain() {
-            let _ = tx.send(ExecEvent::Error(format!("VM {} ended: {reason}", vm.name)));
+            deliver(tx, ExecEvent::Error(format!("VM {} ended: {reason}", vm.name)));
         }
         if let Some(tx) = vm.ready.lock().unwrap().take() {
             let _ = tx.send(Err(format!("clone VM ended before it was ready: {reason}")));

@@ -16,9 +16,11 @@ struct Args {
     /// State directory (a tmpfs: it holds guest RAM).
     #[arg(long, default_value = "/dev/shm/snowflock")]
     state_dir: PathBuf,
-    /// Prefix for bridge and tap names.
-    #[arg(long, default_value = "sf")]
-    net_prefix: String,
+    /// Prefix for bridge and tap names (default: derived from the state
+    /// directory, so daemons sharing a network namespace never touch each
+    /// other's links).
+    #[arg(long)]
+    net_prefix: Option<String>,
     /// Most VMs on this host.
     #[arg(long, default_value_t = 64)]
     max_vms: u32,
@@ -38,10 +40,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    let state_dir = a.state_dir;
     let mut cfg = snowflockd::config::Config {
         socket: a.socket,
-        state_dir: a.state_dir,
-        net_prefix: a.net_prefix,
+        state_dir: state_dir.clone(),
+        net_prefix: a.net_prefix.unwrap_or_else(|| snowflockd::config::net_prefix_for(&state_dir)),
         max_vms: a.max_vms,
         quota_per_ticket: a.quota,
         qemu: a.qemu,
