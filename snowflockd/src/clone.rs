@@ -166,7 +166,16 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
         t.granted
     };
     d.counters.clone_ops.fetch_add(1, Ordering::Relaxed);
-    let result = do_clone(&d, &parent, request_id, &ticket, granted, &tl).await;
+    let generation = parent.generations.fetch_add(1, Ordering::SeqCst) + 1;
+    let gen_name = format!("{}-g{generation}", parent.name);
+    let gen_dir = d.cfg.state_dir.join("gens").join(&gen_name);
+    let result = match std::fs::create_dir_all(&gen_dir) {
+        Ok(()) => do_clone(&d, &parent, request_id, &ticket, granted, &tl, generation, &gen_name, &gen_dir).await,
+        Err(e) => Err(format!("cannot create {}: {e}", gen_dir.display())),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&gen_dir);
+    }
     let mut st = d.state.lock().unwrap();
     let t = st.tickets.get_mut(&ticket);
     match result {
@@ -198,27 +207,8 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
 
 type CloneOutcome = (PathBuf, CloneReport);
 
-async fn do_clone(
-    d: &Arc<Daemon>,
-    parent: &Arc<Vm>,
-    request_id: u64,
-    ticket: &str,
-    granted: u32,
-    tl: &Timeline,
-) -> Result<CloneOutcome, String> {
-    let generation = parent.generations.fetch_add(1, Ordering::SeqCst) + 1;
-    let gen_name = format!("{}-g{generation}", parent.name);
-    let gen_dir = d.cfg.state_dir.join("gens").join(&gen_name);
-    std::fs::create_dir_all(&gen_dir).map_err(|e| format!("cannot create {}: {e}", gen_dir.display()))?;
-    let res = do_clone_in(d, parent, request_id, ticket, granted, tl, generation, &gen_name, &gen_dir).await;
-    if res.is_err() {
-        let _ = std::fs::remove_dir_all(&gen_dir);
-    }
-    res
-}
-
 #[allow(clippy::too_many_arguments)]
-async fn do_clone_in(
+async fn do_clone(
     d: &Arc<Daemon>,
     parent: &Arc<Vm>,
     request_id: u64,
