@@ -189,8 +189,13 @@ fn hello(agent: &Agent) -> GuestMsg {
 /// (whose exec sessions and pending calls are gone) from a reply.
 static INSTANCE: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
     let mut b = [0u8; 8];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         b = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
     }
     u64::from_le_bytes(b).max(1)

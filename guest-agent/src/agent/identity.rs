@@ -82,9 +82,17 @@ impl State {
 }
 
 fn parse_cidr(cidr: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
-    let (ip, prefix) = cidr.split_once('/').ok_or_else(|| format!("Malformed address {cidr:?}"))?;
-    let ip = ip.parse().map_err(|_| format!("Malformed IPv4 address {ip:?}"))?;
-    let prefix = prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| format!("Malformed prefix in {cidr:?}"))?;
+    let (ip, prefix) = cidr
+        .split_once('/')
+        .ok_or_else(|| format!("Malformed address {cidr:?}"))?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("Malformed IPv4 address {ip:?}"))?;
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| format!("Malformed prefix in {cidr:?}"))?;
     Ok((ip, prefix))
 }
 
@@ -92,7 +100,13 @@ fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
     let bad = || format!("Malformed MAC {mac:?}");
     let parts = mac
         .split(':')
-        .map(|h| if h.len() == 2 { u8::from_str_radix(h, 16).ok() } else { None })
+        .map(|h| {
+            if h.len() == 2 {
+                u8::from_str_radix(h, 16).ok()
+            } else {
+                None
+            }
+        })
         .collect::<Option<Vec<u8>>>()
         .ok_or_else(bad)?;
     parts.try_into().map_err(|_| bad())
@@ -399,11 +413,17 @@ mod tests {
 
     #[test]
     fn address_parsing() {
-        assert_eq!(parse_cidr("10.250.3.4/24").unwrap(), ("10.250.3.4".parse().unwrap(), 24));
+        assert_eq!(
+            parse_cidr("10.250.3.4/24").unwrap(),
+            ("10.250.3.4".parse().unwrap(), 24)
+        );
         assert!(parse_cidr("10.250.3.4").is_err());
         assert!(parse_cidr("10.250.3.4/33").is_err());
         assert!(parse_cidr("x/24").is_err());
-        assert_eq!(parse_mac("52:54:00:0a:00:ff").unwrap(), [0x52, 0x54, 0, 10, 0, 255]);
+        assert_eq!(
+            parse_mac("52:54:00:0a:00:ff").unwrap(),
+            [0x52, 0x54, 0, 10, 0, 255]
+        );
         assert!(parse_mac("52:54:00:0a:00").is_err());
         assert!(parse_mac("52:54:00:0a:00:ff:zz").is_err());
         assert!(parse_mac("52:54:00:0a:00:fff").is_err());

@@ -68,7 +68,12 @@ pub fn reseed_crng(f: &File) -> io::Result<()> {
 /// also flushes its neighbour entries), new MAC, new primary IPv4 address
 /// and netmask, up. No `ip` processes: under TCG each one costs ~50 ms and
 /// this runs while the parent waits for its clones.
-pub fn configure_interface(dev: &str, mac: [u8; 6], ip: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
+pub fn configure_interface(
+    dev: &str,
+    mac: [u8; 6],
+    ip: std::net::Ipv4Addr,
+    prefix: u8,
+) -> io::Result<()> {
     if dev.len() >= libc::IFNAMSIZ || prefix > 32 {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
@@ -100,7 +105,9 @@ pub fn configure_interface(dev: &str, mac: [u8; 6], ip: std::net::Ipv4Addr, pref
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from(a).to_be() },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(a).to_be(),
+            },
             sin_zero: [0; 8],
         };
         // SAFETY: sockaddr_in and sockaddr have the same size on Linux.
@@ -122,7 +129,11 @@ pub fn configure_interface(dev: &str, mac: [u8; 6], ip: std::net::Ipv4Addr, pref
     let mut r = req();
     r.ifr_ifru.ifru_addr = inet(ip);
     ioctl(libc::SIOCSIFADDR, &mut r)?;
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    };
     let mut r = req();
     r.ifr_ifru.ifru_netmask = inet(std::net::Ipv4Addr::from(mask));
     ioctl(libc::SIOCSIFNETMASK, &mut r)?;
