@@ -97,6 +97,11 @@ struct Host {
 }
 
 impl Host {
+    /// Answers the agent's request `id`.
+    fn respond(&mut self, id: u64, resp: ApiResponse) {
+        self.send(&HostMsg::Response { id, resp });
+    }
+
     fn send(&mut self, m: &HostMsg) {
         self.s.write_all(&encode_line(m)).unwrap();
     }
@@ -302,13 +307,13 @@ fn api_calls_are_forwarded_and_answered() {
     let app = env.sf(&["ticket", "2"]);
     let (id, req) = host.request();
     assert_eq!(req, ApiRequest::RequestTicket { n: 2 });
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Ticket {
+        ApiResponse::Ticket {
             ticket: "t-abc".into(),
             granted: 2,
         },
-    });
+    );
     let out = app.output();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "t-abc\n");
@@ -323,13 +328,13 @@ fn api_calls_are_forwarded_and_answered() {
             ticket: "t-abc".into()
         }
     );
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Cloned {
+        ApiResponse::Cloned {
             clone_id: 0,
             ticket: "t-abc".into(),
         },
-    });
+    );
     let out = app.output();
     assert_eq!(text(&out.stdout), "0\n");
 
@@ -356,12 +361,12 @@ fn api_calls_are_forwarded_and_answered() {
             ticket: "t-abc".into()
         }
     );
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Joined {
+        ApiResponse::Joined {
             children: kids.clone(),
         },
-    });
+    );
     let out = app.output();
     assert_eq!(
         text(&out.stdout),
@@ -375,23 +380,20 @@ fn api_calls_are_forwarded_and_answered() {
         vm: "c1".into(),
         state: ChildState::Killed,
     }];
-    host.send(&HostMsg::Response {
-        id,
-        resp: ApiResponse::Killed { children: killed },
-    });
+    host.respond(id, ApiResponse::Killed { children: killed });
     assert_eq!(text(&app.output().stdout), "1 killed\n");
 
     // API errors from the host reach the user verbatim.
     let app = env.sf(&["exit", "3"]);
     let (id, req) = host.request();
     assert_eq!(req, ApiRequest::Exit { status: 3 });
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Error {
+        ApiResponse::Error {
             code: ApiErrorCode::WrongRole,
             message: "sf_exit is for clones only".into(),
         },
-    });
+    );
     let out = app.output();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stderr), "sf: error: sf_exit is for clones only\n");
@@ -399,10 +401,7 @@ fn api_calls_are_forwarded_and_answered() {
     // An accepted exit blocks forever (the VM is going away).
     let app = env.sf(&["exit"]);
     let (id, _) = host.request();
-    host.send(&HostMsg::Response {
-        id,
-        resp: ApiResponse::Exiting,
-    });
+    host.respond(id, ApiResponse::Exiting);
     std::thread::sleep(Duration::from_millis(300));
     let mut app = app;
     assert!(
@@ -427,10 +426,7 @@ fn api_calls_are_forwarded_and_answered() {
     assert_eq!(env.sf_done(&["frobnicate"]).status.code(), Some(2));
 
     // Responses for unknown ids are dropped; the channel keeps working.
-    host.send(&HostMsg::Response {
-        id: 999_999,
-        resp: ApiResponse::Exiting,
-    });
+    host.respond(999_999, ApiResponse::Exiting);
     host.send(&HostMsg::Ping { seq: 1 });
     host.expect("pong", |m| *m == GuestMsg::Pong { seq: 1 });
 }
@@ -755,13 +751,13 @@ fn hostile_api_clients_do_not_block_others() {
     assert!(start.elapsed() < Duration::from_secs(5));
     let app = env.sf(&["ticket", "1"]);
     let (id, _) = host.request();
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Ticket {
+        ApiResponse::Ticket {
             ticket: "t-2".into(),
             granted: 1,
         },
-    });
+    );
     assert_eq!(text(&app.output().stdout), "t-2\n");
 }
 
@@ -778,13 +774,13 @@ fn host_reconnect_needs_a_new_hello() {
     assert!(host.queue.is_empty());
     host.hello();
     let (id, _) = host.request();
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Ticket {
+        ApiResponse::Ticket {
             ticket: "t-3".into(),
             granted: 1,
         },
-    });
+    );
     let out = app.output();
     assert_eq!(text(&out.stdout), "t-3\n");
     assert_eq!(text(&out.stderr), "granted 1 of 3\n");
@@ -802,13 +798,13 @@ fn a_host_that_said_hello_to_a_previous_agent_is_accepted() {
     let app = env.sf(&["ticket", "1"]);
     let (id, _) = host.request();
     assert!(start.elapsed() < Duration::from_secs(5));
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Ticket {
+        ApiResponse::Ticket {
             ticket: "t-4".into(),
             granted: 1,
         },
-    });
+    );
     assert_eq!(text(&app.output().stdout), "t-4\n");
 }
 
@@ -862,13 +858,13 @@ fn sf_reports_a_missing_agent() {
 fn serve_client_script(host: &mut Host) {
     let (id, req) = host.request();
     assert_eq!(req, ApiRequest::RequestTicket { n: 2 });
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Ticket {
+        ApiResponse::Ticket {
             ticket: "t-c0ffee".into(),
             granted: 2,
         },
-    });
+    );
     let (id, req) = host.request();
     assert_eq!(
         req,
@@ -876,13 +872,13 @@ fn serve_client_script(host: &mut Host) {
             ticket: "t-c0ffee".into()
         }
     );
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Cloned {
+        ApiResponse::Cloned {
             clone_id: 0,
             ticket: "t-c0ffee".into(),
         },
-    });
+    );
     let (id, req) = host.request();
     assert_eq!(
         req,
@@ -902,26 +898,23 @@ fn serve_client_script(host: &mut Host) {
             state: ChildState::Killed,
         },
     ];
-    host.send(&HostMsg::Response {
-        id,
-        resp: ApiResponse::Joined { children: kids },
-    });
+    host.respond(id, ApiResponse::Joined { children: kids });
     let (id, _) = host.request();
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Error {
+        ApiResponse::Error {
             code: ApiErrorCode::TicketDiscarded,
             message: "Ticket t-c0ffee is gone".into(),
         },
-    });
+    );
     let (id, _) = host.request();
-    host.send(&HostMsg::Response {
+    host.respond(
         id,
-        resp: ApiResponse::Error {
+        ApiResponse::Error {
             code: ApiErrorCode::WrongRole,
             message: "Only clones may exit".into(),
         },
-    });
+    );
 }
 
 fn have(tool: &str) -> bool {
