@@ -215,13 +215,7 @@ mod tests {
 
     #[test]
     fn random_bytes_never_panic_and_memory_stays_bounded() {
-        let mut x: u64 = 0x2545f4914f6cdd1d;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::test_rng(0x2545f4914f6cdd1d);
         let mut r = LineReader::new();
         let valid = encode_line(&GuestMsg::Pong { seq: 1 });
         for round in 0..3000 {

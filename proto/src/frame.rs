@@ -132,13 +132,7 @@ mod tests {
 
     #[test]
     fn random_frames_never_panic() {
-        let mut x: u64 = 0x853c49e6748fea9b;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::test_rng(0x853c49e6748fea9b);
         for _ in 0..3000 {
             let len = (next() % 64) as usize;
             let mut b = (len as u32).to_le_bytes().to_vec();

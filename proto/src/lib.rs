@@ -26,6 +26,17 @@ pub const AGENT_SOCKET: &str = "/run/snowflock/agent.sock";
 /// Default path of the host daemon's admin socket.
 pub const DAEMON_SOCKET: &str = "/run/snowflock/snowflockd.sock";
 
+/// A seeded xorshift64 generator for the decoders' random-input tests.
+#[cfg(test)]
+pub(crate) fn test_rng(mut x: u64) -> impl FnMut() -> u64 {
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 /// Serde helper: `Vec<u8>` as base64 text, so binary payloads stay compact
 /// and JSON lines never contain raw newlines.
 pub mod b64 {
