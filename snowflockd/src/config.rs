@@ -1,6 +1,54 @@
-//! Daemon configuration.
+//! Daemon configuration: defaults, `/etc/snowflock/host.toml`, flags.
 
-use std::path::PathBuf;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default location of the host configuration file.
+pub const HOST_CONFIG: &str = "/etc/snowflock/host.toml";
+
+/// Another host of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    /// Its control channel address.
+    pub addr: SocketAddr,
+}
+
+/// Cluster membership of this host; `None` in [`Config::cluster`] for a
+/// stand-alone host.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Control channel (daemon to daemon, authenticated).
+    pub listen: SocketAddr,
+    /// Page server address (memory of frozen generations for other hosts).
+    pub page_server: SocketAddr,
+    pub key_file: PathBuf,
+    pub peers: Vec<Peer>,
+    /// Total deadline for fetching one page from an origin host before the
+    /// clone waiting for it is stopped.
+    pub fetch_timeout: Duration,
+    /// Extra pages fetched with a miss.
+    pub prefetch_pages: u32,
+}
+
+impl Cluster {
+    /// This host's position among all hosts sorted by name, and their count.
+    /// Flock numbers are partitioned by it so hosts never pick the same one.
+    pub fn slot(&self, me: &str) -> (u32, u32) {
+        let mut names: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+        names.push(me);
+        names.sort_unstable();
+        let i = names.iter().position(|n| *n == me).unwrap_or(0);
+        (i as u32, names.len() as u32)
+    }
+
+    pub fn peer(&self, name: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+}
 
 /// Settings of one `snowflockd`.
 #[derive(Debug, Clone)]
@@ -16,7 +64,7 @@ pub struct Config {
     pub net_prefix: String,
     /// Most VMs (parents and clones) this host runs at once.
     pub max_vms: u32,
-    /// Most clones one ticket may be granted.
+    /// Most clones one VM may hold tickets for at once (the per-VM quota).
     pub quota_per_ticket: u32,
     /// QEMU binary.
     pub qemu: PathBuf,
@@ -24,6 +72,8 @@ pub struct Config {
     pub boot_timeout_s: u64,
     /// Seconds to wait for a clone to report `Ready`.
     pub clone_timeout_s: u64,
+    /// Multi-host settings.
+    pub cluster: Option<Cluster>,
 }
 
 impl Default for Config {
@@ -38,7 +88,136 @@ impl Default for Config {
             qemu: PathBuf::from("qemu-system-x86_64"),
             boot_timeout_s: 180,
             clone_timeout_s: 120,
+            cluster: None,
         }
+    }
+}
+
+/// `host.toml` as written by sysadmins (and by `snowflock cluster up`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostFile {
+    pub host: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub net_prefix: Option<String>,
+    pub qemu: Option<PathBuf>,
+    pub max_vms: Option<u32>,
+    pub quota_per_vm: Option<u32>,
+    pub listen: Option<SocketAddr>,
+    pub page_server: Option<SocketAddr>,
+    pub key_file: Option<PathBuf>,
+    pub fetch_timeout_ms: Option<u64>,
+    pub prefetch_pages: Option<u32>,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+/// Errors in the host configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read {path}")]
+    Read { path: String, #[source] err: std::io::Error },
+    #[error("Malformed {path}")]
+    Parse { path: String, #[source] err: toml::de::Error },
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+}
+
+fn valid_host_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 32
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && n.as_bytes()[0].is_ascii_lowercase()
+}
+
+impl HostFile {
+    pub fn parse(text: &str, path: &str) -> Result<HostFile, ConfigError> {
+        toml::from_str(text).map_err(|err| ConfigError::Parse { path: path.into(), err })
+    }
+
+    pub fn load(path: &Path) -> Result<HostFile, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: p.clone(), err })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Applies the file over `cfg`, checking what only makes sense together.
+    pub fn apply(self, cfg: &mut Config, path: &str) -> Result<(), ConfigError> {
+        let bad = |msg: String| ConfigError::Invalid { path: path.into(), msg };
+        if let Some(h) = self.host {
+            if !valid_host_name(&h) {
+                return Err(bad(format!("host {h:?}: use 1-32 of a-z, 0-9 and '-', starting with a letter")));
+            }
+            cfg.host = h;
+        }
+        if let Some(s) = self.socket {
+            cfg.socket = s;
+        }
+        if let Some(s) = self.state_dir {
+            cfg.net_prefix = net_prefix_for(&s);
+            cfg.state_dir = s;
+        }
+        if let Some(p) = self.net_prefix {
+            cfg.net_prefix = p;
+        }
+        if let Some(q) = self.qemu {
+            cfg.qemu = q;
+        }
+        if let Some(m) = self.max_vms {
+            if m == 0 || m > 1024 {
+                return Err(bad(format!("max_vms must be 1 to 1024, got {m}")));
+            }
+            cfg.max_vms = m;
+        }
+        if let Some(q) = self.quota_per_vm {
+            if q == 0 || q > 255 {
+                return Err(bad(format!("quota_per_vm must be 1 to 255, got {q}")));
+            }
+            cfg.quota_per_ticket = q;
+        }
+        let clusterish = self.listen.is_some() || self.key_file.is_some() || !self.peers.is_empty();
+        if !clusterish {
+            return Ok(());
+        }
+        let listen = self.listen.ok_or_else(|| bad("`listen` is required with peers or key_file".into()))?;
+        let key_file = self.key_file.ok_or_else(|| bad("`key_file` is required with listen or peers".into()))?;
+        if listen.ip().is_unspecified() {
+            return Err(bad("`listen` must be this host's address on the cluster network, not 0.0.0.0".into()));
+        }
+        let page_server = self
+            .page_server
+            .unwrap_or_else(|| SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)));
+        let mut seen = std::collections::HashSet::new();
+        seen.insert(cfg.host.clone());
+        for p in &self.peers {
+            if !valid_host_name(&p.name) {
+                return Err(bad(format!("peer name {:?} is not a valid host name", p.name)));
+            }
+            if !seen.insert(p.name.clone()) {
+                return Err(bad(format!("host {:?} appears twice (peers must not include this host)", p.name)));
+            }
+        }
+        if self.peers.len() > 63 {
+            return Err(bad("at most 64 hosts per cluster".into()));
+        }
+        let fetch_ms = self.fetch_timeout_ms.unwrap_or(10_000);
+        if !(100..=600_000).contains(&fetch_ms) {
+            return Err(bad(format!("fetch_timeout_ms must be 100 to 600000, got {fetch_ms}")));
+        }
+        let prefetch = self.prefetch_pages.unwrap_or(0);
+        if prefetch > 255 {
+            return Err(bad(format!("prefetch_pages must be 0 to 255, got {prefetch}")));
+        }
+        cfg.cluster = Some(Cluster {
+            listen,
+            page_server,
+            key_file,
+            peers: self.peers,
+            fetch_timeout: Duration::from_millis(fetch_ms),
+            prefetch_pages: prefetch,
+        });
+        Ok(())
     }
 }
 
@@ -74,13 +253,79 @@ pub fn host_has_hw_virt() -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn prefixes_are_short_and_differ_by_state_dir() {
-        let a = super::net_prefix_for(std::path::Path::new("/dev/shm/snowflock"));
-        let b = super::net_prefix_for(std::path::Path::new("/dev/shm/snowflock-demo"));
+        let a = net_prefix_for(Path::new("/dev/shm/snowflock"));
+        let b = net_prefix_for(Path::new("/dev/shm/snowflock-demo"));
         assert_eq!(a.len(), 5);
         assert!(a.starts_with('s'));
         assert_ne!(a, b);
-        assert_eq!(a, super::net_prefix_for(std::path::Path::new("/dev/shm/snowflock")));
+        assert_eq!(a, net_prefix_for(Path::new("/dev/shm/snowflock")));
+    }
+
+    const FULL: &str = r#"
+host = "h1"
+socket = "/run/x/h1.sock"
+state_dir = "/dev/shm/x/h1"
+listen = "10.249.0.2:7170"
+key_file = "/run/x/key"
+max_vms = 8
+quota_per_vm = 4
+fetch_timeout_ms = 2000
+prefetch_pages = 3
+[[peers]]
+name = "h0"
+addr = "10.249.0.1:7170"
+[[peers]]
+name = "h2"
+addr = "10.249.0.3:7170"
+"#;
+
+    #[test]
+    fn full_file() {
+        let mut cfg = Config::default();
+        HostFile::parse(FULL, "t").unwrap().apply(&mut cfg, "t").unwrap();
+        assert_eq!(cfg.host, "h1");
+        assert_eq!(cfg.max_vms, 8);
+        assert_eq!(cfg.quota_per_ticket, 4);
+        assert_eq!(cfg.net_prefix, net_prefix_for(Path::new("/dev/shm/x/h1")));
+        let c = cfg.cluster.unwrap();
+        assert_eq!(c.page_server, "10.249.0.2:7171".parse().unwrap());
+        assert_eq!(c.fetch_timeout, Duration::from_secs(2));
+        assert_eq!(c.prefetch_pages, 3);
+        assert_eq!(c.slot("h1"), (1, 3));
+        assert_eq!(c.peer("h2").unwrap().addr, "10.249.0.3:7170".parse().unwrap());
+    }
+
+    #[test]
+    fn standalone_file_has_no_cluster() {
+        let mut cfg = Config::default();
+        HostFile::parse("host = \"solo\"\nmax_vms = 3\n", "t").unwrap().apply(&mut cfg, "t").unwrap();
+        assert!(cfg.cluster.is_none());
+        assert_eq!(cfg.max_vms, 3);
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        let cases = [
+            ("host = 3", "Malformed"),
+            ("hots = \"a\"", "Malformed"),
+            ("host = \"H 1\"", "host"),
+            ("max_vms = 0", "max_vms"),
+            ("listen = \"10.0.0.1:1\"", "key_file"),
+            ("key_file = \"/k\"", "listen"),
+            ("listen = \"0.0.0.0:1\"\nkey_file = \"/k\"", "0.0.0.0"),
+            ("listen = \"nonsense\"", "Malformed"),
+            ("host = \"a\"\nlisten = \"10.0.0.1:1\"\nkey_file = \"/k\"\n[[peers]]\nname = \"a\"\naddr = \"10.0.0.2:1\"", "twice"),
+            ("listen = \"10.0.0.1:1\"\nkey_file = \"/k\"\nfetch_timeout_ms = 1", "fetch_timeout_ms"),
+        ];
+        for (text, want) in cases {
+            let mut cfg = Config::default();
+            let e = HostFile::parse(text, "t").and_then(|f| f.apply(&mut cfg, "t")).unwrap_err();
+            let msg = crate::admin::chain(&e);
+            assert!(msg.contains(want), "{text:?}: {msg}");
+        }
     }
 }
