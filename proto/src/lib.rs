@@ -8,9 +8,13 @@
 //!   `org.snowflock.agent` (newline-delimited JSON, see [`channel`] for why).
 //! * [`admin`]: `snowflock` CLI <-> `snowflockd`, over the daemon's Unix
 //!   socket (length-prefixed JSON, see [`frame`]).
+//!
+//! [`auth`] holds the cluster-key handshake that host-to-host TCP
+//! connections (page server, daemon control channel) start with.
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod channel;
 pub mod frame;
 
