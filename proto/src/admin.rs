@@ -69,6 +69,52 @@ pub struct DaemonStatus {
     /// Named event counters since the daemon started.
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// Other hosts of the cluster (empty for a stand-alone host).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// The last VMs that ended on their own, with the reason (newest last).
+    #[serde(default)]
+    pub recent_losses: Vec<Loss>,
+}
+
+/// A VM that ended without being asked to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Loss {
+    pub vm: String,
+    pub reason: String,
+}
+
+/// Memory-on-demand figures of one VM (`snowflock stats`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VmStats {
+    pub vm: String,
+    pub host: String,
+    /// Where the VM's memory comes from: `own` (an original VM), `local`
+    /// (a clone mapping a generation on its own host: nothing is fetched)
+    /// or `remote` (fetched on demand from `origin`).
+    pub memory: String,
+    pub origin: Option<String>,
+    /// Page reads the VM caused in memtap (first touches of a page on
+    /// this host; pages already in the shared page cache cost none).
+    pub faults: u64,
+    pub bytes_fetched: u64,
+    pub pages_fetched: u64,
+    /// Pages answered from the hole map, never fetched.
+    pub zero_pages: u64,
+    pub cache_hits: u64,
+    pub prefetch_hits: u64,
+    pub fetch_errors: u64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+}
+
+/// Outcome of starting one clone on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneStart {
+    pub clone_id: u32,
+    pub vm: String,
+    /// `None` when the clone runs and reported ready.
+    pub error: Option<String>,
 }
 
 /// Figures of one clone operation, kept by the daemon for `bench`/`clones`.
@@ -112,6 +158,25 @@ pub enum AdminRequest {
     CloneReports,
     /// Stops every VM and exits.
     Shutdown,
+    /// Memory-on-demand figures of a VM.
+    Stats { name: String },
+    /// `VmList` of this host only (what daemons ask each other).
+    VmListLocal,
+    /// Daemon to daemon: free VM slots here.
+    PeerCapacity,
+    /// Daemon to daemon: start these clones from an encoded descriptor;
+    /// memory comes on demand from `page_server`. Answered once every
+    /// clone is ready or failed.
+    PeerStartClones {
+        #[serde(with = "crate::b64")]
+        descriptor: Vec<u8>,
+        clone_ids: Vec<u32>,
+        page_server: String,
+    },
+    /// Daemon to daemon: stop this host's clones of a ticket.
+    PeerStopClones { ticket: String, reason: String },
+    /// Daemon to daemon (clone host to origin): a clone ended.
+    PeerChildEnded { ticket: String, clone_id: u32, state: crate::api::ChildState },
 }
 
 /// Stdin for an exec session.
@@ -141,7 +206,15 @@ pub enum AdminResponse {
     Ok,
     Status(DaemonStatus),
     Vm(VmInfo),
-    VmList { vms: Vec<VmInfo> },
+    VmList {
+        vms: Vec<VmInfo>,
+        /// Hosts that did not answer, with the reason.
+        #[serde(default)]
+        unreachable: Vec<String>,
+    },
+    Stats(VmStats),
+    Capacity { host: String, free: u32 },
+    ClonesStarted { results: Vec<CloneStart> },
     Console { #[serde(with = "crate::b64")] data: Vec<u8> },
     ExecOutput { stream: Stream, #[serde(with = "crate::b64")] data: Vec<u8> },
     ExecExit { code: i32 },

@@ -10,7 +10,8 @@ use snowflock_proto::frame::FrameError;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixListener;
 
 fn err(code: C, e: impl std::fmt::Display) -> AdminResponse {
     AdminResponse::Error { code, message: e.to_string() }
@@ -45,7 +46,7 @@ pub async fn serve(d: Arc<Daemon>, listener: UnixListener) {
     loop {
         tokio::select! {
             a = listener.accept() => match a {
-                Ok((s, _)) => { tokio::spawn(connection(d.clone(), s)); }
+                Ok((s, _)) => { tokio::spawn(connection(d.clone(), s, false)); }
                 Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; }
             },
             _ = crate::daemon::wait_until(&mut shutdown, |s| *s) => return,
@@ -53,7 +54,14 @@ pub async fn serve(d: Arc<Daemon>, listener: UnixListener) {
     }
 }
 
-async fn connection(d: Arc<Daemon>, mut s: UnixStream) {
+/// Serves one admin connection: a local CLI's (`from_peer` false) or
+/// another daemon's over the authenticated control channel. Requests naming
+/// a VM this host does not run are forwarded to the host that runs it;
+/// requests from peers are never forwarded again.
+pub async fn connection<S>(d: Arc<Daemon>, mut s: S, from_peer: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let req: AdminRequest = match read_frame(&mut s).await {
         Ok(r) => r,
         Err(FrameError::Closed) => return,
@@ -62,6 +70,24 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream) {
             return;
         }
     };
+    if !from_peer && d.cfg.cluster.is_some() {
+        let target = match &req {
+            AdminRequest::VmStop { name }
+            | AdminRequest::VmConsole { name }
+            | AdminRequest::Exec { name, .. }
+            | AdminRequest::Stats { name } => Some(name.clone()),
+            _ => None,
+        };
+        if let Some(name) = target.filter(|n| d.vm(n).is_err()) {
+            if let Some(host) = crate::peer::locate(&d, &name).await {
+                tracing::debug!(vm = %name, %host, "forwarding admin request");
+                if let Err(e) = crate::peer::forward(&d, &host, &req, &mut s).await {
+                    let _ = write_frame(&mut s, &err(C::Unavailable, chain(&e))).await;
+                }
+                return;
+            }
+        }
+    }
     let resp = match req {
         AdminRequest::Status => AdminResponse::Status(DaemonStatus {
             host: d.cfg.host.clone(),
@@ -72,8 +98,40 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream) {
             uptime_s: d.started.elapsed().as_secs(),
             accel: if crate::config::host_has_hw_virt() { "kvm".into() } else { "tcg".into() },
             counters: d.counter_map(),
+            peers: crate::peer::peer_names(&d),
+            recent_losses: d.losses.lock().unwrap().iter().cloned().collect(),
         }),
-        AdminRequest::VmList => AdminResponse::VmList { vms: d.list() },
+        AdminRequest::VmList if !from_peer => {
+            let (vms, unreachable) = crate::peer::cluster_list(&d).await;
+            AdminResponse::VmList { vms, unreachable }
+        }
+        AdminRequest::VmList | AdminRequest::VmListLocal => AdminResponse::VmList { vms: d.list(), unreachable: vec![] },
+        AdminRequest::Stats { name } => match d.vm(&name) {
+            Ok(vm) => AdminResponse::Stats(d.vm_stats(&vm)),
+            Err(e) => daemon_err(e),
+        },
+        AdminRequest::PeerCapacity => {
+            let free = {
+                let mut st = d.state.lock().unwrap();
+                crate::api::purge(&mut st);
+                Daemon::free_slots(&st, d.cfg.max_vms)
+            };
+            AdminResponse::Capacity { host: d.cfg.host.clone(), free }
+        }
+        AdminRequest::PeerStartClones { descriptor, clone_ids, page_server } if from_peer => {
+            crate::clone::start_remote(&d, &descriptor, &clone_ids, &page_server).await
+        }
+        AdminRequest::PeerStopClones { ticket, reason } if from_peer => {
+            crate::api::stop_ticket_clones(&d, &ticket, &reason).await;
+            AdminResponse::Ok
+        }
+        AdminRequest::PeerChildEnded { ticket, clone_id, state } if from_peer => {
+            crate::api::child_ended(&d, &ticket, clone_id, state);
+            AdminResponse::Ok
+        }
+        AdminRequest::PeerStartClones { .. } | AdminRequest::PeerStopClones { .. } | AdminRequest::PeerChildEnded { .. } => {
+            err(C::BadRequest, "This request is only accepted from other hosts of the cluster")
+        }
         AdminRequest::VmStart { name, image, mem_mib, vcpus, accel } => {
             match vm_start(&d, name, image, mem_mib, vcpus, accel).await {
                 Ok(r) => r,
@@ -148,7 +206,7 @@ async fn vm_start(
         if Daemon::free_slots(&st, d.cfg.max_vms) == 0 {
             return Err(DaemonError::NoCapacity(format!("This host runs its maximum of {} VMs", d.cfg.max_vms)));
         }
-        Daemon::alloc_flock(&mut st)?
+        d.alloc_flock(&mut st)?
     };
     // Under TCG the guest calibrates its TSC against emulated timers, which
     // fails on a loaded host and can hang the boot; tell it the rate.
@@ -175,6 +233,8 @@ async fn vm_start(
             initrd: img.initramfs.clone(),
             cmdline,
             generation_ram: None,
+            origin: None,
+            memory: crate::daemon::MemSource::Own,
         })
         .await;
     let vm = match created {
@@ -200,8 +260,11 @@ fn looks_like_clone_name(name: &str) -> bool {
 }
 
 /// Streams one `vm exec`: client frames are stdin, daemon frames output.
-async fn exec(d: Arc<Daemon>, s: UnixStream, name: String, argv: Vec<String>) {
-    let (mut rd, mut wr) = s.into_split();
+async fn exec<S>(d: Arc<Daemon>, s: S, name: String, argv: Vec<String>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(s);
     let vm = match d.vm(&name) {
         Ok(vm) => vm,
         Err(e) => {

@@ -22,11 +22,11 @@
 
 use crate::admin::chain;
 use crate::api::check_ticket;
-use crate::daemon::{api_error, random_hex, Child, Daemon, NewVm, TicketState, Vm};
+use crate::daemon::{api_error, random_hex, Child, Daemon, MemSource, NewVm, TicketState, Vm};
 use crate::net;
 use crate::qmp::Qmp;
 use snowflock_descriptor::{CloneSlot, Descriptor, FlockNet, MachineShape, MemoryLayout, Meta};
-use snowflock_proto::admin::{CloneReport, VmState};
+use snowflock_proto::admin::{AdminRequest, AdminResponse, CloneReport, CloneStart, VmState};
 use snowflock_proto::api::{ApiErrorCode as E, ApiResponse, ChildState};
 use snowflock_proto::channel::{CloneIdentity, HostMsg};
 use std::path::{Path, PathBuf};
@@ -153,7 +153,7 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
         return api_error(E::WrongRole, "Nested cloning is not supported: only an original VM (clone ID 0) can clone");
     }
     let _one_at_a_time = parent.clone_lock.lock().await;
-    let granted = {
+    let (granted, placement) = {
         let mut st = d.state.lock().unwrap();
         let t = match check_ticket(&mut st, &parent, &ticket) {
             Ok(t) => t,
@@ -163,14 +163,17 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
             return api_error(E::TicketUsed, format!("Ticket {ticket} was already used by sf_clone"));
         }
         t.state = TicketState::Cloning;
-        t.granted
+        (t.granted, t.placement.clone())
     };
     d.counters.clone_ops.fetch_add(1, Ordering::Relaxed);
     let generation = parent.generations.fetch_add(1, Ordering::SeqCst) + 1;
     let gen_name = format!("{}-g{generation}", parent.name);
     let gen_dir = d.cfg.state_dir.join("gens").join(&gen_name);
     let result = match std::fs::create_dir_all(&gen_dir) {
-        Ok(()) => do_clone(&d, &parent, request_id, &ticket, granted, &tl, generation, &gen_name, &gen_dir).await,
+        Ok(()) => {
+            let job = Job { request_id, ticket: &ticket, granted, placement: &placement, generation, gen_name: &gen_name, gen_dir: &gen_dir };
+            do_clone(&d, &parent, &job, &tl).await
+        }
         Err(e) => Err(format!("cannot create {}: {e}", gen_dir.display())),
     };
     if result.is_err() {
@@ -207,18 +210,30 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
 
 type CloneOutcome = (PathBuf, CloneReport);
 
-#[allow(clippy::too_many_arguments)]
-async fn do_clone(
-    d: &Arc<Daemon>,
-    parent: &Arc<Vm>,
+/// One `sf_clone` on the origin host.
+struct Job<'a> {
     request_id: u64,
-    ticket: &str,
+    ticket: &'a str,
     granted: u32,
-    tl: &Timeline,
+    /// (host, clones), this host first.
+    placement: &'a [(String, u32)],
     generation: u64,
-    gen_name: &str,
-    gen_dir: &Path,
-) -> Result<CloneOutcome, String> {
+    gen_name: &'a str,
+    gen_dir: &'a Path,
+}
+
+impl Job<'_> {
+    /// Host of each clone ID, in order.
+    fn hosts(&self, me: &str) -> Vec<String> {
+        let mut v: Vec<String> = self.placement.iter().flat_map(|(h, n)| std::iter::repeat(h.clone()).take(*n as usize)).collect();
+        v.resize(self.granted as usize, me.to_string());
+        v
+    }
+}
+
+async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timeline) -> Result<CloneOutcome, String> {
+    let Job { request_id, ticket, granted, generation, gen_name, gen_dir, .. } = *job;
+    let hosts = job.hosts(&d.cfg.host);
     let image = snowflock_image::Image::open(&parent.image).map_err(|e| chain(&e))?;
     let slots: Vec<CloneSlot> = (1..=granted)
         .map(|k| CloneSlot {
@@ -235,8 +250,11 @@ async fn do_clone(
         // recorded as exited, not overwritten later.
         let mut st = d.state.lock().unwrap();
         if let Some(t) = st.tickets.get_mut(ticket) {
-            t.children =
-                slots.iter().map(|s| (s.clone_id, Child { vm: s.vm.clone(), state: ChildState::Running })).collect();
+            t.children = slots
+                .iter()
+                .zip(&hosts)
+                .map(|(s, h)| (s.clone_id, Child { vm: s.vm.clone(), host: h.clone(), state: ChildState::Running }))
+                .collect();
         }
     }
     parent.set_state(VmState::Cloning);
@@ -279,31 +297,55 @@ async fn do_clone(
     // Clones start from the descriptor alone (plus the generation's memory).
     let desc = Descriptor::decode(&encoded).map_err(|e| chain(&e))?;
     let state_file = gen_dir.join("state");
+    let remote_hosts: Vec<String> = job.placement.iter().skip(1).filter(|(_, n)| *n > 0).map(|(h, _)| h.clone()).collect();
+    if !remote_hosts.is_empty() {
+        let pages = d.pages.as_ref().ok_or("clones placed on other hosts, but this host has no page server")?;
+        pages.publish(gen_name, &gen_ram).map_err(|e| format!("cannot publish the generation: {e}"))?;
+        if let Some(t) = d.state.lock().unwrap().tickets.get_mut(ticket) {
+            t.published = Some(gen_name.to_string());
+        }
+    }
+    let local: Vec<&CloneSlot> = desc.meta.clones.iter().zip(&hosts).filter(|(_, h)| **h == d.cfg.host).map(|(s, _)| s).collect();
     // Clone QEMUs start only now, once nothing can fail before they are
     // resumed or stopped. Starting them during the precopy (they could map
     // the generation early) was measured slower on a 2-core host: QEMU
     // start-up and the precopy compete for the same CPUs.
-    let spawned =
-        futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, parent, slot, ticket, &image, &gen_ram)))
-            .await;
-    tl.mark("clone_vmms_started");
-    let starts = spawned.into_iter().zip(&desc.meta.clones).map(|(vm, slot)| {
-        let state_file = &state_file;
-        let desc = &desc;
-        async move {
-            match vm {
-                Ok(vm) => resume_clone(d, parent, vm, desc, slot, state_file, request_id, tl).await,
-                Err(e) => Err(e),
+    let src = Source { image: &image, ram: &gen_ram, memory: MemSource::Local, origin: None };
+    let local_run = async {
+        let spawned = futures::future::join_all(local.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
+        tl.mark("clone_vmms_started");
+        let starts = spawned.into_iter().zip(&local).map(|(vm, slot)| {
+            let (state_file, desc) = (&state_file, &desc);
+            async move {
+                match vm {
+                    Ok(vm) => resume_clone(d, Some(parent), vm, desc, slot, state_file, tl).await,
+                    Err(e) => Err(e),
+                }
             }
-        }
-    });
-    let outcomes = futures::future::join_all(starts).await;
+        });
+        let res = futures::future::join_all(starts).await;
+        local.iter().map(|s| s.clone_id).zip(res).collect::<Vec<_>>()
+    };
+    let remote_run = futures::future::join_all(remote_hosts.iter().map(|h| {
+        let ids: Vec<u32> = desc.meta.clones.iter().zip(&hosts).filter(|(_, x)| *x == h).map(|(s, _)| s.clone_id).collect();
+        start_on_host(d, h, &encoded, ids, tl)
+    }));
+    let (local_out, remote_out) = futures::join!(local_run, remote_run);
+    let mut by_id: std::collections::BTreeMap<u32, Result<(), String>> = local_out.into_iter().collect();
+    for r in remote_out {
+        by_id.extend(r);
+    }
+    let outcomes: Vec<Result<(), String>> =
+        desc.meta.clones.iter().map(|s| by_id.remove(&s.clone_id).unwrap_or(Err("never started".into()))).collect();
     tl.mark("clones_ready");
 
-    // Every clone QEMU has mapped the generation and loaded the state (or
-    // failed): the files can go; the generation's pages live as long as a
-    // clone maps them. The descriptor stays until the ticket is discarded.
-    let _ = std::fs::remove_file(gen_dir.join("ram"));
+    // Every local clone QEMU has mapped the generation and loaded the state
+    // (or failed): the files can go; the generation's pages live as long as
+    // a clone maps them. Other hosts fetch pages from the file until the
+    // ticket ends. The descriptor stays until the ticket is discarded.
+    if remote_hosts.is_empty() {
+        let _ = std::fs::remove_file(gen_dir.join("ram"));
+    }
     let _ = std::fs::remove_file(gen_dir.join("state"));
 
     {
@@ -335,49 +377,237 @@ async fn do_clone(
     Ok((gen_dir.to_path_buf(), report))
 }
 
-/// Starts a clone's QEMU, paused and waiting for its device state.
-async fn spawn_clone(
+/// Asks `host` to start clones `ids` of the descriptor; one outcome per ID.
+async fn start_on_host(
     d: &Arc<Daemon>,
-    parent: &Arc<Vm>,
-    slot: &CloneSlot,
-    ticket: &str,
-    image: &snowflock_image::Image,
-    gen_ram: &Path,
-) -> Result<Arc<Vm>, String> {
+    host: &str,
+    encoded: &[u8],
+    ids: Vec<u32>,
+    tl: &Timeline,
+) -> Vec<(u32, Result<(), String>)> {
+    let page_server = d.cfg.cluster.as_ref().map(|c| c.page_server.to_string()).unwrap_or_default();
+    let req = AdminRequest::PeerStartClones { descriptor: encoded.to_vec(), clone_ids: ids.clone(), page_server };
+    let timeout = Duration::from_secs(d.cfg.clone_timeout_s + 60);
+    let res = crate::peer::call(d, host, &req, timeout).await;
+    tl.mark(format!("{host}_answered"));
+    match res {
+        Ok(AdminResponse::ClonesStarted { results }) => ids
+            .iter()
+            .map(|id| {
+                let r = results.iter().find(|r| r.clone_id == *id);
+                let out = match r {
+                    Some(CloneStart { error: None, .. }) => Ok(()),
+                    Some(CloneStart { error: Some(e), .. }) => Err(format!("on {host}: {e}")),
+                    None => Err(format!("{host} did not report on this clone")),
+                };
+                (*id, out)
+            })
+            .collect(),
+        Ok(AdminResponse::Error { message, .. }) => ids.iter().map(|id| (*id, Err(format!("{host} refused: {message}")))).collect(),
+        Ok(other) => ids.iter().map(|id| (*id, Err(format!("{host} answered {other:?}")))).collect(),
+        Err(e) => {
+            let msg = chain(&e);
+            ids.iter().map(|id| (*id, Err(msg.clone()))).collect()
+        }
+    }
+}
+
+/// Where a clone's VMM gets its memory from.
+struct Source<'a> {
+    image: &'a snowflock_image::Image,
+    ram: &'a Path,
+    memory: MemSource,
+    origin: Option<String>,
+}
+
+/// Starts a clone's QEMU, paused and waiting for its device state.
+async fn spawn_clone(d: &Arc<Daemon>, desc: &Descriptor, src: &Source<'_>, slot: &CloneSlot) -> Result<Arc<Vm>, String> {
+    let m = &desc.meta;
     d.create_vm(NewVm {
         name: slot.vm.clone(),
-        flock: parent.flock,
+        flock: m.net.flock,
         clone_id: slot.clone_id,
-        ticket: Some(ticket.to_string()),
-        parent: parent.name.clone(),
-        mem_mib: parent.mem_mib,
-        vcpus: parent.vcpus,
-        accel: parent.accel.clone(),
-        image: parent.image.clone(),
-        kernel: image.vmlinux.clone(),
-        initrd: image.initramfs.clone(),
-        cmdline: parent.cmdline.clone(),
-        generation_ram: Some(gen_ram.to_path_buf()),
+        ticket: Some(m.ticket.clone()),
+        parent: m.parent.clone(),
+        mem_mib: m.machine.mem_mib,
+        vcpus: m.machine.vcpus,
+        accel: m.machine.accel.clone(),
+        image: PathBuf::from(&m.machine.image),
+        kernel: src.image.vmlinux.clone(),
+        initrd: src.image.initramfs.clone(),
+        cmdline: m.machine.cmdline.clone(),
+        generation_ram: Some(src.ram.to_path_buf()),
+        origin: src.origin.clone(),
+        memory: src.memory.clone(),
     })
     .await
     .map_err(|e| chain(&e))
 }
 
+/// Memtap name of a generation from another host: `<origin>.<generation>`.
+fn remote_generation_name(meta: &Meta) -> Result<String, String> {
+    let gen = meta
+        .memory
+        .source
+        .split_once(':')
+        .map(|(_, g)| g)
+        .ok_or_else(|| format!("malformed memory source {:?}", meta.memory.source))?;
+    let ok = |s: &str| !s.is_empty() && s.len() <= 60 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !ok(&meta.origin_host) || !ok(gen) {
+        return Err(format!("malformed memory source {:?}", meta.memory.source));
+    }
+    Ok(format!("{}.{gen}", meta.origin_host))
+}
+
+/// On a clone host: starts clones `ids` of an encoded descriptor from
+/// another host, their memory served on demand by memtap from the origin's
+/// page server. Answers once every clone is ready or failed.
+pub async fn start_remote(d: &Arc<Daemon>, encoded: &[u8], ids: &[u32], page_server: &str) -> AdminResponse {
+    let refuse = |m: String| AdminResponse::Error { code: snowflock_proto::admin::AdminErrorCode::BadRequest, message: m };
+    let desc = match Descriptor::decode(encoded) {
+        Ok(d) => d,
+        Err(e) => return refuse(format!("bad descriptor: {}", chain(&e))),
+    };
+    let Some(memtap) = d.memtap.as_ref() else { return refuse("this host has no memtap (not in a cluster)".into()) };
+    let origin_addr: std::net::SocketAddr = match page_server.parse() {
+        Ok(a) => a,
+        Err(_) => return refuse(format!("bad page server address {page_server:?}")),
+    };
+    let slots: Vec<CloneSlot> = desc.meta.clones.iter().filter(|s| ids.contains(&s.clone_id)).cloned().collect();
+    if slots.len() != ids.len() || ids.is_empty() {
+        return refuse("clone IDs do not match the descriptor".into());
+    }
+    let gen_name = match remote_generation_name(&desc.meta) {
+        Ok(n) => n,
+        Err(e) => return refuse(e),
+    };
+    let image = match snowflock_image::Image::open(Path::new(&desc.meta.machine.image)) {
+        Ok(i) => i,
+        Err(e) => return refuse(format!("the parent's image is not usable on this host: {}", chain(&e))),
+    };
+    {
+        let mut st = d.state.lock().unwrap();
+        crate::api::purge(&mut st);
+        let free = Daemon::free_slots(&st, d.cfg.max_vms);
+        if free < ids.len() as u32 {
+            return AdminResponse::Error {
+                code: snowflock_proto::admin::AdminErrorCode::Unavailable,
+                message: format!("{} has {free} free VM slots, {} asked", d.cfg.host, ids.len()),
+            };
+        }
+    }
+    let tl = Timeline(Arc::new(Mutex::new(Vec::new())), Instant::now());
+    // One reference per clone VM; each is released when that VM ends.
+    let mut ram = None;
+    let mut added = 0;
+    for _ in &slots {
+        let spec = dom0_memtap::GenerationSpec {
+            name: gen_name.clone(),
+            size: desc.meta.memory.size,
+            holes: desc.holes.clone(),
+            origin: origin_addr,
+        };
+        match memtap.add_generation(spec) {
+            Ok(p) => {
+                ram = Some(p);
+                added += 1;
+            }
+            Err(e) => {
+                for _ in 0..added {
+                    memtap.release_generation(&gen_name);
+                }
+                return AdminResponse::Error {
+                    code: snowflock_proto::admin::AdminErrorCode::Failed,
+                    message: format!("memtap: {}", chain(&e)),
+                };
+            }
+        }
+    }
+    let ram = ram.expect("at least one slot");
+    let dir = d.cfg.state_dir.join("gens").join(format!("{gen_name}-{}", random_hex(4)));
+    let state_file = dir.join("state");
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&state_file, &desc.device_state)) {
+        for _ in &slots {
+            memtap.release_generation(&gen_name);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return AdminResponse::Error { code: snowflock_proto::admin::AdminErrorCode::Failed, message: format!("cannot write device state: {e}") };
+    }
+    let src = Source {
+        image: &image,
+        ram: &ram,
+        memory: MemSource::Remote { generation: gen_name.clone() },
+        origin: Some(desc.meta.origin_host.clone()),
+    };
+    let spawned = futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
+    let starts = spawned.into_iter().zip(&slots).map(|(vm, slot)| {
+        let (state_file, desc, tl) = (&state_file, &desc, &tl);
+        async move {
+            match vm {
+                Ok(vm) => resume_clone(d, None, vm, desc, slot, state_file, tl).await,
+                Err(e) => {
+                    // No VM holds this reference.
+                    memtap.release_generation(&gen_name);
+                    Err(e)
+                }
+            }
+        }
+    });
+    let res = futures::future::join_all(starts).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let results = slots
+        .iter()
+        .zip(res)
+        .map(|(s, r)| {
+            if r.is_ok() {
+                d.counters.remote_clones_started.fetch_add(1, Ordering::Relaxed);
+            }
+            CloneStart { clone_id: s.clone_id, vm: s.vm.clone(), error: r.err() }
+        })
+        .collect();
+    tracing::info!(origin = %desc.meta.origin_host, ticket = %desc.meta.ticket, ?ids, "clones from another host started");
+    AdminResponse::ClonesStarted { results }
+}
+
+/// Stops clones whose memory origin is gone, with the reason, so that a
+/// clone waiting for a page never waits forever. Runs on its own thread.
+pub fn watch_memtap(d: Arc<Daemon>, rx: std::sync::mpsc::Receiver<dom0_memtap::MemtapEvent>, rt: tokio::runtime::Handle) {
+    while let Ok(ev) = rx.recv() {
+        let dom0_memtap::MemtapEvent::OriginLost { generation, origin, reason } = ev;
+        let why = format!("its memory origin {origin} stopped serving generation {generation}: {reason}");
+        let victims: Vec<Arc<Vm>> = d
+            .state
+            .lock()
+            .unwrap()
+            .vms
+            .values()
+            .filter(|v| matches!(&v.memory, MemSource::Remote { generation: g } if *g == generation))
+            .cloned()
+            .collect();
+        tracing::warn!(%generation, %origin, %reason, clones = victims.len(), "memory origin lost; stopping its clones");
+        for v in victims {
+            *v.lost_reason.lock().unwrap() = Some(why.clone());
+            d.counters.origin_lost_kills.fetch_add(1, Ordering::Relaxed);
+            let d2 = d.clone();
+            rt.spawn(async move { d2.stop_vm(&v).await });
+        }
+    }
+}
+
 /// Loads the device state into a spawned clone, resumes it and gives it
 /// its identity; returns once it is ready.
-#[allow(clippy::too_many_arguments)]
 async fn resume_clone(
     d: &Arc<Daemon>,
-    parent: &Arc<Vm>,
+    parent: Option<&Arc<Vm>>,
     vm: Arc<Vm>,
     desc: &Descriptor,
     slot: &CloneSlot,
     state_file: &Path,
-    request_id: u64,
     tl: &Timeline,
 ) -> Result<(), String> {
     let m = &desc.meta;
-    if parent.stopping.load(Ordering::SeqCst) || parent.is_ended() {
+    let request_id = m.request_id;
+    if parent.is_some_and(|p| p.stopping.load(Ordering::SeqCst) || p.is_ended()) {
         // The parent was stopped while we cloned it: its children go too.
         d.stop_vm(&vm).await;
         return Err("the parent VM was stopped during the clone".into());

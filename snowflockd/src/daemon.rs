@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::net::{self, NetNames};
 use crate::qmp::Qmp;
 use crate::vm::{self, QemuSpec};
-use snowflock_proto::admin::{CloneReport, VmInfo, VmState};
+use snowflock_proto::admin::{AdminRequest, CloneReport, VmInfo, VmState};
 use snowflock_proto::api::{ApiErrorCode, ApiResponse, ChildState, ChildStatus};
 use snowflock_proto::channel::{HostMsg, Stream};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -122,6 +122,27 @@ pub struct Vm {
     pub clone_lock: tokio::sync::Mutex<()>,
     /// Bounds the API calls a guest may have in flight.
     pub requests: Arc<tokio::sync::Semaphore>,
+    /// For a clone whose parent runs on another host: that host.
+    pub origin: Option<String>,
+    /// Where this VM's memory comes from.
+    pub memory: MemSource,
+    /// How a clone ended by its own choice (`sf_exit`), for its parent.
+    pub exit_state: Mutex<Option<ChildState>>,
+    /// Why the daemon stopped this VM on its own (e.g. its memory origin
+    /// died): reported as lost, with this reason, not as stopped.
+    pub lost_reason: Mutex<Option<String>>,
+}
+
+/// Where a VM's RAM comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemSource {
+    /// Its own RAM file (an original VM).
+    Own,
+    /// A private mapping of a generation on this host.
+    Local,
+    /// A private mapping of a memtap file: pages fetched on demand from the
+    /// origin host's page server. `generation` is the memtap name.
+    Remote { generation: String },
 }
 
 /// Most API calls one guest may have pending at once.
@@ -175,6 +196,8 @@ pub enum TicketState {
 #[derive(Debug, Clone)]
 pub struct Child {
     pub vm: String,
+    /// Host the clone runs on.
+    pub host: String,
     pub state: ChildState,
 }
 
@@ -186,6 +209,10 @@ pub struct Ticket {
     pub children: BTreeMap<u32, Child>,
     pub generation: Option<PathBuf>,
     pub created: Instant,
+    /// Clones granted per host (hidden from the guest), in placement order.
+    pub placement: Vec<(String, u32)>,
+    /// Name under which the generation is published on the page server.
+    pub published: Option<String>,
 }
 
 impl Ticket {
@@ -195,6 +222,17 @@ impl Ticket {
             .map(|(id, c)| ChildStatus { clone_id: *id, vm: c.vm.clone(), state: c.state.clone() })
             .collect()
     }
+    /// Slots placed on the host that granted the ticket.
+    pub fn local_slots(&self) -> u32 {
+        self.placement.first().map(|(_, n)| *n).unwrap_or(self.granted)
+    }
+    /// Hosts other than the origin with children of this ticket.
+    pub fn remote_hosts(&self, me: &str) -> Vec<String> {
+        let mut h: Vec<String> = self.children.values().filter(|c| c.host != me).map(|c| c.host.clone()).collect();
+        h.sort();
+        h.dedup();
+        h
+    }
     pub fn all_done(&self) -> bool {
         self.children.values().all(|c| c.state != ChildState::Running)
     }
@@ -202,7 +240,7 @@ impl Ticket {
     /// its running clones (their VMs count themselves).
     pub fn reserved(&self) -> u32 {
         match self.state {
-            TicketState::Granted | TicketState::Cloning => self.granted,
+            TicketState::Granted | TicketState::Cloning => self.local_slots(),
             _ => 0,
         }
     }
@@ -231,6 +269,9 @@ pub struct Counters {
     pub clones_lost: AtomicU64,
     pub api_requests: AtomicU64,
     pub api_errors: AtomicU64,
+    pub remote_clones_started: AtomicU64,
+    pub peer_auth_failures: AtomicU64,
+    pub origin_lost_kills: AtomicU64,
 }
 
 /// The daemon.
@@ -243,6 +284,22 @@ pub struct Daemon {
     /// Bumped whenever any ticket's children change.
     pub tickets_changed: watch::Sender<u64>,
     pub shutdown: watch::Sender<bool>,
+    /// Cluster key (cluster hosts only).
+    pub key: Option<Arc<snowflock_proto::auth::ClusterKey>>,
+    /// Memory on demand for clones of other hosts' VMs (cluster hosts only).
+    pub memtap: Option<dom0_memtap::Memtap>,
+    /// Serves this host's generations to other hosts (cluster hosts only).
+    pub pages: Option<dom0_memtap::server::PageServer>,
+    /// VMs that ended on their own, newest last.
+    pub losses: Mutex<std::collections::VecDeque<snowflock_proto::admin::Loss>>,
+}
+
+/// Cluster parts a daemon is built with.
+#[derive(Default)]
+pub struct ClusterParts {
+    pub key: Option<Arc<snowflock_proto::auth::ClusterKey>>,
+    pub memtap: Option<dom0_memtap::Memtap>,
+    pub pages: Option<dom0_memtap::server::PageServer>,
 }
 
 /// Unguessable id in hex.
@@ -273,10 +330,16 @@ pub struct NewVm {
     pub cmdline: String,
     /// RAM to map: `None` = a fresh shared RAM file in the VM directory.
     pub generation_ram: Option<PathBuf>,
+    pub origin: Option<String>,
+    pub memory: MemSource,
 }
 
 impl Daemon {
     pub fn new(cfg: Config) -> Arc<Daemon> {
+        Self::with_cluster(cfg, ClusterParts::default())
+    }
+
+    pub fn with_cluster(cfg: Config, parts: ClusterParts) -> Arc<Daemon> {
         let names = NetNames { prefix: cfg.net_prefix.clone() };
         Arc::new(Daemon {
             counters: Counters::default(),
@@ -286,6 +349,10 @@ impl Daemon {
             started: Instant::now(),
             tickets_changed: watch::channel(0).0,
             shutdown: watch::channel(false).0,
+            key: parts.key,
+            memtap: parts.memtap,
+            pages: parts.pages,
+            losses: Mutex::new(Default::default()),
         })
     }
 
@@ -302,6 +369,9 @@ impl Daemon {
             ("clones_lost", get(&c.clones_lost)),
             ("api_requests", get(&c.api_requests)),
             ("api_errors", get(&c.api_errors)),
+            ("remote_clones_started", get(&c.remote_clones_started)),
+            ("peer_auth_failures", get(&c.peer_auth_failures)),
+            ("origin_lost_kills", get(&c.origin_lost_kills)),
             ("malformed_guest_lines", get(&crate::agent_link::MALFORMED_LINES)),
         ]
         .into_iter()
@@ -318,6 +388,46 @@ impl Daemon {
         vms.iter().map(|v| v.info(&self.cfg.host)).collect()
     }
 
+    /// Memory-on-demand figures of a VM of this host.
+    pub fn vm_stats(&self, vm: &Vm) -> snowflock_proto::admin::VmStats {
+        let mut s = snowflock_proto::admin::VmStats {
+            vm: vm.name.clone(),
+            host: self.cfg.host.clone(),
+            memory: match vm.memory {
+                MemSource::Own => "own",
+                MemSource::Local => "local",
+                MemSource::Remote { .. } => "remote",
+            }
+            .into(),
+            origin: vm.origin.clone(),
+            ..Default::default()
+        };
+        let pid = *vm.pid.lock().unwrap();
+        if let (MemSource::Remote { .. }, Some(m), Some(pid)) = (&vm.memory, &self.memtap, pid) {
+            let f = m.pid_stats(pid);
+            s.faults = f.faults;
+            s.bytes_fetched = f.bytes_fetched;
+            s.pages_fetched = f.pages_fetched;
+            s.zero_pages = f.zero_pages;
+            s.cache_hits = f.cache_hits;
+            s.prefetch_hits = f.prefetch_hits;
+            s.fetch_errors = f.fetch_errors;
+            s.latency_p50_us = f.latency_p50_us;
+            s.latency_p99_us = f.latency_p99_us;
+        }
+        s
+    }
+
+    /// Withdraws a generation from the page server and deletes its files.
+    pub fn drop_generation(&self, dir: Option<PathBuf>, published: Option<String>) {
+        if let (Some(name), Some(p)) = (published, &self.pages) {
+            p.withdraw(&name);
+        }
+        if let Some(g) = dir {
+            let _ = std::fs::remove_dir_all(g);
+        }
+    }
+
     pub fn bump_tickets(&self) {
         self.tickets_changed.send_modify(|v| *v += 1);
     }
@@ -328,10 +438,14 @@ impl Daemon {
         max.saturating_sub(used)
     }
 
-    pub fn alloc_flock(st: &mut State) -> Result<u32> {
+    /// Picks a free flock number from this host's slice of the cluster's.
+    pub fn alloc_flock(&self, st: &mut State) -> Result<u32> {
+        let (i, n) = self.cfg.cluster.as_ref().map(|c| c.slot(&self.cfg.host)).unwrap_or((0, 1));
+        let in_use = |f: &u32| st.flocks.contains(f) || st.vms.values().any(|v| v.flock == *f);
         let f = (0..net::MAX_FLOCKS)
-            .find(|f| !st.flocks.contains(f))
-            .ok_or_else(|| DaemonError::NoCapacity("All 256 flock networks are in use".into()))?;
+            .filter(|f| f % n == i)
+            .find(|f| !in_use(f))
+            .ok_or_else(|| DaemonError::NoCapacity(format!("All {} flock networks of this host are in use", net::MAX_FLOCKS / n)))?;
         st.flocks.insert(f);
         Ok(f)
     }
@@ -369,6 +483,10 @@ impl Daemon {
         let bridge = self.names.bridge(new.flock);
         let setup = (|| -> Result<()> {
             net::ensure_bridge(&bridge)?;
+            if let Some(c) = &self.cfg.cluster {
+                let peers: Vec<std::net::IpAddr> = c.peers.iter().map(|p| p.addr.ip()).collect();
+                net::ensure_overlay(&self.names, new.flock, c.listen.ip(), &peers)?;
+            }
             net::create_tap(&tap, &bridge)?;
             Ok(())
         })();
@@ -423,6 +541,10 @@ impl Daemon {
             generations: AtomicU64::new(0),
             clone_lock: tokio::sync::Mutex::new(()),
             requests: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_REQUESTS)),
+            origin: new.origin,
+            memory: new.memory,
+            exit_state: Mutex::new(None),
+            lost_reason: Mutex::new(None),
         });
         self.state.lock().unwrap().vms.insert(vm.name.clone(), vm.clone());
         let child = match spec.spawn() {
@@ -445,8 +567,10 @@ impl Daemon {
     /// Waits for QEMU to exit, then cleans up and records why.
     async fn monitor(self: Arc<Self>, vm: Arc<Vm>, mut child: tokio::process::Child) {
         let status = child.wait().await;
-        let requested = vm.stopping.load(Ordering::SeqCst);
+        let lost_reason = vm.lost_reason.lock().unwrap().clone();
+        let requested = vm.stopping.load(Ordering::SeqCst) && lost_reason.is_none();
         let reason = match &status {
+            _ if lost_reason.is_some() => lost_reason.clone().unwrap_or_default(),
             Ok(s) if requested => format!("stopped ({s})"),
             Ok(s) => format!("QEMU exited unexpectedly ({s})"),
             Err(e) => format!("cannot wait for QEMU: {e}"),
@@ -460,9 +584,20 @@ impl Daemon {
         } else {
             self.counters.vms_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(vm = %vm.name, %reason, qemu_log = %log_tail, "VM lost");
+            let mut l = self.losses.lock().unwrap();
+            l.push_back(snowflock_proto::admin::Loss { vm: vm.name.clone(), reason: reason.clone() });
+            if l.len() > 32 {
+                l.pop_front();
+            }
         }
         *vm.console_tail.lock().unwrap() = console_tail(&vm);
         let ended = if requested { Ended::Stopped } else { Ended::Lost(reason.clone()) };
+        // What the parent's sf_join will say about this child.
+        let child_state = match vm.exit_state.lock().unwrap().clone() {
+            Some(s) => s,
+            None if requested => ChildState::Killed,
+            None => ChildState::Lost { reason: reason.clone() },
+        };
         *vm.pid.lock().unwrap() = None;
         vm.set_state(VmState::Stopping);
         // Fail whatever waited on this VM.
@@ -478,11 +613,7 @@ impl Daemon {
             if let Some(t) = vm.ticket.as_ref().and_then(|t| st.tickets.get_mut(t)) {
                 if let Some(c) = t.children.get_mut(&vm.clone_id) {
                     if c.state == ChildState::Running {
-                        c.state = if requested {
-                            ChildState::Killed
-                        } else {
-                            ChildState::Lost { reason: reason.clone() }
-                        };
+                        c.state = child_state.clone();
                     }
                 }
             }
@@ -490,11 +621,24 @@ impl Daemon {
                 st.flocks.remove(&vm.flock);
             }
         }
+        if let (Some(origin), Some(ticket)) = (&vm.origin, &vm.ticket) {
+            crate::peer::notify_child_ended(self.clone(), origin.clone(), ticket.clone(), vm.clone_id, child_state);
+        }
+        if let (MemSource::Remote { generation }, Some(m)) = (&vm.memory, &self.memtap) {
+            m.release_generation(generation);
+        }
         let this = self.clone();
         let vm2 = vm.clone();
         let _ = tokio::task::spawn_blocking(move || {
             this.release_vm_resources(&vm2);
-            if vm2.clone_id == 0 {
+            // The flock's links go with its last VM on this host (and the
+            // parent's reservation of the number).
+            let flock_left = {
+                let st = this.state.lock().unwrap();
+                st.flocks.contains(&vm2.flock) || st.vms.values().any(|v| v.flock == vm2.flock)
+            };
+            if !flock_left {
+                let _ = net::delete_link(&this.names.vxlan(vm2.flock));
                 let _ = net::delete_link(&this.names.bridge(vm2.flock));
             }
         })
@@ -511,9 +655,15 @@ impl Daemon {
 
     /// Discards a parent's tickets and stops its clones.
     async fn stop_children(self: &Arc<Self>, parent: &str, why: &'static str) {
+        let mut remote: Vec<(String, String)> = Vec::new();
         let kids: Vec<Arc<Vm>> = {
             let mut st = self.state.lock().unwrap();
             for t in st.tickets.values_mut().filter(|t| t.owner == parent) {
+                if t.children.values().any(|c| c.state == ChildState::Running) {
+                    for h in t.remote_hosts(&self.cfg.host) {
+                        remote.push((h, t.id.clone()));
+                    }
+                }
                 for c in t.children.values_mut() {
                     if c.state == ChildState::Running {
                         c.state = ChildState::Killed;
@@ -526,7 +676,19 @@ impl Daemon {
             st.vms.values().filter(|v| v.parent == parent && v.clone_id != 0).cloned().collect()
         };
         futures::future::join_all(kids.iter().map(|k| self.stop_one(k))).await;
+        self.stop_remote(remote, why).await;
         self.bump_tickets();
+    }
+
+    /// Asks other hosts to stop their clones of these tickets.
+    pub async fn stop_remote(self: &Arc<Self>, which: Vec<(String, String)>, why: &str) {
+        let calls = which.into_iter().map(|(host, ticket)| async move {
+            let req = AdminRequest::PeerStopClones { ticket: ticket.clone(), reason: why.to_string() };
+            if let Err(e) = crate::peer::call(self, &host, &req, Duration::from_secs(15)).await {
+                tracing::warn!(%host, %ticket, error = %crate::admin::chain(&e), "cannot stop clones on another host");
+            }
+        });
+        futures::future::join_all(calls).await;
     }
 
     fn release_vm_resources(&self, vm: &Vm) {
@@ -592,6 +754,9 @@ impl Daemon {
                     .and_then(|r| r.strip_prefix("-g"))
                     .is_some_and(|g| !g.is_empty() && g.bytes().all(|c| c.is_ascii_digit()));
                 if ours {
+                    if let Some(p) = &self.pages {
+                        p.withdraw(&n);
+                    }
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }

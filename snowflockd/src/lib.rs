@@ -15,6 +15,7 @@ pub mod clone;
 pub mod config;
 pub mod daemon;
 pub mod net;
+pub mod peer;
 pub mod qmp;
 pub mod vm;
 
@@ -28,6 +29,9 @@ pub enum StartError {
     /// Another daemon holds the state directory.
     #[error("State directory {0} is in use by another snowflockd")]
     StateInUse(String),
+    /// The cluster configuration cannot be used.
+    #[error("{0}")]
+    Cluster(String),
     /// The socket or state directory cannot be set up.
     #[error("Cannot set up {what}")]
     Setup { what: String, #[source] err: std::io::Error },
@@ -43,6 +47,31 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
         return Err(StartError::StateInUse(dir.display().to_string()));
     }
     Ok(f)
+}
+
+/// Loads the cluster key, starts the page server, mounts memtap and binds
+/// the control listener, for a host configured as part of a cluster.
+async fn cluster_parts(
+    cfg: &config::Config,
+) -> Result<(daemon::ClusterParts, Option<tokio::net::TcpListener>), StartError> {
+    let Some(c) = &cfg.cluster else { return Ok((daemon::ClusterParts::default(), None)) };
+    let key = snowflock_proto::auth::ClusterKey::load(&c.key_file).map_err(|e| StartError::Cluster(admin::chain(&e)))?;
+    let key = std::sync::Arc::new(key);
+    let control = tokio::net::TcpListener::bind(c.listen)
+        .await
+        .map_err(|err| StartError::Setup { what: format!("control listener on {}", c.listen), err })?;
+    let pages = dom0_memtap::server::PageServer::start(c.page_server, key.clone())
+        .map_err(|err| StartError::Setup { what: format!("page server on {}", c.page_server), err })?;
+    let memtap = dom0_memtap::Memtap::mount(dom0_memtap::MemtapConfig {
+        mount: cfg.state_dir.join("memtap"),
+        cache_dir: cfg.state_dir.join("memcache"),
+        key: key.clone(),
+        fetch_timeout: c.fetch_timeout,
+        prefetch_pages: c.prefetch_pages,
+    })
+    .map_err(|e| StartError::Cluster(format!("cannot mount memtap: {}", admin::chain(&e))))?;
+    tracing::info!(listen = %c.listen, page_server = %c.page_server, peers = c.peers.len(), "cluster host");
+    Ok((daemon::ClusterParts { key: Some(key), memtap: Some(memtap), pages: Some(pages) }, Some(control)))
 }
 
 /// Runs the daemon until `Shutdown` or SIGTERM/SIGINT; stops every VM before
@@ -67,13 +96,26 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     let listener = tokio::net::UnixListener::bind(&cfg.socket).map_err(setup(cfg.socket.display().to_string()))?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600));
-    let d = daemon::Daemon::new(cfg);
+    let _ = std::fs::remove_dir_all(cfg.state_dir.join("memcache"));
+    let (parts, control) = cluster_parts(&cfg).await?;
+    let d = daemon::Daemon::with_cluster(cfg, parts);
     let stale = net::remove_stale_links(&d.names);
     if !stale.is_empty() {
         tracing::warn!(links = ?stale, "removed links left by an earlier snowflockd");
     }
     tracing::info!(host = %d.cfg.host, socket = %d.cfg.socket.display(), state = %d.cfg.state_dir.display(), "snowflockd started");
     let server = tokio::spawn(admin::serve(d.clone(), listener));
+    let control = control.map(|l| tokio::spawn(peer::serve(d.clone(), l, d.key.clone().expect("cluster key"))));
+    if let Some(m) = &d.memtap {
+        if let Some(rx) = m.take_events() {
+            let d2 = d.clone();
+            let handle = tokio::runtime::Handle::current();
+            std::thread::Builder::new()
+                .name("memtap-events".into())
+                .spawn(move || clone::watch_memtap(d2, rx, handle))
+                .map_err(setup("memtap event thread".into()))?;
+        }
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(setup("signal handler".into()))?;
     let mut shutdown = d.shutdown.subscribe();
@@ -85,6 +127,9 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     d.stop_all().await;
     d.shutdown.send_replace(true);
     let _ = server.await;
+    if let Some(c) = control {
+        let _ = c.await;
+    }
     let _ = std::fs::remove_file(&d.cfg.socket);
     let _ = std::fs::remove_dir_all(d.cfg.state_dir.join("gens"));
     let _ = std::fs::remove_dir(d.cfg.state_dir.join("vms"));

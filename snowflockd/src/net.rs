@@ -1,8 +1,13 @@
-//! Flock networks on one host: a Linux bridge per flock, a tap per VM.
+//! Flock networks: a Linux bridge per flock per host, a tap per VM, and in
+//! a cluster a VXLAN port per flock bridge that joins the flock's bridges on
+//! all hosts into one L2 segment (VNI = flock + 1; flood entries to every
+//! peer, MACs learnt from traffic).
 //!
 //! Bridges carry no IP address, so the host's own network stack has no
 //! route into a flock: flocks are private L2 segments that only their VMs
-//! use. Two flocks are two bridges and cannot reach each other.
+//! use. Two flocks are two bridges (two VNIs) and cannot reach each other.
+//! Flock numbers are cluster-wide: each host allocates only numbers in its
+//! own slice (see `Cluster::slot`), so two hosts never pick the same VNI.
 //!
 //! Links are made with iproute2 (`ip`), the tool every sysadmin reads.
 //!
@@ -136,6 +141,55 @@ impl NetNames {
     pub fn tap(&self, vm_index: u64) -> String {
         format!("{}t{vm_index}", self.prefix)
     }
+    pub fn vxlan(&self, flock: u32) -> String {
+        format!("{}x{flock}", self.prefix)
+    }
+}
+
+/// UDP port of the flock overlay.
+pub const VXLAN_PORT: u16 = 4789;
+
+/// VXLAN network id of a flock (0 is avoided: some tools treat it as unset).
+pub fn vni(flock: u32) -> u32 {
+    flock + 1
+}
+
+/// Joins the flock bridge to the same flock on the other hosts: a VXLAN
+/// port sourced from `local` with a flood entry per peer. Idempotent.
+pub fn ensure_overlay(
+    names: &NetNames,
+    flock: u32,
+    local: std::net::IpAddr,
+    peers: &[std::net::IpAddr],
+) -> Result<(), NetError> {
+    let vx = names.vxlan(flock);
+    if link_exists(&vx) {
+        return Ok(());
+    }
+    let (vni, port, local) = (vni(flock).to_string(), VXLAN_PORT.to_string(), local.to_string());
+    let res = (|| {
+        ip(&["link", "add", &vx, "type", "vxlan", "id", &vni, "dstport", &port, "local", &local])?;
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{vx}/disable_ipv6"), "1");
+        ip(&["link", "set", &vx, "mtu", "1500", "master", &names.bridge(flock), "up"])?;
+        for p in peers {
+            let dst = p.to_string();
+            let out = Command::new("bridge")
+                .args(["fdb", "append", "00:00:00:00:00:00", "dev", &vx, "dst", &dst])
+                .output()
+                .map_err(NetError::Spawn)?;
+            if !out.status.success() {
+                return Err(NetError::Ip {
+                    args: format!("bridge fdb append 00:00:00:00:00:00 dev {vx} dst {dst}"),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+        }
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = delete_link(&vx);
+    }
+    res
 }
 
 /// IPv4 address with prefix of clone `clone_id` in flock `flock`.
@@ -184,8 +238,8 @@ pub fn create_tap(tap: &str, bridge: &str) -> Result<(), NetError> {
     res
 }
 
-/// Deletes bridges and taps named like this daemon's (`<prefix>b<N>`,
-/// `<prefix>t<N>`): leftovers of a daemon with the same prefix that
+/// Deletes bridges, taps and VXLAN ports named like this daemon's
+/// (`<prefix>b<N>`, `<prefix>t<N>`, `<prefix>x<N>`): leftovers of a daemon with the same prefix that
 /// crashed. Only one daemon serves a socket, and its prefix is its own.
 pub fn remove_stale_links(names: &NetNames) -> Vec<String> {
     let mut removed = Vec::new();
@@ -194,7 +248,7 @@ pub fn remove_stale_links(names: &NetNames) -> Vec<String> {
         let n = e.file_name().to_string_lossy().to_string();
         let ours = n
             .strip_prefix(&names.prefix)
-            .and_then(|r| r.strip_prefix('b').or_else(|| r.strip_prefix('t')))
+            .and_then(|r| r.strip_prefix('b').or_else(|| r.strip_prefix('t')).or_else(|| r.strip_prefix('x')))
             .is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()));
         if ours && delete_link(&n).is_ok() {
             removed.push(n);

@@ -1,0 +1,258 @@
+//! Clones on other hosts: a local cluster of network-namespace hosts, each
+//! with its own snowflockd, memory fetched on demand through memtap from
+//! the origin's page server, and the flock network spanning hosts.
+
+use serde_json::Value;
+use snowflock_tests::*;
+use std::time::Duration;
+
+fn clones_of(vms: &[Value], ticket: &str) -> Vec<Value> {
+    let mut v: Vec<Value> = vms.iter().filter(|v| v["ticket"] == ticket).cloned().collect();
+    v.sort_by_key(|v| v["clone_id"].as_u64());
+    v
+}
+
+fn stats(h: &ClusterHost, vm: &str) -> Value {
+    serde_json::from_str(&h.ok(&["stats", vm, "--json"])).expect("stats --json")
+}
+
+fn wait_socket(h: &ClusterHost, vm: &str, sock: &str) {
+    h.sh_ok(vm, &format!("i=0; while [ ! -S {sock} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -S {sock} ]"));
+}
+
+/// Each clone lands on another host, its memory comes on demand from h0,
+/// writes stay private, the flock network spans the hosts, and everything
+/// is reachable from any host.
+#[test]
+fn clones_on_other_hosts_fetch_memory_on_demand() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let c = Cluster::up(3, &[]);
+    let (h0, h1, h2) = (c.host(0), c.host(1), c.host(2));
+    let p = h0.start_vm("p", &img, "256M");
+    assert_eq!(p["host"], "h0");
+    let ticket = h0
+        .sh_ok(
+            "p",
+            r#"echo from-parent > /tmp/state.txt
+sf-memtest hold --mib 32 --seed 7 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
+i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+T=$(sf ticket 2) || exit 10
+ID=$(sf clone $T) || exit 11
+{ cat /tmp/state.txt; sf-memtest ctl --sock /tmp/mt.sock verify; echo $ID; } > /tmp/verify.txt 2>&1
+echo "written-by-$ID" > /tmp/state.txt
+echo $T"#,
+        )
+        .trim()
+        .to_string();
+    // vm list from any host shows the whole cluster, with hosts.
+    for h in [h0, h1, h2] {
+        let vms = h.vms();
+        assert!(vms.iter().any(|v| v["name"] == "p" && v["host"] == "h0"), "{vms:?}");
+        let kids = clones_of(&vms, &ticket);
+        assert_eq!(kids.len(), 2, "{vms:?}");
+        let hosts: Vec<&str> = kids.iter().map(|k| k["host"].as_str().unwrap()).collect();
+        assert_eq!(hosts, ["h1", "h2"], "clones are spread over the other hosts");
+    }
+    let kids = clones_of(&h0.vms(), &ticket);
+    let names: Vec<String> = kids.iter().map(|k| k["name"].as_str().unwrap().to_string()).collect();
+    let subnet = p["ip"].as_str().unwrap().trim_end_matches(".1/24").to_string();
+    for (i, name) in names.iter().enumerate() {
+        // exec from h0 reaches a VM on another host.
+        let v = h0.sh_ok(name, "cat /tmp/verify.txt");
+        let l: Vec<&str> = v.lines().collect();
+        assert_eq!(l[0], "from-parent", "{name}: {v}");
+        assert!(l[1].starts_with("ok 7 "), "{name}: memory must arrive intact: {v}");
+        assert_eq!(l[2], (i + 1).to_string());
+        assert_eq!(h2.sh_ok(name, "cat /tmp/state.txt").trim(), format!("written-by-{}", i + 1));
+        let ip = h1.sh_ok(name, "ip -4 -o addr show dev eth0 | awk '{print $4}'");
+        assert_eq!(ip.trim(), format!("{subnet}.{}/24", i + 2));
+        // The flock network spans hosts: each clone reaches the parent and its sibling.
+        for j in 1..=3 {
+            h0.sh_ok(name, &format!("ping -c 1 -W 3 {subnet}.{j} >/dev/null"));
+        }
+        // Memory came from h0 on demand.
+        let s = stats(h0, name);
+        assert_eq!(s["memory"], "remote", "{s}");
+        assert_eq!(s["origin"], "h0", "{s}");
+        for k in ["faults", "bytes_fetched", "zero_pages", "latency_p50_us", "latency_p99_us"] {
+            assert!(s[k].is_u64(), "{k} missing: {s}");
+        }
+        assert!(s["faults"].as_u64().unwrap() > 0 && s["bytes_fetched"].as_u64().unwrap() > 0, "{s}");
+        assert!(s["zero_pages"].as_u64().unwrap() > 0, "holes must be answered locally: {s}");
+        assert!(s["latency_p50_us"].as_u64().unwrap() <= s["latency_p99_us"].as_u64().unwrap(), "{s}");
+    }
+    assert_eq!(h0.sh_ok("p", "cat /tmp/state.txt").trim(), "written-by-0");
+    // vm console from another host.
+    let con = h1.ok(&["vm", "console", "p"]);
+    assert!(!con.is_empty());
+    // sf exit on another host is reported to the parent's join.
+    h0.sh_ok(&names[0], "(sleep 0.2; sf exit 4) >/dev/null 2>&1 &");
+    h0.sh_ok(&names[1], "(sleep 0.2; sf exit 5) >/dev/null 2>&1 &");
+    let out = h0.sh_ok("p", &format!("sf join {ticket}"));
+    assert!(out.contains("1 exited 4") && out.contains("2 exited 5"), "{out}");
+    let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), &ticket).is_empty().then_some(()));
+    assert!(gone.is_some(), "clones must be gone after exit");
+
+    // sf kill reaches other hosts; vm stop from another host stops the parent.
+    let t = h0
+        .sh_ok("p", "T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
+        .trim()
+        .to_string();
+    assert_eq!(clones_of(&h0.vms(), &t).len(), 2);
+    let out = h0.sh_ok("p", &format!("sf kill {t}"));
+    assert!(out.contains("1 killed") && out.contains("2 killed"), "{out}");
+    let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), &t).is_empty().then_some(()));
+    assert!(gone.is_some());
+    h2.ok(&["vm", "stop", "p"]);
+    assert!(h0.vms().is_empty());
+}
+
+/// A parent that keeps writing while it is cloned: no clone ever sees a
+/// page written after the clone point (the self-checking writer in every
+/// VM would find a word it did not write).
+#[test]
+fn parent_writing_during_clone_never_leaks_into_clones() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let c = Cluster::up(3, &[]);
+    let h0 = c.host(0);
+    h0.start_vm("p", &img, "256M");
+    h0.sh_ok("p", "sf-memtest scribble --mib 48 --sock /tmp/sc.sock </dev/null >/tmp/sc.log 2>&1 &");
+    wait_socket(h0, "p", "/tmp/sc.sock");
+    let t = h0
+        .sh_ok("p", "sleep 1; T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; sf-memtest ctl --sock /tmp/sc.sock status > /tmp/at-clone.txt; echo $T")
+        .trim()
+        .to_string();
+    let kids = clones_of(&h0.vms(), &t);
+    assert_eq!(kids.len(), 2);
+    let mut all = vec!["p".to_string()];
+    all.extend(kids.iter().map(|k| k["name"].as_str().unwrap().to_string()));
+    for vm in &all {
+        let at = h0.sh_ok(vm, "cat /tmp/at-clone.txt");
+        let passes = |s: &str| -> u64 {
+            s.split_whitespace().find_map(|w| w.strip_prefix("passes=")).and_then(|p| p.parse().ok()).unwrap_or(0)
+        };
+        let p0 = passes(&at);
+        // Two whole passes over the buffer after the clone, all checked.
+        let done = wait_until(Duration::from_secs(120), || {
+            let (_, o, _) = h0.sh(vm, "sf-memtest ctl --sock /tmp/sc.sock status");
+            assert!(!o.starts_with("mismatch"), "{vm}: {o}");
+            (passes(&o) >= p0 + 2).then_some(o)
+        });
+        let out = done.unwrap_or_else(|| panic!("{vm}: writer made no progress"));
+        assert!(out.starts_with("ok "), "{vm}: {out}");
+    }
+    h0.sh_ok("p", &format!("sf kill {t}"));
+}
+
+/// Avoidance heuristics: memory the parent freed before the clone is not
+/// fetched when a clone fills fresh memory; with free page reporting
+/// switched off the same run fetches far more.
+#[test]
+fn avoidance_heuristics_cut_fetches() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let c = Cluster::up(2, &[]);
+    let (h0, h1) = (c.host(0), c.host(1));
+    let mut deltas = Vec::new();
+    for (vm, reporting) in [("on", true), ("off", false)] {
+        h0.start_vm(vm, &img, "384M");
+        // The sysadmin's choice, applied by the agent on SIGHUP.
+        h0.sh_ok(
+            vm,
+            &format!(
+                "mkdir -p /etc/snowflock && printf '[balloon]\\nfree_page_reporting = {reporting}\\nreporting_order = 0\\n' > /etc/snowflock/agent.toml \
+                 && kill -HUP $(cat /run/snowflock/agent.pid) && sleep 1"
+            ),
+        );
+        // The parent fills 120 MiB and frees it, then clones.
+        h0.sh_ok(vm, "sf-memtest hold --mib 120 --seed 3 --sock /tmp/big.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/big.pid");
+        wait_socket(h0, vm, "/tmp/big.sock");
+        h0.sh_ok(vm, "kill $(cat /tmp/big.pid); sleep 4");
+        let t = h0
+            .sh_ok(vm, "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T")
+            .trim()
+            .to_string();
+        let kid = clones_of(&h1.vms(), &t);
+        assert_eq!(kid.len(), 1);
+        assert_eq!(kid[0]["host"], "h1");
+        let name = kid[0]["name"].as_str().unwrap().to_string();
+        h1.sh_ok(&name, "true");
+        let before = stats(h1, &name)["bytes_fetched"].as_u64().unwrap();
+        // The clone fills 100 MiB of fresh memory.
+        h1.sh_ok(&name, "sf-memtest hold --mib 100 --seed 9 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 &");
+        wait_socket(h1, &name, "/tmp/fill.sock");
+        h1.sh_ok(&name, "sf-memtest ctl --sock /tmp/fill.sock verify");
+        let after = stats(h1, &name);
+        let delta = after["bytes_fetched"].as_u64().unwrap() - before;
+        eprintln!("avoidance {vm}: filling 100 MiB in the clone fetched {} KiB ({:.1} %); stats {after}", delta / 1024, delta as f64 / (100u64 << 20) as f64 * 100.0);
+        deltas.push(delta);
+        h0.sh_ok(vm, &format!("sf kill {t}"));
+        h0.ok(&["vm", "stop", vm]);
+    }
+    assert!(deltas[0] < (100u64 << 20) / 20, "with the heuristics on, under 5 % of 100 MiB: {deltas:?}");
+    assert!(deltas[1] > 2 * deltas[0] && deltas[1] > (20u64 << 20), "switching them off must fetch more: {deltas:?}");
+}
+
+/// The origin's page server stops answering: a clone blocked on a missing
+/// page is stopped within the fetch timeout with a clear reason, the parent
+/// hears it was lost, and nothing hangs.
+#[test]
+fn origin_failure_stops_blocked_clones_with_a_reason() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let c = Cluster::up(3, &["--fetch-timeout-ms", "2000"]);
+    let (h0, h1) = (c.host(0), c.host(1));
+    h0.start_vm("p", &img, "256M");
+    let t = h0
+        .sh_ok(
+            "p",
+            "sf-memtest hold --mib 64 --seed 5 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
+             i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+             T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T",
+        )
+        .trim()
+        .to_string();
+    let kids = clones_of(&h0.vms(), &t);
+    let blocked = kids.iter().find(|k| k["host"] == "h1").expect("a clone on h1")["name"].as_str().unwrap().to_string();
+    let origin = h0.daemon_pid().expect("h0 daemon pid");
+    // Freeze the origin daemon (its page server with it).
+    // SAFETY: a daemon this test's cluster started.
+    unsafe { libc::kill(origin as i32, libc::SIGSTOP) };
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+        }
+    }
+    let cont = Cont(origin);
+    // The clone reads 64 MiB it has not touched yet, and blocks on a page.
+    h1.sh_ok(&blocked, "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &");
+    let lost = wait_until(Duration::from_secs(30), || {
+        let st: Value = serde_json::from_str(&h1.ok(&["daemon", "status", "--json"])).ok()?;
+        st["recent_losses"].as_array()?.iter().find(|l| l["vm"] == blocked.as_str()).cloned()
+    });
+    let lost = lost.expect("the blocked clone must be stopped within the fetch timeout");
+    let reason = lost["reason"].as_str().unwrap();
+    assert!(reason.contains("memory origin"), "{reason}");
+    drop(cont);
+    // h1 reports the loss to h0 once h0 answers again.
+    let told = wait_until(Duration::from_secs(30), || {
+        let st: Value = serde_json::from_str(&h0.ok(&["daemon", "status", "--json"])).ok()?;
+        (st["counters"]["clones_lost"].as_u64()? >= 1).then_some(())
+    });
+    assert!(told.is_some(), "the origin must hear about the lost clone");
+    let out = h0.sh_ok("p", &format!("sf kill {t}"));
+    assert!(out.contains("1 lost") || out.contains("2 lost"), "the parent must hear the clone was lost: {out}");
+    assert!(out.contains("memory origin"), "{out}");
+}
