@@ -1,4 +1,5 @@
-//! In-guest avoidance heuristics, run just before a VM is cloned.
+//! In-guest avoidance heuristics: what keeps a clone from fetching pages
+//! its parent does not really need.
 //!
 //! A clone fetches its parent's memory lazily, page by page. Every page the
 //! parent does not really need (free heap, clean page cache, fragmented
@@ -9,10 +10,12 @@
 //! * **Free page reporting** (virtio-balloon `free-page-reporting=on`) makes
 //!   the guest kernel report free pages to QEMU, which punches holes in the
 //!   RAM file; the holes become the descriptor's zero map and are never
-//!   fetched. That side is configured by the guest image and the host daemon,
-//!   not here.
-//! * **The hooks in this crate** return memory to the kernel right before a
-//!   clone so that free page reporting can see it:
+//!   fetched. The guest side is the `virtio_balloon` driver and the
+//!   `page_reporting_order` parameter, which [`apply_balloon`] sets from the
+//!   `[balloon]` table ([`BalloonConfig`]).
+//! * **The pre-clone hooks** ([`run_agent_hooks`], the `[hooks]` table,
+//!   [`HookConfig`]) return memory to the kernel right before a clone so
+//!   that free page reporting can see it:
 //!   * [`malloc_trim`]: `malloc_trim(0)` in the calling process. The client
 //!     library (`libsnowflock`) runs it in the application before `sf_clone`,
 //!     and the agent runs it on itself.
@@ -21,112 +24,22 @@
 //!   * compact: `1` into `/proc/sys/vm/compact_memory`, so that free memory
 //!     forms whole reportable blocks.
 //!
-//! The agent runs [`run_agent_hooks`] with the sysadmin's [`HookConfig`],
-//! read from the `[hooks]` table of `/etc/snowflock/agent.toml`:
-//!
-//! ```toml
-//! [hooks]
-//! drop_caches = false   # default
-//! compact = false       # default
-//! malloc_trim = true    # default
-//! ```
+//! Both tables live in `/etc/snowflock/agent.toml` ([`config`] has the
+//! format; `docs/avoidance.md` is the sysadmin's guide).
 
-use serde::Deserialize;
+pub mod balloon;
+pub mod config;
+
+pub use balloon::{apply_balloon, BalloonReport, BalloonStep, SYSFS};
+pub use config::{
+    BalloonConfig, Config, ConfigError, HookConfig, Tables, DEFAULT_CONFIG_PATH,
+    MAX_REPORTING_ORDER,
+};
+
 use std::fmt;
-use std::path::Path;
-
-/// Default location of the agent configuration file.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/snowflock/agent.toml";
 
 const DROP_CACHES: &str = "/proc/sys/vm/drop_caches";
 const COMPACT_MEMORY: &str = "/proc/sys/vm/compact_memory";
-
-/// Which pre-clone hooks the agent runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct HookConfig {
-    /// `sync` and drop the page cache, dentries and inodes.
-    pub drop_caches: bool,
-    /// Compact free memory.
-    pub compact: bool,
-    /// `malloc_trim(0)` in the agent itself.
-    pub malloc_trim: bool,
-}
-
-impl Default for HookConfig {
-    fn default() -> Self {
-        Self {
-            drop_caches: false,
-            compact: false,
-            malloc_trim: true,
-        }
-    }
-}
-
-/// Errors reading the hook configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file exists but could not be read.
-    #[error("Cannot read {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML, or a `[hooks]` key has the wrong type.
-    #[error("Malformed configuration {path}")]
-    Parse {
-        path: String,
-        #[source]
-        source: toml::de::Error,
-    },
-}
-
-/// The part of `agent.toml` this crate reads; other tables are ignored.
-#[derive(Debug, Default, Deserialize)]
-struct ConfigFile {
-    #[serde(default)]
-    hooks: HookConfig,
-}
-
-impl HookConfig {
-    /// Parses the text of an `agent.toml`. `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<HookConfig, ConfigError> {
-        toml::from_str::<ConfigFile>(text)
-            .map(|f| f.hooks)
-            .map_err(|source| ConfigError::Parse {
-                path: origin.to_string(),
-                source,
-            })
-    }
-
-    /// Reads `path`. A missing file is `Ok(None)`.
-    pub fn try_load(path: impl AsRef<Path>) -> Result<Option<HookConfig>, ConfigError> {
-        let path = path.as_ref();
-        let origin = path.display().to_string();
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text, &origin).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(ConfigError::Read {
-                path: origin,
-                source,
-            }),
-        }
-    }
-
-    /// Reads `path`; a missing file gives the defaults, and an unreadable or
-    /// malformed one is logged and gives the defaults too.
-    pub fn load(path: impl AsRef<Path>) -> HookConfig {
-        match Self::try_load(path) {
-            Ok(Some(c)) => c,
-            Ok(None) => HookConfig::default(),
-            Err(e) => {
-                tracing::warn!("{}; using the default hooks", error_chain(&e));
-                HookConfig::default()
-            }
-        }
-    }
-}
 
 /// One pre-clone hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +119,8 @@ pub fn malloc_trim() -> bool {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// Formats an error and its `source()` chain as `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -220,74 +134,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn defaults_when_file_or_keys_missing() {
-        assert_eq!(
-            HookConfig::default(),
-            HookConfig {
-                drop_caches: false,
-                compact: false,
-                malloc_trim: true
-            }
-        );
-        assert_eq!(HookConfig::parse("", "t").unwrap(), HookConfig::default());
-        assert_eq!(
-            HookConfig::parse("[hooks]\n", "t").unwrap(),
-            HookConfig::default()
-        );
-        assert_eq!(
-            HookConfig::load("/nonexistent/snowflock/agent.toml"),
-            HookConfig::default()
-        );
-        assert!(HookConfig::try_load("/nonexistent/snowflock/agent.toml")
-            .unwrap()
-            .is_none());
-    }
-
-    #[test]
-    fn parses_keys_and_ignores_other_tables() {
-        let c = HookConfig::parse(
-            "[agent]\nlog = \"debug\"\n[hooks]\ndrop_caches = true\ncompact = true\nmalloc_trim = false\nfuture = 1\n",
-            "t",
-        )
-        .unwrap();
-        assert_eq!(
-            c,
-            HookConfig {
-                drop_caches: true,
-                compact: true,
-                malloc_trim: false
-            }
-        );
-        let c = HookConfig::parse("[hooks]\ncompact = true\n", "t").unwrap();
-        assert_eq!(
-            c,
-            HookConfig {
-                drop_caches: false,
-                compact: true,
-                malloc_trim: true
-            }
-        );
-    }
-
-    #[test]
-    fn malformed_is_an_error_and_load_falls_back() {
-        let e = HookConfig::parse("[hooks]\ndrop_caches = \"yes\"\n", "agent.toml").unwrap_err();
-        assert!(matches!(e, ConfigError::Parse { .. }));
-        assert_eq!(e.to_string(), "Malformed configuration agent.toml");
-        assert!(HookConfig::parse("[hooks\n", "t").is_err());
-
-        let dir = std::env::temp_dir().join(format!("allocator-hooks-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("agent.toml");
-        std::fs::write(&p, "hooks = 3\n").unwrap();
-        assert!(HookConfig::try_load(&p).is_err());
-        assert_eq!(HookConfig::load(&p), HookConfig::default());
-        std::fs::write(&p, "[hooks]\ndrop_caches = true\n").unwrap();
-        assert!(HookConfig::load(&p).drop_caches);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn malloc_trim_only_runs_what_is_enabled() {
@@ -305,5 +151,38 @@ mod tests {
         });
         assert!(r.ran.is_empty() && r.ok());
         let _ = malloc_trim();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A directory under the system temp dir, removed on drop.
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(tag: &str) -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "allocator-hooks-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
