@@ -1034,3 +1034,153 @@ fn c_abi_against_the_real_agent() {
          exit: Only clones may exit\n"
     );
 }
+
+/// Waits until `cond` holds, or panics naming `what`.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A fake sysfs under `root`: virtio0 (console) and virtio3 (balloon, bound
+/// to virtio_balloon), `page_reporting_order` at 9.
+fn fake_sysfs(root: &Path) {
+    let devs = root.join("bus/virtio/devices");
+    for (dev, id) in [("virtio0", "0x0003"), ("virtio3", "0x0005")] {
+        std::fs::create_dir_all(devs.join(dev)).unwrap();
+        std::fs::write(devs.join(dev).join("device"), format!("{id}\n")).unwrap();
+    }
+    let drv = root.join("bus/virtio/drivers/virtio_balloon");
+    std::fs::create_dir_all(&drv).unwrap();
+    std::fs::write(drv.join("bind"), "").unwrap();
+    std::fs::write(drv.join("unbind"), "").unwrap();
+    std::os::unix::fs::symlink(devs.join("virtio3"), drv.join("virtio3")).unwrap();
+    let params = root.join("module/page_reporting/parameters");
+    std::fs::create_dir_all(&params).unwrap();
+    std::fs::write(params.join("page_reporting_order"), "9\n").unwrap();
+}
+
+#[test]
+fn agent_toml_is_applied_at_start_and_on_sighup() {
+    let dir = TempDir::new("hup");
+    let sysfs = dir.0.join("sys");
+    fake_sysfs(&sysfs);
+    let drv = sysfs.join("bus/virtio/drivers/virtio_balloon");
+    let order = sysfs.join("module/page_reporting/parameters/page_reporting_order");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let config = dir.0.join("agent.toml");
+    std::fs::write(
+        &config,
+        "[hooks]\ncompact = true\n\n[balloon]\nfree_page_reporting = false\nreporting_order = 3\n",
+    )
+    .unwrap();
+    let log = dir.0.join("agent.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_snowflock-agent"))
+        .env(
+            "SNOWFLOCK_AGENT_PORT",
+            format!("unix:{}", dir.0.join("port.sock").display()),
+        )
+        .env("SNOWFLOCK_AGENT_SOCKET", dir.0.join("agent.sock"))
+        .env("SNOWFLOCK_AGENT_CONFIG", &config)
+        .env("SNOWFLOCK_AGENT_SYSFS", &sysfs)
+        .env("SNOWFLOCK_AGENT_DRY_IDENTITY", "1")
+        .env("SNOWFLOCK_AGENT_CMDLINE", "sf.vm=vm1")
+        .env("SNOWFLOCK_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent { child, log };
+    let pid = agent.child.id();
+    let hup = || {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+    };
+    let alive = |a: &mut Agent| a.child.try_wait().unwrap().is_none();
+
+    // The pid file is next to the API socket.
+    let pid_file = dir.0.join("agent.pid");
+    wait_for("the pid file", || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))
+    });
+    assert_eq!(read(&pid_file).trim(), pid.to_string());
+
+    // At start: order 3, then the balloon device unbound.
+    wait_for("the unbind at start", || {
+        read(&drv.join("unbind")) == "virtio3"
+    });
+    assert_eq!(read(&order), "3");
+    assert_eq!(read(&drv.join("bind")), "");
+
+    // The kernel would drop the link; the sysadmin turns reporting back on
+    // with order 0 and sends SIGHUP.
+    std::fs::remove_file(drv.join("virtio3")).unwrap();
+    std::fs::write(
+        &config,
+        "[balloon]\nfree_page_reporting = true\nreporting_order = 0\n",
+    )
+    .unwrap();
+    hup();
+    wait_for("the bind after SIGHUP", || {
+        read(&drv.join("bind")) == "virtio3"
+    });
+    wait_for("order 0 after SIGHUP", || read(&order) == "0");
+    assert!(alive(&mut agent), "SIGHUP killed the agent");
+
+    // An out-of-range order is logged and nothing changes; the agent lives.
+    std::fs::write(drv.join("bind"), "").unwrap();
+    std::fs::write(&config, "[balloon]\nreporting_order = 11\n").unwrap();
+    hup();
+    wait_for("the range error in the log", || {
+        std::fs::read_to_string(&agent.log)
+            .unwrap()
+            .contains("[balloon] reporting_order = 11 is out of range (0 to 10)")
+    });
+    assert_eq!(read(&drv.join("bind")), "");
+    assert_eq!(read(&order), "0");
+
+    // A burst of signals: the agent survives and still serves apps.
+    for _ in 0..20 {
+        hup();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(alive(&mut agent), "a burst of SIGHUPs killed the agent");
+    let out = Command::new(env!("CARGO_BIN_EXE_sf"))
+        .arg("id")
+        .env("SNOWFLOCK_AGENT_SOCKET", dir.0.join("agent.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("clone_id=0 "));
+    drop(agent);
+}
+
+#[test]
+fn exec_sessions_start_with_an_empty_signal_mask() {
+    // The agent blocks SIGHUP in all its threads; its children must not
+    // inherit that.
+    let env = Env::start("sigmask");
+    let mut host = env.host();
+    host.hello();
+    host.send(&HostMsg::ExecStart {
+        exec: 1,
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "grep SigBlk /proc/self/status".into(),
+        ],
+        env: vec![],
+    });
+    host.expect("SigBlk line", |m| {
+        *m == GuestMsg::ExecOutput {
+            exec: 1,
+            stream: Stream::Stdout,
+            data: b"SigBlk:\t0000000000000000\n".to_vec(),
+        }
+    });
+    host.expect("exit", |m| *m == GuestMsg::ExecExit { exec: 1, code: 0 });
+}

@@ -20,7 +20,6 @@
 //! else (a `Ping`, an `ExecStart`).
 
 use super::{lock, Agent, HELLO_TIMEOUT};
-use allocator_hooks::HookConfig;
 use snowflock_proto::api::{ApiErrorCode, ApiRequest, ApiResponse};
 use snowflock_proto::channel::{
     decode_line, encode_line, GuestMsg, HostMsg, LineError, LineReader,
@@ -268,7 +267,7 @@ pub fn forward(agent: &Agent, req: ApiRequest) -> ApiResponse {
         };
     }
     if matches!(req, ApiRequest::Clone { .. }) {
-        let cfg = HookConfig::load(&agent.cfg.config_file);
+        let cfg = super::settings::hooks_for_clone(agent);
         let report = allocator_hooks::run_agent_hooks(&cfg);
         for (hook, err) in &report.failed {
             tracing::warn!("Pre-clone hook {hook} failed: {err}");

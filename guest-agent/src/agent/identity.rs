@@ -471,6 +471,7 @@ mod tests {
             config_file: dir.join("agent.toml"),
             dry_identity: true,
             cmdline: "sf.vm=other".into(),
+            sysfs: None,
         };
         assert_eq!(State::initial(&cfg), st);
         std::fs::write(dir.join(IDENTITY_FILE), "{").unwrap();

@@ -20,16 +20,22 @@
 //! |---|---|
 //! | `SNOWFLOCK_AGENT_PORT` | the channel: a device/file path, or `unix:/path` to connect to a Unix socket (tests). Default: the virtio-serial port named [`snowflock_proto::AGENT_PORT_NAME`]. |
 //! | `SNOWFLOCK_AGENT_SOCKET` | API socket path (default [`snowflock_proto::AGENT_SOCKET`]). `identity.json` is written next to it. |
-//! | `SNOWFLOCK_AGENT_CONFIG` | config file (default `/etc/snowflock/agent.toml`). |
+//! | `SNOWFLOCK_AGENT_CONFIG` | config file (default `/etc/snowflock/agent.toml`); see [`settings`]. |
 //! | `SNOWFLOCK_LOG` | log filter (default `info`). |
 //! | `SNOWFLOCK_AGENT_DRY_IDENTITY=1` | **test only**: log the identity changes of `BecomeClone` instead of touching the RNG, clock, hostname, `/etc` and network. |
 //! | `SNOWFLOCK_AGENT_CMDLINE` | **test only**: text used instead of `/proc/cmdline`. |
+//! | `SNOWFLOCK_AGENT_SYSFS` | **test only**: sysfs root the `[balloon]` settings are applied under (default `/sys`). With `SNOWFLOCK_AGENT_DRY_IDENTITY=1` and no `SNOWFLOCK_AGENT_SYSFS`, they are logged, not applied. |
+//!
+//! The agent writes its pid to `agent.pid` next to the API socket
+//! (`/run/snowflock/agent.pid`) and reloads `agent.toml` on `SIGHUP`
+//! ([`settings`]).
 
 pub mod api;
 pub mod exec;
 pub mod host;
 pub mod identity;
 pub mod port;
+pub mod settings;
 mod sys;
 
 use snowflock_proto::api::ApiResponse;
@@ -52,12 +58,21 @@ pub struct AgentConfig {
     pub config_file: PathBuf,
     pub dry_identity: bool,
     pub cmdline: String,
+    /// Where `[balloon]` is applied: `/sys`, a fake tree (tests), or
+    /// nowhere (dry test mode).
+    pub sysfs: Option<PathBuf>,
 }
 
 impl AgentConfig {
     /// Reads the environment (and `/proc/cmdline`).
     pub fn from_env() -> AgentConfig {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let dry_identity = var("SNOWFLOCK_AGENT_DRY_IDENTITY").is_some_and(|v| v != "0");
+        let sysfs = match var("SNOWFLOCK_AGENT_SYSFS") {
+            Some(p) => Some(PathBuf::from(p)),
+            None if dry_identity => None,
+            None => Some(PathBuf::from(allocator_hooks::SYSFS)),
+        };
         AgentConfig {
             port: port::PortSpec::parse(var("SNOWFLOCK_AGENT_PORT").as_deref()),
             socket: var(crate::client::SOCKET_ENV)
@@ -66,13 +81,15 @@ impl AgentConfig {
             config_file: var("SNOWFLOCK_AGENT_CONFIG")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(allocator_hooks::DEFAULT_CONFIG_PATH)),
-            dry_identity: var("SNOWFLOCK_AGENT_DRY_IDENTITY").is_some_and(|v| v != "0"),
+            dry_identity,
             cmdline: var("SNOWFLOCK_AGENT_CMDLINE")
                 .unwrap_or_else(|| std::fs::read_to_string("/proc/cmdline").unwrap_or_default()),
+            sysfs,
         }
     }
 
-    /// Directory for runtime state (`identity.json`): the API socket's.
+    /// Directory for runtime state (`identity.json`, `agent.pid`): the API
+    /// socket's.
     pub fn state_dir(&self) -> PathBuf {
         self.socket
             .parent()
@@ -92,6 +109,8 @@ pub struct Agent {
     pub execs: exec::Execs,
     /// Serialises `BecomeClone` handling.
     clone_lock: Mutex<()>,
+    /// The last good `agent.toml` tables ([`settings`]).
+    settings: Mutex<allocator_hooks::Config>,
 }
 
 impl Agent {
@@ -105,6 +124,7 @@ impl Agent {
             identity: Mutex::new(ident),
             execs: exec::Execs::default(),
             clone_lock: Mutex::new(()),
+            settings: Mutex::new(allocator_hooks::Config::default()),
         }
     }
 
@@ -115,6 +135,11 @@ impl Agent {
     /// Current identity snapshot.
     pub fn ident(&self) -> identity::State {
         lock(&self.identity).clone()
+    }
+
+    /// The settings last loaded from `agent.toml`.
+    pub fn settings(&self) -> allocator_hooks::Config {
+        *lock(&self.settings)
     }
 }
 
@@ -127,6 +152,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Entry point of the `snowflock-agent` binary. Only returns on a fatal
 /// start-up error.
 pub fn main() -> std::process::ExitCode {
+    // First, before any thread exists: every thread inherits the mask.
+    settings::block_sighup();
     sys::cloexec_inherited_fds();
     init_logging();
     let cfg = AgentConfig::from_env();
@@ -145,6 +172,13 @@ pub fn main() -> std::process::ExitCode {
     if let Err(e) = api::spawn(agent.clone()) {
         tracing::error!("Cannot start the API server: {e}");
         return std::process::ExitCode::FAILURE;
+    }
+    match settings::write_pid_file(&agent.cfg.state_dir()) {
+        Ok(p) => tracing::info!("Pid {} written to {}", std::process::id(), p.display()),
+        Err(e) => tracing::warn!("Cannot write the pid file: {e}"),
+    }
+    if let Err(e) = settings::spawn(agent.clone()) {
+        tracing::error!("Cannot start the settings thread: {e}");
     }
     host::run(agent)
 }
