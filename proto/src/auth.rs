@@ -85,7 +85,8 @@ pub enum AuthError {
     /// Client side: the server's proof is wrong.
     #[error("server did not prove it holds the cluster key")]
     ServerNotProven,
-    /// Client side: the server closed the connection instead of confirming.
+    /// Client side: the server closed the connection during the handshake
+    /// (it refused us, or has too many connections).
     #[error("server closed the connection during authentication (wrong key, or it is overloaded)")]
     ClosedByServer,
     /// The connection failed during the handshake.
@@ -305,7 +306,7 @@ pub fn server_blocking<S: Read + Write>(s: &mut S, key: &ClusterKey) -> Result<(
 pub fn client_blocking<S: Read + Write>(s: &mut S, key: &ClusterKey) -> Result<(), AuthError> {
     let mut hello = [0u8; HELLO_LEN];
     s.read_exact(&mut hello).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => AuthError::Malformed,
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => AuthError::ClosedByServer,
         _ => AuthError::Io(e),
     })?;
     let (hs, response) = ClientHandshake::respond(key, &hello)?;
@@ -402,7 +403,8 @@ mod tests {
             Err(AuthError::Malformed)
         ));
         // A peer that speaks something else entirely.
-        let mut junk = io::Cursor::new(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
+        let mut junk =
+            io::Cursor::new(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".to_vec());
         struct Rw<'a>(&'a mut io::Cursor<Vec<u8>>);
         impl Read for Rw<'_> {
             fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
