@@ -1,40 +1,53 @@
 //! `snowflock demo`: a parallel protein search by cloning one VM.
 
 use crate::client::Client;
+use crate::cluster;
 use crate::daemon_ctl;
 use crate::vm_cmd;
 use anyhow::{bail, Context, Result};
 use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse};
 use std::path::PathBuf;
 
+/// The local cluster the demo starts when no daemon answers.
+pub const DEMO_CLUSTER: &str = "sfdemo";
+
 pub struct DemoArgs {
     pub clones: u32,
+    /// Hosts of that cluster; 1 starts a single daemon instead.
+    pub hosts: u32,
     pub image: Option<PathBuf>,
     pub mem_mib: u32,
     pub json: bool,
 }
 
 /// Stops what the demo started, also on error.
-struct Cleanup<'a> {
-    c: &'a Client,
+struct Cleanup {
+    c: Client,
     vm: Option<String>,
     daemon: bool,
+    cluster: Option<String>,
 }
 
-impl Drop for Cleanup<'_> {
+impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(vm) = self.vm.take() {
             eprintln!("demo: stopping VM {vm}");
-            let _ = vm_cmd::stop(self.c, &vm);
+            let _ = vm_cmd::stop(&self.c, &vm);
         }
         if self.daemon {
             eprintln!("demo: stopping the daemon it started");
-            let _ = daemon_ctl::stop(self.c);
+            let _ = daemon_ctl::stop(&self.c);
+        }
+        if let Some(name) = self.cluster.take() {
+            eprintln!("demo: removing the local cluster `{name}` it started");
+            if let Err(e) = cluster::down(&name) {
+                eprintln!("demo: {e:#}");
+            }
         }
     }
 }
 
-pub fn run(c: &Client, a: DemoArgs) -> Result<()> {
+pub fn run(c: Client, a: DemoArgs) -> Result<()> {
     let image = a.image.unwrap_or_else(crate::image_cmd::default_out);
     if snowflock_image::Image::open(&image).is_err() {
         eprintln!("demo: no usable image at {}, building one", image.display());
@@ -45,11 +58,25 @@ pub fn run(c: &Client, a: DemoArgs) -> Result<()> {
             guest_bin_dir: None,
         })?;
     }
-    let mut guard = Cleanup { c, vm: None, daemon: false };
-    if c.call(&AdminRequest::Status).is_err() {
+    let mut guard = Cleanup { c, vm: None, daemon: false, cluster: None };
+    if guard.c.call(&AdminRequest::Status).is_ok() {
+        // A daemon answers: use it as it is.
+    } else if a.hosts > 1 {
+        eprintln!("demo: starting a local cluster `{DEMO_CLUSTER}` of {} hosts", a.hosts);
+        let up = cluster::up(&cluster::UpOpts {
+            name: DEMO_CLUSTER.into(),
+            hosts: Some(a.hosts),
+            settings: cluster::Settings::default(),
+        })?;
+        if up.started {
+            guard.cluster = Some(DEMO_CLUSTER.into());
+        }
+        guard.c = cluster::host_client(DEMO_CLUSTER, "h0")?;
+        eprintln!("demo: the VM runs on h0; its clones may land on any of the {} hosts", a.hosts);
+    } else {
         eprintln!("demo: starting snowflockd in network namespace sfdemo-h0");
         daemon_ctl::start(
-            c,
+            &guard.c,
             daemon_ctl::StartOpts {
                 netns: Some("sfdemo-h0".into()),
                 state_dir: Some("/dev/shm/snowflock-demo".into()),
@@ -60,6 +87,7 @@ pub fn run(c: &Client, a: DemoArgs) -> Result<()> {
         )?;
         guard.daemon = true;
     }
+    let c = &guard.c;
     let vm = format!("demo{}", std::process::id());
     vm_cmd::start(c, &vm, &image.display().to_string(), a.mem_mib, 1, Accel::Auto, false)?;
     guard.vm = Some(vm.clone());
@@ -72,8 +100,7 @@ pub fn run(c: &Client, a: DemoArgs) -> Result<()> {
     if out.code != 0 {
         bail!("sf-swdemo failed with exit code {}", out.code);
     }
-    let result: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("sf-swdemo printed no JSON result")?;
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).context("sf-swdemo printed no JSON result")?;
     let report = match c.call(&AdminRequest::CloneReports)? {
         AdminResponse::CloneReports { reports } => reports.into_iter().rev().find(|r| r.parent == vm),
         _ => None,

@@ -4,23 +4,34 @@
 
 mod bench;
 mod client;
+mod cluster;
 mod daemon_ctl;
 mod demo;
 mod image_cmd;
 mod vm_cmd;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use client::{Client, ClientError};
 use snowflock_proto::admin::Accel;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(name = "snowflock", version, about = "VM fork for clusters")]
 struct Cli {
-    /// The daemon's admin socket.
-    #[arg(long, global = true, env = "SNOWFLOCK_SOCKET", default_value = snowflock_proto::DAEMON_SOCKET)]
-    socket: PathBuf,
+    /// The daemon's admin socket [default: /run/snowflock/snowflockd.sock; when
+    /// nothing answers there, host h0 of the local cluster, if there is one].
+    #[arg(long, global = true, env = "SNOWFLOCK_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Address this host's daemon of the local cluster (see --cluster). On the
+    /// command line it excludes --socket; from the environment it beats
+    /// SNOWFLOCK_SOCKET. For `daemon start`: the new daemon's host name.
+    #[arg(long, global = true, env = "SNOWFLOCK_HOST", value_name = "NAME")]
+    host: Option<String>,
+    /// The local cluster (`snowflock cluster up`) that --host refers to.
+    #[arg(long, global = true, env = "SNOWFLOCK_CLUSTER", default_value = cluster::DEFAULT_NAME, value_name = "NAME")]
+    cluster: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -42,11 +53,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VmCmd,
     },
+    /// A local test cluster: N hosts in network namespaces on this machine.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Run the demo: a protein search that clones its VM.
     Demo {
         /// Clones to ask for.
         #[arg(long, default_value_t = 3)]
         clones: u32,
+        /// Hosts of the local cluster `sfdemo` the demo starts when no daemon
+        /// answers (1: a single daemon, no cluster).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=cluster::MAX_HOSTS as i64))]
+        hosts: u32,
         /// Image directory (built if missing).
         #[arg(long)]
         image: Option<PathBuf>,
@@ -72,8 +92,6 @@ enum DaemonCmd {
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[arg(long)]
-        host: Option<String>,
-        #[arg(long)]
         max_vms: Option<u32>,
         #[arg(long)]
         log: Option<PathBuf>,
@@ -82,6 +100,48 @@ enum DaemonCmd {
     Stop,
     /// Show the daemon's status.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create the cluster and start its daemons (exits 0 if it is already up).
+    Up {
+        /// Number of hosts, h0..h{N-1} [default: 4; an existing cluster of any size will do].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=cluster::MAX_HOSTS as i64))]
+        hosts: Option<u32>,
+        /// Cluster name, 1-8 of a-z0-9 [default: --cluster, i.e. SNOWFLOCK_CLUSTER or sfc].
+        #[arg(long)]
+        name: Option<String>,
+        /// Most VMs per host.
+        #[arg(long, default_value_t = 16)]
+        max_vms: u32,
+        /// Most clones one VM may hold at once.
+        #[arg(long, default_value_t = 32)]
+        quota_per_vm: u32,
+        /// Deadline for fetching one page from another host.
+        #[arg(long, default_value_t = 10_000)]
+        fetch_timeout_ms: u64,
+        /// Extra pages fetched with each remote miss.
+        #[arg(long, default_value_t = 0)]
+        prefetch_pages: u32,
+        /// Print the cluster description (cluster.json) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the daemons and remove namespaces, mounts and directories (idempotent).
+    Down {
+        /// [default: --cluster]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Each host and its daemon's status.
+    Status {
+        /// [default: --cluster]
+        #[arg(long)]
+        name: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -165,11 +225,60 @@ enum AccelArg {
     Kvm,
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let c = Client::new(&cli.socket);
+/// Fails like a clap usage error (exit code 2).
+fn usage_error(msg: &str) -> ! {
+    Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg).exit()
+}
+
+/// The daemon a command talks to: `--host` of the local cluster, else
+/// `--socket`, else the default socket, or (with `fallback`, when nothing
+/// listens there) host h0 of the local cluster `--cluster` if it exists.
+fn target(cli: &Cli, m: &ArgMatches, fallback: bool) -> anyhow::Result<Client> {
+    let from_cli = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    if from_cli("host") && from_cli("socket") {
+        usage_error("--host and --socket both name a daemon: give one of them");
+    }
+    if let Some(h) = &cli.host {
+        if !from_cli("socket") {
+            return cluster::host_client(&cli.cluster, h);
+        }
+    }
+    if let Some(s) = &cli.socket {
+        return Ok(Client::new(s));
+    }
+    let default = Path::new(snowflock_proto::DAEMON_SOCKET);
+    if fallback && std::os::unix::net::UnixStream::connect(default).is_err() {
+        if let Some((c, h)) = cluster::first_host_client(&cli.cluster) {
+            eprintln!(
+                "snowflock: nothing answers on {}; using host {h} of the local cluster `{}`",
+                default.display(),
+                cli.cluster
+            );
+            return Ok(c);
+        }
+    }
+    Ok(Client::new(default))
+}
+
+fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
+    if let Cmd::Cluster { cmd } = &cli.cmd {
+        cluster_cmd(&cli, cmd)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = match &cli.cmd {
+        // `daemon start` creates the daemon at --socket; its --host is a name.
+        Cmd::Daemon { cmd: DaemonCmd::Start { .. } } => {
+            Client::new(cli.socket.as_deref().unwrap_or(Path::new(snowflock_proto::DAEMON_SOCKET)))
+        }
+        Cmd::Image { .. } => Client::new(Path::new(snowflock_proto::DAEMON_SOCKET)), // unused
+        Cmd::Daemon { cmd: DaemonCmd::Stop } | Cmd::Demo { .. } => target(&cli, m, false)?,
+        _ => target(&cli, m, true)?,
+    };
+    let host = cli.host.clone();
     match cli.cmd {
+        Cmd::Cluster { .. } => unreachable!("handled above"),
         Cmd::Daemon { cmd } => match cmd {
-            DaemonCmd::Start { netns, state_dir, host, max_vms, log } => {
+            DaemonCmd::Start { netns, state_dir, max_vms, log } => {
                 daemon_ctl::start(&c, daemon_ctl::StartOpts { netns, state_dir, host, max_vms, log })?
             }
             DaemonCmd::Stop => daemon_ctl::stop(&c)?,
@@ -195,7 +304,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             VmCmd::Console { name } => vm_cmd::console(&c, &name)?,
             VmCmd::Stop { name } => vm_cmd::stop(&c, &name)?,
         },
-        Cmd::Demo { clones, image, mem, json } => demo::run(&c, demo::DemoArgs { clones, image, mem_mib: mem, json })?,
+        Cmd::Demo { clones, hosts, image, mem, json } => {
+            demo::run(c, demo::DemoArgs { clones, hosts, image, mem_mib: mem, json })?
+        }
         Cmd::Bench { cmd: BenchCmd::Clone { clones, runs, image, mem, touch_mib, json } } => {
             if runs == 0 || clones.is_empty() || clones.contains(&0) {
                 anyhow::bail!("--runs and every --clones value must be at least 1");
@@ -207,9 +318,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
+    let name_or_default = |n: &Option<String>| n.clone().unwrap_or_else(|| cli.cluster.clone());
+    match cmd {
+        ClusterCmd::Up { hosts, name, max_vms, quota_per_vm, fetch_timeout_ms, prefetch_pages, json } => {
+            let settings = cluster::Settings {
+                max_vms: *max_vms,
+                quota_per_vm: *quota_per_vm,
+                fetch_timeout_ms: *fetch_timeout_ms,
+                prefetch_pages: *prefetch_pages,
+            };
+            let name = name_or_default(name);
+            let up = cluster::up(&cluster::UpOpts { name: name.clone(), hosts: *hosts, settings })?;
+            if up.started {
+                let flag = if name == cluster::DEFAULT_NAME { String::new() } else { format!("--cluster {name} ") };
+                eprintln!(
+                    "local cluster `{name}` up: {} host(s) h0..h{}; e.g. `snowflock {flag}--host h0 vm list`",
+                    up.info.hosts.len(),
+                    up.info.hosts.len().saturating_sub(1)
+                );
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&up.info)?);
+            }
+        }
+        ClusterCmd::Down { name } => cluster::down(&name_or_default(name))?,
+        ClusterCmd::Status { name, json } => cluster::status(&name_or_default(name), *json)?,
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let m = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit());
+    match run(cli, &m) {
         Ok(code) => code,
         Err(e) => {
             let mut msg = e.to_string();
@@ -218,7 +360,8 @@ fn main() -> ExitCode {
                 msg.push_str(&cause.to_string());
             }
             eprintln!("snowflock: error: {msg}");
-            let not_running = e.chain().any(|c| matches!(c.downcast_ref::<ClientError>(), Some(ClientError::NotRunning { .. })));
+            let not_running =
+                e.chain().any(|c| matches!(c.downcast_ref::<ClientError>(), Some(ClientError::NotRunning { .. })));
             ExitCode::from(if not_running { 3 } else { 1 })
         }
     }
