@@ -6,6 +6,8 @@
 //! test cleans up too.
 
 use serde_json::Value;
+use std::ffi::OsString;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -85,36 +87,22 @@ impl TestImage {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// A "physical host": a network namespace with its own snowflockd.
-pub struct Host {
-    pub name: String,
-    pub netns: String,
-    pub socket: PathBuf,
-    pub state: PathBuf,
-    _tmp: tempfile::TempDir,
+/// The global arguments that aim `snowflock` at one daemon, and the helpers
+/// built on them. [`Host`] and [`ClusterHost`] reach these through `Deref`,
+/// so `host.ok(..)` works the same on both.
+pub struct Daemon {
+    args: Vec<OsString>,
 }
 
-impl Host {
-    pub fn start(name: &str) -> Host {
-        let n = SEQ.fetch_add(1, Ordering::SeqCst);
-        let netns = format!("sft{}x{n}", std::process::id() % 100000);
-        let tmp = tempfile::Builder::new().prefix("sfh").tempdir_in("/tmp").expect("tempdir");
-        let state = PathBuf::from(format!("/dev/shm/sft-{}-{n}", std::process::id()));
-        let h = Host { name: name.into(), netns, socket: tmp.path().join("d.sock"), state, _tmp: tmp };
-        let out = h
-            .cli()
-            .args(["daemon", "start", "--netns", &h.netns, "--host", name, "--state-dir"])
-            .arg(&h.state)
-            .output()
-            .expect("run snowflock daemon start");
-        assert!(out.status.success(), "daemon start failed: {}", String::from_utf8_lossy(&out.stderr));
-        h
+impl Daemon {
+    fn new<I: IntoIterator<Item = S>, S: Into<OsString>>(args: I) -> Daemon {
+        Daemon { args: args.into_iter().map(Into::into).collect() }
     }
 
-    /// A `snowflock` command aimed at this host's daemon.
+    /// A `snowflock` command aimed at this daemon.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(bin("snowflock"));
-        c.arg("--socket").arg(&self.socket).stdin(Stdio::null());
+        c.args(&self.args).stdin(Stdio::null());
         c
     }
 
@@ -151,7 +139,7 @@ impl Host {
         )
     }
 
-    /// Like [`Host::sh`] but asserts exit code 0 and returns stdout.
+    /// Like [`Daemon::sh`] but asserts exit code 0 and returns stdout.
     pub fn sh_ok(&self, vm: &str, script: &str) -> String {
         let (code, out, err) = self.sh(vm, script);
         assert_eq!(code, 0, "in {vm}: `{script}` failed: {out}{err}");
@@ -161,6 +149,43 @@ impl Host {
     pub fn vms(&self) -> Vec<Value> {
         let out = self.ok(&["vm", "list", "--json"]);
         serde_json::from_str::<Value>(&out).expect("vm list --json").as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// A "physical host": a network namespace with its own snowflockd.
+pub struct Host {
+    pub name: String,
+    pub netns: String,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    daemon: Daemon,
+    _tmp: tempfile::TempDir,
+}
+
+impl Deref for Host {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
+}
+
+impl Host {
+    pub fn start(name: &str) -> Host {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let netns = format!("sft{}x{n}", std::process::id() % 100000);
+        let tmp = tempfile::Builder::new().prefix("sfh").tempdir_in("/tmp").expect("tempdir");
+        let state = PathBuf::from(format!("/dev/shm/sft-{}-{n}", std::process::id()));
+        let socket = tmp.path().join("d.sock");
+        let daemon = Daemon::new([OsString::from("--socket"), socket.clone().into_os_string()]);
+        let h = Host { name: name.into(), netns, socket, state, daemon, _tmp: tmp };
+        let out = h
+            .cli()
+            .args(["daemon", "start", "--netns", &h.netns, "--host", name, "--state-dir"])
+            .arg(&h.state)
+            .output()
+            .expect("run snowflock daemon start");
+        assert!(out.status.success(), "daemon start failed: {}", String::from_utf8_lossy(&out.stderr));
+        h
     }
 
     pub fn daemon_pid(&self) -> Option<u32> {
@@ -184,6 +209,187 @@ impl Drop for Host {
             let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
         }
         let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// A local cluster (`snowflock cluster up`): hosts `h0`..`h{N-1}`, each a
+/// network namespace with its own snowflockd, on one fabric bridge. Drop
+/// runs `snowflock cluster down` and then removes by hand whatever is left.
+pub struct Cluster {
+    pub name: String,
+    pub hosts: Vec<ClusterHost>,
+    /// Daemon pids from cluster.json (the last resort of `Drop` kills these).
+    pids: Vec<u32>,
+}
+
+/// One host of a [`Cluster`]; the [`Daemon`] helpers pass
+/// `--cluster NAME --host hI`.
+pub struct ClusterHost {
+    /// `h0`, `h1`, ...
+    pub name: String,
+    pub cluster: String,
+    /// Its network namespace (`ip netns exec` into it to look at links).
+    pub netns: String,
+    /// Its address on the fabric, `10.249.0.(i+1)`.
+    pub ip: String,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    daemon: Daemon,
+}
+
+impl Deref for ClusterHost {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
+}
+
+impl ClusterHost {
+    /// The daemon's pid as recorded in cluster.json.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        let v = cluster_json(&self.cluster)?;
+        let h = v["hosts"].as_array()?.iter().find(|h| h["name"] == self.name.as_str())?;
+        h["pid"].as_u64().map(|p| p as u32)
+    }
+
+    /// Runs `argv` inside this host's network namespace.
+    pub fn netns_exec(&self, argv: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", &self.netns]).args(argv).output().expect("run ip netns exec")
+    }
+
+    /// The end of this host's daemon log (for assertion messages).
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+fn cluster_json(name: &str) -> Option<Value> {
+    let b = std::fs::read(Path::new("/run/snowflock").join(name).join("cluster.json")).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+impl Cluster {
+    /// `snowflock cluster up --hosts n --name <unique> <extra_args>`; panics
+    /// (after cleaning up) unless it succeeds.
+    pub fn up(n: usize, extra_args: &[&str]) -> Cluster {
+        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+        let name = format!("t{:04}{seq}", std::process::id() % 10000);
+        assert!(name.len() <= 8, "too many clusters in one test binary");
+        // The guard exists before the command runs, so a failure cleans up too.
+        let mut c = Cluster { name, hosts: Vec::new(), pids: Vec::new() };
+        let out = Command::new(bin("snowflock"))
+            .args(["cluster", "up", "--hosts", &n.to_string(), "--name", &c.name])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run snowflock cluster up");
+        assert!(out.status.success(), "cluster up failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        let v = cluster_json(&c.name).expect("cluster.json after cluster up");
+        for h in v["hosts"].as_array().expect("hosts") {
+            let s = |k: &str| h[k].as_str().unwrap_or_default().to_string();
+            c.pids.extend(h["pid"].as_u64().map(|p| p as u32));
+            c.hosts.push(ClusterHost {
+                daemon: Daemon::new(["--cluster", c.name.as_str(), "--host", &s("name")]),
+                name: s("name"),
+                cluster: c.name.clone(),
+                netns: s("netns"),
+                ip: s("ip"),
+                socket: PathBuf::from(s("socket")),
+                state_dir: PathBuf::from(s("state_dir")),
+                log: PathBuf::from(s("log")),
+            });
+        }
+        assert_eq!(c.hosts.len(), n, "cluster.json lists {} hosts", c.hosts.len());
+        c
+    }
+
+    pub fn host(&self, i: usize) -> &ClusterHost {
+        &self.hosts[i]
+    }
+
+    /// Network namespace of host `i` (`NAME-hI`).
+    pub fn netns(&self, i: usize) -> String {
+        format!("{}-h{i}", self.name)
+    }
+
+    /// The namespace holding the fabric bridge `fab` (`NAME-fab`).
+    pub fn fabric_netns(&self) -> String {
+        format!("{}-fab", self.name)
+    }
+
+    /// `/run/snowflock/NAME`: cluster.json, key, hI/{host.toml,snowflockd.sock,snowflockd.log}.
+    pub fn config_dir(&self) -> PathBuf {
+        Path::new("/run/snowflock").join(&self.name)
+    }
+
+    /// `/dev/shm/snowflock-NAME`: the hosts' state directories.
+    pub fn state_root(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/shm/snowflock-{}", self.name))
+    }
+
+    /// A `snowflock` command with `--cluster NAME` (for `cluster status` and such).
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(bin("snowflock"));
+        c.args(["--cluster", &self.name]).stdin(Stdio::null());
+        c
+    }
+
+    /// `snowflock cluster status --json`.
+    pub fn status(&self) -> Value {
+        let o = self.cli().args(["cluster", "status", "--json"]).output().expect("run snowflock cluster status");
+        assert!(o.status.success(), "cluster status failed: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("cluster status --json")
+    }
+
+    /// This cluster's namespaces that exist now.
+    pub fn existing_netns(&self) -> Vec<String> {
+        let prefix = format!("{}-", self.name);
+        let mut v: Vec<String> = std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| {
+                n.strip_prefix(&prefix).is_some_and(|r| {
+                    r == "fab"
+                        || r.strip_prefix('h').is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                })
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut pids = self.pids.clone();
+        if let Some(v) = cluster_json(&self.name) {
+            pids.extend(
+                v["hosts"].as_array().into_iter().flatten().filter_map(|h| h["pid"].as_u64().map(|p| p as u32)),
+            );
+        }
+        match self.cli().args(["cluster", "down", "--name", &self.name]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("cluster down {} failed: {}", self.name, String::from_utf8_lossy(&o.stderr)),
+            Err(e) => eprintln!("cannot run cluster down {}: {e}", self.name),
+        }
+        // Last resort, for a CLI that failed or crashed.
+        for pid in pids {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if pid_alive(pid) && String::from_utf8_lossy(&cmd).contains(&format!("/run/snowflock/{}/", self.name)) {
+                // SAFETY: a daemon pid this cluster recorded, still running its config.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        for ns in self.existing_netns() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(self.state_root());
+        let _ = std::fs::remove_dir_all(self.config_dir());
     }
 }
 
