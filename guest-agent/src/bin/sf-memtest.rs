@@ -1,4 +1,5 @@
-//! `sf-memtest`: hold a patterned buffer across a clone; see `snowflock::memtest`.
+//! `sf-memtest`: check process memory across a clone (a held pattern, or a
+//! self-checking writer); see `snowflock::memtest`.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 #[command(
     name = "sf-memtest",
     version,
-    about = "Hold a patterned buffer across a VM clone"
+    about = "Check process memory across a VM clone: hold a pattern, or run a self-checking writer"
 )]
 struct Args {
     #[command(subcommand)]
@@ -26,7 +27,19 @@ enum Cmd {
         #[arg(long)]
         sock: PathBuf,
     },
-    /// Send one command (`verify`, `fill N`, `seed`) and print the answer.
+    /// Run a writer that checks each word still holds what it wrote there one
+    /// pass earlier, forever; serve `status` on a Unix socket.
+    Scribble {
+        /// Buffer size in MiB (n = MiB * 131072 words)
+        #[arg(long)]
+        mib: usize,
+        /// Unix socket that answers `status`
+        #[arg(long)]
+        sock: PathBuf,
+    },
+    /// Send one command (`verify`, `fill N`, `seed` to `hold`; `status` to
+    /// `scribble`) and print the answer. Exits 0 only for a good answer
+    /// (`ok ...`, `filled ...`, a seed).
     Ctl {
         #[arg(long)]
         sock: PathBuf,
@@ -38,6 +51,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let r = match Args::parse().cmd {
         Cmd::Hold { mib, seed, sock } => snowflock::memtest::hold(mib, seed, &sock).map(|()| true),
+        Cmd::Scribble { mib, sock } => snowflock::memtest::scribble(mib, &sock).map(|()| true),
         Cmd::Ctl { sock, command } => snowflock::memtest::ctl(&sock, &command.join(" ")).map(|a| {
             println!("{a}");
             snowflock::memtest::answer_ok(&a)
