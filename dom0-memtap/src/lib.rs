@@ -7,8 +7,24 @@
 //! (`MAP_PRIVATE`, QEMU `share=off`), so they share its pages through the
 //! page cache and their writes stay their own.
 //!
-//! Serving generations to other hosts on demand (FUSE files, page server,
-//! multicast) is the next stage; see `docs/design.md`.
+//! Other hosts get a generation's memory on demand (see `docs/memory.md`):
+//!
+//! * [`server`]: the page server, which serves frozen generations to other
+//!   hosts over TCP ([`wire`] protocol, cluster-key authenticated);
+//! * [`fs`]: the memtap FUSE mount on a clone's host, whose files a clone's
+//!   QEMU maps; pages come from a local cache, the hole map or the origin's
+//!   page server ([`client`]);
+//! * [`stats`]: per-process and per-generation fault statistics.
+
+pub mod client;
+pub mod fs;
+pub mod server;
+pub mod stats;
+pub mod wire;
+
+pub use fs::{GenerationSpec, Memtap, MemtapConfig, MemtapEvent, FETCH_THREADS, MAX_FETCH_THREADS};
+pub use server::{PageServer, ServerConfig, ServerStats};
+pub use stats::FaultStats;
 
 use bitvec::prelude::*;
 use std::fs::{File, OpenOptions};
@@ -20,18 +36,43 @@ use std::path::Path;
 /// Page granularity of hole maps.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// Errors of freezing a generation.
+/// Errors of freezing a generation and of the memtap mount.
 #[derive(Debug, thiserror::Error)]
 pub enum MemtapError {
     /// The source RAM file could not be opened or inspected.
     #[error("Cannot read guest RAM file {path}")]
-    Source { path: String, #[source] err: io::Error },
+    Source {
+        path: String,
+        #[source]
+        err: io::Error,
+    },
     /// The generation file could not be created or written.
     #[error("Cannot write memory generation {path}")]
-    Dest { path: String, #[source] err: io::Error },
+    Dest {
+        path: String,
+        #[source]
+        err: io::Error,
+    },
     /// The RAM file size is not a multiple of the page size.
     #[error("Guest RAM file size {0} is not a multiple of 4 KiB")]
     Size(u64),
+    /// The memtap FUSE filesystem could not be mounted.
+    #[error("Cannot mount memtap at {path} (it needs /dev/fuse and fusermount3)")]
+    Mount {
+        path: String,
+        #[source]
+        err: io::Error,
+    },
+    /// The memtap cache directory or a cache file could not be set up.
+    #[error("Cannot use memtap cache {path}")]
+    Cache {
+        path: String,
+        #[source]
+        err: io::Error,
+    },
+    /// A generation given to memtap is invalid or conflicts with one present.
+    #[error("Invalid memory generation {name:?}: {reason}")]
+    Generation { name: String, reason: String },
 }
 
 /// Result of freezing a generation.
@@ -73,7 +114,9 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     let mut pos = 0;
     while pos < size {
-        let Some(start) = seek(fd, pos, libc::SEEK_DATA)? else { break };
+        let Some(start) = seek(fd, pos, libc::SEEK_DATA)? else {
+            break;
+        };
         if start >= size {
             break;
         }
@@ -125,7 +168,11 @@ fn allocate(f: &File, off: u64, len: u64) -> io::Result<()> {
 
 /// Prefaults a range of a mapping; best effort (older kernels lack it).
 fn populate(map: &[u8], a: usize, b: usize, write: bool) {
-    let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
+    let advice = if write {
+        libc::MADV_POPULATE_WRITE
+    } else {
+        libc::MADV_POPULATE_READ
+    };
     // SAFETY: the range lies inside `map`; madvise does not change its
     // contents, only prefaults page tables.
     unsafe { libc::madvise(map.as_ptr().add(a) as *mut libc::c_void, b - a, advice) };
@@ -136,8 +183,14 @@ impl Precopy {
     /// only. A clone VMM may map it privately from now on: pages it has not
     /// read yet show what phases 1 and 2 write.
     pub fn create(src: &Path, dst: &Path) -> Result<Precopy, MemtapError> {
-        let serr = |err| MemtapError::Source { path: src.display().to_string(), err };
-        let derr = |err| MemtapError::Dest { path: dst.display().to_string(), err };
+        let serr = |err| MemtapError::Source {
+            path: src.display().to_string(),
+            err,
+        };
+        let derr = |err| MemtapError::Dest {
+            path: dst.display().to_string(),
+            err,
+        };
         let s = File::open(src).map_err(serr)?;
         let size = s.metadata().map_err(serr)?.len();
         if size % PAGE_SIZE != 0 {
@@ -165,8 +218,14 @@ impl Precopy {
 
     /// Phase 1, VM running: copies the data extents of the source.
     pub fn copy(&mut self) -> Result<(), MemtapError> {
-        let serr = |err| MemtapError::Source { path: "guest RAM".into(), err };
-        let derr = |err| MemtapError::Dest { path: self.dst_path.display().to_string(), err };
+        let serr = |err| MemtapError::Source {
+            path: "guest RAM".into(),
+            err,
+        };
+        let derr = |err| MemtapError::Dest {
+            path: self.dst_path.display().to_string(),
+            err,
+        };
         if self.size == 0 {
             return Ok(());
         }
@@ -206,13 +265,19 @@ impl Precopy {
     /// Drop the `Precopy` only after resuming the VM: unmapping hundreds of
     /// megabytes of populated mappings takes longer than the compare.
     pub fn finish(&mut self) -> Result<Frozen, MemtapError> {
-        let serr = |err| MemtapError::Source { path: "guest RAM".into(), err };
+        let serr = |err| MemtapError::Source {
+            path: "guest RAM".into(),
+            err,
+        };
         let pages = (self.size / PAGE_SIZE) as usize;
         let mut holes = bitvec![u64, Lsb0; 1; pages];
         let mut fixed = 0;
         let extents = page_extents(&self.src, self.size).map_err(serr)?;
         // Pages that appeared since phase 1 need room too (see `copy`).
-        let derr = |err| MemtapError::Dest { path: self.dst_path.display().to_string(), err };
+        let derr = |err| MemtapError::Dest {
+            path: self.dst_path.display().to_string(),
+            err,
+        };
         for &(a, b) in &extents {
             let mut p = a as usize;
             while p < b as usize {
@@ -224,7 +289,12 @@ impl Precopy {
                 while p < b as usize && !self.copied[p] {
                     p += 1;
                 }
-                allocate(&self.dst, start as u64 * PAGE_SIZE, (p - start) as u64 * PAGE_SIZE).map_err(derr)?;
+                allocate(
+                    &self.dst,
+                    start as u64 * PAGE_SIZE,
+                    (p - start) as u64 * PAGE_SIZE,
+                )
+                .map_err(derr)?;
             }
         }
         if let (Some(src), Some(dst)) = (&self.src_map, &mut self.dst_map) {
@@ -246,7 +316,12 @@ impl Precopy {
             holes.set(p, false);
         }
         let data = (pages - holes.count_ones()) as u64 * PAGE_SIZE;
-        Ok(Frozen { size: self.size, copied: data, holes, fixed })
+        Ok(Frozen {
+            size: self.size,
+            copied: data,
+            holes,
+            fixed,
+        })
     }
 }
 
@@ -292,14 +367,23 @@ mod tests {
         // Filesystems may allocate in larger extents than a page, but never
         // report a written page as a hole, and a sparse file must have some.
         assert!(fr.hole_pages() > 0 && fr.copied < fr.size, "{fr:?}");
-        assert!(freeze_generation(&src, &dst).is_err(), "must not overwrite a generation");
+        assert!(
+            freeze_generation(&src, &dst).is_err(),
+            "must not overwrite a generation"
+        );
     }
 
     #[test]
     fn precopy_catches_changes_made_while_running() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("ram");
-        let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&src).unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&src)
+            .unwrap();
         f.set_len(32 * PAGE_SIZE).unwrap();
         f.write_all(&[1u8; 4096]).unwrap();
         let mut pc = Precopy::start(&src, &dir.path().join("gen")).unwrap();
@@ -313,7 +397,10 @@ mod tests {
         let mut a = Vec::new();
         let mut b = Vec::new();
         File::open(&src).unwrap().read_to_end(&mut a).unwrap();
-        File::open(dir.path().join("gen")).unwrap().read_to_end(&mut b).unwrap();
+        File::open(dir.path().join("gen"))
+            .unwrap()
+            .read_to_end(&mut b)
+            .unwrap();
         assert_eq!(a, b);
         assert!(!fr.holes[0] && !fr.holes[20]);
         assert!(fr.fixed >= 2 * PAGE_SIZE && fr.fixed < fr.size, "{fr:?}");
@@ -324,6 +411,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("ram");
         File::create(&src).unwrap().set_len(4097).unwrap();
-        assert!(matches!(freeze_generation(&src, &dir.path().join("g")), Err(MemtapError::Size(4097))));
+        assert!(matches!(
+            freeze_generation(&src, &dir.path().join("g")),
+            Err(MemtapError::Size(4097))
+        ));
     }
 }
