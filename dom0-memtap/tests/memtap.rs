@@ -633,3 +633,51 @@ fn unmount_does_not_hang_on_an_open_file() {
         drop(dir);
     });
 }
+
+/// A measurement, not a check: `cargo test --release -p dom0-memtap --test
+/// memtap measure -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_fault_latency() {
+    with_timeout(300, || {
+        let fx = fixture(0, Duration::from_secs(10));
+        let pages = 8192;
+        let (path, bytes) = fx.generation("gen-m", 1, pages, &[]);
+        let f = File::open(&path).unwrap();
+        // SAFETY: the file is not truncated while mapped.
+        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&f) }.unwrap();
+        let t = Instant::now();
+        let mut sum = 0u64;
+        for p in 0..pages {
+            sum += map[(p * PAGE_SIZE) as usize] as u64;
+        }
+        let el = t.elapsed();
+        assert_eq!(
+            sum,
+            (0..pages)
+                .map(|p| bytes[(p * PAGE_SIZE) as usize] as u64)
+                .sum::<u64>()
+        );
+        let s = fx.memtap.generation_stats("gen-m").unwrap();
+        eprintln!(
+            "{pages} faults in {el:?} ({:?}/fault): {s:?}",
+            el / pages as u32
+        );
+        drop(map);
+        drop_page_cache(&f);
+        // SAFETY: as above.
+        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&f) }.unwrap();
+        let t = Instant::now();
+        for p in 0..pages {
+            sum += map[(p * PAGE_SIZE) as usize] as u64;
+        }
+        let el = t.elapsed();
+        let s2 = fx.memtap.generation_stats("gen-m").unwrap();
+        eprintln!(
+            "cached: {pages} faults in {el:?} ({:?}/fault): {s2:?}",
+            el / pages as u32
+        );
+        drop((map, f));
+        fx.finish();
+    });
+}
