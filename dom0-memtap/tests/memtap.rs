@@ -668,10 +668,12 @@ fn measure_fault_latency() {
         // SAFETY: as above.
         let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&f) }.unwrap();
         let t = Instant::now();
+        let mut again = 0u64;
         for p in 0..pages {
-            sum += map[(p * PAGE_SIZE) as usize] as u64;
+            again += map[(p * PAGE_SIZE) as usize] as u64;
         }
         let el = t.elapsed();
+        assert_eq!(again, sum);
         let s2 = fx.memtap.generation_stats("gen-m").unwrap();
         eprintln!(
             "cached: {pages} faults in {el:?} ({:?}/fault): {s2:?}",
