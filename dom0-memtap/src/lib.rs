@@ -407,6 +407,14 @@ mod tests {
     }
 
     #[test]
+    fn handles_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Memtap>();
+        shared::<PageServer>();
+        shared::<client::OriginClient>();
+    }
+
+    #[test]
     fn odd_size_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("ram");
