@@ -478,6 +478,8 @@ fn spawn_daemon(h: &HostInfo) -> Result<Child> {
     let daemon = daemon_ctl::sibling_binary("snowflockd");
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &h.netns]).arg(&daemon).arg("--config").arg(&h.config);
+    // Plain text in the log file (its tail ends up in error messages).
+    cmd.env("NO_COLOR", "1");
     cmd.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     // SAFETY: setsid is async-signal-safe; the daemon outlives this CLI.
     unsafe {
@@ -628,32 +630,50 @@ fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> Result<()> 
     };
 
     // 1. Ask every daemon to stop its VMs and exit.
-    for h in &hosts {
-        if Client::new(&h.socket).call_timeout(&AdminRequest::Shutdown, Duration::from_secs(10)).is_ok() {
+    // All at once: each daemon stops its VMs before it answers.
+    let start = Instant::now();
+    let asked: Vec<bool> = std::thread::scope(|sc| {
+        let calls: Vec<_> = hosts
+            .iter()
+            .map(|h| {
+                sc.spawn(move || Client::new(&h.socket).call_timeout(&AdminRequest::Shutdown, STOP_TIMEOUT).is_ok())
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap_or(false)).collect()
+    });
+    for (h, ok) in hosts.iter().zip(&asked) {
+        if *ok {
             say(format!("{}: daemon shutting down", h.name));
             removed += 1;
         }
     }
-    // 2. Wait for the recorded pids, then kill what is left of them.
-    let pids: Vec<(u32, &HostInfo)> =
-        hosts.iter().filter_map(|h| h.pid.map(|p| (p, h))).filter(|(p, h)| is_our_daemon(*p, h)).collect();
-    let start = Instant::now();
-    while pids.iter().any(|(p, _)| alive(*p)) && start.elapsed() < STOP_TIMEOUT {
+    // 2. Wait (bounded) for the recorded pids of the daemons that took the
+    // shutdown, then kill what is left of them; one that did not take it
+    // (not answering, or still starting) is killed right away.
+    let pids: Vec<(u32, &HostInfo, bool)> = hosts
+        .iter()
+        .zip(asked)
+        .filter_map(|(h, ok)| h.pid.map(|p| (p, h, ok)))
+        .filter(|(p, h, _)| is_our_daemon(*p, h))
+        .collect();
+    while pids.iter().any(|(p, _, ok)| *ok && alive(*p)) && start.elapsed() < STOP_TIMEOUT {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for (pid, h) in &pids {
+    for (pid, h, ok) in &pids {
         if is_our_daemon(*pid, h) {
-            say(format!("{}: daemon pid {pid} still running after {} s; killing it", h.name, STOP_TIMEOUT.as_secs()));
+            let why =
+                if *ok { format!("still running after {} s", STOP_TIMEOUT.as_secs()) } else { "not answering".into() };
+            say(format!("{}: daemon pid {pid} {why}; killing it", h.name));
             // SAFETY: a pid recorded in cluster.json whose command line is still that daemon's.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
             removed += 1;
         }
     }
     let start = Instant::now();
-    while pids.iter().any(|(p, _)| alive(*p)) && start.elapsed() < Duration::from_secs(5) {
+    while pids.iter().any(|(p, _, _)| alive(*p)) && start.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for (pid, h) in &pids {
+    for (pid, h, _) in &pids {
         if alive(*pid) {
             errors.push(format!("{}'s daemon (pid {pid}) does not exit", h.name));
         }
