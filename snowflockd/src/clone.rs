@@ -541,13 +541,13 @@ pub async fn start_remote(d: &Arc<Daemon>, encoded: &[u8], ids: &[u32], page_ser
     };
     let spawned = futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
     let starts = spawned.into_iter().zip(&slots).map(|(vm, slot)| {
-        let (state_file, desc, tl) = (&state_file, &desc, &tl);
+        let (state_file, desc, tl, gen_name) = (&state_file, &desc, &tl, &gen_name);
         async move {
             match vm {
                 Ok(vm) => resume_clone(d, None, vm, desc, slot, state_file, tl).await,
                 Err(e) => {
                     // No VM holds this reference.
-                    memtap.release_generation(&gen_name);
+                    memtap.release_generation(gen_name);
                     Err(e)
                 }
             }

@@ -566,7 +566,21 @@ impl Daemon {
 
     /// Waits for QEMU to exit, then cleans up and records why.
     async fn monitor(self: Arc<Self>, vm: Arc<Vm>, mut child: tokio::process::Child) {
+        let qemu_pid = *vm.pid.lock().unwrap();
         let status = child.wait().await;
+        // A clone whose origin stopped serving pages dies of SIGBUS on the
+        // failed read, possibly before the memtap event has named the cause.
+        if let (MemSource::Remote { generation }, Some(m)) = (&vm.memory, &self.memtap) {
+            let failed = m.generation_stats(generation).is_some_and(|s| s.fetch_errors > 0);
+            let mut r = vm.lost_reason.lock().unwrap();
+            if failed && r.is_none() && !vm.stopping.load(Ordering::SeqCst) {
+                *r = Some(format!(
+                    "its memory origin {} stopped serving pages (a page fetch failed); QEMU ended: {}",
+                    vm.origin.as_deref().unwrap_or("?"),
+                    status.as_ref().map(|s| s.to_string()).unwrap_or_default()
+                ));
+            }
+        }
         let lost_reason = vm.lost_reason.lock().unwrap().clone();
         let requested = vm.stopping.load(Ordering::SeqCst) && lost_reason.is_none();
         let reason = match &status {
@@ -626,6 +640,9 @@ impl Daemon {
         }
         if let (MemSource::Remote { generation }, Some(m)) = (&vm.memory, &self.memtap) {
             m.release_generation(generation);
+            if let Some(pid) = qemu_pid {
+                m.forget_pid(pid);
+            }
         }
         let this = self.clone();
         let vm2 = vm.clone();

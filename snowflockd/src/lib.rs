@@ -107,7 +107,7 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     let server = tokio::spawn(admin::serve(d.clone(), listener));
     let control = control.map(|l| tokio::spawn(peer::serve(d.clone(), l, d.key.clone().expect("cluster key"))));
     if let Some(m) = &d.memtap {
-        if let Some(rx) = m.take_events() {
+        { let rx = m.events();
             let d2 = d.clone();
             let handle = tokio::runtime::Handle::current();
             std::thread::Builder::new()
