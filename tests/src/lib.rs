@@ -275,7 +275,10 @@ impl Cluster {
     /// `snowflock cluster up --hosts n --name <unique> <extra_args>`; panics
     /// (after cleaning up) unless it succeeds.
     pub fn up(n: usize, extra_args: &[&str]) -> Cluster {
-        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+        static CLUSTER_SEQ: AtomicU32 = AtomicU32::new(0);
+        let seq = CLUSTER_SEQ.fetch_add(1, Ordering::SeqCst);
+        // `t` + 4 digits of the pid + a sequence number: unique per test, and
+        // at most 8 characters (the CLI's limit on cluster names).
         let name = format!("t{:04}{seq}", std::process::id() % 10000);
         assert!(name.len() <= 8, "too many clusters in one test binary");
         // The guard exists before the command runs, so a failure cleans up too.
