@@ -38,6 +38,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Memory-on-demand figures of a VM (faults, bytes fetched, zero pages, latency).
+    Stats {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the local daemon.
     Daemon {
         #[command(subcommand)]
@@ -277,6 +283,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
     let host = cli.host.clone();
     match cli.cmd {
         Cmd::Cluster { .. } => unreachable!("handled above"),
+        Cmd::Stats { name, json } => vm_cmd::stats(&c, &name, json)?,
         Cmd::Daemon { cmd } => match cmd {
             DaemonCmd::Start { netns, state_dir, max_vms, log } => {
                 daemon_ctl::start(&c, daemon_ctl::StartOpts { netns, state_dir, host, max_vms, log })?

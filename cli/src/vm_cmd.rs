@@ -42,7 +42,12 @@ pub fn start(c: &Client, name: &str, image: &str, mem_mib: u32, vcpus: u32, acce
 
 pub fn list_vms(c: &Client) -> Result<Vec<VmInfo>> {
     match c.call(&AdminRequest::VmList)? {
-        AdminResponse::VmList { vms } => Ok(vms),
+        AdminResponse::VmList { vms, unreachable } => {
+            for u in unreachable {
+                eprintln!("snowflock: warning: host not listed: {u}");
+            }
+            Ok(vms)
+        }
         other => bail!("Unexpected answer: {other:?}"),
     }
 }
@@ -154,5 +159,34 @@ mod tests {
         assert_eq!(parse_mem("512"), Ok(512));
         assert!(parse_mem("lots").is_err());
         assert!(parse_mem("9999999G").is_err());
+    }
+}
+
+/// `snowflock stats VM`: memory-on-demand figures of one VM.
+pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
+    match c.call(&AdminRequest::Stats { name: name.into() })? {
+        AdminResponse::Stats(s) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            println!("VM {} on {}: memory {}{}", s.vm, s.host, s.memory, s.origin.as_deref().map(|o| format!(" from {o}")).unwrap_or_default());
+            let rows = [
+                ("faults", s.faults),
+                ("bytes_fetched", s.bytes_fetched),
+                ("pages_fetched", s.pages_fetched),
+                ("zero_pages", s.zero_pages),
+                ("cache_hits", s.cache_hits),
+                ("prefetch_hits", s.prefetch_hits),
+                ("fetch_errors", s.fetch_errors),
+                ("latency_p50_us", s.latency_p50_us),
+                ("latency_p99_us", s.latency_p99_us),
+            ];
+            for (k, v) in rows {
+                println!("  {k:<16} {v}");
+            }
+            Ok(())
+        }
+        other => bail!("Unexpected answer: {other:?}"),
     }
 }

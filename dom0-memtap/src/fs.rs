@@ -379,6 +379,13 @@ impl Filesystem for MemtapFs {
         // No readahead (max_readahead / 4096 = 0 pages): one guest page
         // fault costs one 4 KiB read, never a fetch of its neighbours.
         // Prefetch is memtap's own decision (`prefetch_pages`).
+        // FUSE sizes page-cache folios (and so the reads a fault causes) by
+        // max_pages = max(max_write, max_readahead) / 4096: with the
+        // default max_write a guest fault on a large-folio kernel (6.x)
+        // reads 1 MiB. Writes are refused anyway, so keep it at one page.
+        if let Err(v) = config.set_max_write(4096) {
+            warn!("memtap: kernel refused max_write 4096, using {v}");
+        }
         if let Err(v) = config.set_max_readahead(1) {
             warn!("memtap: kernel refused max_readahead 1, using {v}");
             let _ = config.set_max_readahead(v);
@@ -517,6 +524,7 @@ impl Filesystem for MemtapFs {
             return reply.data(&[]);
         }
         let pid = self.sh.tgid(req.pid());
+        tracing::trace!(offset, size, pid, "memtap read");
         let end = (offset + size as u64).min(g.size);
         let (first, last) = (offset / PS, (end - 1) / PS);
         let mut o = ReadOutcome {

@@ -300,9 +300,11 @@ async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timelin
     let remote_hosts: Vec<String> = job.placement.iter().skip(1).filter(|(_, n)| *n > 0).map(|(h, _)| h.clone()).collect();
     if !remote_hosts.is_empty() {
         let pages = d.pages.as_ref().ok_or("clones placed on other hosts, but this host has no page server")?;
-        pages.publish(gen_name, &gen_ram).map_err(|e| format!("cannot publish the generation: {e}"))?;
+        // Published as other hosts' memtap names it: `<origin>.<generation>`.
+        let name = format!("{}.{gen_name}", d.cfg.host);
+        pages.publish(&name, &gen_ram).map_err(|e| format!("cannot publish the generation: {e}"))?;
         if let Some(t) = d.state.lock().unwrap().tickets.get_mut(ticket) {
-            t.published = Some(gen_name.to_string());
+            t.published = Some(name);
         }
     }
     let local: Vec<&CloneSlot> = desc.meta.clones.iter().zip(&hosts).filter(|(_, h)| **h == d.cfg.host).map(|(s, _)| s).collect();

@@ -772,7 +772,7 @@ impl Daemon {
                     .is_some_and(|g| !g.is_empty() && g.bytes().all(|c| c.is_ascii_digit()));
                 if ours {
                     if let Some(p) = &self.pages {
-                        p.withdraw(&n);
+                        p.withdraw(&format!("{}.{n}", self.cfg.host));
                     }
                     let _ = std::fs::remove_dir_all(e.path());
                 }
