@@ -345,7 +345,10 @@ impl Daemon {
             counters: Counters::default(),
             cfg,
             names,
-            state: Mutex::new(State::default()),
+            // Exec ids live on in the guest agent across a clone: a clone
+            // on another host must not meet its parent's ids again, so each
+            // daemon counts from a random start.
+            state: Mutex::new(State { next_exec: rand::random::<u64>() >> 20, ..Default::default() }),
             started: Instant::now(),
             tickets_changed: watch::channel(0).0,
             shutdown: watch::channel(false).0,

@@ -45,13 +45,13 @@ fn image() -> (TestImage, tempfile::TempDir) {
     (img, progs)
 }
 
-fn clones_of(h: &Host, ticket: &str) -> Vec<Value> {
+fn clones_of(h: &Daemon, ticket: &str) -> Vec<Value> {
     let mut v: Vec<Value> = h.vms().into_iter().filter(|v| v["ticket"] == ticket).collect();
     v.sort_by_key(|v| v["clone_id"].as_u64());
     v
 }
 
-fn vm_gone(h: &Host, name: &str, pid: u32) -> bool {
+fn vm_gone(h: &Daemon, name: &str, pid: u32) -> bool {
     wait_until(Duration::from_secs(20), || {
         (!h.vms().iter().any(|v| v["name"] == name) && !pid_alive(pid)).then_some(())
     })
@@ -87,7 +87,25 @@ fn clone_is_stateful_private_networked_and_distinct() {
     }
     let (img, _progs) = image();
     let h = Host::start("h0");
-    let p = h.start_vm("p", &img, "256M");
+    stateful_private_networked_and_distinct(&h, &img, None);
+}
+
+/// The same behaviour with the clones on other hosts of a 3-host cluster:
+/// memory on demand, the flock network over VXLAN, exec and list from the
+/// parent's host.
+#[test]
+fn clone_on_other_hosts_is_stateful_private_networked_and_distinct() {
+    if !vm_prereqs() {
+        return;
+    }
+    let (img, _progs) = image();
+    let c = Cluster::up(3, &[]);
+    stateful_private_networked_and_distinct(c.host(0), &img, Some(&["h1", "h2"]));
+}
+
+/// `remote`: the hosts the two clones must land on (cluster mode).
+fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: Option<&[&str]>) {
+    let p = h.start_vm("p", img, "256M");
     assert_eq!(p["clone_id"], 0);
     let parent_ip = p["ip"].as_str().unwrap().trim_end_matches("/24").to_string();
 
@@ -101,6 +119,9 @@ fn clone_is_stateful_private_networked_and_distinct() {
         assert_eq!(c["clone_id"], i as u64 + 1);
         assert_eq!(c["state"], "running");
         assert_eq!(c["parent"], "p");
+        if let Some(hosts) = remote {
+            assert_eq!(c["host"], hosts[i], "clone {i} placement");
+        }
     }
 
     let all: Vec<(String, u64)> =
@@ -150,7 +171,7 @@ fn clone_is_stateful_private_networked_and_distinct() {
         }
     }
     // A second flock cannot reach the first, even with an address in its subnet.
-    let q = h.start_vm("q", &img, "128M");
+    let q = h.start_vm("q", img, "128M");
     assert_ne!(q["ip"], p["ip"]);
     let (code, _, _) = h.sh("q", &format!("ip addr add {subnet}.200/24 dev eth0 && ping -c 2 -W 2 {parent_ip}"));
     assert_ne!(code, 0, "flocks must be isolated");
@@ -180,7 +201,9 @@ fn clone_is_stateful_private_networked_and_distinct() {
     assert!(out.contains("bogus: "), "{out}");
 
     let status: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).unwrap();
-    assert_eq!(status["counters"]["clones_started"], 4, "{status}");
+    if remote.is_none() {
+        assert_eq!(status["counters"]["clones_started"], 4, "{status}");
+    }
     assert_eq!(status["counters"]["clone_failures"], 0, "{status}");
     // A `vm exec` client that goes away takes its guest process with it.
     let mut client = h.cli().args(["vm", "exec", "p", "--", "sleep", "777"]).spawn().unwrap();
