@@ -3,6 +3,7 @@
 //! exits with the guest command's code.
 
 mod bench;
+mod bench_hosts;
 mod client;
 mod cluster;
 mod daemon_ctl;
@@ -216,12 +217,31 @@ enum BenchCmd {
         image: Option<PathBuf>,
         #[arg(long, default_value = "256M", value_parser = vm_cmd::parse_mem)]
         mem: u32,
-        /// MiB of memory the guest fills before cloning.
-        #[arg(long, default_value_t = 0)]
-        touch_mib: u32,
+        /// MiB of memory the guest fills before cloning (with --hosts: the
+        /// pattern every clone reads; default 16 there).
+        #[arg(long)]
+        touch_mib: Option<u32>,
+        /// Spread the clones over a local cluster of this many hosts
+        /// (created as `sfbench` and removed afterwards), memory on demand.
+        #[arg(long)]
+        hosts: Option<u32>,
+        /// With --hosts: MiB of fresh memory each clone fills (and the
+        /// parent filled and freed before the clone).
+        #[arg(long, default_value_t = 32)]
+        fill_mib: u32,
+        /// With --hosts: avoidance heuristics on, off, or both side by side.
+        #[arg(long, value_enum, default_value = "both")]
+        avoidance: AvoidArg,
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AvoidArg {
+    On,
+    Off,
+    Both,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -314,12 +334,36 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
         Cmd::Demo { clones, hosts, image, mem, json } => {
             demo::run(c, demo::DemoArgs { clones, hosts, image, mem_mib: mem, json })?
         }
-        Cmd::Bench { cmd: BenchCmd::Clone { clones, runs, image, mem, touch_mib, json } } => {
+        Cmd::Bench { cmd: BenchCmd::Clone { clones, runs, image, mem, touch_mib, hosts, fill_mib, avoidance, json } } => {
             if runs == 0 || clones.is_empty() || clones.contains(&0) {
                 anyhow::bail!("--runs and every --clones value must be at least 1");
             }
             let image = image.unwrap_or_else(image_cmd::default_out).display().to_string();
-            bench::run(&c, bench::BenchArgs { clones, runs, image, mem_mib: mem, touch_mib, json })?;
+            match hosts {
+                Some(h) if !(2..=32).contains(&h) => anyhow::bail!("--hosts must be 2 to 32"),
+                Some(hosts) => {
+                    let modes = match avoidance {
+                        AvoidArg::On => vec![true],
+                        AvoidArg::Off => vec![false],
+                        AvoidArg::Both => vec![true, false],
+                    };
+                    bench_hosts::run(bench_hosts::HostsArgs {
+                        hosts,
+                        clones,
+                        runs,
+                        image,
+                        mem_mib: mem,
+                        touch_mib: touch_mib.unwrap_or(16),
+                        fill_mib,
+                        modes,
+                        json,
+                    })?;
+                }
+                None => {
+                    let touch_mib = touch_mib.unwrap_or(0);
+                    bench::run(&c, bench::BenchArgs { clones, runs, image, mem_mib: mem, touch_mib, json })?;
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

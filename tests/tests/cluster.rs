@@ -285,7 +285,15 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
         (st["counters"]["clones_lost"].as_u64()? >= 1).then_some(())
     });
     assert!(told.is_some(), "the origin must hear about the lost clone");
-    let out = h0.sh_ok("p", &format!("sf kill {t}"));
-    assert!(out.contains("1 lost") || out.contains("2 lost"), "the parent must hear the clone was lost: {out}");
+    // The other clone exits; the parent's join reports both.
+    let other = kids.iter().find(|k| k["name"] != blocked.as_str()).unwrap()["name"].as_str().unwrap().to_string();
+    h0.sh_ok(&other, "(sleep 0.2; sf exit 0) >/dev/null 2>&1 &");
+    let out = h0.sh_ok("p", &format!("sf join {t}"));
+    let lost_id = kids.iter().find(|k| k["name"] == blocked.as_str()).unwrap()["clone_id"].as_u64().unwrap();
+    assert!(out.contains(&format!("{lost_id} lost")), "the parent must hear the clone was lost: {out}");
     assert!(out.contains("memory origin"), "{out}");
+    assert!(out.contains(&format!("{} exited 0", 3 - lost_id)), "{out}");
+    // Nothing of the clones is left on their hosts.
+    let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), &t).is_empty().then_some(()));
+    assert!(gone.is_some(), "{:?}", h0.vms());
 }

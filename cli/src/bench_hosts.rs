@@ -1,0 +1,220 @@
+//! `snowflock bench clone --hosts H`: clones spread over a local cluster,
+//! with memory on demand. Figures, not tests: every row is measured in the
+//! same run, side by side (avoidance on and off, each clone count).
+//!
+//! Per clone count and avoidance mode, the parent (on h0, holding
+//! `--touch-mib` of patterned memory and having filled and freed
+//! `--fill-mib` more before the clone) clones; every clone then reads the
+//! parent's pattern (pages it must fetch) and fills `--fill-mib` of fresh
+//! memory (pages it should not fetch). The bench then reads every clone's
+//! memtap figures and kills the ticket.
+
+use crate::client::Client;
+use crate::cluster;
+use crate::vm_cmd;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse, CloneReport, VmStats};
+use std::time::{Duration, Instant};
+
+pub struct HostsArgs {
+    pub hosts: u32,
+    pub clones: Vec<u32>,
+    pub runs: u32,
+    pub image: String,
+    pub mem_mib: u32,
+    pub touch_mib: u32,
+    pub fill_mib: u32,
+    pub modes: Vec<bool>,
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+pub struct HostsRow {
+    pub hosts: u32,
+    pub clones: u32,
+    pub avoidance: bool,
+    pub runs: u32,
+    /// Median over runs: request to every clone back from `sf_clone`.
+    pub all_returned_ms: f64,
+    pub parent_pause_ms: f64,
+    pub descriptor_bytes: u64,
+    /// Bytes fetched over bytes of data pages the clones read (all clones).
+    pub fetched_per_read: f64,
+    /// Median over clones of each clone's fault latency percentiles.
+    pub latency_p50_us: f64,
+    pub latency_p99_us: f64,
+    /// Mean MiB fetched per clone, and the part of it during the fill.
+    pub fetched_mib_per_clone: f64,
+    pub fill_fetched_pct: f64,
+    pub zero_pages_per_clone: f64,
+}
+
+fn sh(c: &Client, vm: &str, script: &str) -> Result<String> {
+    let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script.into()], true)?;
+    if out.code != 0 {
+        bail!("in {vm}: `{script}` failed ({}): {}", out.code, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn stats(c: &Client, vm: &str) -> Result<VmStats> {
+    match c.call(&AdminRequest::Stats { name: vm.into() })? {
+        AdminResponse::Stats(s) => Ok(s),
+        other => bail!("Unexpected answer: {other:?}"),
+    }
+}
+
+fn report(c: &Client, ticket: &str) -> Result<CloneReport> {
+    match c.call(&AdminRequest::CloneReports)? {
+        AdminResponse::CloneReports { reports } => {
+            reports.into_iter().rev().find(|r| r.ticket == ticket).with_context(|| format!("no report for {ticket}"))
+        }
+        other => bail!("Unexpected answer: {other:?}"),
+    }
+}
+
+/// Waits until the parent's RAM file stops shrinking (free page reporting
+/// has caught up), at most a minute.
+fn settle(ram: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let size = || std::fs::metadata(ram).map(|m| m.blocks() * 512).unwrap_or(0);
+    let start = Instant::now();
+    let mut last = size();
+    while start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_secs(3));
+        let now = size();
+        if now + (1 << 20) >= last {
+            return;
+        }
+        last = now;
+    }
+}
+
+fn one_run(c: &Client, vm: &str, n: u32, fill: u32) -> Result<(CloneReport, Vec<(VmStats, u64)>)> {
+    let script = format!(
+        "T=$(sf ticket {n}) || exit 1; ID=$(sf clone $T) || exit 1; \
+         if [ \"$ID\" != 0 ]; then sf-memtest ctl --sock /tmp/bench-mt.sock verify >/dev/null; sleep 100000; fi; echo $T"
+    );
+    let ticket = sh(c, vm, &script)?.trim().to_string();
+    let result = (|| -> Result<(CloneReport, Vec<(VmStats, u64)>)> {
+        let rep = report(c, &ticket)?;
+        let kids: Vec<String> =
+            vm_cmd::list_vms(c)?.into_iter().filter(|v| v.ticket.as_deref() == Some(&ticket)).map(|v| v.name).collect();
+        let mut out = Vec::new();
+        for k in &kids {
+            // Wait for the read of the parent's memory to finish, then fill.
+            sh(c, k, "while ps | grep -v grep | grep -q 'ctl --sock /tmp/bench-mt'; do sleep 0.2; done")?;
+            let before = stats(c, k)?.bytes_fetched;
+            sh(
+                c,
+                k,
+                &format!(
+                    "sf-memtest hold --mib {fill} --seed 2 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 & \
+                     i=0; while [ ! -S /tmp/fill.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+                     sf-memtest ctl --sock /tmp/fill.sock verify >/dev/null"
+                ),
+            )?;
+            let s = stats(c, k)?;
+            let during_fill = s.bytes_fetched.saturating_sub(before);
+            out.push((s, during_fill));
+        }
+        Ok((rep, out))
+    })();
+    let _ = sh(c, vm, &format!("sf kill {ticket} >/dev/null"));
+    result
+}
+
+pub fn run(a: HostsArgs) -> Result<()> {
+    let name = "sfbench".to_string();
+    let need = a.clones.iter().copied().max().unwrap_or(1);
+    let per_host = need / a.hosts.saturating_sub(1).max(1) + 3;
+    let up = cluster::up(&cluster::UpOpts {
+        name: name.clone(),
+        hosts: Some(a.hosts),
+        settings: cluster::Settings { max_vms: per_host.max(4), ..Default::default() },
+    })?;
+    let res = (|| -> Result<Vec<HostsRow>> {
+        let h0 = &up.info.hosts[0];
+        let c = Client::new(&h0.socket);
+        let mut rows = Vec::new();
+        for &avoid in &a.modes {
+            let vm = format!("bench{}", if avoid { "on" } else { "off" });
+            vm_cmd::start(&c, &vm, &a.image, a.mem_mib, 1, Accel::Auto, false)?;
+            let setup = format!(
+                "mkdir -p /etc/snowflock && printf '[balloon]\\nfree_page_reporting = {avoid}\\nreporting_order = 0\\n[hooks]\\nmalloc_trim = {avoid}\\n' \
+                 > /etc/snowflock/agent.toml && kill -HUP $(cat /run/snowflock/agent.pid) && sleep 1; \
+                 sf-memtest hold --mib {} --seed 9 --sock /tmp/churn.sock </dev/null >/dev/null 2>&1 & P=$!; \
+                 i=0; while [ ! -S /tmp/churn.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; kill $P; \
+                 sf-memtest hold --mib {} --seed 1 --sock /tmp/bench-mt.sock </dev/null >/dev/null 2>&1 & \
+                 i=0; while [ ! -S /tmp/bench-mt.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -S /tmp/bench-mt.sock ]",
+                a.fill_mib, a.touch_mib
+            );
+            sh(&c, &vm, &setup)?;
+            eprintln!("bench: {vm}: waiting for free page reporting to settle");
+            settle(&h0.state_dir.join("vms").join(&vm).join("ram"));
+            for &n in &a.clones {
+                let mut reps = Vec::new();
+                let mut clones = Vec::new();
+                for r in 0..a.runs {
+                    eprintln!("bench: {vm}: {n} clone(s) over {} hosts, run {}/{} ...", a.hosts, r + 1, a.runs);
+                    let (rep, st) = one_run(&c, &vm, n, a.fill_mib)?;
+                    reps.push(rep);
+                    clones.extend(st);
+                }
+                let med = |v: Vec<f64>| crate::bench::median(v);
+                let read: u64 = clones.iter().map(|(s, _)| (s.faults.saturating_sub(s.zero_pages)) * 4096).sum();
+                let fetched: u64 = clones.iter().map(|(s, _)| s.bytes_fetched).sum();
+                let k = clones.len().max(1) as f64;
+                rows.push(HostsRow {
+                    hosts: a.hosts,
+                    clones: n,
+                    avoidance: avoid,
+                    runs: a.runs,
+                    all_returned_ms: med(reps.iter().map(|r| r.all_ready_ms).collect()),
+                    parent_pause_ms: med(reps.iter().map(|r| r.parent_pause_ms).collect()),
+                    descriptor_bytes: med(reps.iter().map(|r| r.descriptor_bytes as f64).collect()) as u64,
+                    fetched_per_read: if read == 0 { f64::NAN } else { fetched as f64 / read as f64 },
+                    latency_p50_us: med(clones.iter().map(|(s, _)| s.latency_p50_us as f64).collect()),
+                    latency_p99_us: med(clones.iter().map(|(s, _)| s.latency_p99_us as f64).collect()),
+                    fetched_mib_per_clone: fetched as f64 / k / 1048576.0,
+                    fill_fetched_pct: clones.iter().map(|(_, f)| *f as f64).sum::<f64>() / k
+                        / (u64::from(a.fill_mib) << 20) as f64
+                        * 100.0,
+                    zero_pages_per_clone: clones.iter().map(|(s, _)| s.zero_pages as f64).sum::<f64>() / k,
+                });
+            }
+            let _ = vm_cmd::stop(&c, &vm);
+        }
+        Ok(rows)
+    })();
+    if up.started {
+        let _ = cluster::down(&name);
+    }
+    let rows = res?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:>5} {:>6} {:>5} {:>15} {:>9} {:>16} {:>10} {:>10} {:>13} {:>9} {:>10}",
+        "hosts", "clones", "avoid", "all_returned_ms", "pause_ms", "fetched/read", "p50_us", "p99_us", "MiB/clone", "fill_%", "zero_pg"
+    );
+    for r in &rows {
+        println!(
+            "{:>5} {:>6} {:>5} {:>15.1} {:>9.1} {:>16.3} {:>10.0} {:>10.0} {:>13.1} {:>9.1} {:>10.0}",
+            r.hosts,
+            r.clones,
+            if r.avoidance { "on" } else { "off" },
+            r.all_returned_ms,
+            r.parent_pause_ms,
+            r.fetched_per_read,
+            r.latency_p50_us,
+            r.latency_p99_us,
+            r.fetched_mib_per_clone,
+            r.fill_fetched_pct,
+            r.zero_pages_per_clone
+        );
+    }
+    Ok(())
+}
