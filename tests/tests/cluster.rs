@@ -285,14 +285,20 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
         (st["counters"]["clones_lost"].as_u64()? >= 1).then_some(())
     });
     assert!(told.is_some(), "the origin must hear about the lost clone");
-    // The other clone exits; the parent's join reports both.
+    // The other clone may have needed a page from the frozen origin too
+    // (then it is lost as well); if it survived, it exits. The parent's
+    // join reports both.
     let other = kids.iter().find(|k| k["name"] != blocked.as_str()).unwrap()["name"].as_str().unwrap().to_string();
-    h0.sh_ok(&other, "(sleep 0.2; sf exit 0) >/dev/null 2>&1 &");
+    let _ = h0.sh(&other, "(sleep 0.2; sf exit 0) >/dev/null 2>&1 &");
     let out = h0.sh_ok("p", &format!("sf join {t}"));
     let lost_id = kids.iter().find(|k| k["name"] == blocked.as_str()).unwrap()["clone_id"].as_u64().unwrap();
     assert!(out.contains(&format!("{lost_id} lost")), "the parent must hear the clone was lost: {out}");
     assert!(out.contains("memory origin"), "{out}");
-    assert!(out.contains(&format!("{} exited 0", 3 - lost_id)), "{out}");
+    let other_id = 3 - lost_id;
+    assert!(
+        out.contains(&format!("{other_id} exited 0")) || out.contains(&format!("{other_id} lost")),
+        "{out}"
+    );
     // Nothing of the clones is left on their hosts.
     let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), &t).is_empty().then_some(()));
     assert!(gone.is_some(), "{:?}", h0.vms());
