@@ -94,7 +94,7 @@ fn settle(ram: &std::path::Path) {
 fn one_run(c: &Client, vm: &str, n: u32, fill: u32) -> Result<(CloneReport, Vec<(VmStats, u64)>)> {
     let script = format!(
         "T=$(sf ticket {n}) || exit 1; ID=$(sf clone $T) || exit 1; \
-         if [ \"$ID\" != 0 ]; then sf-memtest ctl --sock /tmp/bench-mt.sock verify >/dev/null; sleep 100000; fi; echo $T"
+         if [ \"$ID\" != 0 ]; then sf-memtest ctl --sock /tmp/bench-mt.sock verify >/dev/null; touch /tmp/read-done; sleep 100000; fi; echo $T"
     );
     let ticket = sh(c, vm, &script)?.trim().to_string();
     let result = (|| -> Result<(CloneReport, Vec<(VmStats, u64)>)> {
@@ -104,7 +104,7 @@ fn one_run(c: &Client, vm: &str, n: u32, fill: u32) -> Result<(CloneReport, Vec<
         let mut out = Vec::new();
         for k in &kids {
             // Wait for the read of the parent's memory to finish, then fill.
-            sh(c, k, "while ps | grep -v grep | grep -q 'ctl --sock /tmp/bench-mt'; do sleep 0.2; done")?;
+            sh(c, k, "i=0; while [ ! -e /tmp/read-done ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done; [ -e /tmp/read-done ]")?;
             let before = stats(c, k)?.bytes_fetched;
             sh(
                 c,

@@ -524,7 +524,7 @@ impl Filesystem for MemtapFs {
             return reply.data(&[]);
         }
         let pid = self.sh.tgid(req.pid());
-        tracing::trace!(offset, size, pid, "memtap read");
+        tracing::trace!(offset, size, pid, tid = req.pid(), "memtap read");
         let end = (offset + size as u64).min(g.size);
         let (first, last) = (offset / PS, (end - 1) / PS);
         let mut o = ReadOutcome {
