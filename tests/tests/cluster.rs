@@ -303,3 +303,42 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
     let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), &t).is_empty().then_some(()));
     assert!(gone.is_some(), "{:?}", h0.vms());
 }
+
+/// The origin's daemon dies (SIGKILL): its parent VM goes with it, and a
+/// clone on another host that then needs a page is stopped with the reason
+/// within the fetch timeout; the other hosts keep working.
+#[test]
+fn origin_daemon_death_stops_clones_that_need_its_memory() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let c = Cluster::up(3, &["--fetch-timeout-ms", "2000"]);
+    let (h0, h1) = (c.host(0), c.host(1));
+    h0.start_vm("p", &img, "256M");
+    let t = h0
+        .sh_ok(
+            "p",
+            "sf-memtest hold --mib 64 --seed 5 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
+             i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+             T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T",
+        )
+        .trim()
+        .to_string();
+    let kids = clones_of(&h0.vms(), &t);
+    let on_h1 = kids.iter().find(|k| k["host"] == "h1").expect("a clone on h1")["name"].as_str().unwrap().to_string();
+    let pid = h0.daemon_pid().expect("h0 daemon pid");
+    // SAFETY: a daemon this test's cluster started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = h1.sh(&on_h1, "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &");
+    let lost = wait_until(Duration::from_secs(30), || {
+        let st: Value = serde_json::from_str(&h1.ok(&["daemon", "status", "--json"])).ok()?;
+        st["recent_losses"].as_array()?.iter().find(|l| l["vm"] == on_h1.as_str()).cloned()
+    });
+    let lost = lost.expect("the clone must be stopped within the fetch timeout");
+    assert!(lost["reason"].as_str().unwrap().contains("memory origin"), "{lost}");
+    // h1 still works, and lists what it can reach.
+    let vms = h1.run(&["vm", "list", "--json"]);
+    assert!(vms.status.success());
+    assert!(String::from_utf8_lossy(&vms.stderr).contains("h0"), "the dead host is named as unreachable");
+}
