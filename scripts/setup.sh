@@ -22,7 +22,9 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-for dev in /dev/net/tun; do
+# Memory on demand (memtap) is a FUSE file system.
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+for dev in /dev/net/tun /dev/fuse; do
     [ -e "$dev" ] || { echo "setup: $dev is missing; taps cannot be created" >&2; exit 1; }
 done
 
