@@ -148,20 +148,6 @@ pub fn exec(c: &Client, name: &str, argv: &[String], capture: bool) -> Result<Ca
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mem_sizes() {
-        assert_eq!(parse_mem("256M"), Ok(256));
-        assert_eq!(parse_mem("1G"), Ok(1024));
-        assert_eq!(parse_mem("512"), Ok(512));
-        assert!(parse_mem("lots").is_err());
-        assert!(parse_mem("9999999G").is_err());
-    }
-}
-
 /// `snowflock stats VM`: memory-on-demand figures of one VM.
 pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
     match c.call(&AdminRequest::Stats { name: name.into() })? {
@@ -188,5 +174,19 @@ pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
             Ok(())
         }
         other => bail!("Unexpected answer: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(parse_mem("256M"), Ok(256));
+        assert_eq!(parse_mem("1G"), Ok(1024));
+        assert_eq!(parse_mem("512"), Ok(512));
+        assert!(parse_mem("lots").is_err());
+        assert!(parse_mem("9999999G").is_err());
     }
 }

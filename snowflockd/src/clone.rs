@@ -225,7 +225,7 @@ struct Job<'a> {
 impl Job<'_> {
     /// Host of each clone ID, in order.
     fn hosts(&self, me: &str) -> Vec<String> {
-        let mut v: Vec<String> = self.placement.iter().flat_map(|(h, n)| std::iter::repeat(h.clone()).take(*n as usize)).collect();
+        let mut v: Vec<String> = self.placement.iter().flat_map(|(h, n)| std::iter::repeat_n(h.clone(), *n as usize)).collect();
         v.resize(self.granted as usize, me.to_string());
         v
     }

@@ -112,7 +112,7 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
     // The script continues in every VM from the line after `sf clone`.
     let ticket = h.sh_ok("p", STATEFUL).trim().to_string();
     assert!(ticket.starts_with("t-"), "{ticket}");
-    let clones = clones_of(&h, &ticket);
+    let clones = clones_of(h, &ticket);
     assert_eq!(clones.len(), 2, "{clones:?}");
     let names: Vec<String> = clones.iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
     for (i, c) in clones.iter().enumerate() {
@@ -183,13 +183,13 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
     // sf exit ends a clone and its QEMU.
     let c1_pid = clones[0]["pid"].as_u64().unwrap() as u32;
     let _ = h.sh(&names[0], "sf exit 3");
-    assert!(vm_gone(&h, &names[0], c1_pid), "clone 1 must be gone after sf exit");
+    assert!(vm_gone(h, &names[0], c1_pid), "clone 1 must be gone after sf exit");
     // sf kill ends the rest at once and reports both.
     let c2_pid = clones[1]["pid"].as_u64().unwrap() as u32;
     let killed = h.sh_ok("p", &format!("sf kill {ticket}"));
     assert!(killed.contains("1 exited 3"), "{killed}");
     assert!(killed.contains("2 killed"), "{killed}");
-    assert!(vm_gone(&h, &names[1], c2_pid));
+    assert!(vm_gone(h, &names[1], c2_pid));
     let (code, _, err) = h.sh("p", &format!("sf clone {ticket}"));
     assert_eq!(code, 1);
     assert!(err.contains("discarded"), "{err}");
@@ -247,7 +247,7 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
         .sh_ok("p", "T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
         .trim()
         .to_string();
-    assert_eq!(clones_of(&h, &t).len(), 2);
+    assert_eq!(clones_of(h, &t).len(), 2);
     h.ok(&["vm", "stop", "p"]);
     let names: Vec<Value> = h.vms().iter().map(|v| v["name"].clone()).collect();
     assert_eq!(names, vec![Value::from("q")]);
