@@ -109,6 +109,22 @@ impl QemuSpec {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(false);
+        // A clone's RAM is a private mapping of a generation file, which on
+        // another host is memtap (FUSE). QEMU advises MADV_HUGEPAGE on guest
+        // RAM, and for a VM_HUGEPAGE file mapping the kernel reads a whole
+        // 2 MiB window around every fault, readahead settings
+        // notwithstanding: measured, a resumed clone fetched 64 MiB to touch
+        // 27. The shim (crate `qemu-shim`) drops exactly that advice.
+        if !self.share {
+            match qemu_shim() {
+                Some(shim) => {
+                    cmd.env("LD_PRELOAD", shim);
+                }
+                None => tracing::warn!(
+                    "{QEMU_SHIM} not found next to snowflockd: clones on other hosts will fetch 2 MiB per fault"
+                ),
+            }
+        }
         // SAFETY: prctl and setpgid are async-signal-safe and touch no
         // memory of the parent.
         unsafe {
@@ -120,4 +136,16 @@ impl QemuSpec {
         }
         cmd.spawn()
     }
+}
+
+/// File name of the clone QEMU shim (see `qemu-shim/`).
+pub const QEMU_SHIM: &str = "libsnowflock_qemu_shim.so";
+
+/// The shim next to the daemon's binary, else in `/usr/local/lib/snowflock`.
+fn qemu_shim() -> Option<PathBuf> {
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join(QEMU_SHIM)));
+    beside
+        .into_iter()
+        .chain(std::iter::once(PathBuf::from("/usr/local/lib/snowflock").join(QEMU_SHIM)))
+        .find(|p| p.exists())
 }
