@@ -125,7 +125,13 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
     let free = Daemon::free_slots(&st, d.cfg.max_vms);
     // One VM may hold at most one ticket's quota of unused slots, so a
     // guest cannot reserve the whole host.
-    let held: u32 = st.tickets.values().filter(|t| t.owner == vm.name).map(|t| t.reserved()).sum();
+    // Counted over the whole cluster: slots placed on other hosts count too.
+    let held: u32 = st
+        .tickets
+        .values()
+        .filter(|t| t.owner == vm.name && matches!(t.state, TicketState::Granted | TicketState::Cloning))
+        .map(|t| t.granted)
+        .sum();
     let allowed = d.cfg.quota_per_ticket.saturating_sub(held);
     if allowed == 0 {
         return api_error(

@@ -260,7 +260,23 @@ fn join_reports_exits_and_lost_children_and_bad_tickets_harm_nothing() {
     }
     let (img, _progs) = image();
     let h = Host::start("h0");
-    h.start_vm("p", &img, "192M");
+    join_exits_lost_and_bad_tickets(&h, &img);
+}
+
+/// The same with the clones on other hosts of a 3-host cluster: their ends
+/// reach the parent's join, and a parent that dies takes them along.
+#[test]
+fn join_on_other_hosts_reports_exits_and_lost_children_and_bad_tickets_harm_nothing() {
+    if !vm_prereqs() {
+        return;
+    }
+    let (img, _progs) = image();
+    let c = Cluster::up(3, &[]);
+    join_exits_lost_and_bad_tickets(c.host(0), &img);
+}
+
+fn join_exits_lost_and_bad_tickets(h: &Daemon, img: &TestImage) {
+    h.start_vm("p", img, "192M");
 
     // join waits for every child and reports each status.
     let out = h.sh_ok(
@@ -274,7 +290,7 @@ fn join_reports_exits_and_lost_children_and_bad_tickets_harm_nothing() {
         .sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
         .trim()
         .to_string();
-    let c = clones_of(&h, &t3);
+    let c = clones_of(h, &t3);
     assert_eq!(c.len(), 1);
     // A used ticket cannot clone again.
     let (code, _, err) = h.sh("p", &format!("sf clone {t3}"));
@@ -343,7 +359,7 @@ setsid sh /tmp/junk.sh </dev/null >/dev/null 2>&1 &"#,
         .sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
         .trim()
         .to_string();
-    assert_eq!(clones_of(&h, &t).len(), 1);
+    assert_eq!(clones_of(h, &t).len(), 1);
     let ppid = h.vms().iter().find(|v| v["name"] == "p").unwrap()["pid"].as_u64().unwrap() as i32;
     // SAFETY: the parent's QEMU, started by this test's daemon.
     unsafe { libc::kill(ppid, libc::SIGKILL) };
