@@ -105,7 +105,7 @@ fn one_run(c: &Client, vm: &str, n: u32, fill: u32) -> Result<(CloneReport, Vec<
         for k in &kids {
             // Wait for the read of the parent's memory to finish, then fill.
             sh(c, k, "i=0; while [ ! -e /tmp/read-done ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done; [ -e /tmp/read-done ]")?;
-            let before = stats(c, k)?.bytes_fetched;
+            let before = stats(c, k)?.fetch.bytes_fetched;
             sh(
                 c,
                 k,
@@ -116,7 +116,7 @@ fn one_run(c: &Client, vm: &str, n: u32, fill: u32) -> Result<(CloneReport, Vec<
                 ),
             )?;
             let s = stats(c, k)?;
-            let during_fill = s.bytes_fetched.saturating_sub(before);
+            let during_fill = s.fetch.bytes_fetched.saturating_sub(before);
             out.push((s, during_fill));
         }
         Ok((rep, out))
@@ -163,8 +163,8 @@ pub fn run(a: HostsArgs) -> Result<()> {
                     clones.extend(st);
                 }
                 let med = |v: Vec<f64>| crate::bench::median(v);
-                let read: u64 = clones.iter().map(|(s, _)| (s.faults.saturating_sub(s.zero_pages)) * 4096).sum();
-                let fetched: u64 = clones.iter().map(|(s, _)| s.bytes_fetched).sum();
+                let read: u64 = clones.iter().map(|(s, _)| (s.fetch.faults.saturating_sub(s.fetch.zero_pages)) * 4096).sum();
+                let fetched: u64 = clones.iter().map(|(s, _)| s.fetch.bytes_fetched).sum();
                 let k = clones.len().max(1) as f64;
                 rows.push(HostsRow {
                     hosts: a.hosts,
@@ -175,13 +175,13 @@ pub fn run(a: HostsArgs) -> Result<()> {
                     parent_pause_ms: med(reps.iter().map(|r| r.parent_pause_ms).collect()),
                     descriptor_bytes: med(reps.iter().map(|r| r.descriptor_bytes as f64).collect()) as u64,
                     fetched_per_read: if read == 0 { f64::NAN } else { fetched as f64 / read as f64 },
-                    latency_p50_us: med(clones.iter().map(|(s, _)| s.latency_p50_us as f64).collect()),
-                    latency_p99_us: med(clones.iter().map(|(s, _)| s.latency_p99_us as f64).collect()),
+                    latency_p50_us: med(clones.iter().map(|(s, _)| s.fetch.latency_p50_us as f64).collect()),
+                    latency_p99_us: med(clones.iter().map(|(s, _)| s.fetch.latency_p99_us as f64).collect()),
                     fetched_mib_per_clone: fetched as f64 / k / 1048576.0,
                     fill_fetched_pct: clones.iter().map(|(_, f)| *f as f64).sum::<f64>() / k
                         / (u64::from(a.fill_mib) << 20) as f64
                         * 100.0,
-                    zero_pages_per_clone: clones.iter().map(|(s, _)| s.zero_pages as f64).sum::<f64>() / k,
+                    zero_pages_per_clone: clones.iter().map(|(s, _)| s.fetch.zero_pages as f64).sum::<f64>() / k,
                 });
             }
             let _ = vm_cmd::stop(&c, &vm);

@@ -157,16 +157,17 @@ pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
                 return Ok(());
             }
             println!("VM {} on {}: memory {}{}", s.vm, s.host, s.memory, s.origin.as_deref().map(|o| format!(" from {o}")).unwrap_or_default());
+            let f = &s.fetch;
             let rows = [
-                ("faults", s.faults),
-                ("bytes_fetched", s.bytes_fetched),
-                ("pages_fetched", s.pages_fetched),
-                ("zero_pages", s.zero_pages),
-                ("cache_hits", s.cache_hits),
-                ("prefetch_hits", s.prefetch_hits),
-                ("fetch_errors", s.fetch_errors),
-                ("latency_p50_us", s.latency_p50_us),
-                ("latency_p99_us", s.latency_p99_us),
+                ("faults", f.faults),
+                ("bytes_fetched", f.bytes_fetched),
+                ("pages_fetched", f.pages_fetched),
+                ("zero_pages", f.zero_pages),
+                ("cache_hits", f.cache_hits),
+                ("prefetch_hits", f.prefetch_hits),
+                ("fetch_errors", f.fetch_errors),
+                ("latency_p50_us", f.latency_p50_us),
+                ("latency_p99_us", f.latency_p99_us),
             ];
             for (k, v) in rows {
                 println!("  {k:<16} {v}");

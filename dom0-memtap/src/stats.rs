@@ -1,32 +1,9 @@
 //! Fault statistics: counters and a log-bucket latency histogram.
 
-use serde::Serialize;
 
-/// Page-fault statistics of one process (a QEMU, i.e. one clone) or one
-/// generation.
-#[derive(Debug, Serialize, Clone, Default, PartialEq, Eq)]
-pub struct FaultStats {
-    /// Pages read through FUSE (a read of n pages counts n).
-    pub faults: u64,
-    /// Bytes received from origins' page servers (prefetch included).
-    pub bytes_fetched: u64,
-    /// Pages received from origins' page servers (prefetch included).
-    pub pages_fetched: u64,
-    /// Pages answered with zeros from the hole map.
-    pub zero_pages: u64,
-    /// Pages answered from memtap's local cache.
-    pub cache_hits: u64,
-    /// Cache hits on pages that came in as prefetch (first hit only).
-    pub prefetch_hits: u64,
-    /// FUSE reads answered with EIO because pages could not be fetched
-    /// (the kernel retries a failed page read once, so one failed access
-    /// usually counts 2).
-    pub fetch_errors: u64,
-    /// Median time from FUSE request to reply, per faulted page.
-    pub latency_p50_us: u64,
-    /// 99th percentile of the same.
-    pub latency_p99_us: u64,
-}
+/// The figures themselves are a protocol type: the daemon hands them to the
+/// CLI as they are.
+pub use snowflock_proto::admin::FaultStats;
 
 /// Buckets: exact below 16 us, then 4 per power of two up to 2^40 us.
 const EXACT: u64 = 16;

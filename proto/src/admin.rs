@@ -84,6 +84,35 @@ pub struct Loss {
     pub reason: String,
 }
 
+/// Page-fault figures of memory on demand: of one process (a clone's QEMU)
+/// or one generation. memtap (`dom0-memtap`) keeps them; the daemon reports
+/// them in [`VmStats`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FaultStats {
+    /// Pages read through FUSE (a read of n pages counts n): first touches
+    /// of a page on this host; pages already in the shared page cache cost
+    /// none.
+    pub faults: u64,
+    /// Bytes received from origins' page servers (prefetch included).
+    pub bytes_fetched: u64,
+    /// Pages received from origins' page servers (prefetch included).
+    pub pages_fetched: u64,
+    /// Pages answered with zeros from the hole map, never fetched.
+    pub zero_pages: u64,
+    /// Pages answered from memtap's local cache.
+    pub cache_hits: u64,
+    /// Cache hits on pages that came in as prefetch (first hit only).
+    pub prefetch_hits: u64,
+    /// FUSE reads answered with EIO because pages could not be fetched
+    /// (the kernel retries a failed page read once, so one failed access
+    /// usually counts 2).
+    pub fetch_errors: u64,
+    /// Median time from FUSE request to reply, per faulted page.
+    pub latency_p50_us: u64,
+    /// 99th percentile of the same.
+    pub latency_p99_us: u64,
+}
+
 /// Memory-on-demand figures of one VM (`snowflock stats`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct VmStats {
@@ -94,18 +123,10 @@ pub struct VmStats {
     /// or `remote` (fetched on demand from `origin`).
     pub memory: String,
     pub origin: Option<String>,
-    /// Page reads the VM caused in memtap (first touches of a page on
-    /// this host; pages already in the shared page cache cost none).
-    pub faults: u64,
-    pub bytes_fetched: u64,
-    pub pages_fetched: u64,
-    /// Pages answered from the hole map, never fetched.
-    pub zero_pages: u64,
-    pub cache_hits: u64,
-    pub prefetch_hits: u64,
-    pub fetch_errors: u64,
-    pub latency_p50_us: u64,
-    pub latency_p99_us: u64,
+    /// All zero unless `memory` is `remote`. Flattened: the JSON keys are
+    /// `faults`, `bytes_fetched`, ... beside `vm`.
+    #[serde(flatten)]
+    pub fetch: FaultStats,
 }
 
 /// Outcome of starting one clone on a host.
@@ -243,6 +264,17 @@ mod tests {
         assert!(!valid_vm_name("1vm"));
         assert!(!valid_vm_name("../etc"));
         assert!(!valid_vm_name(&"a".repeat(49)));
+    }
+
+    #[test]
+    fn stats_keys_are_flat() {
+        let mut s = VmStats { vm: "c".into(), ..Default::default() };
+        s.fetch.latency_p50_us = 7;
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["latency_p50_us"], 7);
+        assert_eq!(v["faults"], 0);
+        assert!(v.get("fetch").is_none(), "{v}");
+        assert_eq!(serde_json::from_value::<VmStats>(v).unwrap(), s);
     }
 
     #[test]

@@ -407,16 +407,7 @@ impl Daemon {
         };
         let pid = *vm.pid.lock().unwrap();
         if let (MemSource::Remote { .. }, Some(m), Some(pid)) = (&vm.memory, &self.memtap, pid) {
-            let f = m.pid_stats(pid);
-            s.faults = f.faults;
-            s.bytes_fetched = f.bytes_fetched;
-            s.pages_fetched = f.pages_fetched;
-            s.zero_pages = f.zero_pages;
-            s.cache_hits = f.cache_hits;
-            s.prefetch_hits = f.prefetch_hits;
-            s.fetch_errors = f.fetch_errors;
-            s.latency_p50_us = f.latency_p50_us;
-            s.latency_p99_us = f.latency_p99_us;
+            s.fetch = m.pid_stats(pid);
         }
         s
     }
