@@ -98,13 +98,9 @@ pub fn place(origin: &str, free: &[(String, u32)], n: u32) -> Vec<(String, u32)>
 
 /// Free slots of every other host that answers (quickly).
 async fn peer_capacity(d: &Arc<Daemon>) -> Vec<(String, u32)> {
-    let peers = crate::peer::peer_names(d);
-    let answers = futures::future::join_all(peers.iter().map(|p| {
-        crate::peer::call(d, p, &snowflock_proto::admin::AdminRequest::PeerCapacity, Duration::from_secs(2))
-    }))
-    .await;
+    let req = snowflock_proto::admin::AdminRequest::PeerCapacity;
     let mut out = Vec::new();
-    for (p, a) in peers.into_iter().zip(answers) {
+    for (p, a) in crate::peer::call_all(d, &req, Duration::from_secs(2)).await {
         match a {
             Ok(snowflock_proto::admin::AdminResponse::Capacity { free, .. }) => out.push((p, free)),
             Ok(other) => tracing::warn!(host = %p, answer = ?other, "unexpected capacity answer"),

@@ -136,17 +136,24 @@ pub fn peer_names(d: &Daemon) -> Vec<String> {
     d.cfg.cluster.as_ref().map(|c| c.peers.iter().map(|p| p.name.clone()).collect()).unwrap_or_default()
 }
 
+/// Sends `req` to every other host at once; one answer per peer, in
+/// configuration order.
+pub async fn call_all(
+    d: &Daemon,
+    req: &AdminRequest,
+    timeout: Duration,
+) -> Vec<(String, Result<AdminResponse, PeerError>)> {
+    let peers = peer_names(d);
+    let answers = futures::future::join_all(peers.iter().map(|p| call(d, p, req, timeout))).await;
+    peers.into_iter().zip(answers).collect()
+}
+
 /// Every host's VMs: this host's, then each peer's. Hosts that do not
 /// answer are listed with the reason.
 pub async fn cluster_list(d: &Arc<Daemon>) -> (Vec<VmInfo>, Vec<String>) {
     let mut vms = d.list();
     let mut unreachable = Vec::new();
-    let peers = peer_names(d);
-    let answers = futures::future::join_all(
-        peers.iter().map(|p| call(d, p, &AdminRequest::VmListLocal, Duration::from_secs(3))),
-    )
-    .await;
-    for (p, a) in peers.iter().zip(answers) {
+    for (p, a) in call_all(d, &AdminRequest::VmListLocal, Duration::from_secs(3)).await {
         match a {
             Ok(AdminResponse::VmList { vms: v, .. }) => vms.extend(v),
             Ok(other) => unreachable.push(format!("{p}: unexpected answer {other:?}")),
