@@ -24,9 +24,9 @@ pub const MAX_FLOCKS: u32 = 256;
 /// Errors configuring host networking.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// An `ip` command failed.
-    #[error("`ip {args}` failed: {stderr}")]
-    Ip { args: String, stderr: String },
+    /// An iproute2 command (`ip`, `bridge`) failed.
+    #[error("`{cmd}` failed: {stderr}")]
+    Ip { cmd: String, stderr: String },
     /// `ip` could not be run at all.
     #[error("Cannot run `ip` (is iproute2 installed?)")]
     Spawn(#[source] std::io::Error),
@@ -115,13 +115,19 @@ mod sys {
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), NetError> {
-    let out = Command::new("ip").args(args).output().map_err(NetError::Spawn)?;
+/// Runs an iproute2 tool (`ip`, `bridge`); a failure names the command line.
+fn iproute2(tool: &str, args: &[&str]) -> Result<(), NetError> {
+    let out = Command::new(tool).args(args).output().map_err(NetError::Spawn)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(NetError::Ip { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+        let cmd = format!("{tool} {}", args.join(" "));
+        Err(NetError::Ip { cmd, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
     }
+}
+
+fn ip(args: &[&str]) -> Result<(), NetError> {
+    iproute2("ip", args)
 }
 
 fn link_exists(name: &str) -> bool {
@@ -172,17 +178,7 @@ pub fn ensure_overlay(
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{vx}/disable_ipv6"), "1");
         ip(&["link", "set", &vx, "mtu", "1500", "master", &names.bridge(flock), "up"])?;
         for p in peers {
-            let dst = p.to_string();
-            let out = Command::new("bridge")
-                .args(["fdb", "append", "00:00:00:00:00:00", "dev", &vx, "dst", &dst])
-                .output()
-                .map_err(NetError::Spawn)?;
-            if !out.status.success() {
-                return Err(NetError::Ip {
-                    args: format!("bridge fdb append 00:00:00:00:00:00 dev {vx} dst {dst}"),
-                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
+            iproute2("bridge", &["fdb", "append", "00:00:00:00:00:00", "dev", &vx, "dst", &p.to_string()])?;
         }
         Ok(())
     })();
