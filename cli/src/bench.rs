@@ -50,6 +50,11 @@ fn reports(c: &Client) -> Result<Vec<CloneReport>> {
     }
 }
 
+/// The daemon's report of the clone operation that used `ticket`.
+pub fn report_for(c: &Client, ticket: &str) -> Result<CloneReport> {
+    reports(c)?.into_iter().rev().find(|r| r.ticket == ticket).with_context(|| format!("no clone report for ticket {ticket}"))
+}
+
 /// One clone + join cycle in the guest; returns the daemon's report.
 pub fn clone_cycle(c: &Client, vm: &str, n: u32) -> Result<CloneReport> {
     let script = format!(
@@ -65,11 +70,7 @@ pub fn clone_cycle(c: &Client, vm: &str, n: u32) -> Result<CloneReport> {
         );
     }
     let ticket = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    reports(c)?
-        .into_iter()
-        .rev()
-        .find(|r| r.ticket == ticket)
-        .with_context(|| format!("no clone report for ticket {ticket}"))
+    report_for(c, &ticket)
 }
 
 pub fn run(c: &Client, a: BenchArgs) -> Result<Vec<Row>> {

@@ -12,7 +12,7 @@
 use crate::client::Client;
 use crate::cluster;
 use crate::vm_cmd;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse, CloneReport, VmStats};
 use std::time::{Duration, Instant};
@@ -65,15 +65,6 @@ fn stats(c: &Client, vm: &str) -> Result<VmStats> {
     }
 }
 
-fn report(c: &Client, ticket: &str) -> Result<CloneReport> {
-    match c.call(&AdminRequest::CloneReports)? {
-        AdminResponse::CloneReports { reports } => {
-            reports.into_iter().rev().find(|r| r.ticket == ticket).with_context(|| format!("no report for {ticket}"))
-        }
-        other => bail!("Unexpected answer: {other:?}"),
-    }
-}
-
 /// Waits until the parent's RAM file stops shrinking (free page reporting
 /// has caught up), at most a minute.
 fn settle(ram: &std::path::Path) {
@@ -98,7 +89,7 @@ fn one_run(c: &Client, vm: &str, n: u32, fill: u32) -> Result<(CloneReport, Vec<
     );
     let ticket = sh(c, vm, &script)?.trim().to_string();
     let result = (|| -> Result<(CloneReport, Vec<(VmStats, u64)>)> {
-        let rep = report(c, &ticket)?;
+        let rep = crate::bench::report_for(c, &ticket)?;
         let kids: Vec<String> =
             vm_cmd::list_vms(c)?.into_iter().filter(|v| v.ticket.as_deref() == Some(&ticket)).map(|v| v.name).collect();
         let mut out = Vec::new();
