@@ -233,6 +233,49 @@ fn avoidance_heuristics_cut_fetches() {
     assert!(deltas[1] > 2 * deltas[0] && deltas[1] > (20u64 << 20), "switching them off must fetch more: {deltas:?}");
 }
 
+/// The origin-failure setup: a 3-host cluster with a 2 s fetch timeout,
+/// parent `p` on h0 holding 64 MiB, cloned twice (the clones wait).
+struct Origin {
+    // Declared first: the cluster goes before the image it booted.
+    c: Cluster,
+    _img: TestImage,
+    ticket: String,
+    kids: Vec<Value>,
+    /// The clone placed on h1.
+    on_h1: String,
+}
+
+impl Origin {
+    fn up() -> Origin {
+        let img = TestImage::build(&[]);
+        let c = Cluster::up(3, &["--fetch-timeout-ms", "2000"]);
+        let h0 = c.host(0);
+        h0.start_vm("p", &img, "256M");
+        let ticket = h0
+            .sh_ok(
+                "p",
+                "sf-memtest hold --mib 64 --seed 5 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
+                 i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+                 T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T",
+            )
+            .trim()
+            .to_string();
+        let kids = clones_of(&h0.vms(), &ticket);
+        let on_h1 = kids.iter().find(|k| k["host"] == "h1").expect("a clone on h1")["name"].as_str().unwrap().to_string();
+        Origin { c, _img: img, ticket, kids, on_h1 }
+    }
+}
+
+/// Waits (bounded) until `h` lists `vm` among the VMs that ended on their
+/// own; returns that entry (with the reason).
+fn wait_for_loss(h: &ClusterHost, vm: &str) -> Value {
+    wait_until(Duration::from_secs(30), || {
+        let st: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).ok()?;
+        st["recent_losses"].as_array()?.iter().find(|l| l["vm"] == vm).cloned()
+    })
+    .unwrap_or_else(|| panic!("{vm} must be stopped within the fetch timeout"))
+}
+
 /// The origin's page server stops answering: a clone blocked on a missing
 /// page is stopped within the fetch timeout with a clear reason, the parent
 /// hears it was lost, and nothing hangs.
@@ -241,21 +284,9 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
     if !vm_prereqs() {
         return;
     }
-    let img = TestImage::build(&[]);
-    let c = Cluster::up(3, &["--fetch-timeout-ms", "2000"]);
-    let (h0, h1) = (c.host(0), c.host(1));
-    h0.start_vm("p", &img, "256M");
-    let t = h0
-        .sh_ok(
-            "p",
-            "sf-memtest hold --mib 64 --seed 5 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
-             i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-             T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T",
-        )
-        .trim()
-        .to_string();
-    let kids = clones_of(&h0.vms(), &t);
-    let blocked = kids.iter().find(|k| k["host"] == "h1").expect("a clone on h1")["name"].as_str().unwrap().to_string();
+    let o = Origin::up();
+    let (h0, h1, t, kids) = (o.c.host(0), o.c.host(1), &o.ticket, &o.kids);
+    let blocked = &o.on_h1;
     let origin = h0.daemon_pid().expect("h0 daemon pid");
     // Freeze the origin daemon (its page server with it).
     // SAFETY: a daemon this test's cluster started.
@@ -270,12 +301,8 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
     let cont = Cont(origin);
     // The clone reads 64 MiB it has not touched yet, and blocks on a page.
     // (The exec itself may be cut short: the guest freezes on the page.)
-    let _ = h1.sh(&blocked, "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &");
-    let lost = wait_until(Duration::from_secs(30), || {
-        let st: Value = serde_json::from_str(&h1.ok(&["daemon", "status", "--json"])).ok()?;
-        st["recent_losses"].as_array()?.iter().find(|l| l["vm"] == blocked.as_str()).cloned()
-    });
-    let lost = lost.expect("the blocked clone must be stopped within the fetch timeout");
+    let _ = h1.sh(blocked, "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &");
+    let lost = wait_for_loss(h1, blocked);
     let reason = lost["reason"].as_str().unwrap();
     assert!(reason.contains("memory origin"), "{reason}");
     drop(cont);
@@ -300,7 +327,7 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
         "{out}"
     );
     // Nothing of the clones is left on their hosts.
-    let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), &t).is_empty().then_some(()));
+    let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), t).is_empty().then_some(()));
     assert!(gone.is_some(), "{:?}", h0.vms());
 }
 
@@ -312,30 +339,13 @@ fn origin_daemon_death_stops_clones_that_need_its_memory() {
     if !vm_prereqs() {
         return;
     }
-    let img = TestImage::build(&[]);
-    let c = Cluster::up(3, &["--fetch-timeout-ms", "2000"]);
-    let (h0, h1) = (c.host(0), c.host(1));
-    h0.start_vm("p", &img, "256M");
-    let t = h0
-        .sh_ok(
-            "p",
-            "sf-memtest hold --mib 64 --seed 5 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
-             i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-             T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T",
-        )
-        .trim()
-        .to_string();
-    let kids = clones_of(&h0.vms(), &t);
-    let on_h1 = kids.iter().find(|k| k["host"] == "h1").expect("a clone on h1")["name"].as_str().unwrap().to_string();
+    let o = Origin::up();
+    let (h0, h1, on_h1) = (o.c.host(0), o.c.host(1), &o.on_h1);
     let pid = h0.daemon_pid().expect("h0 daemon pid");
     // SAFETY: a daemon this test's cluster started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let _ = h1.sh(&on_h1, "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &");
-    let lost = wait_until(Duration::from_secs(30), || {
-        let st: Value = serde_json::from_str(&h1.ok(&["daemon", "status", "--json"])).ok()?;
-        st["recent_losses"].as_array()?.iter().find(|l| l["vm"] == on_h1.as_str()).cloned()
-    });
-    let lost = lost.expect("the clone must be stopped within the fetch timeout");
+    let _ = h1.sh(on_h1, "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &");
+    let lost = wait_for_loss(h1, on_h1);
     assert!(lost["reason"].as_str().unwrap().contains("memory origin"), "{lost}");
     // h1 still works, and lists what it can reach.
     let vms = h1.run(&["vm", "list", "--json"]);
