@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,17 +74,22 @@ impl Fixture {
             dir,
             ..
         } = self;
-        let t = Instant::now();
-        memtap.unmount();
-        assert!(
-            t.elapsed() < Duration::from_secs(8),
-            "unmount took {:?}",
-            t.elapsed()
-        );
-        assert!(!is_mounted(&mount), "still mounted");
+        unmount_in_time(memtap, &mount, "still mounted");
         server.shutdown();
         drop(dir);
     }
+}
+
+/// Unmounts, and checks it took under 8 s and the mount is gone.
+fn unmount_in_time(memtap: Memtap, mount: &Path, still_there: &str) {
+    let t = Instant::now();
+    memtap.unmount();
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "unmount took {:?}",
+        t.elapsed()
+    );
+    assert!(!is_mounted(mount), "{still_there}");
 }
 
 fn page(bytes: &[u8], p: u64) -> &[u8] {
@@ -617,14 +622,7 @@ fn unmount_does_not_hang_on_an_open_file() {
             dir,
             ..
         } = fx;
-        let t = Instant::now();
-        memtap.unmount();
-        assert!(
-            t.elapsed() < Duration::from_secs(8),
-            "unmount took {:?}",
-            t.elapsed()
-        );
-        assert!(!is_mounted(&mount), "not detached");
+        unmount_in_time(memtap, &mount, "not detached");
         // The open file still reads what the page cache holds.
         f.read_exact_at(&mut b, 0).unwrap();
         assert!(b == page(&bytes, 0));
