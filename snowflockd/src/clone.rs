@@ -301,7 +301,7 @@ async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timelin
     if !remote_hosts.is_empty() {
         let pages = d.pages.as_ref().ok_or("clones placed on other hosts, but this host has no page server")?;
         // Published as other hosts' memtap names it: `<origin>.<generation>`.
-        let name = format!("{}.{gen_name}", d.cfg.host);
+        let name = shared_generation_name(&d.cfg.host, gen_name);
         pages.publish(&name, &gen_ram).map_err(|e| format!("cannot publish the generation: {e}"))?;
         if let Some(t) = d.state.lock().unwrap().tickets.get_mut(ticket) {
             t.published = Some(name);
@@ -458,7 +458,13 @@ fn remote_generation_name(meta: &Meta) -> Result<String, String> {
     if !ok(&meta.origin_host) || !ok(gen) {
         return Err(format!("malformed memory source {:?}", meta.memory.source));
     }
-    Ok(format!("{}.{gen}", meta.origin_host))
+    Ok(shared_generation_name(&meta.origin_host, gen))
+}
+
+/// Name of a generation on the page server and in memtap on other hosts:
+/// `<origin host>.<generation>`, unique across the cluster.
+pub fn shared_generation_name(origin: &str, generation: &str) -> String {
+    format!("{origin}.{generation}")
 }
 
 /// On a clone host: starts clones `ids` of an encoded descriptor from

@@ -766,7 +766,7 @@ impl Daemon {
                     .is_some_and(|g| !g.is_empty() && g.bytes().all(|c| c.is_ascii_digit()));
                 if ours {
                     if let Some(p) = &self.pages {
-                        p.withdraw(&format!("{}.{n}", self.cfg.host));
+                        p.withdraw(&crate::clone::shared_generation_name(&self.cfg.host, &n));
                     }
                     let _ = std::fs::remove_dir_all(e.path());
                 }
