@@ -52,7 +52,11 @@ fn reports(c: &Client) -> Result<Vec<CloneReport>> {
 
 /// The daemon's report of the clone operation that used `ticket`.
 pub fn report_for(c: &Client, ticket: &str) -> Result<CloneReport> {
-    reports(c)?.into_iter().rev().find(|r| r.ticket == ticket).with_context(|| format!("no clone report for ticket {ticket}"))
+    reports(c)?
+        .into_iter()
+        .rev()
+        .find(|r| r.ticket == ticket)
+        .with_context(|| format!("no clone report for ticket {ticket}"))
 }
 
 /// One clone + join cycle in the guest; returns the daemon's report.
@@ -102,10 +106,14 @@ pub fn run(c: &Client, a: BenchArgs) -> Result<Vec<Row>> {
                 clones: last.clones,
                 runs: a.runs,
                 parent_pause_ms: median(reps.iter().map(|r| r.parent_pause_ms).collect()),
-                descriptor_bytes: median(reps.iter().map(|r| r.descriptor_bytes as f64).collect()) as u64,
-                device_state_bytes: median(reps.iter().map(|r| r.device_state_bytes as f64).collect()) as u64,
+                descriptor_bytes: median(reps.iter().map(|r| r.descriptor_bytes as f64).collect())
+                    as u64,
+                device_state_bytes: median(
+                    reps.iter().map(|r| r.device_state_bytes as f64).collect(),
+                ) as u64,
                 frozen_bytes: median(reps.iter().map(|r| r.frozen_bytes as f64).collect()) as u64,
-                paused_copy_bytes: median(reps.iter().map(|r| r.paused_copy_bytes as f64).collect()) as u64,
+                paused_copy_bytes: median(reps.iter().map(|r| r.paused_copy_bytes as f64).collect())
+                    as u64,
                 all_returned_ms: median(reps.iter().map(|r| r.all_ready_ms).collect()),
                 guest_ram_bytes: last.guest_ram_bytes,
             });
@@ -119,7 +127,15 @@ pub fn run(c: &Client, a: BenchArgs) -> Result<Vec<Row>> {
     } else {
         println!(
             "{:>6} {:>5} {:>15} {:>16} {:>14} {:>10} {:>15} {:>16} {:>8}",
-            "clones", "runs", "parent_pause_ms", "descriptor_bytes", "device_state_B", "frozen_MiB", "paused_copy_KiB", "all_returned_ms", "ram_MiB"
+            "clones",
+            "runs",
+            "parent_pause_ms",
+            "descriptor_bytes",
+            "device_state_B",
+            "frozen_MiB",
+            "paused_copy_KiB",
+            "all_returned_ms",
+            "ram_MiB"
         );
         for r in &rows {
             println!(

@@ -53,7 +53,11 @@ pub struct HostsRow {
 fn sh(c: &Client, vm: &str, script: &str) -> Result<String> {
     let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script.into()], true)?;
     if out.code != 0 {
-        bail!("in {vm}: `{script}` failed ({}): {}", out.code, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "in {vm}: `{script}` failed ({}): {}",
+            out.code,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -69,7 +73,11 @@ fn stats(c: &Client, vm: &str) -> Result<VmStats> {
 /// has caught up), at most a minute.
 fn settle(ram: &std::path::Path) {
     use std::os::unix::fs::MetadataExt;
-    let size = || std::fs::metadata(ram).map(|m| m.blocks() * 512).unwrap_or(0);
+    let size = || {
+        std::fs::metadata(ram)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    };
     let start = Instant::now();
     let mut last = size();
     while start.elapsed() < Duration::from_secs(60) {
@@ -90,8 +98,11 @@ fn one_run(c: &Client, vm: &str, n: u32, fill: u32) -> Result<(CloneReport, Vec<
     let ticket = sh(c, vm, &script)?.trim().to_string();
     let result = (|| -> Result<(CloneReport, Vec<(VmStats, u64)>)> {
         let rep = crate::bench::report_for(c, &ticket)?;
-        let kids: Vec<String> =
-            vm_cmd::list_vms(c)?.into_iter().filter(|v| v.ticket.as_deref() == Some(&ticket)).map(|v| v.name).collect();
+        let kids: Vec<String> = vm_cmd::list_vms(c)?
+            .into_iter()
+            .filter(|v| v.ticket.as_deref() == Some(&ticket))
+            .map(|v| v.name)
+            .collect();
         let mut out = Vec::new();
         for k in &kids {
             // Wait for the read of the parent's memory to finish, then fill.
@@ -123,7 +134,10 @@ pub fn run(a: HostsArgs) -> Result<()> {
     let up = cluster::up(&cluster::UpOpts {
         name: name.clone(),
         hosts: Some(a.hosts),
-        settings: cluster::Settings { max_vms: per_host.max(4), ..Default::default() },
+        settings: cluster::Settings {
+            max_vms: per_host.max(4),
+            ..Default::default()
+        },
     })?;
     let res = (|| -> Result<Vec<HostsRow>> {
         let h0 = &up.info.hosts[0];
@@ -148,13 +162,21 @@ pub fn run(a: HostsArgs) -> Result<()> {
                 let mut reps = Vec::new();
                 let mut clones = Vec::new();
                 for r in 0..a.runs {
-                    eprintln!("bench: {vm}: {n} clone(s) over {} hosts, run {}/{} ...", a.hosts, r + 1, a.runs);
+                    eprintln!(
+                        "bench: {vm}: {n} clone(s) over {} hosts, run {}/{} ...",
+                        a.hosts,
+                        r + 1,
+                        a.runs
+                    );
                     let (rep, st) = one_run(&c, &vm, n, a.fill_mib)?;
                     reps.push(rep);
                     clones.extend(st);
                 }
                 let med = |v: Vec<f64>| crate::bench::median(v);
-                let read: u64 = clones.iter().map(|(s, _)| (s.fetch.faults.saturating_sub(s.fetch.zero_pages)) * 4096).sum();
+                let read: u64 = clones
+                    .iter()
+                    .map(|(s, _)| (s.fetch.faults.saturating_sub(s.fetch.zero_pages)) * 4096)
+                    .sum();
                 let fetched: u64 = clones.iter().map(|(s, _)| s.fetch.bytes_fetched).sum();
                 let k = clones.len().max(1) as f64;
                 rows.push(HostsRow {
@@ -164,15 +186,31 @@ pub fn run(a: HostsArgs) -> Result<()> {
                     runs: a.runs,
                     all_returned_ms: med(reps.iter().map(|r| r.all_ready_ms).collect()),
                     parent_pause_ms: med(reps.iter().map(|r| r.parent_pause_ms).collect()),
-                    descriptor_bytes: med(reps.iter().map(|r| r.descriptor_bytes as f64).collect()) as u64,
-                    fetched_per_read: if read == 0 { f64::NAN } else { fetched as f64 / read as f64 },
-                    latency_p50_us: med(clones.iter().map(|(s, _)| s.fetch.latency_p50_us as f64).collect()),
-                    latency_p99_us: med(clones.iter().map(|(s, _)| s.fetch.latency_p99_us as f64).collect()),
+                    descriptor_bytes: med(reps.iter().map(|r| r.descriptor_bytes as f64).collect())
+                        as u64,
+                    fetched_per_read: if read == 0 {
+                        f64::NAN
+                    } else {
+                        fetched as f64 / read as f64
+                    },
+                    latency_p50_us: med(clones
+                        .iter()
+                        .map(|(s, _)| s.fetch.latency_p50_us as f64)
+                        .collect()),
+                    latency_p99_us: med(clones
+                        .iter()
+                        .map(|(s, _)| s.fetch.latency_p99_us as f64)
+                        .collect()),
                     fetched_mib_per_clone: fetched as f64 / k / 1048576.0,
-                    fill_fetched_pct: clones.iter().map(|(_, f)| *f as f64).sum::<f64>() / k
+                    fill_fetched_pct: clones.iter().map(|(_, f)| *f as f64).sum::<f64>()
+                        / k
                         / (u64::from(a.fill_mib) << 20) as f64
                         * 100.0,
-                    zero_pages_per_clone: clones.iter().map(|(s, _)| s.fetch.zero_pages as f64).sum::<f64>() / k,
+                    zero_pages_per_clone: clones
+                        .iter()
+                        .map(|(s, _)| s.fetch.zero_pages as f64)
+                        .sum::<f64>()
+                        / k,
                 });
             }
             let _ = vm_cmd::stop(&c, &vm);
@@ -189,7 +227,17 @@ pub fn run(a: HostsArgs) -> Result<()> {
     }
     println!(
         "{:>5} {:>6} {:>5} {:>15} {:>9} {:>16} {:>10} {:>10} {:>13} {:>9} {:>10}",
-        "hosts", "clones", "avoid", "all_returned_ms", "pause_ms", "fetched/read", "p50_us", "p99_us", "MiB/clone", "fill_%", "zero_pg"
+        "hosts",
+        "clones",
+        "avoid",
+        "all_returned_ms",
+        "pause_ms",
+        "fetched/read",
+        "p50_us",
+        "p99_us",
+        "MiB/clone",
+        "fill_%",
+        "zero_pg"
     );
     for r in &rows {
         println!(

@@ -25,7 +25,10 @@ pub enum ClientError {
     Frame(#[from] FrameError),
     /// The daemon answered with an error.
     #[error("{message}")]
-    Daemon { code: snowflock_proto::admin::AdminErrorCode, message: String },
+    Daemon {
+        code: snowflock_proto::admin::AdminErrorCode,
+        message: String,
+    },
     /// The daemon answered something unexpected.
     #[error("Unexpected answer from the daemon: {0}")]
     Unexpected(String),
@@ -39,12 +42,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(socket: &Path) -> Client {
-        Client { socket: socket.to_path_buf(), hint: START_HINT.into() }
+        Client {
+            socket: socket.to_path_buf(),
+            hint: START_HINT.into(),
+        }
     }
 
     /// A client whose "not running" error says `hint` instead of the default.
     pub fn with_hint(socket: &Path, hint: impl Into<String>) -> Client {
-        Client { socket: socket.to_path_buf(), hint: hint.into() }
+        Client {
+            socket: socket.to_path_buf(),
+            hint: hint.into(),
+        }
     }
 
     pub fn connect(&self) -> Result<UnixStream, ClientError> {
@@ -62,11 +71,19 @@ impl Client {
 
     /// Like [`Client::call`], but gives up when a read or write stalls for
     /// `timeout` (for probes, so a hung daemon cannot hang the CLI).
-    pub fn call_timeout(&self, req: &AdminRequest, timeout: Duration) -> Result<AdminResponse, ClientError> {
+    pub fn call_timeout(
+        &self,
+        req: &AdminRequest,
+        timeout: Duration,
+    ) -> Result<AdminResponse, ClientError> {
         self.call_with(req, Some(timeout))
     }
 
-    fn call_with(&self, req: &AdminRequest, timeout: Option<Duration>) -> Result<AdminResponse, ClientError> {
+    fn call_with(
+        &self,
+        req: &AdminRequest,
+        timeout: Option<Duration>,
+    ) -> Result<AdminResponse, ClientError> {
         let mut s = self.connect()?;
         if timeout.is_some() {
             s.set_read_timeout(timeout).map_err(FrameError::from)?;

@@ -52,7 +52,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cluster names: 1-8 of `[a-z0-9]`, so `NAME-h31` and the daemons' link
 /// names stay within the kernel's 15 characters.
 pub fn valid_name(name: &str) -> bool {
-    (1..=8).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    (1..=8).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -100,10 +103,16 @@ impl Layout {
 
     /// Whether `ns` is one of this cluster's namespaces (`NAME-fab`, `NAME-h<digits>`).
     pub fn owns_netns(&self, ns: &str) -> bool {
-        let Some(rest) = ns.strip_prefix(self.name.as_str()).and_then(|r| r.strip_prefix('-')) else {
+        let Some(rest) = ns
+            .strip_prefix(self.name.as_str())
+            .and_then(|r| r.strip_prefix('-'))
+        else {
             return false;
         };
-        rest == "fab" || rest.strip_prefix('h').is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        rest == "fab"
+            || rest
+                .strip_prefix('h')
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
     }
 
     /// What `cluster.json` says about host `i`, before its daemon runs.
@@ -170,7 +179,11 @@ impl ClusterInfo {
             Some(h) => Ok(h),
             None => {
                 let names: Vec<&str> = self.hosts.iter().map(|h| h.name.as_str()).collect();
-                bail!("no host `{name}` in local cluster `{}` (its hosts: {})", self.name, names.join(", "))
+                bail!(
+                    "no host `{name}` in local cluster `{}` (its hosts: {})",
+                    self.name,
+                    names.join(", ")
+                )
             }
         }
     }
@@ -189,9 +202,14 @@ pub fn load(name: &str) -> Result<ClusterInfo> {
     let l = Layout::new(name)?;
     let path = l.cluster_json();
     match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("Malformed {}", path.display())),
+        Ok(b) => {
+            serde_json::from_slice(&b).with_context(|| format!("Malformed {}", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("no local cluster `{name}`: run `snowflock cluster up{}`", name_flag(name))
+            bail!(
+                "no local cluster `{name}`: run `snowflock cluster up{}`",
+                name_flag(name)
+            )
         }
         Err(e) => Err(e).with_context(|| format!("Cannot read {}", path.display())),
     }
@@ -242,7 +260,12 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { max_vms: 16, quota_per_vm: 32, fetch_timeout_ms: 10_000, prefetch_pages: 0 }
+        Settings {
+            max_vms: 16,
+            quota_per_vm: 32,
+            fetch_timeout_ms: 10_000,
+            prefetch_pages: 0,
+        }
     }
 }
 
@@ -272,13 +295,28 @@ fn toml_path(p: &Path) -> String {
 pub fn render_host_toml(l: &Layout, i: u32, n: u32, s: &Settings) -> String {
     let h = l.host(i);
     let mut t = String::new();
-    let _ = writeln!(t, "# snowflockd configuration of host {} of the local cluster `{}`", h.name, l.name);
-    let _ = writeln!(t, "# (written by `snowflock cluster up`; see docs/deploy.md).");
+    let _ = writeln!(
+        t,
+        "# snowflockd configuration of host {} of the local cluster `{}`",
+        h.name, l.name
+    );
+    let _ = writeln!(
+        t,
+        "# (written by `snowflock cluster up`; see docs/deploy.md)."
+    );
     let _ = writeln!(t, "host = {}", toml_str(&h.name));
     let _ = writeln!(t, "socket = {}", toml_path(&h.socket));
     let _ = writeln!(t, "state_dir = {}", toml_path(&h.state_dir));
-    let _ = writeln!(t, "listen = \"{}:{CONTROL_PORT}\"        # daemon-to-daemon control channel", h.ip);
-    let _ = writeln!(t, "page_server = \"{}:{PAGE_PORT}\"   # memory page server", h.ip);
+    let _ = writeln!(
+        t,
+        "listen = \"{}:{CONTROL_PORT}\"        # daemon-to-daemon control channel",
+        h.ip
+    );
+    let _ = writeln!(
+        t,
+        "page_server = \"{}:{PAGE_PORT}\"   # memory page server",
+        h.ip
+    );
     let _ = writeln!(t, "key_file = {}", toml_path(&l.key_file()));
     let _ = writeln!(t, "max_vms = {}", s.max_vms);
     let _ = writeln!(t, "quota_per_vm = {}", s.quota_per_vm);
@@ -288,8 +326,12 @@ pub fn render_host_toml(l: &Layout, i: u32, n: u32, s: &Settings) -> String {
         let _ = writeln!(t, "peers = []");
     }
     for j in (0..n).filter(|j| *j != i) {
-        let _ =
-            writeln!(t, "\n[[peers]]\nname = {}\naddr = \"{}:{CONTROL_PORT}\"", toml_str(&host_name(j)), host_ip(j));
+        let _ = writeln!(
+            t,
+            "\n[[peers]]\nname = {}\naddr = \"{}:{CONTROL_PORT}\"",
+            toml_str(&host_name(j)),
+            host_ip(j)
+        );
     }
     t
 }
@@ -297,7 +339,9 @@ pub fn render_host_toml(l: &Layout, i: u32, n: u32, s: &Settings) -> String {
 /// A new cluster key: 32 random bytes as 64 hex digits and a newline.
 fn new_key() -> Result<String> {
     let mut b = [0u8; 32];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("Cannot read /dev/urandom")?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("Cannot read /dev/urandom")?;
     let mut s: String = b.iter().map(|x| format!("{x:02x}")).collect();
     s.push('\n');
     Ok(s)
@@ -310,15 +354,24 @@ fn write_key(path: &Path) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("Cannot create {}", path.display()))?;
-    f.write_all(new_key()?.as_bytes()).with_context(|| format!("Cannot write {}", path.display()))?;
+    f.write_all(new_key()?.as_bytes())
+        .with_context(|| format!("Cannot write {}", path.display()))?;
     Ok(())
 }
 
 /// Runs `ip ARGS`, failing with its stderr.
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("Cannot run `ip`")?;
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("Cannot run `ip`")?;
     if !out.status.success() {
-        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -326,7 +379,12 @@ fn ip(args: &[&str]) -> Result<()> {
 /// Network namespaces of this cluster that exist now (hosts first, fabric last).
 fn existing_netns(l: &Layout) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(NETNS_DIR)
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| l.owns_netns(n)).collect())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| l.owns_netns(n))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort_by_key(|n| (n.ends_with("-fab"), n.len(), n.clone()));
     v
@@ -351,10 +409,12 @@ pub struct Up {
 fn probe_all(info: &ClusterInfo) -> Vec<Option<DaemonStatus>> {
     info.hosts
         .iter()
-        .map(|h| match Client::new(&h.socket).call_timeout(&AdminRequest::Status, PROBE_TIMEOUT) {
-            Ok(AdminResponse::Status(s)) => Some(s),
-            _ => None,
-        })
+        .map(
+            |h| match Client::new(&h.socket).call_timeout(&AdminRequest::Status, PROBE_TIMEOUT) {
+                Ok(AdminResponse::Status(s)) => Some(s),
+                _ => None,
+            },
+        )
         .collect()
 }
 
@@ -373,29 +433,50 @@ pub fn up(o: &UpOpts) -> Result<Up> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("`snowflock cluster up` must run as root (it creates network namespaces)");
     }
-    let redo = format!("run `snowflock cluster down{}` first, then `cluster up` again", name_flag(&l.name));
+    let redo = format!(
+        "run `snowflock cluster down{}` first, then `cluster up` again",
+        name_flag(&l.name)
+    );
     if !l.config_dir().exists() {
         let leftovers: Vec<String> = existing_netns(&l)
             .into_iter()
-            .chain(l.state_root().exists().then(|| l.state_root().display().to_string()))
+            .chain(
+                l.state_root()
+                    .exists()
+                    .then(|| l.state_root().display().to_string()),
+            )
             .collect();
         if !leftovers.is_empty() {
-            bail!("leftovers of a local cluster `{}` exist ({}): {redo}", l.name, leftovers.join(", "));
+            bail!(
+                "leftovers of a local cluster `{}` exist ({}): {redo}",
+                l.name,
+                leftovers.join(", ")
+            );
         }
     }
     std::fs::create_dir_all(CONFIG_ROOT).with_context(|| format!("Cannot create {CONFIG_ROOT}"))?;
     // Creating the config directory claims the name: a second `up` finds it.
     match std::fs::create_dir(l.config_dir()) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return existing(&l, o.hosts, &redo),
-        Err(e) => return Err(e).with_context(|| format!("Cannot create {}", l.config_dir().display())),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return existing(&l, o.hosts, &redo)
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("Cannot create {}", l.config_dir().display()))
+        }
     }
     let n = o.hosts.unwrap_or(DEFAULT_HOSTS);
     let mut info = l.info(n);
     match build(&l, &mut info, &o.settings) {
-        Ok(()) => Ok(Up { info, started: true }),
+        Ok(()) => Ok(Up {
+            info,
+            started: true,
+        }),
         Err(e) => {
-            eprintln!("cluster `{}`: start failed; removing what was created", l.name);
+            eprintln!(
+                "cluster `{}`: start failed; removing what was created",
+                l.name
+            );
             if let Err(e2) = teardown(&l, Some(info), false) {
                 eprintln!("cluster `{}`: cleanup incomplete: {e2:#}", l.name);
             }
@@ -414,18 +495,38 @@ fn existing(l: &Layout, hosts: Option<u32>, redo: &str) -> Result<Up> {
             l.config_dir().display()
         ),
     };
-    let down: Vec<&str> =
-        info.hosts.iter().zip(probe_all(&info)).filter(|(_, s)| s.is_none()).map(|(h, _)| h.name.as_str()).collect();
+    let down: Vec<&str> = info
+        .hosts
+        .iter()
+        .zip(probe_all(&info))
+        .filter(|(_, s)| s.is_none())
+        .map(|(h, _)| h.name.as_str())
+        .collect();
     if !down.is_empty() || info.hosts.is_empty() {
-        bail!("local cluster `{}` exists but is broken (daemons not answering: {}): {redo}", l.name, down.join(", "));
+        bail!(
+            "local cluster `{}` exists but is broken (daemons not answering: {}): {redo}",
+            l.name,
+            down.join(", ")
+        );
     }
     if let Some(n) = hosts {
         if n as usize != info.hosts.len() {
-            bail!("local cluster `{}` is already up with {} hosts, not {n}: {redo}", l.name, info.hosts.len());
+            bail!(
+                "local cluster `{}` is already up with {} hosts, not {n}: {redo}",
+                l.name,
+                info.hosts.len()
+            );
         }
     }
-    eprintln!("local cluster `{}` is already up ({} hosts, all answering)", l.name, info.hosts.len());
-    Ok(Up { info, started: false })
+    eprintln!(
+        "local cluster `{}` is already up ({} hosts, all answering)",
+        l.name,
+        info.hosts.len()
+    );
+    Ok(Up {
+        info,
+        started: false,
+    })
 }
 
 /// Creates namespaces, links, files and daemons; `info` gets the pids.
@@ -434,34 +535,58 @@ fn build(l: &Layout, info: &mut ClusterInfo, s: &Settings) -> Result<()> {
     let dir = l.config_dir();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     write_key(&l.key_file())?;
-    std::fs::create_dir_all(l.state_root()).with_context(|| format!("Cannot create {}", l.state_root().display()))?;
+    std::fs::create_dir_all(l.state_root())
+        .with_context(|| format!("Cannot create {}", l.state_root().display()))?;
     info.save(&l.cluster_json())?;
 
     let fab = l.fabric_netns();
     let mtu = FABRIC_MTU.to_string();
     ip(&["netns", "add", &fab])?;
     ip(&["-n", &fab, "link", "set", "lo", "up"])?;
-    ip(&["-n", &fab, "link", "add", FABRIC_BRIDGE, "mtu", &mtu, "type", "bridge"])?;
+    ip(&[
+        "-n",
+        &fab,
+        "link",
+        "add",
+        FABRIC_BRIDGE,
+        "mtu",
+        &mtu,
+        "type",
+        "bridge",
+    ])?;
     ip(&["-n", &fab, "link", "set", FABRIC_BRIDGE, "up"])?;
     for (i, h) in info.hosts.iter().enumerate() {
         let i = i as u32;
         let hn = &h.name;
         ip(&["netns", "add", &h.netns])?;
         ip(&[
-            "-n", &fab, "link", "add", hn, "mtu", &mtu, "type", "veth", "peer", "name", HOST_LINK, "mtu", &mtu,
-            "netns", &h.netns,
+            "-n", &fab, "link", "add", hn, "mtu", &mtu, "type", "veth", "peer", "name", HOST_LINK,
+            "mtu", &mtu, "netns", &h.netns,
         ])?;
         ip(&["-n", &fab, "link", "set", hn, "master", FABRIC_BRIDGE, "up"])?;
         ip(&["-n", &h.netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &h.netns, "addr", "add", &format!("{}/24", h.ip), "dev", HOST_LINK])?;
+        ip(&[
+            "-n",
+            &h.netns,
+            "addr",
+            "add",
+            &format!("{}/24", h.ip),
+            "dev",
+            HOST_LINK,
+        ])?;
         ip(&["-n", &h.netns, "link", "set", HOST_LINK, "up"])?;
         let hdir = h.config.parent().expect("host dir");
-        std::fs::create_dir_all(hdir).with_context(|| format!("Cannot create {}", hdir.display()))?;
-        std::fs::create_dir_all(&h.state_dir).with_context(|| format!("Cannot create {}", h.state_dir.display()))?;
+        std::fs::create_dir_all(hdir)
+            .with_context(|| format!("Cannot create {}", hdir.display()))?;
+        std::fs::create_dir_all(&h.state_dir)
+            .with_context(|| format!("Cannot create {}", h.state_dir.display()))?;
         std::fs::write(&h.config, render_host_toml(l, i, n, s))
             .with_context(|| format!("Cannot write {}", h.config.display()))?;
     }
-    eprintln!("cluster `{}`: fabric {fab} with {n} host namespace(s) ready; starting daemons", l.name);
+    eprintln!(
+        "cluster `{}`: fabric {fab} with {n} host namespace(s) ready; starting daemons",
+        l.name
+    );
 
     let mut children = Vec::new();
     for idx in 0..info.hosts.len() {
@@ -474,13 +599,19 @@ fn build(l: &Layout, info: &mut ClusterInfo, s: &Settings) -> Result<()> {
 }
 
 fn spawn_daemon(h: &HostInfo) -> Result<Child> {
-    let logf = std::fs::File::create(&h.log).with_context(|| format!("Cannot create {}", h.log.display()))?;
+    let logf = std::fs::File::create(&h.log)
+        .with_context(|| format!("Cannot create {}", h.log.display()))?;
     let daemon = daemon_ctl::sibling_binary("snowflockd");
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &h.netns]).arg(&daemon).arg("--config").arg(&h.config);
+    cmd.args(["netns", "exec", &h.netns])
+        .arg(&daemon)
+        .arg("--config")
+        .arg(&h.config);
     // Plain text in the log file (its tail ends up in error messages).
     cmd.env("NO_COLOR", "1");
-    cmd.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
+    cmd.stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf);
     // SAFETY: setsid is async-signal-safe; the daemon outlives this CLI.
     unsafe {
         cmd.pre_exec(|| {
@@ -488,7 +619,8 @@ fn spawn_daemon(h: &HostInfo) -> Result<Child> {
             Ok(())
         });
     }
-    cmd.spawn().with_context(|| format!("Cannot start {} for {}", daemon.display(), h.name))
+    cmd.spawn()
+        .with_context(|| format!("Cannot start {} for {}", daemon.display(), h.name))
 }
 
 /// The last `lines` lines of a log file.
@@ -501,8 +633,16 @@ fn log_tail(path: &Path, lines: usize) -> String {
 fn wait_ready(info: &ClusterInfo, children: &mut [Child]) -> Result<()> {
     let fail = |h: &HostInfo, what: String| -> anyhow::Error {
         let tail = log_tail(&h.log, 30);
-        let tail = if tail.is_empty() { "(empty)".to_string() } else { tail };
-        anyhow::anyhow!("{}'s daemon {what}; the end of its log {}:\n{tail}", h.name, h.log.display())
+        let tail = if tail.is_empty() {
+            "(empty)".to_string()
+        } else {
+            tail
+        };
+        anyhow::anyhow!(
+            "{}'s daemon {what}; the end of its log {}:\n{tail}",
+            h.name,
+            h.log.display()
+        )
     };
     let timeout = START_TIMEOUT + Duration::from_millis(500) * info.hosts.len() as u32;
     let start = Instant::now();
@@ -521,11 +661,17 @@ fn wait_ready(info: &ClusterInfo, children: &mut [Child]) -> Result<()> {
                 if s.host != h.name {
                     return Err(fail(
                         h,
-                        format!("calls itself `{}`, not `{}` (does this snowflockd read --config?)", s.host, h.name),
+                        format!(
+                            "calls itself `{}`, not `{}` (does this snowflockd read --config?)",
+                            s.host, h.name
+                        ),
                     ));
                 }
                 ready[i] = true;
-                eprintln!("{} up (pid {}, {} in netns {})", h.name, s.pid, h.ip, h.netns);
+                eprintln!(
+                    "{} up (pid {}, {} in netns {})",
+                    h.name, s.pid, h.ip, h.netns
+                );
             }
         }
         if ready.iter().all(|r| *r) {
@@ -533,7 +679,10 @@ fn wait_ready(info: &ClusterInfo, children: &mut [Child]) -> Result<()> {
         }
         if start.elapsed() > timeout {
             let i = ready.iter().position(|r| !r).unwrap_or(0);
-            return Err(fail(&info.hosts[i], format!("did not answer within {} s", timeout.as_secs())));
+            return Err(fail(
+                &info.hosts[i],
+                format!("did not answer within {} s", timeout.as_secs()),
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -558,7 +707,9 @@ fn alive(pid: u32) -> bool {
 
 /// Whether `pid` is still the daemon of `h` (and not a recycled pid).
 fn is_our_daemon(pid: u32, h: &HostInfo) -> bool {
-    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     let needle = h.config.as_os_str().as_encoded_bytes();
     alive(pid) && cmd.split(|b| *b == 0).any(|arg| arg == needle)
 }
@@ -582,7 +733,10 @@ fn unescape_mount(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -636,10 +790,17 @@ fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> Result<()> 
         let calls: Vec<_> = hosts
             .iter()
             .map(|h| {
-                sc.spawn(move || Client::new(&h.socket).call_timeout(&AdminRequest::Shutdown, STOP_TIMEOUT).is_ok())
+                sc.spawn(move || {
+                    Client::new(&h.socket)
+                        .call_timeout(&AdminRequest::Shutdown, STOP_TIMEOUT)
+                        .is_ok()
+                })
             })
             .collect();
-        calls.into_iter().map(|c| c.join().unwrap_or(false)).collect()
+        calls
+            .into_iter()
+            .map(|c| c.join().unwrap_or(false))
+            .collect()
     });
     for (h, ok) in hosts.iter().zip(&asked) {
         if *ok {
@@ -661,8 +822,11 @@ fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> Result<()> 
     }
     for (pid, h, ok) in &pids {
         if is_our_daemon(*pid, h) {
-            let why =
-                if *ok { format!("still running after {} s", STOP_TIMEOUT.as_secs()) } else { "not answering".into() };
+            let why = if *ok {
+                format!("still running after {} s", STOP_TIMEOUT.as_secs())
+            } else {
+                "not answering".into()
+            };
             say(format!("{}: daemon pid {pid} {why}; killing it", h.name));
             // SAFETY: a pid recorded in cluster.json whose command line is still that daemon's.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
@@ -680,14 +844,23 @@ fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> Result<()> 
     }
     // 3. Mounts the daemons left behind (visible in this mount namespace).
     let roots = [l.state_root(), l.config_dir()];
-    for m in mounts_under(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(), &roots) {
-        let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) else { continue };
+    for m in mounts_under(
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        &roots,
+    ) {
+        let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
         // SAFETY: a valid C string; MNT_DETACH only detaches.
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
             say(format!("unmounted {}", m.display()));
             removed += 1;
         } else {
-            errors.push(format!("cannot unmount {}: {}", m.display(), std::io::Error::last_os_error()));
+            errors.push(format!(
+                "cannot unmount {}: {}",
+                m.display(),
+                std::io::Error::last_os_error()
+            ));
         }
     }
     // 4. Namespaces (a host's veth goes with its namespace), hosts first.
@@ -715,10 +888,16 @@ fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> Result<()> 
     // only recorded daemon pids are ours to signal).
     let needles: Vec<String> = roots.iter().map(|r| format!("{}/", r.display())).collect();
     for (pid, cmd) in processes_mentioning(&needles) {
-        say(format!("warning: pid {pid} still runs and mentions this cluster: {cmd}"));
+        say(format!(
+            "warning: pid {pid} still runs and mentions this cluster: {cmd}"
+        ));
     }
     if !errors.is_empty() {
-        bail!("cluster `{}` only partly removed:\n  {}", l.name, errors.join("\n  "));
+        bail!(
+            "cluster `{}` only partly removed:\n  {}",
+            l.name,
+            errors.join("\n  ")
+        );
     }
     if removed == 0 {
         say(format!("no local cluster `{}`: nothing to remove", l.name));
@@ -732,11 +911,15 @@ fn processes_mentioning(needles: &[String]) -> Vec<(u32, String)> {
     let me = std::process::id();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == me || matches!(proc_state(pid), None | Some('Z' | 'X')) {
             continue;
         }
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if needles.iter().any(|n| cmd.contains(n.as_str())) {
             out.push((pid, cmd.trim_end().to_string()));
@@ -759,13 +942,30 @@ pub fn status(name: &str, json: bool) -> Result<()> {
     let info = load(name)?;
     let st = probe_all(&info);
     if json {
-        let hosts: Vec<HostStatus> =
-            info.hosts.iter().zip(st).map(|(host, status)| HostStatus { host, status }).collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "name": info.name, "hosts": hosts }))?);
+        let hosts: Vec<HostStatus> = info
+            .hosts
+            .iter()
+            .zip(st)
+            .map(|(host, status)| HostStatus { host, status })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "name": info.name, "hosts": hosts })
+            )?
+        );
         return Ok(());
     }
-    println!("local cluster `{}` ({} hosts, fabric {})", info.name, info.hosts.len(), info.fabric_netns);
-    println!("{:<5} {:<14} {:<12} {:>8} {:<6} {:>4} {:>9}", "HOST", "NETNS", "IP", "PID", "STATE", "VMS", "UPTIME_S");
+    println!(
+        "local cluster `{}` ({} hosts, fabric {})",
+        info.name,
+        info.hosts.len(),
+        info.fabric_netns
+    );
+    println!(
+        "{:<5} {:<14} {:<12} {:>8} {:<6} {:>4} {:>9}",
+        "HOST", "NETNS", "IP", "PID", "STATE", "VMS", "UPTIME_S"
+    );
     for (h, s) in info.hosts.iter().zip(st) {
         match s {
             Some(s) => println!(
@@ -812,7 +1012,10 @@ mod tests {
         for yes in ["sfc-h0", "sfc-h12", "sfc-fab"] {
             assert!(l.owns_netns(yes), "{yes}");
         }
-        for no in ["sfc-h", "sfc-hx", "sfc-h1a", "sfcx-h0", "sf-h0", "sfc-fabx", "sfc", "other-h0", "sfc-h0-x"] {
+        for no in [
+            "sfc-h", "sfc-hx", "sfc-h1a", "sfcx-h0", "sf-h0", "sfc-fabx", "sfc", "other-h0",
+            "sfc-h0-x",
+        ] {
             assert!(!l.owns_netns(no), "{no}");
         }
     }
@@ -836,7 +1039,12 @@ mod tests {
     #[test]
     fn host_toml_of_a_two_host_cluster() {
         let l = Layout::new("ctest").unwrap();
-        let s = Settings { max_vms: 16, quota_per_vm: 32, fetch_timeout_ms: 10000, prefetch_pages: 0 };
+        let s = Settings {
+            max_vms: 16,
+            quota_per_vm: 32,
+            fetch_timeout_ms: 10000,
+            prefetch_pages: 0,
+        };
         let t = render_host_toml(&l, 0, 2, &s);
         let body: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
@@ -863,15 +1071,32 @@ mod tests {
     #[test]
     fn host_toml_peers_are_the_other_hosts() {
         let l = Layout::new("sfc").unwrap();
-        let s = Settings { max_vms: 3, quota_per_vm: 4, fetch_timeout_ms: 500, prefetch_pages: 7 };
+        let s = Settings {
+            max_vms: 3,
+            quota_per_vm: 4,
+            fetch_timeout_ms: 500,
+            prefetch_pages: 7,
+        };
         let t = render_host_toml(&l, 2, 4, &s);
         let peers: Vec<&str> = t.lines().filter(|x| x.starts_with("name = ")).collect();
         assert_eq!(peers, ["name = \"h0\"", "name = \"h1\"", "name = \"h3\""]);
         let addrs: Vec<&str> = t.lines().filter(|x| x.starts_with("addr = ")).collect();
-        assert_eq!(addrs, ["addr = \"10.249.0.1:7170\"", "addr = \"10.249.0.2:7170\"", "addr = \"10.249.0.4:7170\""]);
+        assert_eq!(
+            addrs,
+            [
+                "addr = \"10.249.0.1:7170\"",
+                "addr = \"10.249.0.2:7170\"",
+                "addr = \"10.249.0.4:7170\""
+            ]
+        );
         assert_eq!(t.matches("[[peers]]").count(), 3);
-        for line in ["host = \"h2\"", "max_vms = 3", "quota_per_vm = 4", "fetch_timeout_ms = 500", "prefetch_pages = 7"]
-        {
+        for line in [
+            "host = \"h2\"",
+            "max_vms = 3",
+            "quota_per_vm = 4",
+            "fetch_timeout_ms = 500",
+            "prefetch_pages = 7",
+        ] {
             assert!(t.lines().any(|x| x == line), "{line} missing in\n{t}");
         }
         // Scalars come before the first table, or TOML would put them in it.
@@ -899,10 +1124,22 @@ mod tests {
         assert_eq!(v["name"], "rt");
         assert_eq!(v["hosts"][1]["pid"], 4242);
         assert_eq!(v["hosts"][0]["pid"], serde_json::Value::Null);
-        for k in ["name", "netns", "ip", "socket", "config", "log", "pid", "state_dir"] {
+        for k in [
+            "name",
+            "netns",
+            "ip",
+            "socket",
+            "config",
+            "log",
+            "pid",
+            "state_dir",
+        ] {
             assert!(v["hosts"][2].get(k).is_some(), "hosts[].{k} missing");
         }
-        assert_eq!(v["hosts"][2]["socket"], "/run/snowflock/rt/h2/snowflockd.sock");
+        assert_eq!(
+            v["hosts"][2]["socket"],
+            "/run/snowflock/rt/h2/snowflockd.sock"
+        );
         assert!(back.host("h2").is_ok());
         let e = back.host("h7").unwrap_err().to_string();
         assert!(e.contains("h0, h1, h2"), "{e}");
@@ -914,7 +1151,10 @@ mod tests {
         let b = new_key().unwrap();
         assert_eq!(a.len(), 65);
         assert!(a.ends_with('\n'));
-        assert!(a.trim_end().bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(a
+            .trim_end()
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
     }
 
@@ -927,7 +1167,10 @@ mod tests {
 92 22 0:52 / /dev/shm/snowflock-sfc rw - tmpfs tmpfs rw
 93 22 0:53 / /dev/shm/snowflock-sfcx/h0 rw - tmpfs tmpfs rw
 ";
-        let roots = [PathBuf::from("/dev/shm/snowflock-sfc"), PathBuf::from("/run/snowflock/sfc")];
+        let roots = [
+            PathBuf::from("/dev/shm/snowflock-sfc"),
+            PathBuf::from("/run/snowflock/sfc"),
+        ];
         let m = mounts_under(mi, &roots);
         assert_eq!(
             m,

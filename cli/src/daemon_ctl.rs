@@ -46,13 +46,19 @@ fn netns_exists(name: &str) -> bool {
 
 pub fn start(client: &Client, o: StartOpts) -> Result<()> {
     if client.call(&AdminRequest::Status).is_ok() {
-        eprintln!("snowflockd is already running on {}", client.socket.display());
+        eprintln!(
+            "snowflockd is already running on {}",
+            client.socket.display()
+        );
         return Ok(());
     }
     let mut created_netns = false;
     if let Some(ns) = &o.netns {
         if !netns_exists(ns) {
-            let st = Command::new("ip").args(["netns", "add", ns]).status().context("Cannot run `ip`")?;
+            let st = Command::new("ip")
+                .args(["netns", "add", ns])
+                .status()
+                .context("Cannot run `ip`")?;
             if !st.success() {
                 bail!("Cannot create network namespace {ns}");
             }
@@ -63,7 +69,8 @@ pub fn start(client: &Client, o: StartOpts) -> Result<()> {
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
     }
-    let logf = std::fs::File::create(&log).with_context(|| format!("Cannot create {}", log.display()))?;
+    let logf =
+        std::fs::File::create(&log).with_context(|| format!("Cannot create {}", log.display()))?;
     let daemon = sibling_binary("snowflockd");
     let mut cmd = match &o.netns {
         Some(ns) => {
@@ -83,7 +90,9 @@ pub fn start(client: &Client, o: StartOpts) -> Result<()> {
     if let Some(m) = o.max_vms {
         cmd.arg("--max-vms").arg(m.to_string());
     }
-    cmd.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
+    cmd.stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf);
     // SAFETY: setsid is async-signal-safe; the daemon outlives this CLI.
     unsafe {
         cmd.pre_exec(|| {
@@ -100,24 +109,40 @@ pub fn start(client: &Client, o: StartOpts) -> Result<()> {
             return Err(e).with_context(|| format!("Cannot start {}", daemon.display()));
         }
     };
-    let info = RunInfo { pid: child.id(), netns: o.netns.clone(), created_netns, log: log.display().to_string() };
+    let info = RunInfo {
+        pid: child.id(),
+        netns: o.netns.clone(),
+        created_netns,
+        log: log.display().to_string(),
+    };
     std::fs::write(info_path(&client.socket), serde_json::to_vec(&info)?)?;
     let start = Instant::now();
     loop {
         if client.call(&AdminRequest::Status).is_ok() {
-            eprintln!("snowflockd started (pid {}, socket {}, log {})", child.id(), client.socket.display(), log.display());
+            eprintln!(
+                "snowflockd started (pid {}, socket {}, log {})",
+                child.id(),
+                client.socket.display(),
+                log.display()
+            );
             return Ok(());
         }
         if let Some(st) = child.try_wait()? {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             cleanup_after_exit(&client.socket);
-            bail!("snowflockd exited ({st}) during start:\n{}", tail.trim_end());
+            bail!(
+                "snowflockd exited ({st}) during start:\n{}",
+                tail.trim_end()
+            );
         }
         if start.elapsed() > Duration::from_secs(15) {
             let _ = child.kill();
             let _ = child.wait();
             cleanup_after_exit(&client.socket);
-            bail!("snowflockd did not answer within 15 s; see {}", log.display());
+            bail!(
+                "snowflockd did not answer within 15 s; see {}",
+                log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -146,8 +171,9 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 pub fn stop(client: &Client) -> Result<()> {
-    let info: Option<RunInfo> =
-        std::fs::read(info_path(&client.socket)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let info: Option<RunInfo> = std::fs::read(info_path(&client.socket))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     match client.call(&AdminRequest::Shutdown) {
         Ok(_) => {}
         Err(ClientError::NotRunning { .. }) => {

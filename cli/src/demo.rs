@@ -58,11 +58,19 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
             guest_bin_dir: None,
         })?;
     }
-    let mut guard = Cleanup { c, vm: None, daemon: false, cluster: None };
+    let mut guard = Cleanup {
+        c,
+        vm: None,
+        daemon: false,
+        cluster: None,
+    };
     if guard.c.call(&AdminRequest::Status).is_ok() {
         // A daemon answers: use it as it is.
     } else if a.hosts > 1 {
-        eprintln!("demo: starting a local cluster `{DEMO_CLUSTER}` of {} hosts", a.hosts);
+        eprintln!(
+            "demo: starting a local cluster `{DEMO_CLUSTER}` of {} hosts",
+            a.hosts
+        );
         let up = cluster::up(&cluster::UpOpts {
             name: DEMO_CLUSTER.into(),
             hosts: Some(a.hosts),
@@ -72,7 +80,10 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
             guard.cluster = Some(DEMO_CLUSTER.into());
         }
         guard.c = cluster::host_client(DEMO_CLUSTER, "h0")?;
-        eprintln!("demo: the VM runs on h0; its clones may land on any of the {} hosts", a.hosts);
+        eprintln!(
+            "demo: the VM runs on h0; its clones may land on any of the {} hosts",
+            a.hosts
+        );
     } else {
         eprintln!("demo: starting snowflockd in network namespace sfdemo-h0");
         daemon_ctl::start(
@@ -89,10 +100,31 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
     }
     let c = &guard.c;
     let vm = format!("demo{}", std::process::id());
-    vm_cmd::start(c, &vm, &image.display().to_string(), a.mem_mib, 1, Accel::Auto, false)?;
+    vm_cmd::start(
+        c,
+        &vm,
+        &image.display().to_string(),
+        a.mem_mib,
+        1,
+        Accel::Auto,
+        false,
+    )?;
     guard.vm = Some(vm.clone());
-    eprintln!("demo: running sf-swdemo in {vm}; it will clone the VM {} time(s)", a.clones);
-    let out = vm_cmd::exec(c, &vm, &["sf-swdemo".into(), "run".into(), "--clones".into(), a.clones.to_string()], true)?;
+    eprintln!(
+        "demo: running sf-swdemo in {vm}; it will clone the VM {} time(s)",
+        a.clones
+    );
+    let out = vm_cmd::exec(
+        c,
+        &vm,
+        &[
+            "sf-swdemo".into(),
+            "run".into(),
+            "--clones".into(),
+            a.clones.to_string(),
+        ],
+        true,
+    )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     for l in stderr.lines() {
         eprintln!("  guest| {l}");
@@ -100,34 +132,59 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
     if out.code != 0 {
         bail!("sf-swdemo failed with exit code {}", out.code);
     }
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).context("sf-swdemo printed no JSON result")?;
+    let result: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("sf-swdemo printed no JSON result")?;
     let report = match c.call(&AdminRequest::CloneReports)? {
-        AdminResponse::CloneReports { reports } => reports.into_iter().rev().find(|r| r.parent == vm),
+        AdminResponse::CloneReports { reports } => {
+            reports.into_iter().rev().find(|r| r.parent == vm)
+        }
         _ => None,
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "result": result, "clone": report }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "result": result, "clone": report })
+            )?
+        );
         return Ok(());
     }
-    println!("\nTop hits (merged from {} workers):", result["workers"].as_array().map_or(0, |w| w.len()));
+    println!(
+        "\nTop hits (merged from {} workers):",
+        result["workers"].as_array().map_or(0, |w| w.len())
+    );
     for h in result["hits"].as_array().into_iter().flatten() {
-        println!("  {:>6}  {:<16} score {}", h["id"], h["name"].as_str().unwrap_or("?"), h["score"]);
+        println!(
+            "  {:>6}  {:<16} score {}",
+            h["id"],
+            h["name"].as_str().unwrap_or("?"),
+            h["score"]
+        );
     }
     if let Some(r) = report {
-        println!("\nClone timeline ({} clones, ticket {}):", r.clones, r.ticket);
+        println!(
+            "\nClone timeline ({} clones, ticket {}):",
+            r.clones, r.ticket
+        );
         for (what, ms) in &r.timeline {
             println!("  {ms:>9.1} ms  {what}");
         }
         println!("\nFigures:");
         println!("  parent pause        {:>9.1} ms", r.parent_pause_ms);
-        println!("  descriptor          {:>9} bytes ({} device state)", r.descriptor_bytes, r.device_state_bytes);
+        println!(
+            "  descriptor          {:>9} bytes ({} device state)",
+            r.descriptor_bytes, r.device_state_bytes
+        );
         println!(
             "  memory frozen       {:>9.1} MiB of {} MiB guest RAM ({:.2} MiB copied while paused)",
             r.frozen_bytes as f64 / 1048576.0,
             r.guest_ram_bytes >> 20,
             r.paused_copy_bytes as f64 / 1048576.0
         );
-        println!("  all clones returned {:>9.1} ms after sf_clone", r.all_ready_ms);
+        println!(
+            "  all clones returned {:>9.1} ms after sf_clone",
+            r.all_ready_ms
+        );
     }
     Ok(())
 }

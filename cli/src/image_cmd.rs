@@ -7,13 +7,18 @@ use std::path::{Path, PathBuf};
 /// (`target/release/snowflock`): guest binaries are the static build in
 /// `target/x86_64-unknown-linux-gnu/release`, the repo root is two up.
 fn exe_dir() -> PathBuf {
-    std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default()
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default()
 }
 
 pub fn default_guest_bin_dir() -> PathBuf {
     let d = exe_dir();
     let profile = d.file_name().map(|s| s.to_os_string()).unwrap_or_default();
-    d.parent().map(|t| t.join("x86_64-unknown-linux-gnu").join(profile)).unwrap_or_default()
+    d.parent()
+        .map(|t| t.join("x86_64-unknown-linux-gnu").join(profile))
+        .unwrap_or_default()
 }
 
 fn repo_file(rel: &str) -> Option<PathBuf> {
@@ -34,7 +39,10 @@ pub struct BuildArgs {
 
 pub fn build(a: BuildArgs) -> Result<PathBuf> {
     let out = a.out.unwrap_or_else(default_out);
-    let mut o = snowflock_image::BuildOptions::new(&out, a.guest_bin_dir.unwrap_or_else(default_guest_bin_dir));
+    let mut o = snowflock_image::BuildOptions::new(
+        &out,
+        a.guest_bin_dir.unwrap_or_else(default_guest_bin_dir),
+    );
     if let Some(k) = a.kernel_dir {
         o.kernel_dir = k;
     }
@@ -46,6 +54,11 @@ pub fn build(a: BuildArgs) -> Result<PathBuf> {
     }
     eprintln!("Building guest image in {} ...", out.display());
     let m = snowflock_image::build(&o).context("Image build failed")?;
-    eprintln!("Image ready: {} (kernel {}, {} files)", out.display(), m.kernel_version, m.files.len());
+    eprintln!(
+        "Image ready: {} (kernel {}, {} files)",
+        out.display(),
+        m.kernel_version,
+        m.files.len()
+    );
     Ok(out)
 }

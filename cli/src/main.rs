@@ -253,7 +253,9 @@ enum AccelArg {
 
 /// Fails like a clap usage error (exit code 2).
 fn usage_error(msg: &str) -> ! {
-    Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg).exit()
+    Cli::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, msg)
+        .exit()
 }
 
 /// The daemon a command talks to: `--host` of the local cluster, else
@@ -293,11 +295,18 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
     }
     let c = match &cli.cmd {
         // `daemon start` creates the daemon at --socket; its --host is a name.
-        Cmd::Daemon { cmd: DaemonCmd::Start { .. } } => {
-            Client::new(cli.socket.as_deref().unwrap_or(Path::new(snowflock_proto::DAEMON_SOCKET)))
-        }
+        Cmd::Daemon {
+            cmd: DaemonCmd::Start { .. },
+        } => Client::new(
+            cli.socket
+                .as_deref()
+                .unwrap_or(Path::new(snowflock_proto::DAEMON_SOCKET)),
+        ),
         Cmd::Image { .. } => Client::new(Path::new(snowflock_proto::DAEMON_SOCKET)), // unused
-        Cmd::Daemon { cmd: DaemonCmd::Stop } | Cmd::Demo { .. } => target(&cli, m, false)?,
+        Cmd::Daemon {
+            cmd: DaemonCmd::Stop,
+        }
+        | Cmd::Demo { .. } => target(&cli, m, false)?,
         _ => target(&cli, m, true)?,
     };
     let host = cli.host.clone();
@@ -305,17 +314,49 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
         Cmd::Cluster { .. } => unreachable!("handled above"),
         Cmd::Stats { name, json } => vm_cmd::stats(&c, &name, json)?,
         Cmd::Daemon { cmd } => match cmd {
-            DaemonCmd::Start { netns, state_dir, max_vms, log } => {
-                daemon_ctl::start(&c, daemon_ctl::StartOpts { netns, state_dir, host, max_vms, log })?
-            }
+            DaemonCmd::Start {
+                netns,
+                state_dir,
+                max_vms,
+                log,
+            } => daemon_ctl::start(
+                &c,
+                daemon_ctl::StartOpts {
+                    netns,
+                    state_dir,
+                    host,
+                    max_vms,
+                    log,
+                },
+            )?,
             DaemonCmd::Stop => daemon_ctl::stop(&c)?,
             DaemonCmd::Status { json } => daemon_ctl::status(&c, json)?,
         },
-        Cmd::Image { cmd: ImageCmd::Build { out, add, kernel_dir, guest_bin_dir } } => {
-            image_cmd::build(image_cmd::BuildArgs { out, add, kernel_dir, guest_bin_dir })?;
+        Cmd::Image {
+            cmd:
+                ImageCmd::Build {
+                    out,
+                    add,
+                    kernel_dir,
+                    guest_bin_dir,
+                },
+        } => {
+            image_cmd::build(image_cmd::BuildArgs {
+                out,
+                add,
+                kernel_dir,
+                guest_bin_dir,
+            })?;
         }
         Cmd::Vm { cmd } => match cmd {
-            VmCmd::Start { name, image, mem, vcpus, accel, json } => {
+            VmCmd::Start {
+                name,
+                image,
+                mem,
+                vcpus,
+                accel,
+                json,
+            } => {
                 let accel = match accel {
                     AccelArg::Auto => Accel::Auto,
                     AccelArg::Tcg => Accel::Tcg,
@@ -331,14 +372,43 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
             VmCmd::Console { name } => vm_cmd::console(&c, &name)?,
             VmCmd::Stop { name } => vm_cmd::stop(&c, &name)?,
         },
-        Cmd::Demo { clones, hosts, image, mem, json } => {
-            demo::run(c, demo::DemoArgs { clones, hosts, image, mem_mib: mem, json })?
-        }
-        Cmd::Bench { cmd: BenchCmd::Clone { clones, runs, image, mem, touch_mib, hosts, fill_mib, avoidance, json } } => {
+        Cmd::Demo {
+            clones,
+            hosts,
+            image,
+            mem,
+            json,
+        } => demo::run(
+            c,
+            demo::DemoArgs {
+                clones,
+                hosts,
+                image,
+                mem_mib: mem,
+                json,
+            },
+        )?,
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Clone {
+                    clones,
+                    runs,
+                    image,
+                    mem,
+                    touch_mib,
+                    hosts,
+                    fill_mib,
+                    avoidance,
+                    json,
+                },
+        } => {
             if runs == 0 || clones.is_empty() || clones.contains(&0) {
                 anyhow::bail!("--runs and every --clones value must be at least 1");
             }
-            let image = image.unwrap_or_else(image_cmd::default_out).display().to_string();
+            let image = image
+                .unwrap_or_else(image_cmd::default_out)
+                .display()
+                .to_string();
             match hosts {
                 Some(h) if !(2..=32).contains(&h) => anyhow::bail!("--hosts must be 2 to 32"),
                 Some(hosts) => {
@@ -361,7 +431,17 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     let touch_mib = touch_mib.unwrap_or(0);
-                    bench::run(&c, bench::BenchArgs { clones, runs, image, mem_mib: mem, touch_mib, json })?;
+                    bench::run(
+                        &c,
+                        bench::BenchArgs {
+                            clones,
+                            runs,
+                            image,
+                            mem_mib: mem,
+                            touch_mib,
+                            json,
+                        },
+                    )?;
                 }
             }
         }
@@ -372,7 +452,15 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
 fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
     let name_or_default = |n: &Option<String>| n.clone().unwrap_or_else(|| cli.cluster.clone());
     match cmd {
-        ClusterCmd::Up { hosts, name, max_vms, quota_per_vm, fetch_timeout_ms, prefetch_pages, json } => {
+        ClusterCmd::Up {
+            hosts,
+            name,
+            max_vms,
+            quota_per_vm,
+            fetch_timeout_ms,
+            prefetch_pages,
+            json,
+        } => {
             let settings = cluster::Settings {
                 max_vms: *max_vms,
                 quota_per_vm: *quota_per_vm,
@@ -380,9 +468,17 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
                 prefetch_pages: *prefetch_pages,
             };
             let name = name_or_default(name);
-            let up = cluster::up(&cluster::UpOpts { name: name.clone(), hosts: *hosts, settings })?;
+            let up = cluster::up(&cluster::UpOpts {
+                name: name.clone(),
+                hosts: *hosts,
+                settings,
+            })?;
             if up.started {
-                let flag = if name == cluster::DEFAULT_NAME { String::new() } else { format!("--cluster {name} ") };
+                let flag = if name == cluster::DEFAULT_NAME {
+                    String::new()
+                } else {
+                    format!("--cluster {name} ")
+                };
                 eprintln!(
                     "local cluster `{name}` up: {} host(s) h0..h{}; e.g. `snowflock {flag}--host h0 vm list`",
                     up.info.hosts.len(),
@@ -411,8 +507,12 @@ fn main() -> ExitCode {
                 msg.push_str(&cause.to_string());
             }
             eprintln!("snowflock: error: {msg}");
-            let not_running =
-                e.chain().any(|c| matches!(c.downcast_ref::<ClientError>(), Some(ClientError::NotRunning { .. })));
+            let not_running = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<ClientError>(),
+                    Some(ClientError::NotRunning { .. })
+                )
+            });
             ExitCode::from(if not_running { 3 } else { 1 })
         }
     }

@@ -24,15 +24,37 @@ pub fn parse_mem(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("invalid memory size {s:?} (use e.g. 256M or 1G)"))
 }
 
-pub fn start(c: &Client, name: &str, image: &str, mem_mib: u32, vcpus: u32, accel: Accel, json: bool) -> Result<()> {
-    let image = std::fs::canonicalize(image).map(|p| p.display().to_string()).unwrap_or_else(|_| image.to_string());
+pub fn start(
+    c: &Client,
+    name: &str,
+    image: &str,
+    mem_mib: u32,
+    vcpus: u32,
+    accel: Accel,
+    json: bool,
+) -> Result<()> {
+    let image = std::fs::canonicalize(image)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| image.to_string());
     eprintln!("Starting VM {name} ({mem_mib} MiB, {vcpus} vCPU) and waiting for its agent...");
-    match c.call(&AdminRequest::VmStart { name: name.into(), image, mem_mib, vcpus, accel })? {
+    match c.call(&AdminRequest::VmStart {
+        name: name.into(),
+        image,
+        mem_mib,
+        vcpus,
+        accel,
+    })? {
         AdminResponse::Vm(v) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                eprintln!("VM {} running: ip {}, accel {}, pid {}", v.name, v.ip, v.accel, v.pid.unwrap_or(0));
+                eprintln!(
+                    "VM {} running: ip {}, accel {}, pid {}",
+                    v.name,
+                    v.ip,
+                    v.accel,
+                    v.pid.unwrap_or(0)
+                );
             }
             Ok(())
         }
@@ -58,7 +80,10 @@ pub fn list(c: &Client, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&vms)?);
         return Ok(());
     }
-    println!("{:<24} {:<10} {:<9} {:<20} {:>8} {:<16}", "NAME", "HOST", "STATE", "TICKET", "CLONE_ID", "IP");
+    println!(
+        "{:<24} {:<10} {:<9} {:<20} {:>8} {:<16}",
+        "NAME", "HOST", "STATE", "TICKET", "CLONE_ID", "IP"
+    );
     for v in vms {
         println!(
             "{:<24} {:<10} {:<9} {:<20} {:>8} {:<16}",
@@ -98,12 +123,29 @@ pub struct Captured {
 
 /// Runs `argv` in the guest. With `capture`, output is collected instead of
 /// printed and stdin is empty; otherwise this process's stdin is forwarded.
-pub fn exec(c: &Client, name: &str, argv: &[String], capture: bool) -> Result<Captured, ClientError> {
+pub fn exec(
+    c: &Client,
+    name: &str,
+    argv: &[String],
+    capture: bool,
+) -> Result<Captured, ClientError> {
     let mut s = c.connect()?;
-    write_frame(&mut s, &AdminRequest::Exec { name: name.into(), argv: argv.to_vec() })?;
+    write_frame(
+        &mut s,
+        &AdminRequest::Exec {
+            name: name.into(),
+            argv: argv.to_vec(),
+        },
+    )?;
     let mut w = s.try_clone().map_err(|e| ClientError::Frame(e.into()))?;
     if capture {
-        write_frame(&mut w, &ExecInput { data: vec![], eof: true })?;
+        write_frame(
+            &mut w,
+            &ExecInput {
+                data: vec![],
+                eof: true,
+            },
+        )?;
     } else {
         std::thread::spawn(move || {
             let mut stdin = std::io::stdin().lock();
@@ -111,11 +153,25 @@ pub fn exec(c: &Client, name: &str, argv: &[String], capture: bool) -> Result<Ca
             loop {
                 match stdin.read(&mut buf) {
                     Ok(0) | Err(_) => {
-                        let _ = write_frame(&mut w, &ExecInput { data: vec![], eof: true });
+                        let _ = write_frame(
+                            &mut w,
+                            &ExecInput {
+                                data: vec![],
+                                eof: true,
+                            },
+                        );
                         return;
                     }
                     Ok(n) => {
-                        if write_frame(&mut w, &ExecInput { data: buf[..n].to_vec(), eof: false }).is_err() {
+                        if write_frame(
+                            &mut w,
+                            &ExecInput {
+                                data: buf[..n].to_vec(),
+                                eof: false,
+                            },
+                        )
+                        .is_err()
+                        {
                             return;
                         }
                     }
@@ -123,7 +179,11 @@ pub fn exec(c: &Client, name: &str, argv: &[String], capture: bool) -> Result<Ca
             }
         });
     }
-    let mut out = Captured { code: 0, stdout: vec![], stderr: vec![] };
+    let mut out = Captured {
+        code: 0,
+        stdout: vec![],
+        stderr: vec![],
+    };
     loop {
         match read_frame(&mut s)? {
             AdminResponse::ExecOutput { stream, data } => match (capture, stream) {
@@ -142,7 +202,9 @@ pub fn exec(c: &Client, name: &str, argv: &[String], capture: bool) -> Result<Ca
                 out.code = code;
                 return Ok(out);
             }
-            AdminResponse::Error { code, message } => return Err(ClientError::Daemon { code, message }),
+            AdminResponse::Error { code, message } => {
+                return Err(ClientError::Daemon { code, message })
+            }
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -156,7 +218,16 @@ pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
-            println!("VM {} on {}: memory {}{}", s.vm, s.host, s.memory, s.origin.as_deref().map(|o| format!(" from {o}")).unwrap_or_default());
+            println!(
+                "VM {} on {}: memory {}{}",
+                s.vm,
+                s.host,
+                s.memory,
+                s.origin
+                    .as_deref()
+                    .map(|o| format!(" from {o}"))
+                    .unwrap_or_default()
+            );
             let f = &s.fetch;
             let rows = [
                 ("faults", f.faults),

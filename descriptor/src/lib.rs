@@ -169,13 +169,20 @@ impl Descriptor {
         let m = &self.meta;
         let inv = |s: String| Err(DescriptorError::Invalid(s));
         if m.memory.size == 0 || !m.memory.size.is_multiple_of(PAGE_SIZE) {
-            return inv(format!("memory size {} is not a positive multiple of 4 KiB", m.memory.size));
+            return inv(format!(
+                "memory size {} is not a positive multiple of 4 KiB",
+                m.memory.size
+            ));
         }
         if m.memory.size != u64::from(m.machine.mem_mib) << 20 {
             return inv("memory size disagrees with the machine shape".into());
         }
         if self.holes.len() as u64 != self.pages() {
-            return inv(format!("hole map has {} bits for {} pages", self.holes.len(), self.pages()));
+            return inv(format!(
+                "hole map has {} bits for {} pages",
+                self.holes.len(),
+                self.pages()
+            ));
         }
         if m.machine.vcpus == 0 || m.machine.vcpus > 256 {
             return inv(format!("vcpus {} out of range", m.machine.vcpus));
@@ -196,7 +203,12 @@ impl Descriptor {
     pub fn encode(&self) -> Result<Vec<u8>, DescriptorError> {
         self.validate()?;
         let meta = serde_json::to_vec(&self.meta).map_err(DescriptorError::Meta)?;
-        let holes: Vec<u8> = self.holes.as_raw_slice().iter().flat_map(|w| w.to_le_bytes()).collect();
+        let holes: Vec<u8> = self
+            .holes
+            .as_raw_slice()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
         let total = 32 + meta.len() + self.device_state.len() + holes.len();
         if total > MAX_DESCRIPTOR {
             return Err(DescriptorError::TooLarge(total));
@@ -223,14 +235,19 @@ impl Descriptor {
         if bytes.len() > MAX_DESCRIPTOR {
             return Err(DescriptorError::TooLarge(bytes.len()));
         }
-        let (header, rest) = Header::read_from_prefix(bytes).map_err(|_| DescriptorError::Truncated)?;
+        let (header, rest) =
+            Header::read_from_prefix(bytes).map_err(|_| DescriptorError::Truncated)?;
         if header.magic != MAGIC {
             return Err(DescriptorError::BadMagic);
         }
         if header.version != VERSION && Some(header.version) != VERSION.checked_sub(1) {
             return Err(DescriptorError::Version(header.version));
         }
-        let (ml, sl, hl) = (header.meta_len as usize, header.state_len as usize, header.holes_len as usize);
+        let (ml, sl, hl) = (
+            header.meta_len as usize,
+            header.state_len as usize,
+            header.holes_len as usize,
+        );
         if ml.checked_add(sl).and_then(|x| x.checked_add(hl)) != Some(rest.len()) {
             return Err(DescriptorError::Truncated);
         }
@@ -241,17 +258,27 @@ impl Descriptor {
         }
         let meta: Meta = serde_json::from_slice(meta).map_err(DescriptorError::Meta)?;
         if holes.len() % 8 != 0 {
-            return Err(DescriptorError::Invalid("hole map is not whole 64-bit words".into()));
+            return Err(DescriptorError::Invalid(
+                "hole map is not whole 64-bit words".into(),
+            ));
         }
         let pages = meta.memory.size / PAGE_SIZE;
         if (holes.len() as u64) * 8 < pages {
-            return Err(DescriptorError::Invalid("hole map is shorter than guest memory".into()));
+            return Err(DescriptorError::Invalid(
+                "hole map is shorter than guest memory".into(),
+            ));
         }
-        let words: Vec<u64> =
-            holes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("chunk of 8"))).collect();
+        let words: Vec<u64> = holes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("chunk of 8")))
+            .collect();
         let mut bits = BitVec::<u64, Lsb0>::from_vec(words);
         bits.truncate(pages as usize);
-        let d = Descriptor { meta, device_state: state.to_vec(), holes: bits };
+        let d = Descriptor {
+            meta,
+            device_state: state.to_vec(),
+            holes: bits,
+        };
         d.validate()?;
         Ok(d)
     }
@@ -272,7 +299,12 @@ mod tests {
                 origin_host: "h0".into(),
                 ticket: "t-abc".into(),
                 request_id: 7,
-                memory: MemoryLayout { size: 16 << 20, generation: 1, source: "h0:vm1-g1".into(), data_bytes: 4096 },
+                memory: MemoryLayout {
+                    size: 16 << 20,
+                    generation: 1,
+                    source: "h0:vm1-g1".into(),
+                    data_bytes: 4096,
+                },
                 machine: MachineShape {
                     vcpus: 1,
                     mem_mib: 16,
@@ -280,8 +312,16 @@ mod tests {
                     image: "/img".into(),
                     cmdline: "console=ttyS0".into(),
                 },
-                net: FlockNet { flock: 3, subnet: "10.250.3.0/24".into() },
-                clones: vec![CloneSlot { clone_id: 1, vm: "vm1-t1c1".into(), mac: "x".into(), ip_cidr: "y".into() }],
+                net: FlockNet {
+                    flock: 3,
+                    subnet: "10.250.3.0/24".into(),
+                },
+                clones: vec![CloneSlot {
+                    clone_id: 1,
+                    vm: "vm1-t1c1".into(),
+                    mac: "x".into(),
+                    ip_cidr: "y".into(),
+                }],
             },
             device_state: vec![1, 2, 3, 4, 5],
             holes,
@@ -299,7 +339,10 @@ mod tests {
     fn every_truncation_is_an_error_not_a_panic() {
         let bytes = sample().encode().unwrap();
         for n in 0..bytes.len() {
-            assert!(Descriptor::decode(&bytes[..n]).is_err(), "prefix {n} decoded");
+            assert!(
+                Descriptor::decode(&bytes[..n]).is_err(),
+                "prefix {n} decoded"
+            );
         }
     }
 
@@ -308,16 +351,25 @@ mod tests {
         let mut bytes = sample().encode().unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        assert!(matches!(Descriptor::decode(&bytes), Err(DescriptorError::Checksum)));
+        assert!(matches!(
+            Descriptor::decode(&bytes),
+            Err(DescriptorError::Checksum)
+        ));
         bytes[0] = b'X';
-        assert!(matches!(Descriptor::decode(&bytes), Err(DescriptorError::BadMagic)));
+        assert!(matches!(
+            Descriptor::decode(&bytes),
+            Err(DescriptorError::BadMagic)
+        ));
     }
 
     #[test]
     fn huge_lengths_are_rejected() {
         let mut bytes = sample().encode().unwrap();
         bytes[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Descriptor::decode(&bytes), Err(DescriptorError::Truncated)));
+        assert!(matches!(
+            Descriptor::decode(&bytes),
+            Err(DescriptorError::Truncated)
+        ));
     }
 
     #[test]

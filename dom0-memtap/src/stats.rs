@@ -1,6 +1,5 @@
 //! Fault statistics: counters and a log-bucket latency histogram.
 
-
 /// The figures themselves are a protocol type: the daemon hands them to the
 /// CLI as they are.
 pub use snowflock_proto::admin::FaultStats;

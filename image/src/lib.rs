@@ -611,7 +611,9 @@ fn input_file(what: &'static str, path: &Path) -> Result<fs::Metadata, ImageErro
 /// initramfs it would be unpacked into guest RAM (~25 MB per binary).
 /// Falls back to the file as is.
 fn stripped(path: PathBuf) -> Source {
-    let Ok(tmp) = tempfile_path() else { return Source::Path(path) };
+    let Ok(tmp) = tempfile_path() else {
+        return Source::Path(path);
+    };
     let ok = std::process::Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")
@@ -746,7 +748,10 @@ pub fn build_tree(opts: &BuildOptions) -> Result<Tree, ImageError> {
     if let Some(dir) = &opts.lib_dir {
         let lib = dir.join("libsnowflock.so");
         if lib.is_file() {
-            t.insert("/usr/lib/libsnowflock.so", Node::File(0o755, stripped(lib.clone())))?;
+            t.insert(
+                "/usr/lib/libsnowflock.so",
+                Node::File(0o755, stripped(lib.clone())),
+            )?;
             let mut runtime = ldd(&lib)?;
             runtime.extend(GLIBC_RUNTIME.iter().map(|s| s.to_string()));
             for p in runtime {

@@ -167,20 +167,35 @@ pub struct CloneReport {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
     Status,
-    VmStart { name: String, image: String, mem_mib: u32, vcpus: u32, accel: Accel },
+    VmStart {
+        name: String,
+        image: String,
+        mem_mib: u32,
+        vcpus: u32,
+        accel: Accel,
+    },
     VmList,
-    VmStop { name: String },
+    VmStop {
+        name: String,
+    },
     /// Returns the serial console log.
-    VmConsole { name: String },
+    VmConsole {
+        name: String,
+    },
     /// Runs `argv` in the guest; answered by a stream of `ExecOutput` and a
     /// final `ExecExit`. The client sends [`ExecInput`] frames for stdin.
-    Exec { name: String, argv: Vec<String> },
+    Exec {
+        name: String,
+        argv: Vec<String>,
+    },
     /// The clone reports recorded so far (newest last).
     CloneReports,
     /// Stops every VM and exits.
     Shutdown,
     /// Memory-on-demand figures of a VM.
-    Stats { name: String },
+    Stats {
+        name: String,
+    },
     /// `VmList` of this host only (what daemons ask each other).
     VmListLocal,
     /// Daemon to daemon: free VM slots here.
@@ -195,9 +210,16 @@ pub enum AdminRequest {
         page_server: String,
     },
     /// Daemon to daemon: stop this host's clones of a ticket.
-    PeerStopClones { ticket: String, reason: String },
+    PeerStopClones {
+        ticket: String,
+        reason: String,
+    },
     /// Daemon to daemon (clone host to origin): a clone ended.
-    PeerChildEnded { ticket: String, clone_id: u32, state: crate::api::ChildState },
+    PeerChildEnded {
+        ticket: String,
+        clone_id: u32,
+        state: crate::api::ChildState,
+    },
 }
 
 /// Stdin for an exec session.
@@ -234,13 +256,32 @@ pub enum AdminResponse {
         unreachable: Vec<String>,
     },
     Stats(VmStats),
-    Capacity { host: String, free: u32 },
-    ClonesStarted { results: Vec<CloneStart> },
-    Console { #[serde(with = "crate::b64")] data: Vec<u8> },
-    ExecOutput { stream: Stream, #[serde(with = "crate::b64")] data: Vec<u8> },
-    ExecExit { code: i32 },
-    CloneReports { reports: Vec<CloneReport> },
-    Error { code: AdminErrorCode, message: String },
+    Capacity {
+        host: String,
+        free: u32,
+    },
+    ClonesStarted {
+        results: Vec<CloneStart>,
+    },
+    Console {
+        #[serde(with = "crate::b64")]
+        data: Vec<u8>,
+    },
+    ExecOutput {
+        stream: Stream,
+        #[serde(with = "crate::b64")]
+        data: Vec<u8>,
+    },
+    ExecExit {
+        code: i32,
+    },
+    CloneReports {
+        reports: Vec<CloneReport>,
+    },
+    Error {
+        code: AdminErrorCode,
+        message: String,
+    },
 }
 
 /// VM names: 1-48 chars of `[a-z0-9-]`, starting with a letter.
@@ -249,7 +290,8 @@ pub fn valid_vm_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 48
         && b[0].is_ascii_lowercase()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 #[cfg(test)]
@@ -268,7 +310,10 @@ mod tests {
 
     #[test]
     fn stats_keys_are_flat() {
-        let mut s = VmStats { vm: "c".into(), ..Default::default() };
+        let mut s = VmStats {
+            vm: "c".into(),
+            ..Default::default()
+        };
         s.fetch.latency_p50_us = 7;
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["latency_p50_us"], 7);
@@ -280,6 +325,9 @@ mod tests {
     #[test]
     fn request_shape() {
         let r = AdminRequest::VmStop { name: "x".into() };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"vm_stop","name":"x"}"#);
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"op":"vm_stop","name":"x"}"#
+        );
     }
 }

@@ -97,7 +97,12 @@ pub enum ApiResponse {
     /// The children of the ticket were ended.
     Killed { children: Vec<ChildStatus> },
     /// Identity of this VM.
-    Identity { vm: String, clone_id: u32, ticket: Option<String>, ip: Option<String> },
+    Identity {
+        vm: String,
+        clone_id: u32,
+        ticket: Option<String>,
+        ip: Option<String>,
+    },
     /// The call failed.
     Error { code: ApiErrorCode, message: String },
 }
@@ -106,10 +111,12 @@ impl ApiRequest {
     /// Checks field values that serde cannot (lengths, ranges).
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            ApiRequest::RequestTicket { n } if *n == 0 || *n > MAX_CLONES_PER_TICKET => Err(format!(
-                "Clone count must be between 1 and {MAX_CLONES_PER_TICKET}, got {n}"
-            )),
-            ApiRequest::Clone { ticket } | ApiRequest::Join { ticket } | ApiRequest::Kill { ticket }
+            ApiRequest::RequestTicket { n } if *n == 0 || *n > MAX_CLONES_PER_TICKET => Err(
+                format!("Clone count must be between 1 and {MAX_CLONES_PER_TICKET}, got {n}"),
+            ),
+            ApiRequest::Clone { ticket }
+            | ApiRequest::Join { ticket }
+            | ApiRequest::Kill { ticket }
                 if !valid_ticket_syntax(ticket) =>
             {
                 Err(format!("Malformed ticket {ticket:?}"))
@@ -132,8 +139,15 @@ mod tests {
     #[test]
     fn wire_format_is_stable() {
         let r = ApiRequest::RequestTicket { n: 3 };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"request_ticket","n":3}"#);
-        let s = ChildStatus { clone_id: 2, vm: "a-c2".into(), state: ChildState::Exited { code: 7 } };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"op":"request_ticket","n":3}"#
+        );
+        let s = ChildStatus {
+            clone_id: 2,
+            vm: "a-c2".into(),
+            state: ChildState::Exited { code: 7 },
+        };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
             r#"{"clone_id":2,"vm":"a-c2","state":"exited","code":7}"#
@@ -144,8 +158,20 @@ mod tests {
     fn validation() {
         assert!(ApiRequest::RequestTicket { n: 0 }.validate().is_err());
         assert!(ApiRequest::RequestTicket { n: 5000 }.validate().is_err());
-        assert!(ApiRequest::Clone { ticket: "t-12ab".into() }.validate().is_ok());
-        assert!(ApiRequest::Clone { ticket: "12ab".into() }.validate().is_err());
-        assert!(ApiRequest::Clone { ticket: "t-zz".into() }.validate().is_err());
+        assert!(ApiRequest::Clone {
+            ticket: "t-12ab".into()
+        }
+        .validate()
+        .is_ok());
+        assert!(ApiRequest::Clone {
+            ticket: "12ab".into()
+        }
+        .validate()
+        .is_err());
+        assert!(ApiRequest::Clone {
+            ticket: "t-zz".into()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -64,7 +64,13 @@ pub enum GuestMsg {
     /// Handshake answer: agent version and the protocol versions it speaks.
     /// `instance` is random per agent process (0 = unknown): a new value
     /// means the agent restarted and lost its exec sessions.
-    Hello { version: u32, agent: String, clone_id: u32, #[serde(default)] instance: u64 },
+    Hello {
+        version: u32,
+        agent: String,
+        clone_id: u32,
+        #[serde(default)]
+        instance: u64,
+    },
     /// An application API call, tagged with an agent-chosen id.
     Request { id: u64, req: ApiRequest },
     /// The identity in `BecomeClone` was applied; the clone is running.
@@ -72,7 +78,12 @@ pub enum GuestMsg {
     /// Applying the identity failed (the host treats the clone as lost).
     CloneFailed { clone_id: u32, message: String },
     /// Output of an exec'd process.
-    ExecOutput { exec: u64, stream: Stream, #[serde(with = "crate::b64")] data: Vec<u8> },
+    ExecOutput {
+        exec: u64,
+        stream: Stream,
+        #[serde(with = "crate::b64")]
+        data: Vec<u8>,
+    },
     /// The exec'd process ended with `code` (128+signal when killed).
     ExecExit { exec: u64, code: i32 },
     /// The exec could not be started.
@@ -91,11 +102,24 @@ pub enum HostMsg {
     Response { id: u64, resp: ApiResponse },
     /// Sent to a fresh clone: apply `identity`, then answer the pending clone
     /// request `request_id` with `Cloned{clone_id}` and send `Ready`.
-    BecomeClone { request_id: u64, identity: CloneIdentity },
+    BecomeClone {
+        request_id: u64,
+        identity: CloneIdentity,
+    },
     /// Run `argv` (no shell) with `env` added to the agent's environment.
-    ExecStart { exec: u64, argv: Vec<String>, #[serde(default)] env: Vec<(String, String)> },
+    ExecStart {
+        exec: u64,
+        argv: Vec<String>,
+        #[serde(default)]
+        env: Vec<(String, String)>,
+    },
     /// Stdin for an exec; `eof` closes the process's stdin after `data`.
-    ExecStdin { exec: u64, #[serde(with = "crate::b64")] data: Vec<u8>, eof: bool },
+    ExecStdin {
+        exec: u64,
+        #[serde(with = "crate::b64")]
+        data: Vec<u8>,
+        eof: bool,
+    },
     /// Kill an exec'd process (SIGKILL).
     ExecKill { exec: u64 },
     /// Liveness probe.
@@ -185,12 +209,18 @@ mod tests {
 
     #[test]
     fn lines_roundtrip_across_chunks() {
-        let m = HostMsg::ExecStdin { exec: 1, data: b"a\nb".to_vec(), eof: true };
+        let m = HostMsg::ExecStdin {
+            exec: 1,
+            data: b"a\nb".to_vec(),
+            eof: true,
+        };
         let bytes = [encode_line(&m), encode_line(&HostMsg::Ping { seq: 9 })].concat();
         let mut r = LineReader::new();
         let mut got = Vec::new();
         for chunk in bytes.chunks(5) {
-            r.feed(chunk, |l| got.push(decode_line::<HostMsg>(l.unwrap()).unwrap()));
+            r.feed(chunk, |l| {
+                got.push(decode_line::<HostMsg>(l.unwrap()).unwrap())
+            });
         }
         assert_eq!(got, vec![m, HostMsg::Ping { seq: 9 }]);
     }

@@ -124,10 +124,16 @@ mod tests {
     #[test]
     fn clean_eof_is_closed_and_truncated_body_is_io() {
         let empty: &[u8] = &[];
-        assert!(matches!(read_frame::<_, serde_json::Value>(&mut &empty[..]), Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame::<_, serde_json::Value>(&mut &empty[..]),
+            Err(FrameError::Closed)
+        ));
         let mut bytes = encode(&serde_json::json!({"a": 1}));
         bytes.truncate(6);
-        assert!(matches!(read_frame::<_, serde_json::Value>(&mut &bytes[..]), Err(FrameError::Io(_))));
+        assert!(matches!(
+            read_frame::<_, serde_json::Value>(&mut &bytes[..]),
+            Err(FrameError::Io(_))
+        ));
     }
 
     #[test]
@@ -146,6 +152,9 @@ mod tests {
     fn garbage_is_malformed() {
         let mut bytes = 3u32.to_le_bytes().to_vec();
         bytes.extend_from_slice(b"{{{");
-        assert!(matches!(read_frame::<_, serde_json::Value>(&mut &bytes[..]), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            read_frame::<_, serde_json::Value>(&mut &bytes[..]),
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

@@ -37,7 +37,14 @@ mod tests {
         let len = 4 << 20;
         // SAFETY: a fresh anonymous mapping we own and unmap.
         unsafe {
-            let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
             assert_ne!(p, libc::MAP_FAILED);
             assert_eq!(super::madvise(p, len, libc::MADV_HUGEPAGE), 0);
             assert_eq!(super::madvise(p, len, libc::MADV_DONTNEED), 0);

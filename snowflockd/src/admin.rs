@@ -14,7 +14,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
 
 fn err(code: C, e: impl std::fmt::Display) -> AdminResponse {
-    AdminResponse::Error { code, message: e.to_string() }
+    AdminResponse::Error {
+        code,
+        message: e.to_string(),
+    }
 }
 
 /// Renders an error with its sources, the way users see it.
@@ -66,7 +69,11 @@ where
         Ok(r) => r,
         Err(FrameError::Closed) => return,
         Err(e) => {
-            let _ = write_frame(&mut s, &err(C::BadRequest, format!("Malformed request: {}", chain(&e)))).await;
+            let _ = write_frame(
+                &mut s,
+                &err(C::BadRequest, format!("Malformed request: {}", chain(&e))),
+            )
+            .await;
             return;
         }
     };
@@ -96,7 +103,11 @@ where
             state_dir: d.cfg.state_dir.display().to_string(),
             vms: d.state.lock().unwrap().vms.len(),
             uptime_s: d.started.elapsed().as_secs(),
-            accel: if crate::config::host_has_hw_virt() { "kvm".into() } else { "tcg".into() },
+            accel: if crate::config::host_has_hw_virt() {
+                "kvm".into()
+            } else {
+                "tcg".into()
+            },
             counters: d.counter_map(),
             peers: crate::peer::peer_names(&d),
             recent_losses: d.losses.lock().unwrap().iter().cloned().collect(),
@@ -105,7 +116,10 @@ where
             let (vms, unreachable) = crate::peer::cluster_list(&d).await;
             AdminResponse::VmList { vms, unreachable }
         }
-        AdminRequest::VmList | AdminRequest::VmListLocal => AdminResponse::VmList { vms: d.list(), unreachable: vec![] },
+        AdminRequest::VmList | AdminRequest::VmListLocal => AdminResponse::VmList {
+            vms: d.list(),
+            unreachable: vec![],
+        },
         AdminRequest::Stats { name } => match d.vm(&name) {
             Ok(vm) => AdminResponse::Stats(d.vm_stats(&vm)),
             Err(e) => daemon_err(e),
@@ -116,28 +130,46 @@ where
                 crate::api::purge(&mut st);
                 Daemon::free_slots(&st, d.cfg.max_vms)
             };
-            AdminResponse::Capacity { host: d.cfg.host.clone(), free }
+            AdminResponse::Capacity {
+                host: d.cfg.host.clone(),
+                free,
+            }
         }
-        AdminRequest::PeerStartClones { descriptor, clone_ids, page_server } if from_peer => {
+        AdminRequest::PeerStartClones {
+            descriptor,
+            clone_ids,
+            page_server,
+        } if from_peer => {
             crate::clone::start_remote(&d, &descriptor, &clone_ids, &page_server).await
         }
         AdminRequest::PeerStopClones { ticket, reason } if from_peer => {
             crate::api::stop_ticket_clones(&d, &ticket, &reason).await;
             AdminResponse::Ok
         }
-        AdminRequest::PeerChildEnded { ticket, clone_id, state } if from_peer => {
+        AdminRequest::PeerChildEnded {
+            ticket,
+            clone_id,
+            state,
+        } if from_peer => {
             crate::api::child_ended(&d, &ticket, clone_id, state);
             AdminResponse::Ok
         }
-        AdminRequest::PeerStartClones { .. } | AdminRequest::PeerStopClones { .. } | AdminRequest::PeerChildEnded { .. } => {
-            err(C::BadRequest, "This request is only accepted from other hosts of the cluster")
-        }
-        AdminRequest::VmStart { name, image, mem_mib, vcpus, accel } => {
-            match vm_start(&d, name, image, mem_mib, vcpus, accel).await {
-                Ok(r) => r,
-                Err(e) => daemon_err(e),
-            }
-        }
+        AdminRequest::PeerStartClones { .. }
+        | AdminRequest::PeerStopClones { .. }
+        | AdminRequest::PeerChildEnded { .. } => err(
+            C::BadRequest,
+            "This request is only accepted from other hosts of the cluster",
+        ),
+        AdminRequest::VmStart {
+            name,
+            image,
+            mem_mib,
+            vcpus,
+            accel,
+        } => match vm_start(&d, name, image, mem_mib, vcpus, accel).await {
+            Ok(r) => r,
+            Err(e) => daemon_err(e),
+        },
         AdminRequest::VmStop { name } => match d.vm(&name) {
             Ok(vm) => {
                 d.stop_vm(&vm).await;
@@ -147,12 +179,14 @@ where
         },
         AdminRequest::VmConsole { name } => match d.vm(&name) {
             // The last 2 MiB: the guest decides how much it prints.
-            Ok(vm) => AdminResponse::Console { data: crate::daemon::read_tail(&crate::vm::console_path(&vm.dir), 2 << 20) },
+            Ok(vm) => AdminResponse::Console {
+                data: crate::daemon::read_tail(&crate::vm::console_path(&vm.dir), 2 << 20),
+            },
             Err(e) => daemon_err(e),
         },
-        AdminRequest::CloneReports => {
-            AdminResponse::CloneReports { reports: d.state.lock().unwrap().reports.clone() }
-        }
+        AdminRequest::CloneReports => AdminResponse::CloneReports {
+            reports: d.state.lock().unwrap().reports.clone(),
+        },
         AdminRequest::Exec { name, argv } => return exec(d, s, name, argv).await,
         AdminRequest::Shutdown => {
             d.stop_all().await;
@@ -178,10 +212,14 @@ async fn vm_start(
         )));
     }
     if !(64..=65536).contains(&mem_mib) {
-        return Err(DaemonError::BadRequest(format!("Memory must be 64 MiB to 64 GiB, got {mem_mib} MiB")));
+        return Err(DaemonError::BadRequest(format!(
+            "Memory must be 64 MiB to 64 GiB, got {mem_mib} MiB"
+        )));
     }
     if !(1..=64).contains(&vcpus) {
-        return Err(DaemonError::BadRequest(format!("vCPUs must be 1 to 64, got {vcpus}")));
+        return Err(DaemonError::BadRequest(format!(
+            "vCPUs must be 1 to 64, got {vcpus}"
+        )));
     }
     let accel = match accel {
         Accel::Tcg => "tcg",
@@ -204,13 +242,18 @@ async fn vm_start(
         }
         crate::api::purge(&mut st);
         if Daemon::free_slots(&st, d.cfg.max_vms) == 0 {
-            return Err(DaemonError::NoCapacity(format!("This host runs its maximum of {} VMs", d.cfg.max_vms)));
+            return Err(DaemonError::NoCapacity(format!(
+                "This host runs its maximum of {} VMs",
+                d.cfg.max_vms
+            )));
         }
         d.alloc_flock(&mut st)?
     };
     // Under TCG the guest calibrates its TSC against emulated timers, which
     // fails on a loaded host and can hang the boot; tell it the rate.
-    let tsc = snowflock_image::host_tsc_khz().map(|k| format!(" tsc_early_khz={k}")).unwrap_or_default();
+    let tsc = snowflock_image::host_tsc_khz()
+        .map(|k| format!(" tsc_early_khz={k}"))
+        .unwrap_or_default();
     let cmdline = format!(
         "{}{tsc} sf.vm={name} sf.hostname={name} sf.ip={} sf.mac={} sf.machine_id={}",
         img.manifest.cmdline,
@@ -244,7 +287,10 @@ async fn vm_start(
             return Err(e);
         }
     };
-    if let Err(e) = d.wait_agent(&vm, Duration::from_secs(d.cfg.boot_timeout_s)).await {
+    if let Err(e) = d
+        .wait_agent(&vm, Duration::from_secs(d.cfg.boot_timeout_s))
+        .await
+    {
         d.stop_vm(&vm).await;
         return Err(e);
     }
@@ -253,8 +299,12 @@ async fn vm_start(
 
 /// Clone VMs are named `<parent>-g<generation>c<clone id>`.
 fn looks_like_clone_name(name: &str) -> bool {
-    let Some((_, tail)) = name.rsplit_once("-g") else { return false };
-    let Some((g, c)) = tail.split_once('c') else { return false };
+    let Some((_, tail)) = name.rsplit_once("-g") else {
+        return false;
+    };
+    let Some((g, c)) = tail.split_once('c') else {
+        return false;
+    };
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     digits(g) && digits(c)
 }
@@ -287,7 +337,11 @@ where
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(crate::daemon::EXEC_QUEUE);
     vm.execs.lock().unwrap().insert(exec_id, tx);
-    vm.send(HostMsg::ExecStart { exec: exec_id, argv, env: vec![] });
+    vm.send(HostMsg::ExecStart {
+        exec: exec_id,
+        argv,
+        env: vec![],
+    });
     // Stdin frames are read by their own task: read_frame is not cancel-safe.
     let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Option<ExecInput>>(4);
     let reader = tokio::spawn(async move {

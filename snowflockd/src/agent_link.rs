@@ -44,7 +44,12 @@ pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<Ho
         let (mut rd, mut wr) = stream.into_split();
         let mut reader = LineReader::new();
         let mut buf = vec![0u8; 64 * 1024];
-        let mut ok = wr.write_all(&encode_line(&HostMsg::Hello { version: snowflock_proto::CHANNEL_VERSION })).await.is_ok();
+        let mut ok = wr
+            .write_all(&encode_line(&HostMsg::Hello {
+                version: snowflock_proto::CHANNEL_VERSION,
+            }))
+            .await
+            .is_ok();
         for m in backlog.drain(..) {
             ok = ok && wr.write_all(&encode_line(&m)).await.is_ok();
         }
@@ -91,16 +96,28 @@ pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<Ho
 
 fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
     match msg {
-        GuestMsg::Hello { version, agent, clone_id, instance } => {
+        GuestMsg::Hello {
+            version,
+            agent,
+            clone_id,
+            instance,
+        } => {
             tracing::debug!(vm = %vm.name, version, %agent, clone_id, instance, "agent hello");
             let previous = vm.agent_instance.swap(instance, Ordering::SeqCst);
             if previous != 0 && instance != previous {
                 // A new agent process: whatever the old one ran is gone.
                 tracing::warn!(vm = %vm.name, "guest agent restarted");
                 for (_, tx) in vm.execs.lock().unwrap().drain() {
-                    deliver(tx, ExecEvent::Error("The guest agent restarted; the command's fate is unknown".into()));
+                    deliver(
+                        tx,
+                        ExecEvent::Error(
+                            "The guest agent restarted; the command's fate is unknown".into(),
+                        ),
+                    );
                 }
-                vm.send(HostMsg::Hello { version: snowflock_proto::CHANNEL_VERSION });
+                vm.send(HostMsg::Hello {
+                    version: snowflock_proto::CHANNEL_VERSION,
+                });
             }
             vm.agent_up.send_replace(true);
             let mut st = vm.state.lock().unwrap();
@@ -120,7 +137,10 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
                 id,
                 resp: crate::daemon::api_error(
                     snowflock_proto::api::ApiErrorCode::BadRequest,
-                    format!("Too many API calls pending (at most {})", crate::daemon::MAX_PENDING_REQUESTS),
+                    format!(
+                        "Too many API calls pending (at most {})",
+                        crate::daemon::MAX_PENDING_REQUESTS
+                    ),
                 ),
             }),
         },
@@ -141,9 +161,12 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
         }
         GuestMsg::ExecOutput { exec, stream, data } => {
             let mut execs = vm.execs.lock().unwrap();
-            let full = execs
-                .get(&exec)
-                .is_some_and(|tx| matches!(tx.try_send(ExecEvent::Output(stream, data)), Err(mpsc::error::TrySendError::Full(_))));
+            let full = execs.get(&exec).is_some_and(|tx| {
+                matches!(
+                    tx.try_send(ExecEvent::Output(stream, data)),
+                    Err(mpsc::error::TrySendError::Full(_))
+                )
+            });
             if full {
                 // The client does not keep up: end the command rather than
                 // buffer without bound. Dropping the sender tells the client.

@@ -56,7 +56,11 @@ pub fn purge(st: &mut crate::daemon::State) {
             t.state = TicketState::Discarded("it expired unused");
         }
     }
-    let discarded = st.tickets.values().filter(|t| matches!(t.state, TicketState::Discarded(_))).count();
+    let discarded = st
+        .tickets
+        .values()
+        .filter(|t| matches!(t.state, TicketState::Discarded(_)))
+        .count();
     if discarded > KEEP_DISCARDED {
         let mut old: Vec<_> = st
             .tickets
@@ -78,10 +82,11 @@ pub fn purge(st: &mut crate::daemon::State) {
 pub fn place(origin: &str, free: &[(String, u32)], n: u32) -> Vec<(String, u32)> {
     let mut left: Vec<(String, u32, u32)> = free.iter().map(|(h, f)| (h.clone(), *f, 0)).collect();
     for _ in 0..n {
-        let best = left
-            .iter_mut()
-            .filter(|(_, f, _)| *f > 0)
-            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| (b.0 == origin).cmp(&(a.0 == origin))).then_with(|| b.0.cmp(&a.0)));
+        let best = left.iter_mut().filter(|(_, f, _)| *f > 0).max_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then_with(|| (b.0 == origin).cmp(&(a.0 == origin)))
+                .then_with(|| b.0.cmp(&a.0))
+        });
         match best {
             Some(b) => {
                 b.1 -= 1;
@@ -91,8 +96,18 @@ pub fn place(origin: &str, free: &[(String, u32)], n: u32) -> Vec<(String, u32)>
         }
     }
     let mut out: Vec<(String, u32)> = Vec::new();
-    out.push((origin.to_string(), left.iter().find(|l| l.0 == origin).map(|l| l.2).unwrap_or(0)));
-    out.extend(left.into_iter().filter(|l| l.0 != origin && l.2 > 0).map(|l| (l.0, l.2)));
+    out.push((
+        origin.to_string(),
+        left.iter()
+            .find(|l| l.0 == origin)
+            .map(|l| l.2)
+            .unwrap_or(0),
+    ));
+    out.extend(
+        left.into_iter()
+            .filter(|l| l.0 != origin && l.2 > 0)
+            .map(|l| (l.0, l.2)),
+    );
     out
 }
 
@@ -104,7 +119,9 @@ async fn peer_capacity(d: &Arc<Daemon>) -> Vec<(String, u32)> {
         match a {
             Ok(snowflock_proto::admin::AdminResponse::Capacity { free, .. }) => out.push((p, free)),
             Ok(other) => tracing::warn!(host = %p, answer = ?other, "unexpected capacity answer"),
-            Err(e) => tracing::warn!(host = %p, error = %crate::admin::chain(&e), "host left out of a ticket: no capacity answer"),
+            Err(e) => {
+                tracing::warn!(host = %p, error = %crate::admin::chain(&e), "host left out of a ticket: no capacity answer")
+            }
         }
     }
     out
@@ -112,9 +129,16 @@ async fn peer_capacity(d: &Arc<Daemon>) -> Vec<(String, u32)> {
 
 async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
     if vm.clone_id != 0 {
-        return api_error(E::WrongRole, "Nested cloning is not supported: only an original VM (clone ID 0) can request tickets");
+        return api_error(
+            E::WrongRole,
+            "Nested cloning is not supported: only an original VM (clone ID 0) can request tickets",
+        );
     }
-    let remote = if d.cfg.cluster.is_some() { peer_capacity(d).await } else { Vec::new() };
+    let remote = if d.cfg.cluster.is_some() {
+        peer_capacity(d).await
+    } else {
+        Vec::new()
+    };
     let remote_free: u32 = remote.iter().map(|(_, f)| *f).sum();
     let mut st = d.state.lock().unwrap();
     purge(&mut st);
@@ -125,7 +149,9 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
     let held: u32 = st
         .tickets
         .values()
-        .filter(|t| t.owner == vm.name && matches!(t.state, TicketState::Granted | TicketState::Cloning))
+        .filter(|t| {
+            t.owner == vm.name && matches!(t.state, TicketState::Granted | TicketState::Cloning)
+        })
         .map(|t| t.granted)
         .sum();
     let allowed = d.cfg.quota_per_ticket.saturating_sub(held);
@@ -135,7 +161,10 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
             format!("This VM already holds {held} unused clone slots; use or let its tickets expire first"),
         );
     }
-    let granted = n.min(allowed).min(free + remote_free).min(crate::net::MAX_CLONE_ID);
+    let granted = n
+        .min(allowed)
+        .min(free + remote_free)
+        .min(crate::net::MAX_CLONE_ID);
     if granted == 0 {
         return api_error(
             E::NoCapacity,
@@ -165,29 +194,53 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
         },
     );
     tracing::info!(vm = %vm.name, ticket = %id, requested = n, granted, ?placement, "ticket granted");
-    ApiResponse::Ticket { ticket: id, granted }
+    ApiResponse::Ticket {
+        ticket: id,
+        granted,
+    }
 }
 
 /// Looks up a ticket that `vm` owns, with precise errors.
-pub fn check_ticket<'a>(st: &'a mut crate::daemon::State, vm: &Vm, ticket: &str) -> Result<&'a mut Ticket, ApiResponse> {
-    let t = st.tickets.get_mut(ticket).ok_or_else(|| api_error(E::UnknownTicket, format!("Unknown ticket {ticket}")))?;
+pub fn check_ticket<'a>(
+    st: &'a mut crate::daemon::State,
+    vm: &Vm,
+    ticket: &str,
+) -> Result<&'a mut Ticket, ApiResponse> {
+    let t = st
+        .tickets
+        .get_mut(ticket)
+        .ok_or_else(|| api_error(E::UnknownTicket, format!("Unknown ticket {ticket}")))?;
     if t.owner != vm.name {
-        return Err(api_error(E::NotYourTicket, format!("Ticket {ticket} belongs to another VM")));
+        return Err(api_error(
+            E::NotYourTicket,
+            format!("Ticket {ticket} belongs to another VM"),
+        ));
     }
     if let TicketState::Discarded(why) = t.state {
-        return Err(api_error(E::TicketDiscarded, format!("Ticket {ticket} was discarded: {why}")));
+        return Err(api_error(
+            E::TicketDiscarded,
+            format!("Ticket {ticket} was discarded: {why}"),
+        ));
     }
     Ok(t)
 }
 
 async fn exit(d: &Arc<Daemon>, vm: &Arc<Vm>, status: i32) -> ApiResponse {
     if vm.clone_id == 0 {
-        return api_error(E::WrongRole, "sf_exit is for clones; the parent (clone ID 0) uses sf_join or sf_kill");
+        return api_error(
+            E::WrongRole,
+            "sf_exit is for clones; the parent (clone ID 0) uses sf_join or sf_kill",
+        );
     }
     {
         *vm.exit_state.lock().unwrap() = Some(ChildState::Exited { code: status });
         let mut st = d.state.lock().unwrap();
-        if let Some(c) = vm.ticket.as_ref().and_then(|t| st.tickets.get_mut(t)).and_then(|t| t.children.get_mut(&vm.clone_id)) {
+        if let Some(c) = vm
+            .ticket
+            .as_ref()
+            .and_then(|t| st.tickets.get_mut(t))
+            .and_then(|t| t.children.get_mut(&vm.clone_id))
+        {
             if c.state == ChildState::Running {
                 c.state = ChildState::Exited { code: status };
             }
@@ -215,7 +268,10 @@ async fn join(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
             };
             match t.state {
                 TicketState::Granted => {
-                    return api_error(E::BadRequest, format!("Ticket {ticket} has not been used by sf_clone"))
+                    return api_error(
+                        E::BadRequest,
+                        format!("Ticket {ticket} has not been used by sf_clone"),
+                    )
                 }
                 TicketState::Cloning => {}
                 _ if t.all_done() => {
@@ -260,7 +316,10 @@ async fn kill(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
                     .collect();
                 t.state = TicketState::Discarded("it was killed");
                 let (gen, published) = (t.generation.take(), t.published.take());
-                let kids = names.into_iter().filter_map(|n| st.vms.get(&n).cloned()).collect::<Vec<_>>();
+                let kids = names
+                    .into_iter()
+                    .filter_map(|n| st.vms.get(&n).cloned())
+                    .collect::<Vec<_>>();
                 drop(st);
                 d.drop_generation(gen, published);
                 break (kids, remote);
@@ -270,10 +329,21 @@ async fn kill(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
     };
     let (kids, remote) = kids;
     futures::future::join_all(kids.iter().map(|k| d.stop_vm(k))).await;
-    d.stop_remote(remote.into_iter().map(|h| (h, ticket.to_string())).collect(), "the parent called sf_kill").await;
+    d.stop_remote(
+        remote
+            .into_iter()
+            .map(|h| (h, ticket.to_string()))
+            .collect(),
+        "the parent called sf_kill",
+    )
+    .await;
     d.bump_tickets();
     let st = d.state.lock().unwrap();
-    let children = st.tickets.get(ticket).map(|t| t.statuses()).unwrap_or_default();
+    let children = st
+        .tickets
+        .get(ticket)
+        .map(|t| t.statuses())
+        .unwrap_or_default();
     tracing::info!(vm = %vm.name, %ticket, killed = kids.len(), "ticket killed");
     ApiResponse::Killed { children }
 }
@@ -281,8 +351,15 @@ async fn kill(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
 /// Another host asks to stop its clones of `ticket` here (kill, or the
 /// parent ended).
 pub async fn stop_ticket_clones(d: &Arc<Daemon>, ticket: &str, reason: &str) {
-    let kids: Vec<Arc<Vm>> =
-        d.state.lock().unwrap().vms.values().filter(|v| v.ticket.as_deref() == Some(ticket) && v.origin.is_some()).cloned().collect();
+    let kids: Vec<Arc<Vm>> = d
+        .state
+        .lock()
+        .unwrap()
+        .vms
+        .values()
+        .filter(|v| v.ticket.as_deref() == Some(ticket) && v.origin.is_some())
+        .cloned()
+        .collect();
     tracing::info!(%ticket, %reason, clones = kids.len(), "stopping clones at the origin's request");
     futures::future::join_all(kids.iter().map(|k| d.stop_vm(k))).await;
 }
@@ -291,7 +368,11 @@ pub async fn stop_ticket_clones(d: &Arc<Daemon>, ticket: &str, reason: &str) {
 pub fn child_ended(d: &Daemon, ticket: &str, clone_id: u32, state: ChildState) {
     {
         let mut st = d.state.lock().unwrap();
-        if let Some(c) = st.tickets.get_mut(ticket).and_then(|t| t.children.get_mut(&clone_id)) {
+        if let Some(c) = st
+            .tickets
+            .get_mut(ticket)
+            .and_then(|t| t.children.get_mut(&clone_id))
+        {
             if c.state == ChildState::Running {
                 tracing::info!(%ticket, clone_id, ?state, "remote clone ended");
                 if matches!(state, ChildState::Lost { .. }) {
@@ -314,11 +395,23 @@ mod tests {
 
     #[test]
     fn spreads_by_free_capacity_preferring_other_hosts() {
-        assert_eq!(place("h0", &f(&[("h0", 7), ("h1", 8), ("h2", 8)]), 2), f(&[("h0", 0), ("h1", 1), ("h2", 1)]));
-        assert_eq!(place("h0", &f(&[("h0", 8), ("h1", 8), ("h2", 8)]), 3), f(&[("h0", 1), ("h1", 1), ("h2", 1)]));
-        assert_eq!(place("h0", &f(&[("h0", 2), ("h1", 9)]), 4), f(&[("h0", 0), ("h1", 4)]));
+        assert_eq!(
+            place("h0", &f(&[("h0", 7), ("h1", 8), ("h2", 8)]), 2),
+            f(&[("h0", 0), ("h1", 1), ("h2", 1)])
+        );
+        assert_eq!(
+            place("h0", &f(&[("h0", 8), ("h1", 8), ("h2", 8)]), 3),
+            f(&[("h0", 1), ("h1", 1), ("h2", 1)])
+        );
+        assert_eq!(
+            place("h0", &f(&[("h0", 2), ("h1", 9)]), 4),
+            f(&[("h0", 0), ("h1", 4)])
+        );
         assert_eq!(place("h0", &f(&[("h0", 3)]), 2), f(&[("h0", 2)]));
         // Never more than a host has.
-        assert_eq!(place("h0", &f(&[("h0", 1), ("h1", 1)]), 5), f(&[("h0", 1), ("h1", 1)]));
+        assert_eq!(
+            place("h0", &f(&[("h0", 1), ("h1", 1)]), 5),
+            f(&[("h0", 1), ("h1", 1)])
+        );
     }
 }

@@ -81,16 +81,20 @@ fn freeze(
     // helper process to spawn while the parent is paused (exec:cat costs
     // ~10 ms here).
     let sock_path = gen_dir.join("mig.sock");
-    let listener =
-        std::os::unix::net::UnixListener::bind(&sock_path).map_err(|e| format!("cannot listen for device state: {e}"))?;
+    let listener = std::os::unix::net::UnixListener::bind(&sock_path)
+        .map_err(|e| format!("cannot listen for device state: {e}"))?;
     let reader = std::thread::spawn(move || -> Result<Vec<u8>, String> {
         use std::io::Read;
         let (s, _) = listener.accept().map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         // Device state is ~100 KB; far more means RAM leaked into the stream.
-        s.take(MAX_DEVICE_STATE as u64 + 1).read_to_end(&mut buf).map_err(|e| e.to_string())?;
+        s.take(MAX_DEVICE_STATE as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| e.to_string())?;
         if buf.len() > MAX_DEVICE_STATE {
-            return Err(format!("device state exceeds {MAX_DEVICE_STATE} bytes: is guest RAM shared?"));
+            return Err(format!(
+                "device state exceeds {MAX_DEVICE_STATE} bytes: is guest RAM shared?"
+            ));
         }
         Ok(buf)
     });
@@ -106,8 +110,10 @@ fn freeze(
     q.stop().map_err(|e| e.to_string())?;
     tl.mark("parent_paused");
     let work = (|| -> Result<dom0_memtap::Frozen, String> {
-        q.migrate(&format!("unix:{}", sock_path.display())).map_err(|e| e.to_string())?;
-        q.wait_migration(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        q.migrate(&format!("unix:{}", sock_path.display()))
+            .map_err(|e| e.to_string())?;
+        q.wait_migration(Duration::from_secs(30))
+            .map_err(|e| e.to_string())?;
         tl.mark("device_state_saved");
         let mem = precopy.finish().map_err(|e| chain(&e))?;
         tl.mark("memory_frozen");
@@ -133,24 +139,41 @@ fn freeze(
         // Unblock the reader if QEMU never connected.
         let _ = std::os::unix::net::UnixStream::connect(&sock_for_unblock);
     }
-    let state = reader.join().map_err(|_| "device state reader panicked".to_string())?;
+    let state = reader
+        .join()
+        .map_err(|_| "device state reader panicked".to_string())?;
     let _ = std::fs::remove_file(&sock_for_unblock);
     let mem = work?;
     let state = state?;
     std::fs::write(&state_path, &state).map_err(|e| format!("cannot write device state: {e}"))?;
-    Ok(Frozen { pause_ms, state, mem })
+    Ok(Frozen {
+        pause_ms,
+        state,
+        mem,
+    })
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Runs `sf_clone(ticket)` for `parent`; returns the parent's answer.
-pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: String) -> ApiResponse {
+pub async fn clone(
+    d: Arc<Daemon>,
+    parent: Arc<Vm>,
+    request_id: u64,
+    ticket: String,
+) -> ApiResponse {
     let tl = Timeline(Arc::new(Mutex::new(Vec::new())), Instant::now());
     tl.mark("request_received");
     if parent.clone_id != 0 {
-        return api_error(E::WrongRole, "Nested cloning is not supported: only an original VM (clone ID 0) can clone");
+        return api_error(
+            E::WrongRole,
+            "Nested cloning is not supported: only an original VM (clone ID 0) can clone",
+        );
     }
     let _one_at_a_time = parent.clone_lock.lock().await;
     let (granted, placement) = {
@@ -160,7 +183,10 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
             Err(e) => return e,
         };
         if t.state != TicketState::Granted {
-            return api_error(E::TicketUsed, format!("Ticket {ticket} was already used by sf_clone"));
+            return api_error(
+                E::TicketUsed,
+                format!("Ticket {ticket} was already used by sf_clone"),
+            );
         }
         t.state = TicketState::Cloning;
         (t.granted, t.placement.clone())
@@ -171,7 +197,15 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
     let gen_dir = d.cfg.state_dir.join("gens").join(&gen_name);
     let result = match std::fs::create_dir_all(&gen_dir) {
         Ok(()) => {
-            let job = Job { request_id, ticket: &ticket, granted, placement: &placement, generation, gen_name: &gen_name, gen_dir: &gen_dir };
+            let job = Job {
+                request_id,
+                ticket: &ticket,
+                granted,
+                placement: &placement,
+                generation,
+                gen_name: &gen_name,
+                gen_dir: &gen_dir,
+            };
             do_clone(&d, &parent, &job, &tl).await
         }
         Err(e) => Err(format!("cannot create {}: {e}", gen_dir.display())),
@@ -193,7 +227,10 @@ pub async fn clone(d: Arc<Daemon>, parent: Arc<Vm>, request_id: u64, ticket: Str
             d.bump_tickets();
             tracing::info!(vm = %parent.name, %ticket, pause_ms = report.parent_pause_ms, all_ready_ms = report.all_ready_ms, "clone done");
             d.record_report(report);
-            ApiResponse::Cloned { clone_id: 0, ticket }
+            ApiResponse::Cloned {
+                clone_id: 0,
+                ticket,
+            }
         }
         Err(msg) => {
             d.counters.clone_failures.fetch_add(1, Ordering::Relaxed);
@@ -225,14 +262,31 @@ struct Job<'a> {
 impl Job<'_> {
     /// Host of each clone ID, in order.
     fn hosts(&self, me: &str) -> Vec<String> {
-        let mut v: Vec<String> = self.placement.iter().flat_map(|(h, n)| std::iter::repeat_n(h.clone(), *n as usize)).collect();
+        let mut v: Vec<String> = self
+            .placement
+            .iter()
+            .flat_map(|(h, n)| std::iter::repeat_n(h.clone(), *n as usize))
+            .collect();
         v.resize(self.granted as usize, me.to_string());
         v
     }
 }
 
-async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timeline) -> Result<CloneOutcome, String> {
-    let Job { request_id, ticket, granted, generation, gen_name, gen_dir, .. } = *job;
+async fn do_clone(
+    d: &Arc<Daemon>,
+    parent: &Arc<Vm>,
+    job: &Job<'_>,
+    tl: &Timeline,
+) -> Result<CloneOutcome, String> {
+    let Job {
+        request_id,
+        ticket,
+        granted,
+        generation,
+        gen_name,
+        gen_dir,
+        ..
+    } = *job;
     let hosts = job.hosts(&d.cfg.host);
     let image = snowflock_image::Image::open(&parent.image).map_err(|e| chain(&e))?;
     let slots: Vec<CloneSlot> = (1..=granted)
@@ -244,7 +298,8 @@ async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timelin
         })
         .collect();
     let gen_ram = gen_dir.join("ram");
-    let precopy = dom0_memtap::Precopy::create(&parent.ram_path, &gen_ram).map_err(|e| chain(&e))?;
+    let precopy =
+        dom0_memtap::Precopy::create(&parent.ram_path, &gen_ram).map_err(|e| chain(&e))?;
     {
         // Children exist from now on, so a clone that exits at once is
         // recorded as exited, not overwritten later.
@@ -253,14 +308,25 @@ async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timelin
             t.children = slots
                 .iter()
                 .zip(&hosts)
-                .map(|(s, h)| (s.clone_id, Child { vm: s.vm.clone(), host: h.clone(), state: ChildState::Running }))
+                .map(|(s, h)| {
+                    (
+                        s.clone_id,
+                        Child {
+                            vm: s.vm.clone(),
+                            host: h.clone(),
+                            state: ChildState::Running,
+                        },
+                    )
+                })
                 .collect();
         }
     }
     parent.set_state(VmState::Cloning);
     let frozen = {
         let (q, g, tl2) = (parent.qmp_path(), gen_dir.to_path_buf(), tl.clone());
-        tokio::task::spawn_blocking(move || freeze(&q, precopy, &g, &tl2)).await.map_err(|e| e.to_string())
+        tokio::task::spawn_blocking(move || freeze(&q, precopy, &g, &tl2))
+            .await
+            .map_err(|e| e.to_string())
     };
     parent.set_state(VmState::Running);
     let frozen = frozen.and_then(|f| f)?;
@@ -284,37 +350,66 @@ async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timelin
                 image: parent.image.display().to_string(),
                 cmdline: parent.cmdline.clone(),
             },
-            net: FlockNet { flock: parent.flock, subnet: net::subnet(parent.flock) },
+            net: FlockNet {
+                flock: parent.flock,
+                subnet: net::subnet(parent.flock),
+            },
             clones: slots.clone(),
         },
         device_state: frozen.state,
         holes: frozen.mem.holes.clone(),
     };
     let encoded = desc.encode().map_err(|e| chain(&e))?;
-    std::fs::write(gen_dir.join("descriptor"), &encoded).map_err(|e| format!("cannot write descriptor: {e}"))?;
+    std::fs::write(gen_dir.join("descriptor"), &encoded)
+        .map_err(|e| format!("cannot write descriptor: {e}"))?;
     tl.mark("descriptor_built");
 
     // Clones start from the descriptor alone (plus the generation's memory).
     let desc = Descriptor::decode(&encoded).map_err(|e| chain(&e))?;
     let state_file = gen_dir.join("state");
-    let remote_hosts: Vec<String> = job.placement.iter().skip(1).filter(|(_, n)| *n > 0).map(|(h, _)| h.clone()).collect();
+    let remote_hosts: Vec<String> = job
+        .placement
+        .iter()
+        .skip(1)
+        .filter(|(_, n)| *n > 0)
+        .map(|(h, _)| h.clone())
+        .collect();
     if !remote_hosts.is_empty() {
-        let pages = d.pages.as_ref().ok_or("clones placed on other hosts, but this host has no page server")?;
+        let pages = d
+            .pages
+            .as_ref()
+            .ok_or("clones placed on other hosts, but this host has no page server")?;
         // Published as other hosts' memtap names it: `<origin>.<generation>`.
         let name = shared_generation_name(&d.cfg.host, gen_name);
-        pages.publish(&name, &gen_ram).map_err(|e| format!("cannot publish the generation: {e}"))?;
+        pages
+            .publish(&name, &gen_ram)
+            .map_err(|e| format!("cannot publish the generation: {e}"))?;
         if let Some(t) = d.state.lock().unwrap().tickets.get_mut(ticket) {
             t.published = Some(name);
         }
     }
-    let local: Vec<&CloneSlot> = desc.meta.clones.iter().zip(&hosts).filter(|(_, h)| **h == d.cfg.host).map(|(s, _)| s).collect();
+    let local: Vec<&CloneSlot> = desc
+        .meta
+        .clones
+        .iter()
+        .zip(&hosts)
+        .filter(|(_, h)| **h == d.cfg.host)
+        .map(|(s, _)| s)
+        .collect();
     // Clone QEMUs start only now, once nothing can fail before they are
     // resumed or stopped. Starting them during the precopy (they could map
     // the generation early) was measured slower on a 2-core host: QEMU
     // start-up and the precopy compete for the same CPUs.
-    let src = Source { image: &image, ram: &gen_ram, memory: MemSource::Local, origin: None };
+    let src = Source {
+        image: &image,
+        ram: &gen_ram,
+        memory: MemSource::Local,
+        origin: None,
+    };
     let local_run = async {
-        let spawned = futures::future::join_all(local.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
+        let spawned =
+            futures::future::join_all(local.iter().map(|slot| spawn_clone(d, &desc, &src, slot)))
+                .await;
         tl.mark("clone_vmms_started");
         let starts = spawned.into_iter().zip(&local).map(|(vm, slot)| {
             let (state_file, desc) = (&state_file, &desc);
@@ -326,19 +421,39 @@ async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timelin
             }
         });
         let res = futures::future::join_all(starts).await;
-        local.iter().map(|s| s.clone_id).zip(res).collect::<Vec<_>>()
+        local
+            .iter()
+            .map(|s| s.clone_id)
+            .zip(res)
+            .collect::<Vec<_>>()
     };
     let remote_run = futures::future::join_all(remote_hosts.iter().map(|h| {
-        let ids: Vec<u32> = desc.meta.clones.iter().zip(&hosts).filter(|(_, x)| *x == h).map(|(s, _)| s.clone_id).collect();
+        let ids: Vec<u32> = desc
+            .meta
+            .clones
+            .iter()
+            .zip(&hosts)
+            .filter(|(_, x)| *x == h)
+            .map(|(s, _)| s.clone_id)
+            .collect();
         start_on_host(d, h, &encoded, ids, tl)
     }));
     let (local_out, remote_out) = futures::join!(local_run, remote_run);
-    let mut by_id: std::collections::BTreeMap<u32, Result<(), String>> = local_out.into_iter().collect();
+    let mut by_id: std::collections::BTreeMap<u32, Result<(), String>> =
+        local_out.into_iter().collect();
     for r in remote_out {
         by_id.extend(r);
     }
-    let outcomes: Vec<Result<(), String>> =
-        desc.meta.clones.iter().map(|s| by_id.remove(&s.clone_id).unwrap_or(Err("never started".into()))).collect();
+    let outcomes: Vec<Result<(), String>> = desc
+        .meta
+        .clones
+        .iter()
+        .map(|s| {
+            by_id
+                .remove(&s.clone_id)
+                .unwrap_or(Err("never started".into()))
+        })
+        .collect();
     tl.mark("clones_ready");
 
     // Every local clone QEMU has mapped the generation and loaded the state
@@ -355,7 +470,10 @@ async fn do_clone(d: &Arc<Daemon>, parent: &Arc<Vm>, job: &Job<'_>, tl: &Timelin
         for (slot, outcome) in desc.meta.clones.iter().zip(outcomes) {
             if let Err(reason) = outcome {
                 tracing::warn!(clone = %slot.vm, %reason, "clone lost while starting");
-                let c = st.tickets.get_mut(ticket).and_then(|t| t.children.get_mut(&slot.clone_id));
+                let c = st
+                    .tickets
+                    .get_mut(ticket)
+                    .and_then(|t| t.children.get_mut(&slot.clone_id));
                 if let Some(c) = c {
                     c.state = ChildState::Lost { reason };
                 }
@@ -387,8 +505,17 @@ async fn start_on_host(
     ids: Vec<u32>,
     tl: &Timeline,
 ) -> Vec<(u32, Result<(), String>)> {
-    let page_server = d.cfg.cluster.as_ref().map(|c| c.page_server.to_string()).unwrap_or_default();
-    let req = AdminRequest::PeerStartClones { descriptor: encoded.to_vec(), clone_ids: ids.clone(), page_server };
+    let page_server = d
+        .cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.page_server.to_string())
+        .unwrap_or_default();
+    let req = AdminRequest::PeerStartClones {
+        descriptor: encoded.to_vec(),
+        clone_ids: ids.clone(),
+        page_server,
+    };
     let timeout = Duration::from_secs(d.cfg.clone_timeout_s + 60);
     let res = crate::peer::call(d, host, &req, timeout).await;
     tl.mark(format!("{host}_answered"));
@@ -405,8 +532,14 @@ async fn start_on_host(
                 (*id, out)
             })
             .collect(),
-        Ok(AdminResponse::Error { message, .. }) => ids.iter().map(|id| (*id, Err(format!("{host} refused: {message}")))).collect(),
-        Ok(other) => ids.iter().map(|id| (*id, Err(format!("{host} answered {other:?}")))).collect(),
+        Ok(AdminResponse::Error { message, .. }) => ids
+            .iter()
+            .map(|id| (*id, Err(format!("{host} refused: {message}"))))
+            .collect(),
+        Ok(other) => ids
+            .iter()
+            .map(|id| (*id, Err(format!("{host} answered {other:?}"))))
+            .collect(),
         Err(e) => {
             let msg = chain(&e);
             ids.iter().map(|id| (*id, Err(msg.clone()))).collect()
@@ -423,7 +556,12 @@ struct Source<'a> {
 }
 
 /// Starts a clone's QEMU, paused and waiting for its device state.
-async fn spawn_clone(d: &Arc<Daemon>, desc: &Descriptor, src: &Source<'_>, slot: &CloneSlot) -> Result<Arc<Vm>, String> {
+async fn spawn_clone(
+    d: &Arc<Daemon>,
+    desc: &Descriptor,
+    src: &Source<'_>,
+    slot: &CloneSlot,
+) -> Result<Arc<Vm>, String> {
     let m = &desc.meta;
     d.create_vm(NewVm {
         name: slot.vm.clone(),
@@ -454,7 +592,9 @@ fn remote_generation_name(meta: &Meta) -> Result<String, String> {
         .split_once(':')
         .map(|(_, g)| g)
         .ok_or_else(|| format!("malformed memory source {:?}", meta.memory.source))?;
-    let ok = |s: &str| !s.is_empty() && s.len() <= 60 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let ok = |s: &str| {
+        !s.is_empty() && s.len() <= 60 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
     if !ok(&meta.origin_host) || !ok(gen) {
         return Err(format!("malformed memory source {:?}", meta.memory.source));
     }
@@ -470,18 +610,34 @@ pub fn shared_generation_name(origin: &str, generation: &str) -> String {
 /// On a clone host: starts clones `ids` of an encoded descriptor from
 /// another host, their memory served on demand by memtap from the origin's
 /// page server. Answers once every clone is ready or failed.
-pub async fn start_remote(d: &Arc<Daemon>, encoded: &[u8], ids: &[u32], page_server: &str) -> AdminResponse {
-    let refuse = |m: String| AdminResponse::Error { code: snowflock_proto::admin::AdminErrorCode::BadRequest, message: m };
+pub async fn start_remote(
+    d: &Arc<Daemon>,
+    encoded: &[u8],
+    ids: &[u32],
+    page_server: &str,
+) -> AdminResponse {
+    let refuse = |m: String| AdminResponse::Error {
+        code: snowflock_proto::admin::AdminErrorCode::BadRequest,
+        message: m,
+    };
     let desc = match Descriptor::decode(encoded) {
         Ok(d) => d,
         Err(e) => return refuse(format!("bad descriptor: {}", chain(&e))),
     };
-    let Some(memtap) = d.memtap.as_ref() else { return refuse("this host has no memtap (not in a cluster)".into()) };
+    let Some(memtap) = d.memtap.as_ref() else {
+        return refuse("this host has no memtap (not in a cluster)".into());
+    };
     let origin_addr: std::net::SocketAddr = match page_server.parse() {
         Ok(a) => a,
         Err(_) => return refuse(format!("bad page server address {page_server:?}")),
     };
-    let slots: Vec<CloneSlot> = desc.meta.clones.iter().filter(|s| ids.contains(&s.clone_id)).cloned().collect();
+    let slots: Vec<CloneSlot> = desc
+        .meta
+        .clones
+        .iter()
+        .filter(|s| ids.contains(&s.clone_id))
+        .cloned()
+        .collect();
     if slots.len() != ids.len() || ids.is_empty() {
         return refuse("clone IDs do not match the descriptor".into());
     }
@@ -491,7 +647,12 @@ pub async fn start_remote(d: &Arc<Daemon>, encoded: &[u8], ids: &[u32], page_ser
     };
     let image = match snowflock_image::Image::open(Path::new(&desc.meta.machine.image)) {
         Ok(i) => i,
-        Err(e) => return refuse(format!("the parent's image is not usable on this host: {}", chain(&e))),
+        Err(e) => {
+            return refuse(format!(
+                "the parent's image is not usable on this host: {}",
+                chain(&e)
+            ))
+        }
     };
     {
         let mut st = d.state.lock().unwrap();
@@ -500,7 +661,11 @@ pub async fn start_remote(d: &Arc<Daemon>, encoded: &[u8], ids: &[u32], page_ser
         if free < ids.len() as u32 {
             return AdminResponse::Error {
                 code: snowflock_proto::admin::AdminErrorCode::Unavailable,
-                message: format!("{} has {free} free VM slots, {} asked", d.cfg.host, ids.len()),
+                message: format!(
+                    "{} has {free} free VM slots, {} asked",
+                    d.cfg.host,
+                    ids.len()
+                ),
             };
         }
     }
@@ -532,22 +697,34 @@ pub async fn start_remote(d: &Arc<Daemon>, encoded: &[u8], ids: &[u32], page_ser
         }
     }
     let ram = ram.expect("at least one slot");
-    let dir = d.cfg.state_dir.join("gens").join(format!("{gen_name}-{}", random_hex(4)));
+    let dir = d
+        .cfg
+        .state_dir
+        .join("gens")
+        .join(format!("{gen_name}-{}", random_hex(4)));
     let state_file = dir.join("state");
-    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&state_file, &desc.device_state)) {
+    if let Err(e) =
+        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&state_file, &desc.device_state))
+    {
         for _ in &slots {
             memtap.release_generation(&gen_name);
         }
         let _ = std::fs::remove_dir_all(&dir);
-        return AdminResponse::Error { code: snowflock_proto::admin::AdminErrorCode::Failed, message: format!("cannot write device state: {e}") };
+        return AdminResponse::Error {
+            code: snowflock_proto::admin::AdminErrorCode::Failed,
+            message: format!("cannot write device state: {e}"),
+        };
     }
     let src = Source {
         image: &image,
         ram: &ram,
-        memory: MemSource::Remote { generation: gen_name.clone() },
+        memory: MemSource::Remote {
+            generation: gen_name.clone(),
+        },
         origin: Some(desc.meta.origin_host.clone()),
     };
-    let spawned = futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
+    let spawned =
+        futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
     let starts = spawned.into_iter().zip(&slots).map(|(vm, slot)| {
         let (state_file, desc, tl, gen_name) = (&state_file, &desc, &tl, &gen_name);
         async move {
@@ -568,9 +745,15 @@ pub async fn start_remote(d: &Arc<Daemon>, encoded: &[u8], ids: &[u32], page_ser
         .zip(res)
         .map(|(s, r)| {
             if r.is_ok() {
-                d.counters.remote_clones_started.fetch_add(1, Ordering::Relaxed);
+                d.counters
+                    .remote_clones_started
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            CloneStart { clone_id: s.clone_id, vm: s.vm.clone(), error: r.err() }
+            CloneStart {
+                clone_id: s.clone_id,
+                vm: s.vm.clone(),
+                error: r.err(),
+            }
         })
         .collect();
     tracing::info!(origin = %desc.meta.origin_host, ticket = %desc.meta.ticket, ?ids, "clones from another host started");
@@ -579,17 +762,28 @@ pub async fn start_remote(d: &Arc<Daemon>, encoded: &[u8], ids: &[u32], page_ser
 
 /// Stops clones whose memory origin is gone, with the reason, so that a
 /// clone waiting for a page never waits forever. Runs on its own thread.
-pub fn watch_memtap(d: Arc<Daemon>, rx: std::sync::mpsc::Receiver<dom0_memtap::MemtapEvent>, rt: tokio::runtime::Handle) {
+pub fn watch_memtap(
+    d: Arc<Daemon>,
+    rx: std::sync::mpsc::Receiver<dom0_memtap::MemtapEvent>,
+    rt: tokio::runtime::Handle,
+) {
     while let Ok(ev) = rx.recv() {
-        let dom0_memtap::MemtapEvent::OriginLost { generation, origin, reason } = ev;
-        let why = format!("its memory origin {origin} stopped serving generation {generation}: {reason}");
+        let dom0_memtap::MemtapEvent::OriginLost {
+            generation,
+            origin,
+            reason,
+        } = ev;
+        let why =
+            format!("its memory origin {origin} stopped serving generation {generation}: {reason}");
         let victims: Vec<Arc<Vm>> = d
             .state
             .lock()
             .unwrap()
             .vms
             .values()
-            .filter(|v| matches!(&v.memory, MemSource::Remote { generation: g } if *g == generation))
+            .filter(
+                |v| matches!(&v.memory, MemSource::Remote { generation: g } if *g == generation),
+            )
             .cloned()
             .collect();
         tracing::warn!(%generation, %origin, %reason, clones = victims.len(), "memory origin lost; stopping its clones");
@@ -627,8 +821,10 @@ async fn resume_clone(
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let mut q = Qmp::connect(&q, Duration::from_secs(30)).map_err(|e| chain(&e))?;
             q.ignore_shared_ram().map_err(|e| e.to_string())?;
-            q.migrate_incoming(&format!("exec:cat '{}'", s.display())).map_err(|e| e.to_string())?;
-            q.wait_incoming(Duration::from_secs(60)).map_err(|e| e.to_string())?;
+            q.migrate_incoming(&format!("exec:cat '{}'", s.display()))
+                .map_err(|e| e.to_string())?;
+            q.wait_incoming(Duration::from_secs(60))
+                .map_err(|e| e.to_string())?;
             q.cont().map_err(|e| e.to_string())
         })
         .await
@@ -654,7 +850,10 @@ async fn resume_clone(
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(msg))) => Err(msg),
             Ok(Err(_)) => Err("clone VM went away before it was ready".to_string()),
-            Err(_) => Err(format!("clone did not report ready within {} s", d.cfg.clone_timeout_s)),
+            Err(_) => Err(format!(
+                "clone did not report ready within {} s",
+                d.cfg.clone_timeout_s
+            )),
         }
     }
     .await;

@@ -117,9 +117,17 @@ pub struct HostFile {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("Cannot read {path}")]
-    Read { path: String, #[source] err: std::io::Error },
+    Read {
+        path: String,
+        #[source]
+        err: std::io::Error,
+    },
     #[error("Malformed {path}")]
-    Parse { path: String, #[source] err: toml::de::Error },
+    Parse {
+        path: String,
+        #[source]
+        err: toml::de::Error,
+    },
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
 }
@@ -127,27 +135,39 @@ pub enum ConfigError {
 fn valid_host_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 32
-        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && n.as_bytes()[0].is_ascii_lowercase()
 }
 
 impl HostFile {
     pub fn parse(text: &str, path: &str) -> Result<HostFile, ConfigError> {
-        toml::from_str(text).map_err(|err| ConfigError::Parse { path: path.into(), err })
+        toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.into(),
+            err,
+        })
     }
 
     pub fn load(path: &Path) -> Result<HostFile, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: p.clone(), err })?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: p.clone(),
+            err,
+        })?;
         Self::parse(&text, &p)
     }
 
     /// Applies the file over `cfg`, checking what only makes sense together.
     pub fn apply(self, cfg: &mut Config, path: &str) -> Result<(), ConfigError> {
-        let bad = |msg: String| ConfigError::Invalid { path: path.into(), msg };
+        let bad = |msg: String| ConfigError::Invalid {
+            path: path.into(),
+            msg,
+        };
         if let Some(h) = self.host {
             if !valid_host_name(&h) {
-                return Err(bad(format!("host {h:?}: use 1-32 of a-z, 0-9 and '-', starting with a letter")));
+                return Err(bad(format!(
+                    "host {h:?}: use 1-32 of a-z, 0-9 and '-', starting with a letter"
+                )));
             }
             cfg.host = h;
         }
@@ -180,10 +200,16 @@ impl HostFile {
         if !clusterish {
             return Ok(());
         }
-        let listen = self.listen.ok_or_else(|| bad("`listen` is required with peers or key_file".into()))?;
-        let key_file = self.key_file.ok_or_else(|| bad("`key_file` is required with listen or peers".into()))?;
+        let listen = self
+            .listen
+            .ok_or_else(|| bad("`listen` is required with peers or key_file".into()))?;
+        let key_file = self
+            .key_file
+            .ok_or_else(|| bad("`key_file` is required with listen or peers".into()))?;
         if listen.ip().is_unspecified() {
-            return Err(bad("`listen` must be this host's address on the cluster network, not 0.0.0.0".into()));
+            return Err(bad(
+                "`listen` must be this host's address on the cluster network, not 0.0.0.0".into(),
+            ));
         }
         let page_server = self
             .page_server
@@ -192,10 +218,16 @@ impl HostFile {
         seen.insert(cfg.host.clone());
         for p in &self.peers {
             if !valid_host_name(&p.name) {
-                return Err(bad(format!("peer name {:?} is not a valid host name", p.name)));
+                return Err(bad(format!(
+                    "peer name {:?} is not a valid host name",
+                    p.name
+                )));
             }
             if !seen.insert(p.name.clone()) {
-                return Err(bad(format!("host {:?} appears twice (peers must not include this host)", p.name)));
+                return Err(bad(format!(
+                    "host {:?} appears twice (peers must not include this host)",
+                    p.name
+                )));
             }
         }
         if self.peers.len() > 63 {
@@ -203,11 +235,15 @@ impl HostFile {
         }
         let fetch_ms = self.fetch_timeout_ms.unwrap_or(10_000);
         if !(100..=600_000).contains(&fetch_ms) {
-            return Err(bad(format!("fetch_timeout_ms must be 100 to 600000, got {fetch_ms}")));
+            return Err(bad(format!(
+                "fetch_timeout_ms must be 100 to 600000, got {fetch_ms}"
+            )));
         }
         let prefetch = self.prefetch_pages.unwrap_or(0);
         if prefetch > 255 {
-            return Err(bad(format!("prefetch_pages must be 0 to 255, got {prefetch}")));
+            return Err(bad(format!(
+                "prefetch_pages must be 0 to 255, got {prefetch}"
+            )));
         }
         cfg.cluster = Some(Cluster {
             listen,
@@ -222,7 +258,10 @@ impl HostFile {
 }
 
 fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A short link-name prefix unique to a state directory: `s` and 4 hex
@@ -286,7 +325,10 @@ addr = "10.249.0.3:7170"
     #[test]
     fn full_file() {
         let mut cfg = Config::default();
-        HostFile::parse(FULL, "t").unwrap().apply(&mut cfg, "t").unwrap();
+        HostFile::parse(FULL, "t")
+            .unwrap()
+            .apply(&mut cfg, "t")
+            .unwrap();
         assert_eq!(cfg.host, "h1");
         assert_eq!(cfg.max_vms, 8);
         assert_eq!(cfg.quota_per_ticket, 4);
@@ -296,13 +338,19 @@ addr = "10.249.0.3:7170"
         assert_eq!(c.fetch_timeout, Duration::from_secs(2));
         assert_eq!(c.prefetch_pages, 3);
         assert_eq!(c.slot("h1"), (1, 3));
-        assert_eq!(c.peer("h2").unwrap().addr, "10.249.0.3:7170".parse().unwrap());
+        assert_eq!(
+            c.peer("h2").unwrap().addr,
+            "10.249.0.3:7170".parse().unwrap()
+        );
     }
 
     #[test]
     fn standalone_file_has_no_cluster() {
         let mut cfg = Config::default();
-        HostFile::parse("host = \"solo\"\nmax_vms = 3\n", "t").unwrap().apply(&mut cfg, "t").unwrap();
+        HostFile::parse("host = \"solo\"\nmax_vms = 3\n", "t")
+            .unwrap()
+            .apply(&mut cfg, "t")
+            .unwrap();
         assert!(cfg.cluster.is_none());
         assert_eq!(cfg.max_vms, 3);
     }
@@ -323,7 +371,9 @@ addr = "10.249.0.3:7170"
         ];
         for (text, want) in cases {
             let mut cfg = Config::default();
-            let e = HostFile::parse(text, "t").and_then(|f| f.apply(&mut cfg, "t")).unwrap_err();
+            let e = HostFile::parse(text, "t")
+                .and_then(|f| f.apply(&mut cfg, "t"))
+                .unwrap_err();
             let msg = crate::admin::chain(&e);
             assert!(msg.contains(want), "{text:?}: {msg}");
         }

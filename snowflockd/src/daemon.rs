@@ -41,7 +41,11 @@ pub enum DaemonError {
     Qmp(#[from] crate::qmp::QmpError),
     /// An I/O error on the daemon's files.
     #[error("{what}")]
-    Io { what: String, #[source] err: std::io::Error },
+    Io {
+        what: String,
+        #[source]
+        err: std::io::Error,
+    },
     /// The VM did not get ready in time or died while starting.
     #[error("{0}")]
     Failed(String),
@@ -219,22 +223,36 @@ impl Ticket {
     pub fn statuses(&self) -> Vec<ChildStatus> {
         self.children
             .iter()
-            .map(|(id, c)| ChildStatus { clone_id: *id, vm: c.vm.clone(), state: c.state.clone() })
+            .map(|(id, c)| ChildStatus {
+                clone_id: *id,
+                vm: c.vm.clone(),
+                state: c.state.clone(),
+            })
             .collect()
     }
     /// Slots placed on the host that granted the ticket.
     pub fn local_slots(&self) -> u32 {
-        self.placement.first().map(|(_, n)| *n).unwrap_or(self.granted)
+        self.placement
+            .first()
+            .map(|(_, n)| *n)
+            .unwrap_or(self.granted)
     }
     /// Hosts other than the origin with children of this ticket.
     pub fn remote_hosts(&self, me: &str) -> Vec<String> {
-        let mut h: Vec<String> = self.children.values().filter(|c| c.host != me).map(|c| c.host.clone()).collect();
+        let mut h: Vec<String> = self
+            .children
+            .values()
+            .filter(|c| c.host != me)
+            .map(|c| c.host.clone())
+            .collect();
         h.sort();
         h.dedup();
         h
     }
     pub fn all_done(&self) -> bool {
-        self.children.values().all(|c| c.state != ChildState::Running)
+        self.children
+            .values()
+            .all(|c| c.state != ChildState::Running)
     }
     /// Capacity this ticket holds: granted slots until it has clones, then
     /// its running clones (their VMs count themselves).
@@ -311,7 +329,10 @@ pub fn random_hex(bytes: usize) -> String {
 }
 
 pub fn api_error(code: ApiErrorCode, message: impl Into<String>) -> ApiResponse {
-    ApiResponse::Error { code, message: message.into() }
+    ApiResponse::Error {
+        code,
+        message: message.into(),
+    }
 }
 
 /// What a new VM is made from.
@@ -340,7 +361,9 @@ impl Daemon {
     }
 
     pub fn with_cluster(cfg: Config, parts: ClusterParts) -> Arc<Daemon> {
-        let names = NetNames { prefix: cfg.net_prefix.clone() };
+        let names = NetNames {
+            prefix: cfg.net_prefix.clone(),
+        };
         Arc::new(Daemon {
             counters: Counters::default(),
             cfg,
@@ -348,7 +371,10 @@ impl Daemon {
             // Exec ids live on in the guest agent across a clone: a clone
             // on another host must not meet its parent's ids again, so each
             // daemon counts from a random start.
-            state: Mutex::new(State { next_exec: rand::random::<u64>() >> 20, ..Default::default() }),
+            state: Mutex::new(State {
+                next_exec: rand::random::<u64>() >> 20,
+                ..Default::default()
+            }),
             started: Instant::now(),
             tickets_changed: watch::channel(0).0,
             shutdown: watch::channel(false).0,
@@ -375,7 +401,10 @@ impl Daemon {
             ("remote_clones_started", get(&c.remote_clones_started)),
             ("peer_auth_failures", get(&c.peer_auth_failures)),
             ("origin_lost_kills", get(&c.origin_lost_kills)),
-            ("malformed_guest_lines", get(&crate::agent_link::MALFORMED_LINES)),
+            (
+                "malformed_guest_lines",
+                get(&crate::agent_link::MALFORMED_LINES),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -383,7 +412,13 @@ impl Daemon {
     }
 
     pub fn vm(&self, name: &str) -> Result<Arc<Vm>> {
-        self.state.lock().unwrap().vms.get(name).cloned().ok_or_else(|| DaemonError::NoSuchVm(name.into()))
+        self.state
+            .lock()
+            .unwrap()
+            .vms
+            .get(name)
+            .cloned()
+            .ok_or_else(|| DaemonError::NoSuchVm(name.into()))
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
@@ -434,12 +469,22 @@ impl Daemon {
 
     /// Picks a free flock number from this host's slice of the cluster's.
     pub fn alloc_flock(&self, st: &mut State) -> Result<u32> {
-        let (i, n) = self.cfg.cluster.as_ref().map(|c| c.slot(&self.cfg.host)).unwrap_or((0, 1));
+        let (i, n) = self
+            .cfg
+            .cluster
+            .as_ref()
+            .map(|c| c.slot(&self.cfg.host))
+            .unwrap_or((0, 1));
         let in_use = |f: &u32| st.flocks.contains(f) || st.vms.values().any(|v| v.flock == *f);
         let f = (0..net::MAX_FLOCKS)
             .filter(|f| f % n == i)
             .find(|f| !in_use(f))
-            .ok_or_else(|| DaemonError::NoCapacity(format!("All {} flock networks of this host are in use", net::MAX_FLOCKS / n)))?;
+            .ok_or_else(|| {
+                DaemonError::NoCapacity(format!(
+                    "All {} flock networks of this host are in use",
+                    net::MAX_FLOCKS / n
+                ))
+            })?;
         st.flocks.insert(f);
         Ok(f)
     }
@@ -465,8 +510,10 @@ impl Daemon {
     async fn create_vm_inner(self: &Arc<Self>, new: NewVm, index: u64) -> Result<Arc<Vm>> {
         let dir = self.cfg.state_dir.join("vms").join(&new.name);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|err| DaemonError::Io { what: format!("Cannot create {}", dir.display()), err })?;
+        std::fs::create_dir_all(&dir).map_err(|err| DaemonError::Io {
+            what: format!("Cannot create {}", dir.display()),
+            err,
+        })?;
         let (ram_path, share) = match &new.generation_ram {
             Some(g) => (g.clone(), false),
             None => (dir.join("ram"), true),
@@ -523,7 +570,11 @@ impl Daemon {
             tap,
             ram_path,
             pid: Mutex::new(None),
-            state: Mutex::new(if new.generation_ram.is_some() { VmState::Resuming } else { VmState::Booting }),
+            state: Mutex::new(if new.generation_ram.is_some() {
+                VmState::Resuming
+            } else {
+                VmState::Booting
+            }),
             agent_tx,
             agent_up: watch::channel(false).0,
             agent_instance: AtomicU64::new(0),
@@ -540,13 +591,20 @@ impl Daemon {
             exit_state: Mutex::new(None),
             lost_reason: Mutex::new(None),
         });
-        self.state.lock().unwrap().vms.insert(vm.name.clone(), vm.clone());
+        self.state
+            .lock()
+            .unwrap()
+            .vms
+            .insert(vm.name.clone(), vm.clone());
         let child = match spec.spawn() {
             Ok(c) => c,
             Err(err) => {
                 self.state.lock().unwrap().vms.remove(&vm.name);
                 self.release_vm_resources(&vm);
-                return Err(DaemonError::Io { what: format!("Cannot start {}", self.cfg.qemu.display()), err });
+                return Err(DaemonError::Io {
+                    what: format!("Cannot start {}", self.cfg.qemu.display()),
+                    err,
+                });
             }
         };
         *vm.pid.lock().unwrap() = child.id();
@@ -565,7 +623,9 @@ impl Daemon {
         // A clone whose origin stopped serving pages dies of SIGBUS on the
         // failed read, possibly before the memtap event has named the cause.
         if let (MemSource::Remote { generation }, Some(m)) = (&vm.memory, &self.memtap) {
-            let failed = m.generation_stats(generation).is_some_and(|s| s.fetch_errors > 0);
+            let failed = m
+                .generation_stats(generation)
+                .is_some_and(|s| s.fetch_errors > 0);
             let mut r = vm.lost_reason.lock().unwrap();
             if failed && r.is_none() && !vm.stopping.load(Ordering::SeqCst) {
                 *r = Some(format!(
@@ -593,24 +653,36 @@ impl Daemon {
             self.counters.vms_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(vm = %vm.name, %reason, qemu_log = %log_tail, "VM lost");
             let mut l = self.losses.lock().unwrap();
-            l.push_back(snowflock_proto::admin::Loss { vm: vm.name.clone(), reason: reason.clone() });
+            l.push_back(snowflock_proto::admin::Loss {
+                vm: vm.name.clone(),
+                reason: reason.clone(),
+            });
             if l.len() > 32 {
                 l.pop_front();
             }
         }
         *vm.console_tail.lock().unwrap() = console_tail(&vm);
-        let ended = if requested { Ended::Stopped } else { Ended::Lost(reason.clone()) };
+        let ended = if requested {
+            Ended::Stopped
+        } else {
+            Ended::Lost(reason.clone())
+        };
         // What the parent's sf_join will say about this child.
         let child_state = match vm.exit_state.lock().unwrap().clone() {
             Some(s) => s,
             None if requested => ChildState::Killed,
-            None => ChildState::Lost { reason: reason.clone() },
+            None => ChildState::Lost {
+                reason: reason.clone(),
+            },
         };
         *vm.pid.lock().unwrap() = None;
         vm.set_state(VmState::Stopping);
         // Fail whatever waited on this VM.
         for (_, tx) in vm.execs.lock().unwrap().drain() {
-            deliver(tx, ExecEvent::Error(format!("VM {} ended: {reason}", vm.name)));
+            deliver(
+                tx,
+                ExecEvent::Error(format!("VM {} ended: {reason}", vm.name)),
+            );
         }
         if let Some(tx) = vm.ready.lock().unwrap().take() {
             let _ = tx.send(Err(format!("clone VM ended before it was ready: {reason}")));
@@ -630,7 +702,13 @@ impl Daemon {
             }
         }
         if let (Some(origin), Some(ticket)) = (&vm.origin, &vm.ticket) {
-            crate::peer::notify_child_ended(self.clone(), origin.clone(), ticket.clone(), vm.clone_id, child_state);
+            crate::peer::notify_child_ended(
+                self.clone(),
+                origin.clone(),
+                ticket.clone(),
+                vm.clone_id,
+                child_state,
+            );
         }
         if let (MemSource::Remote { generation }, Some(m)) = (&vm.memory, &self.memtap) {
             m.release_generation(generation);
@@ -684,7 +762,11 @@ impl Daemon {
                     t.state = TicketState::Discarded(why);
                 }
             }
-            st.vms.values().filter(|v| v.parent == parent && v.clone_id != 0).cloned().collect()
+            st.vms
+                .values()
+                .filter(|v| v.parent == parent && v.clone_id != 0)
+                .cloned()
+                .collect()
         };
         futures::future::join_all(kids.iter().map(|k| self.stop_one(k))).await;
         self.stop_remote(remote, why).await;
@@ -720,12 +802,14 @@ impl Daemon {
         // Set first: a clone in progress checks it before resuming children.
         vm.stopping.store(true, Ordering::SeqCst);
         if vm.clone_id == 0 {
-            self.stop_children(&vm.name, "its parent VM was stopped").await;
+            self.stop_children(&vm.name, "its parent VM was stopped")
+                .await;
         }
         self.stop_one(vm).await;
         if vm.clone_id == 0 {
             // Children a clone in progress spawned meanwhile.
-            self.stop_children(&vm.name, "its parent VM was stopped").await;
+            self.stop_children(&vm.name, "its parent VM was stopped")
+                .await;
             self.cleanup_generations(&vm.name);
         }
     }
@@ -744,11 +828,17 @@ impl Daemon {
         })
         .await;
         let mut first = vm.ended.subscribe();
-        let timed_out = tokio::time::timeout(Duration::from_secs(3), first.wait_for(|e| e.is_some())).await.is_err();
+        let timed_out =
+            tokio::time::timeout(Duration::from_secs(3), first.wait_for(|e| e.is_some()))
+                .await
+                .is_err();
         if timed_out {
             if let Some(pid) = *vm.pid.lock().unwrap() {
                 tracing::warn!(vm = %vm.name, pid, "QEMU ignored quit; killing");
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::SIGKILL,
+                );
             }
             let _ = ended.wait_for(|e| e.is_some()).await;
         }
@@ -812,7 +902,6 @@ impl Daemon {
     }
 }
 
-
 /// Console bytes kept in memory per VM: the guest decides how much it
 /// prints, and the log lives on a tmpfs.
 pub const CONSOLE_KEEP: u64 = 1 << 20;
@@ -831,7 +920,9 @@ async fn bound_console(vm: Arc<Vm>) {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = wait_until(&mut ended, |e| e.is_some()) => return,
         }
-        let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else { continue };
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            continue;
+        };
         let Ok(m) = f.metadata() else { continue };
         if m.blocks() * 512 <= 4 * CONSOLE_KEEP {
             continue;
@@ -857,7 +948,9 @@ async fn bound_console(vm: Arc<Vm>) {
 /// log's size).
 pub fn read_tail(path: &std::path::Path, max: u64) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if len > max {
         let _ = f.seek(SeekFrom::Start(len - max));
@@ -875,7 +968,11 @@ pub fn console_tail(vm: &Vm) -> String {
     let log = read_tail(&vm::console_path(&vm.dir), 16 * 1024);
     let text = String::from_utf8_lossy(&log);
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(8)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
+    lines[lines.len().saturating_sub(8)..]
+        .iter()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Waits until `f` holds for the watched value, without holding the value's

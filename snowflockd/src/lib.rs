@@ -19,7 +19,6 @@ pub mod peer;
 pub mod qmp;
 pub mod vm;
 
-
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -34,14 +33,20 @@ pub enum StartError {
     Cluster(String),
     /// The socket or state directory cannot be set up.
     #[error("Cannot set up {what}")]
-    Setup { what: String, #[source] err: std::io::Error },
+    Setup {
+        what: String,
+        #[source]
+        err: std::io::Error,
+    },
 }
 
 fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
     use std::os::fd::AsRawFd;
     let path = dir.join(".lock");
-    let f = std::fs::File::create(&path)
-        .map_err(|err| StartError::Setup { what: path.display().to_string(), err })?;
+    let f = std::fs::File::create(&path).map_err(|err| StartError::Setup {
+        what: path.display().to_string(),
+        err,
+    })?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(StartError::StateInUse(dir.display().to_string()));
@@ -54,14 +59,25 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
 async fn cluster_parts(
     cfg: &config::Config,
 ) -> Result<(daemon::ClusterParts, Option<tokio::net::TcpListener>), StartError> {
-    let Some(c) = &cfg.cluster else { return Ok((daemon::ClusterParts::default(), None)) };
-    let key = snowflock_proto::auth::ClusterKey::load(&c.key_file).map_err(|e| StartError::Cluster(admin::chain(&e)))?;
+    let Some(c) = &cfg.cluster else {
+        return Ok((daemon::ClusterParts::default(), None));
+    };
+    let key = snowflock_proto::auth::ClusterKey::load(&c.key_file)
+        .map_err(|e| StartError::Cluster(admin::chain(&e)))?;
     let key = std::sync::Arc::new(key);
     let control = tokio::net::TcpListener::bind(c.listen)
         .await
-        .map_err(|err| StartError::Setup { what: format!("control listener on {}", c.listen), err })?;
-    let pages = dom0_memtap::server::PageServer::start(c.page_server, key.clone())
-        .map_err(|err| StartError::Setup { what: format!("page server on {}", c.page_server), err })?;
+        .map_err(|err| StartError::Setup {
+            what: format!("control listener on {}", c.listen),
+            err,
+        })?;
+    let pages =
+        dom0_memtap::server::PageServer::start(c.page_server, key.clone()).map_err(|err| {
+            StartError::Setup {
+                what: format!("page server on {}", c.page_server),
+                err,
+            }
+        })?;
     let memtap = dom0_memtap::Memtap::mount(dom0_memtap::MemtapConfig {
         mount: cfg.state_dir.join("memtap"),
         cache_dir: cfg.state_dir.join("memcache"),
@@ -71,7 +87,14 @@ async fn cluster_parts(
     })
     .map_err(|e| StartError::Cluster(format!("cannot mount memtap: {}", admin::chain(&e))))?;
     tracing::info!(listen = %c.listen, page_server = %c.page_server, peers = c.peers.len(), "cluster host");
-    Ok((daemon::ClusterParts { key: Some(key), memtap: Some(memtap), pages: Some(pages) }, Some(control)))
+    Ok((
+        daemon::ClusterParts {
+            key: Some(key),
+            memtap: Some(memtap),
+            pages: Some(pages),
+        },
+        Some(control),
+    ))
 }
 
 /// Runs the daemon until `Shutdown` or SIGTERM/SIGINT; stops every VM before
@@ -85,15 +108,18 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
         std::fs::create_dir_all(dir).map_err(setup(dir.display().to_string()))?;
     }
     let _ = std::fs::remove_file(&cfg.socket);
-    std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(setup(cfg.state_dir.display().to_string()))?;
+    std::fs::create_dir_all(cfg.state_dir.join("vms"))
+        .map_err(setup(cfg.state_dir.display().to_string()))?;
     // One daemon per state directory: a second one would delete the first's
     // live VMs as "leftovers". The lock lives as long as `_lock`.
     let _lock = lock_state_dir(&cfg.state_dir)?;
     // Leftovers of a crashed daemon: its QEMUs died with it (PDEATHSIG).
     let _ = std::fs::remove_dir_all(cfg.state_dir.join("gens"));
     let _ = std::fs::remove_dir_all(cfg.state_dir.join("vms"));
-    std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(setup(cfg.state_dir.display().to_string()))?;
-    let listener = tokio::net::UnixListener::bind(&cfg.socket).map_err(setup(cfg.socket.display().to_string()))?;
+    std::fs::create_dir_all(cfg.state_dir.join("vms"))
+        .map_err(setup(cfg.state_dir.display().to_string()))?;
+    let listener = tokio::net::UnixListener::bind(&cfg.socket)
+        .map_err(setup(cfg.socket.display().to_string()))?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600));
     let _ = std::fs::remove_dir_all(cfg.state_dir.join("memcache"));
@@ -105,9 +131,16 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     }
     tracing::info!(host = %d.cfg.host, socket = %d.cfg.socket.display(), state = %d.cfg.state_dir.display(), "snowflockd started");
     let server = tokio::spawn(admin::serve(d.clone(), listener));
-    let control = control.map(|l| tokio::spawn(peer::serve(d.clone(), l, d.key.clone().expect("cluster key"))));
+    let control = control.map(|l| {
+        tokio::spawn(peer::serve(
+            d.clone(),
+            l,
+            d.key.clone().expect("cluster key"),
+        ))
+    });
     if let Some(m) = &d.memtap {
-        { let rx = m.events();
+        {
+            let rx = m.events();
             let d2 = d.clone();
             let handle = tokio::runtime::Handle::current();
             std::thread::Builder::new()

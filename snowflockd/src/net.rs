@@ -32,7 +32,11 @@ pub enum NetError {
     Spawn(#[source] std::io::Error),
     /// A network ioctl failed.
     #[error("Cannot {what}")]
-    Ioctl { what: String, #[source] err: std::io::Error },
+    Ioctl {
+        what: String,
+        #[source]
+        err: std::io::Error,
+    },
 }
 
 /// Raw network ioctls (tun, bridge, interface flags).
@@ -78,7 +82,10 @@ mod sys {
     /// Creates tap `name` (`IFF_TAP | IFF_NO_PI`, as `ip tuntap add mode
     /// tap` does) and makes it persistent, so QEMU can attach by name.
     pub fn create_persistent_tap(name: &str) -> io::Result<()> {
-        let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
         let tun = OwnedFd::from(tun);
         let mut r = ifreq(name)?;
         r.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
@@ -92,7 +99,8 @@ mod sys {
 
     /// Adds interface `port` to bridge `bridge`.
     pub fn bridge_add_if(bridge: &str, port: &str) -> io::Result<()> {
-        let cname = std::ffi::CString::new(port).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let cname = std::ffi::CString::new(port)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: a valid NUL-terminated string.
         let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
         if index == 0 {
@@ -117,12 +125,18 @@ mod sys {
 
 /// Runs an iproute2 tool (`ip`, `bridge`); a failure names the command line.
 fn iproute2(tool: &str, args: &[&str]) -> Result<(), NetError> {
-    let out = Command::new(tool).args(args).output().map_err(NetError::Spawn)?;
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(NetError::Spawn)?;
     if out.status.success() {
         Ok(())
     } else {
         let cmd = format!("{tool} {}", args.join(" "));
-        Err(NetError::Ip { cmd, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+        Err(NetError::Ip {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -172,13 +186,39 @@ pub fn ensure_overlay(
     if link_exists(&vx) {
         return Ok(());
     }
-    let (vni, port, local) = (vni(flock).to_string(), VXLAN_PORT.to_string(), local.to_string());
+    let (vni, port, local) = (
+        vni(flock).to_string(),
+        VXLAN_PORT.to_string(),
+        local.to_string(),
+    );
     let res = (|| {
-        ip(&["link", "add", &vx, "type", "vxlan", "id", &vni, "dstport", &port, "local", &local])?;
+        ip(&[
+            "link", "add", &vx, "type", "vxlan", "id", &vni, "dstport", &port, "local", &local,
+        ])?;
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{vx}/disable_ipv6"), "1");
-        ip(&["link", "set", &vx, "mtu", "1500", "master", &names.bridge(flock), "up"])?;
+        ip(&[
+            "link",
+            "set",
+            &vx,
+            "mtu",
+            "1500",
+            "master",
+            &names.bridge(flock),
+            "up",
+        ])?;
         for p in peers {
-            iproute2("bridge", &["fdb", "append", "00:00:00:00:00:00", "dev", &vx, "dst", &p.to_string()])?;
+            iproute2(
+                "bridge",
+                &[
+                    "fdb",
+                    "append",
+                    "00:00:00:00:00:00",
+                    "dev",
+                    &vx,
+                    "dst",
+                    &p.to_string(),
+                ],
+            )?;
         }
         Ok(())
     })();
@@ -200,7 +240,12 @@ pub fn subnet(flock: u32) -> String {
 
 /// MAC address of clone `clone_id` in flock `flock`.
 pub fn mac(flock: u32, clone_id: u32) -> String {
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", flock & 0xff, (clone_id >> 8) & 0xff, clone_id & 0xff)
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        flock & 0xff,
+        (clone_id >> 8) & 0xff,
+        clone_id & 0xff
+    )
 }
 
 /// Creates the flock bridge if missing. IPv6 is disabled on it so the host
@@ -222,7 +267,10 @@ pub fn create_tap(tap: &str, bridge: &str) -> Result<(), NetError> {
     if link_exists(tap) {
         ip(&["link", "del", tap])?;
     }
-    let fail = |what: &str, e: std::io::Error| NetError::Ioctl { what: format!("{what} {tap}"), err: e };
+    let fail = |what: &str, e: std::io::Error| NetError::Ioctl {
+        what: format!("{what} {tap}"),
+        err: e,
+    };
     sys::create_persistent_tap(tap).map_err(|e| fail("create tap", e))?;
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
     let res = sys::bridge_add_if(bridge, tap)
@@ -239,12 +287,18 @@ pub fn create_tap(tap: &str, bridge: &str) -> Result<(), NetError> {
 /// crashed. Only one daemon serves a socket, and its prefix is its own.
 pub fn remove_stale_links(names: &NetNames) -> Vec<String> {
     let mut removed = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/sys/class/net") else { return removed };
+    let Ok(rd) = std::fs::read_dir("/sys/class/net") else {
+        return removed;
+    };
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().to_string();
         let ours = n
             .strip_prefix(&names.prefix)
-            .and_then(|r| r.strip_prefix('b').or_else(|| r.strip_prefix('t')).or_else(|| r.strip_prefix('x')))
+            .and_then(|r| {
+                r.strip_prefix('b')
+                    .or_else(|| r.strip_prefix('t'))
+                    .or_else(|| r.strip_prefix('x'))
+            })
             .is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()));
         if ours && delete_link(&n).is_ok() {
             removed.push(n);
@@ -271,7 +325,9 @@ mod tests {
         assert_eq!(ip_cidr(3, 5), "10.250.3.6/24");
         assert_eq!(mac(3, 0), "52:54:00:03:00:00");
         assert_eq!(mac(255, 258), "52:54:00:ff:01:02");
-        let n = NetNames { prefix: "sf".into() };
+        let n = NetNames {
+            prefix: "sf".into(),
+        };
         assert!(n.tap(99999).len() <= 15 && n.bridge(255).len() <= 15);
     }
 }

@@ -35,13 +35,27 @@ pub enum PeerError {
     #[error("this host is not part of a cluster")]
     NoCluster,
     #[error("cannot reach host {host} at {addr}")]
-    Connect { host: String, addr: SocketAddr, #[source] err: std::io::Error },
+    Connect {
+        host: String,
+        addr: SocketAddr,
+        #[source]
+        err: std::io::Error,
+    },
     #[error("host {host} at {addr} failed the cluster-key handshake")]
-    Auth { host: String, addr: SocketAddr, #[source] err: auth::AuthError },
+    Auth {
+        host: String,
+        addr: SocketAddr,
+        #[source]
+        err: auth::AuthError,
+    },
     #[error("host {host} did not answer in time")]
     Timeout { host: String },
     #[error("host {host} broke the control protocol")]
-    Protocol { host: String, #[source] err: snowflock_proto::frame::FrameError },
+    Protocol {
+        host: String,
+        #[source]
+        err: snowflock_proto::frame::FrameError,
+    },
 }
 
 async fn server_handshake(s: &mut TcpStream, key: &ClusterKey) -> Result<(), auth::AuthError> {
@@ -91,11 +105,15 @@ pub async fn serve(d: Arc<Daemon>, listener: TcpListener, key: Arc<ClusterKey>) 
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, server_handshake(&mut s, &key)).await {
                 Ok(Ok(())) => crate::admin::connection(d, s, true).await,
                 Ok(Err(e)) => {
-                    d.counters.peer_auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    d.counters
+                        .peer_auth_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(%from, error = %chain(&e), "control connection refused");
                 }
                 Err(_) => {
-                    d.counters.peer_auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    d.counters
+                        .peer_auth_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(%from, "control connection did not complete the handshake in time");
                 }
             }
@@ -107,33 +125,67 @@ pub async fn serve(d: Arc<Daemon>, listener: TcpListener, key: Arc<ClusterKey>) 
 pub async fn connect(d: &Daemon, host: &str) -> Result<TcpStream, PeerError> {
     let c = d.cfg.cluster.as_ref().ok_or(PeerError::NoCluster)?;
     let key = d.key.as_ref().ok_or(PeerError::NoCluster)?;
-    let addr = c.peer(host).ok_or_else(|| PeerError::UnknownHost(host.into()))?.addr;
+    let addr = c
+        .peer(host)
+        .ok_or_else(|| PeerError::UnknownHost(host.into()))?
+        .addr;
     let mut s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(err)) => return Err(PeerError::Connect { host: host.into(), addr, err }),
+        Ok(Err(err)) => {
+            return Err(PeerError::Connect {
+                host: host.into(),
+                addr,
+                err,
+            })
+        }
         Err(_) => return Err(PeerError::Timeout { host: host.into() }),
     };
     let _ = s.set_nodelay(true);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, client_handshake(&mut s, key)).await {
         Ok(Ok(())) => Ok(s),
-        Ok(Err(err)) => Err(PeerError::Auth { host: host.into(), addr, err }),
+        Ok(Err(err)) => Err(PeerError::Auth {
+            host: host.into(),
+            addr,
+            err,
+        }),
         Err(_) => Err(PeerError::Timeout { host: host.into() }),
     }
 }
 
 /// Sends one request to `host` and reads one answer, within `timeout`.
-pub async fn call(d: &Daemon, host: &str, req: &AdminRequest, timeout: Duration) -> Result<AdminResponse, PeerError> {
+pub async fn call(
+    d: &Daemon,
+    host: &str,
+    req: &AdminRequest,
+    timeout: Duration,
+) -> Result<AdminResponse, PeerError> {
     let work = async {
         let mut s = connect(d, host).await?;
-        write_frame(&mut s, req).await.map_err(|err| PeerError::Protocol { host: host.into(), err })?;
-        read_frame::<_, AdminResponse>(&mut s).await.map_err(|err| PeerError::Protocol { host: host.into(), err })
+        write_frame(&mut s, req)
+            .await
+            .map_err(|err| PeerError::Protocol {
+                host: host.into(),
+                err,
+            })?;
+        read_frame::<_, AdminResponse>(&mut s)
+            .await
+            .map_err(|err| PeerError::Protocol {
+                host: host.into(),
+                err,
+            })
     };
-    tokio::time::timeout(timeout, work).await.map_err(|_| PeerError::Timeout { host: host.into() })?
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| PeerError::Timeout { host: host.into() })?
 }
 
 /// Names of the other hosts.
 pub fn peer_names(d: &Daemon) -> Vec<String> {
-    d.cfg.cluster.as_ref().map(|c| c.peers.iter().map(|p| p.name.clone()).collect()).unwrap_or_default()
+    d.cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.peers.iter().map(|p| p.name.clone()).collect())
+        .unwrap_or_default()
 }
 
 /// Sends `req` to every other host at once; one answer per peer, in
@@ -166,26 +218,48 @@ pub async fn cluster_list(d: &Arc<Daemon>) -> (Vec<VmInfo>, Vec<String>) {
 /// The peer that runs VM `name`, if any answers for it.
 pub async fn locate(d: &Arc<Daemon>, name: &str) -> Option<String> {
     let (vms, _) = cluster_list(d).await;
-    vms.into_iter().find(|v| v.name == name && v.host != d.cfg.host).map(|v| v.host)
+    vms.into_iter()
+        .find(|v| v.name == name && v.host != d.cfg.host)
+        .map(|v| v.host)
 }
 
 /// Hands a user's admin connection to the host that runs the VM: sends the
 /// request there and relays bytes both ways until either side closes.
-pub async fn forward<S>(d: &Arc<Daemon>, host: &str, req: &AdminRequest, mut client: S) -> Result<(), PeerError>
+pub async fn forward<S>(
+    d: &Arc<Daemon>,
+    host: &str,
+    req: &AdminRequest,
+    mut client: S,
+) -> Result<(), PeerError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut s = connect(d, host).await?;
-    write_frame(&mut s, req).await.map_err(|err| PeerError::Protocol { host: host.into(), err })?;
+    write_frame(&mut s, req)
+        .await
+        .map_err(|err| PeerError::Protocol {
+            host: host.into(),
+            err,
+        })?;
     let _ = tokio::io::copy_bidirectional(&mut client, &mut s).await;
     Ok(())
 }
 
 /// Reports to the origin host that one of its clones ended. Retried for a
 /// while: the origin may be busy or briefly unreachable.
-pub fn notify_child_ended(d: Arc<Daemon>, origin: String, ticket: String, clone_id: u32, state: snowflock_proto::api::ChildState) {
+pub fn notify_child_ended(
+    d: Arc<Daemon>,
+    origin: String,
+    ticket: String,
+    clone_id: u32,
+    state: snowflock_proto::api::ChildState,
+) {
     tokio::spawn(async move {
-        let req = AdminRequest::PeerChildEnded { ticket: ticket.clone(), clone_id, state };
+        let req = AdminRequest::PeerChildEnded {
+            ticket: ticket.clone(),
+            clone_id,
+            state,
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             match call(&d, &origin, &req, Duration::from_secs(5)).await {

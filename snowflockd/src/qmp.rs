@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 pub enum QmpError {
     /// The QMP socket could not be reached.
     #[error("Cannot connect to QMP socket {path}")]
-    Connect { path: String, #[source] err: std::io::Error },
+    Connect {
+        path: String,
+        #[source]
+        err: std::io::Error,
+    },
     /// QEMU answered a command with an error, or the connection broke.
     #[error("QMP command {cmd} failed: {msg}")]
     Command { cmd: &'static str, msg: String },
@@ -41,27 +45,40 @@ impl Qmp {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
                 Err(err) if start.elapsed() >= timeout => {
-                    return Err(QmpError::Connect { path: path.display().to_string(), err })
+                    return Err(QmpError::Connect {
+                        path: path.display().to_string(),
+                        err,
+                    })
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-        let reader = stream
-            .try_clone()
-            .map_err(|err| QmpError::Connect { path: path.display().to_string(), err })?;
+        let reader = stream.try_clone().map_err(|err| QmpError::Connect {
+            path: path.display().to_string(),
+            err,
+        })?;
         let mut inner = qapi::Qmp::new(qapi::Stream::new(std::io::BufReader::new(reader), stream));
         // read_capabilities panics on EOF inside qapi; contain it.
         let hs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.handshake()));
         match hs {
             Ok(Ok(_)) => Ok(Qmp { inner }),
-            Ok(Err(e)) => Err(QmpError::Command { cmd: "qmp_capabilities", msg: e.to_string() }),
-            Err(_) => Err(QmpError::Command { cmd: "qmp_capabilities", msg: "connection closed".into() }),
+            Ok(Err(e)) => Err(QmpError::Command {
+                cmd: "qmp_capabilities",
+                msg: e.to_string(),
+            }),
+            Err(_) => Err(QmpError::Command {
+                cmd: "qmp_capabilities",
+                msg: "connection closed".into(),
+            }),
         }
     }
 
     fn exec<C: qapi::Command>(&mut self, cmd: &C) -> Result<C::Ok, QmpError> {
-        self.inner.execute(cmd).map_err(|e| QmpError::Command { cmd: C::NAME, msg: e.to_string() })
+        self.inner.execute(cmd).map_err(|e| QmpError::Command {
+            cmd: C::NAME,
+            msg: e.to_string(),
+        })
     }
 
     /// Pauses the vCPUs.
@@ -93,19 +110,29 @@ impl Qmp {
 
     /// Starts an outgoing migration to `uri`.
     pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.exec(&qmp::migrate { uri: Some(uri.into()), channels: None, detach: None, resume: None })
-            .map(drop)
+        self.exec(&qmp::migrate {
+            uri: Some(uri.into()),
+            channels: None,
+            detach: None,
+            resume: None,
+        })
+        .map(drop)
     }
 
     /// Starts an incoming migration from `uri` (QEMU was started with `-incoming defer`).
     pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.exec(&qmp::migrate_incoming { uri: Some(uri.into()), channels: None, exit_on_error: None })
-            .map(drop)
+        self.exec(&qmp::migrate_incoming {
+            uri: Some(uri.into()),
+            channels: None,
+            exit_on_error: None,
+        })
+        .map(drop)
     }
 
     /// Current status of the run state (`running`, `paused`, `inmigrate`, ...).
     pub fn status(&mut self) -> Result<String, QmpError> {
-        self.exec(&qmp::query_status {}).map(|s| format!("{:?}", s.status))
+        self.exec(&qmp::query_status {})
+            .map(|s| format!("{:?}", s.status))
     }
 
     /// Polls `query-migrate` until it completes, fails, or `timeout` passes.
@@ -138,8 +165,14 @@ impl Qmp {
             let st = self.exec(&qmp::query_status {})?;
             match st.status {
                 qmp::RunState::inmigrate => {}
-                qmp::RunState::paused | qmp::RunState::prelaunch | qmp::RunState::running => return Ok(()),
-                other => return Err(QmpError::Migration(format!("incoming ended in state {other:?}"))),
+                qmp::RunState::paused | qmp::RunState::prelaunch | qmp::RunState::running => {
+                    return Ok(())
+                }
+                other => {
+                    return Err(QmpError::Migration(format!(
+                        "incoming ended in state {other:?}"
+                    )))
+                }
             }
             if start.elapsed() > timeout {
                 return Err(QmpError::Timeout("incoming migration"));

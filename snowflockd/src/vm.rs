@@ -78,9 +78,15 @@ impl QemuSpec {
             "-device".into(),
             "virtio-serial-device".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", agent_path(&self.dir).display()),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                agent_path(&self.dir).display()
+            ),
             "-device".into(),
-            format!("virtserialport,chardev=agent,name={}", snowflock_proto::AGENT_PORT_NAME),
+            format!(
+                "virtserialport,chardev=agent,name={}",
+                snowflock_proto::AGENT_PORT_NAME
+            ),
             "-netdev".into(),
             format!("tap,id=net0,ifname={},script=no,downscript=no", self.tap),
             "-device".into(),
@@ -143,9 +149,13 @@ pub const QEMU_SHIM: &str = "libsnowflock_qemu_shim.so";
 
 /// The shim next to the daemon's binary, else in `/usr/local/lib/snowflock`.
 fn qemu_shim() -> Option<PathBuf> {
-    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join(QEMU_SHIM)));
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(QEMU_SHIM)));
     beside
         .into_iter()
-        .chain(std::iter::once(PathBuf::from("/usr/local/lib/snowflock").join(QEMU_SHIM)))
+        .chain(std::iter::once(
+            PathBuf::from("/usr/local/lib/snowflock").join(QEMU_SHIM),
+        ))
         .find(|p| p.exists())
 }

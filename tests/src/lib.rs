@@ -19,7 +19,10 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let exe = std::env::current_exe().expect("test exe path");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -40,14 +43,21 @@ pub fn vm_prereqs() -> bool {
         missing.push("root".to_string());
     }
     if !kernel_dir().join("vmlinux").exists() {
-        missing.push(format!("{} (run scripts/fetch-kernel.sh)", kernel_dir().join("vmlinux").display()));
+        missing.push(format!(
+            "{} (run scripts/fetch-kernel.sh)",
+            kernel_dir().join("vmlinux").display()
+        ));
     }
     for b in ["snowflock", "snowflockd"] {
         if !bin(b).exists() {
             missing.push(format!("{} (run make build)", bin(b).display()));
         }
     }
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         missing.push("qemu-system-x86_64".into());
     }
     if missing.is_empty() {
@@ -69,14 +79,21 @@ pub struct TestImage {
 impl TestImage {
     /// Builds the image with `snowflock image build`, adding `extra` files.
     pub fn build(extra: &[(&Path, &str)]) -> TestImage {
-        let dir = tempfile::Builder::new().prefix("sf-img").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("sf-img")
+            .tempdir()
+            .expect("tempdir");
         let mut cmd = Command::new(bin("snowflock"));
         cmd.args(["image", "build", "--out"]).arg(dir.path());
         for (src, dest) in extra {
             cmd.arg("--add").arg(format!("{}:{dest}", src.display()));
         }
         let out = cmd.output().expect("run snowflock image build");
-        assert!(out.status.success(), "image build failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "image build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         TestImage { dir }
     }
 
@@ -96,7 +113,9 @@ pub struct Daemon {
 
 impl Daemon {
     fn new<I: IntoIterator<Item = S>, S: Into<OsString>>(args: I) -> Daemon {
-        Daemon { args: args.into_iter().map(Into::into).collect() }
+        Daemon {
+            args: args.into_iter().map(Into::into).collect(),
+        }
     }
 
     /// A `snowflock` command aimed at this daemon.
@@ -125,7 +144,16 @@ impl Daemon {
     }
 
     pub fn start_vm(&self, name: &str, image: &TestImage, mem: &str) -> Value {
-        let out = self.ok(&["vm", "start", name, "--image", image.path(), "--mem", mem, "--json"]);
+        let out = self.ok(&[
+            "vm",
+            "start",
+            name,
+            "--image",
+            image.path(),
+            "--mem",
+            mem,
+            "--json",
+        ]);
         serde_json::from_str(&out).expect("vm start --json")
     }
 
@@ -148,7 +176,11 @@ impl Daemon {
 
     pub fn vms(&self) -> Vec<Value> {
         let out = self.ok(&["vm", "list", "--json"]);
-        serde_json::from_str::<Value>(&out).expect("vm list --json").as_array().cloned().unwrap_or_default()
+        serde_json::from_str::<Value>(&out)
+            .expect("vm list --json")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -173,18 +205,40 @@ impl Host {
     pub fn start(name: &str) -> Host {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let netns = format!("sft{}x{n}", std::process::id() % 100000);
-        let tmp = tempfile::Builder::new().prefix("sfh").tempdir_in("/tmp").expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("sfh")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
         let state = PathBuf::from(format!("/dev/shm/sft-{}-{n}", std::process::id()));
         let socket = tmp.path().join("d.sock");
         let daemon = Daemon::new([OsString::from("--socket"), socket.clone().into_os_string()]);
-        let h = Host { name: name.into(), netns, socket, state, daemon, _tmp: tmp };
+        let h = Host {
+            name: name.into(),
+            netns,
+            socket,
+            state,
+            daemon,
+            _tmp: tmp,
+        };
         let out = h
             .cli()
-            .args(["daemon", "start", "--netns", &h.netns, "--host", name, "--state-dir"])
+            .args([
+                "daemon",
+                "start",
+                "--netns",
+                &h.netns,
+                "--host",
+                name,
+                "--state-dir",
+            ])
             .arg(&h.state)
             .output()
             .expect("run snowflock daemon start");
-        assert!(out.status.success(), "daemon start failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "daemon start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         h
     }
 
@@ -206,7 +260,9 @@ impl Drop for Host {
             }
         }
         if Path::new("/run/netns").join(&self.netns).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns])
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.state);
     }
@@ -249,13 +305,20 @@ impl ClusterHost {
     /// The daemon's pid as recorded in cluster.json.
     pub fn daemon_pid(&self) -> Option<u32> {
         let v = cluster_json(&self.cluster)?;
-        let h = v["hosts"].as_array()?.iter().find(|h| h["name"] == self.name.as_str())?;
+        let h = v["hosts"]
+            .as_array()?
+            .iter()
+            .find(|h| h["name"] == self.name.as_str())?;
         h["pid"].as_u64().map(|p| p as u32)
     }
 
     /// Runs `argv` inside this host's network namespace.
     pub fn netns_exec(&self, argv: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &self.netns]).args(argv).output().expect("run ip netns exec")
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .args(argv)
+            .output()
+            .expect("run ip netns exec")
     }
 
     /// The end of this host's daemon log (for assertion messages).
@@ -282,14 +345,30 @@ impl Cluster {
         let name = format!("t{:04}{seq}", std::process::id() % 10000);
         assert!(name.len() <= 8, "too many clusters in one test binary");
         // The guard exists before the command runs, so a failure cleans up too.
-        let mut c = Cluster { name, hosts: Vec::new(), pids: Vec::new() };
+        let mut c = Cluster {
+            name,
+            hosts: Vec::new(),
+            pids: Vec::new(),
+        };
         let out = Command::new(bin("snowflock"))
-            .args(["cluster", "up", "--hosts", &n.to_string(), "--name", &c.name])
+            .args([
+                "cluster",
+                "up",
+                "--hosts",
+                &n.to_string(),
+                "--name",
+                &c.name,
+            ])
             .args(extra_args)
             .stdin(Stdio::null())
             .output()
             .expect("run snowflock cluster up");
-        assert!(out.status.success(), "cluster up failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cluster up failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v = cluster_json(&c.name).expect("cluster.json after cluster up");
         for h in v["hosts"].as_array().expect("hosts") {
             let s = |k: &str| h[k].as_str().unwrap_or_default().to_string();
@@ -305,7 +384,12 @@ impl Cluster {
                 log: PathBuf::from(s("log")),
             });
         }
-        assert_eq!(c.hosts.len(), n, "cluster.json lists {} hosts", c.hosts.len());
+        assert_eq!(
+            c.hosts.len(),
+            n,
+            "cluster.json lists {} hosts",
+            c.hosts.len()
+        );
         c
     }
 
@@ -342,8 +426,16 @@ impl Cluster {
 
     /// `snowflock cluster status --json`.
     pub fn status(&self) -> Value {
-        let o = self.cli().args(["cluster", "status", "--json"]).output().expect("run snowflock cluster status");
-        assert!(o.status.success(), "cluster status failed: {}", String::from_utf8_lossy(&o.stderr));
+        let o = self
+            .cli()
+            .args(["cluster", "status", "--json"])
+            .output()
+            .expect("run snowflock cluster status");
+        assert!(
+            o.status.success(),
+            "cluster status failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_slice(&o.stdout).expect("cluster status --json")
     }
 
@@ -358,7 +450,8 @@ impl Cluster {
             .filter(|n| {
                 n.strip_prefix(&prefix).is_some_and(|r| {
                     r == "fab"
-                        || r.strip_prefix('h').is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                        || r.strip_prefix('h')
+                            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
                 })
             })
             .collect();
@@ -372,18 +465,32 @@ impl Drop for Cluster {
         let mut pids = self.pids.clone();
         if let Some(v) = cluster_json(&self.name) {
             pids.extend(
-                v["hosts"].as_array().into_iter().flatten().filter_map(|h| h["pid"].as_u64().map(|p| p as u32)),
+                v["hosts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|h| h["pid"].as_u64().map(|p| p as u32)),
             );
         }
-        match self.cli().args(["cluster", "down", "--name", &self.name]).output() {
+        match self
+            .cli()
+            .args(["cluster", "down", "--name", &self.name])
+            .output()
+        {
             Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("cluster down {} failed: {}", self.name, String::from_utf8_lossy(&o.stderr)),
+            Ok(o) => eprintln!(
+                "cluster down {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr)
+            ),
             Err(e) => eprintln!("cannot run cluster down {}: {e}", self.name),
         }
         // Last resort, for a CLI that failed or crashed.
         for pid in pids {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if pid_alive(pid) && String::from_utf8_lossy(&cmd).contains(&format!("/run/snowflock/{}/", self.name)) {
+            if pid_alive(pid)
+                && String::from_utf8_lossy(&cmd).contains(&format!("/run/snowflock/{}/", self.name))
+            {
                 // SAFETY: a daemon pid this cluster recorded, still running its config.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
@@ -421,7 +528,9 @@ pub fn processes_with(needle: &str) -> Vec<u32> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
             if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
                 if String::from_utf8_lossy(&cmd).contains(needle) {
                     out.push(pid);

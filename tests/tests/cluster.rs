@@ -7,7 +7,11 @@ use snowflock_tests::*;
 use std::time::Duration;
 
 fn clones_of(vms: &[Value], ticket: &str) -> Vec<Value> {
-    let mut v: Vec<Value> = vms.iter().filter(|v| v["ticket"] == ticket).cloned().collect();
+    let mut v: Vec<Value> = vms
+        .iter()
+        .filter(|v| v["ticket"] == ticket)
+        .cloned()
+        .collect();
     v.sort_by_key(|v| v["clone_id"].as_u64());
     v
 }
@@ -51,15 +55,29 @@ echo $T"#,
     // vm list from any host shows the whole cluster, with hosts.
     for h in [h0, h1, h2] {
         let vms = h.vms();
-        assert!(vms.iter().any(|v| v["name"] == "p" && v["host"] == "h0"), "{vms:?}");
+        assert!(
+            vms.iter().any(|v| v["name"] == "p" && v["host"] == "h0"),
+            "{vms:?}"
+        );
         let kids = clones_of(&vms, &ticket);
         assert_eq!(kids.len(), 2, "{vms:?}");
         let hosts: Vec<&str> = kids.iter().map(|k| k["host"].as_str().unwrap()).collect();
-        assert_eq!(hosts, ["h1", "h2"], "clones are spread over the other hosts");
+        assert_eq!(
+            hosts,
+            ["h1", "h2"],
+            "clones are spread over the other hosts"
+        );
     }
     let kids = clones_of(&h0.vms(), &ticket);
-    let names: Vec<String> = kids.iter().map(|k| k["name"].as_str().unwrap().to_string()).collect();
-    let subnet = p["ip"].as_str().unwrap().trim_end_matches(".1/24").to_string();
+    let names: Vec<String> = kids
+        .iter()
+        .map(|k| k["name"].as_str().unwrap().to_string())
+        .collect();
+    let subnet = p["ip"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches(".1/24")
+        .to_string();
     for (i, name) in names.iter().enumerate() {
         // exec from h0 reaches a VM on another host.
         let v = wait_until(Duration::from_secs(60), || {
@@ -69,9 +87,15 @@ echo $T"#,
         .unwrap_or_else(|| panic!("{name} never finished its script"));
         let l: Vec<&str> = v.lines().collect();
         assert_eq!(l[0], "from-parent", "{name}: {v}");
-        assert!(l[1].starts_with("ok 7 "), "{name}: memory must arrive intact: {v}");
+        assert!(
+            l[1].starts_with("ok 7 "),
+            "{name}: memory must arrive intact: {v}"
+        );
         assert_eq!(l[2], (i + 1).to_string());
-        assert_eq!(h2.sh_ok(name, "cat /tmp/state.txt").trim(), format!("written-by-{}", i + 1));
+        assert_eq!(
+            h2.sh_ok(name, "cat /tmp/state.txt").trim(),
+            format!("written-by-{}", i + 1)
+        );
         let ip = h1.sh_ok(name, "ip -4 -o addr show dev eth0 | awk '{print $4}'");
         assert_eq!(ip.trim(), format!("{subnet}.{}/24", i + 2));
         // The flock network spans hosts: each clone reaches the parent and its sibling.
@@ -82,12 +106,27 @@ echo $T"#,
         let s = stats(h0, name);
         assert_eq!(s["memory"], "remote", "{s}");
         assert_eq!(s["origin"], "h0", "{s}");
-        for k in ["faults", "bytes_fetched", "zero_pages", "latency_p50_us", "latency_p99_us"] {
+        for k in [
+            "faults",
+            "bytes_fetched",
+            "zero_pages",
+            "latency_p50_us",
+            "latency_p99_us",
+        ] {
             assert!(s[k].is_u64(), "{k} missing: {s}");
         }
-        assert!(s["faults"].as_u64().unwrap() > 0 && s["bytes_fetched"].as_u64().unwrap() > 0, "{s}");
-        assert!(s["zero_pages"].as_u64().unwrap() > 0, "holes must be answered locally: {s}");
-        assert!(s["latency_p50_us"].as_u64().unwrap() <= s["latency_p99_us"].as_u64().unwrap(), "{s}");
+        assert!(
+            s["faults"].as_u64().unwrap() > 0 && s["bytes_fetched"].as_u64().unwrap() > 0,
+            "{s}"
+        );
+        assert!(
+            s["zero_pages"].as_u64().unwrap() > 0,
+            "holes must be answered locally: {s}"
+        );
+        assert!(
+            s["latency_p50_us"].as_u64().unwrap() <= s["latency_p99_us"].as_u64().unwrap(),
+            "{s}"
+        );
     }
     assert_eq!(h0.sh_ok("p", "cat /tmp/state.txt").trim(), "written-by-0");
     // vm console from another host.
@@ -97,8 +136,13 @@ echo $T"#,
     h0.sh_ok(&names[0], "(sleep 0.2; sf exit 4) >/dev/null 2>&1 &");
     h0.sh_ok(&names[1], "(sleep 0.2; sf exit 5) >/dev/null 2>&1 &");
     let out = h0.sh_ok("p", &format!("sf join {ticket}"));
-    assert!(out.contains("1 exited 4") && out.contains("2 exited 5"), "{out}");
-    let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), &ticket).is_empty().then_some(()));
+    assert!(
+        out.contains("1 exited 4") && out.contains("2 exited 5"),
+        "{out}"
+    );
+    let gone = wait_until(Duration::from_secs(20), || {
+        clones_of(&h0.vms(), &ticket).is_empty().then_some(())
+    });
     assert!(gone.is_some(), "clones must be gone after exit");
 
     // sf kill reaches other hosts; vm stop from another host stops the parent.
@@ -108,8 +152,13 @@ echo $T"#,
         .to_string();
     assert_eq!(clones_of(&h0.vms(), &t).len(), 2);
     let out = h0.sh_ok("p", &format!("sf kill {t}"));
-    assert!(out.contains("1 killed") && out.contains("2 killed"), "{out}");
-    let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), &t).is_empty().then_some(()));
+    assert!(
+        out.contains("1 killed") && out.contains("2 killed"),
+        "{out}"
+    );
+    let gone = wait_until(Duration::from_secs(20), || {
+        clones_of(&h0.vms(), &t).is_empty().then_some(())
+    });
     assert!(gone.is_some());
     h2.ok(&["vm", "stop", "p"]);
     assert!(h0.vms().is_empty());
@@ -127,7 +176,10 @@ fn parent_writing_during_clone_never_leaks_into_clones() {
     let c = Cluster::up(3, &[]);
     let h0 = c.host(0);
     h0.start_vm("p", &img, "256M");
-    h0.sh_ok("p", "sf-memtest scribble --mib 48 --sock /tmp/sc.sock </dev/null >/tmp/sc.log 2>&1 &");
+    h0.sh_ok(
+        "p",
+        "sf-memtest scribble --mib 48 --sock /tmp/sc.sock </dev/null >/tmp/sc.log 2>&1 &",
+    );
     wait_socket(h0, "p", "/tmp/sc.sock");
     let t = h0
         .sh_ok("p", "sleep 1; T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; sf-memtest ctl --sock /tmp/sc.sock status > /tmp/at-clone.txt; echo $T")
@@ -140,7 +192,10 @@ fn parent_writing_during_clone_never_leaks_into_clones() {
     for vm in &all {
         let at = h0.sh_ok(vm, "cat /tmp/at-clone.txt");
         let passes = |s: &str| -> u64 {
-            s.split_whitespace().find_map(|w| w.strip_prefix("passes=")).and_then(|p| p.parse().ok()).unwrap_or(0)
+            s.split_whitespace()
+                .find_map(|w| w.strip_prefix("passes="))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0)
         };
         let p0 = passes(&at);
         // Two whole passes over the buffer after the clone, all checked.
@@ -185,12 +240,21 @@ fn avoidance_heuristics_cut_fetches() {
         // memory has become holes in the parent's RAM file (seen from the
         // host); with it off, give it the same chance to (not) happen.
         let ram = h0.state_dir.join("vms").join(vm).join("ram");
-        let allocated = || std::fs::metadata(&ram).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+        let allocated = || {
+            std::fs::metadata(&ram)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0)
+        };
         let full = allocated();
         h0.sh_ok(vm, "kill $(cat /tmp/big.pid)");
         if reporting {
-            let shrunk = wait_until(Duration::from_secs(90), || (allocated() + (100 << 20) < full).then_some(()));
-            assert!(shrunk.is_some(), "free page reporting must punch the freed memory out of the RAM file");
+            let shrunk = wait_until(Duration::from_secs(90), || {
+                (allocated() + (100 << 20) < full).then_some(())
+            });
+            assert!(
+                shrunk.is_some(),
+                "free page reporting must punch the freed memory out of the RAM file"
+            );
             // Then until reporting has caught up with the rest of free memory.
             let mut last = allocated();
             let _ = wait_until(Duration::from_secs(60), || {
@@ -202,7 +266,10 @@ fn avoidance_heuristics_cut_fetches() {
             });
         } else {
             std::thread::sleep(Duration::from_secs(10));
-            assert!(allocated() + (50 << 20) > full, "with reporting off the freed memory stays");
+            assert!(
+                allocated() + (50 << 20) > full,
+                "with reporting off the freed memory stays"
+            );
         }
         let t = h0
             .sh_ok(vm, "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T")
@@ -216,21 +283,37 @@ fn avoidance_heuristics_cut_fetches() {
         // that the figure below is what the fresh memory cost.
         h1.sh_ok(&name, "sf-memtest hold --mib 1 --seed 1 --sock /tmp/w.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/w.pid");
         wait_socket(h1, &name, "/tmp/w.sock");
-        h1.sh_ok(&name, "sf-memtest ctl --sock /tmp/w.sock verify && kill $(cat /tmp/w.pid)");
+        h1.sh_ok(
+            &name,
+            "sf-memtest ctl --sock /tmp/w.sock verify && kill $(cat /tmp/w.pid)",
+        );
         let before = stats(h1, &name)["bytes_fetched"].as_u64().unwrap();
         // The clone fills 100 MiB of fresh memory.
-        h1.sh_ok(&name, "sf-memtest hold --mib 100 --seed 9 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 &");
+        h1.sh_ok(
+            &name,
+            "sf-memtest hold --mib 100 --seed 9 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 &",
+        );
         wait_socket(h1, &name, "/tmp/fill.sock");
         h1.sh_ok(&name, "sf-memtest ctl --sock /tmp/fill.sock verify");
         let after = stats(h1, &name);
         let delta = after["bytes_fetched"].as_u64().unwrap() - before;
-        eprintln!("avoidance {vm}: filling 100 MiB in the clone fetched {} KiB ({:.1} %); stats {after}", delta / 1024, delta as f64 / (100u64 << 20) as f64 * 100.0);
+        eprintln!(
+            "avoidance {vm}: filling 100 MiB in the clone fetched {} KiB ({:.1} %); stats {after}",
+            delta / 1024,
+            delta as f64 / (100u64 << 20) as f64 * 100.0
+        );
         deltas.push(delta);
         h0.sh_ok(vm, &format!("sf kill {t}"));
         h0.ok(&["vm", "stop", vm]);
     }
-    assert!(deltas[0] < (100u64 << 20) / 20, "with the heuristics on, under 5 % of 100 MiB: {deltas:?}");
-    assert!(deltas[1] > 2 * deltas[0] && deltas[1] > (20u64 << 20), "switching them off must fetch more: {deltas:?}");
+    assert!(
+        deltas[0] < (100u64 << 20) / 20,
+        "with the heuristics on, under 5 % of 100 MiB: {deltas:?}"
+    );
+    assert!(
+        deltas[1] > 2 * deltas[0] && deltas[1] > (20u64 << 20),
+        "switching them off must fetch more: {deltas:?}"
+    );
 }
 
 /// The origin-failure setup: a 3-host cluster with a 2 s fetch timeout,
@@ -261,8 +344,20 @@ impl Origin {
             .trim()
             .to_string();
         let kids = clones_of(&h0.vms(), &ticket);
-        let on_h1 = kids.iter().find(|k| k["host"] == "h1").expect("a clone on h1")["name"].as_str().unwrap().to_string();
-        Origin { c, _img: img, ticket, kids, on_h1 }
+        let on_h1 = kids
+            .iter()
+            .find(|k| k["host"] == "h1")
+            .expect("a clone on h1")["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        Origin {
+            c,
+            _img: img,
+            ticket,
+            kids,
+            on_h1,
+        }
     }
 }
 
@@ -271,7 +366,11 @@ impl Origin {
 fn wait_for_loss(h: &ClusterHost, vm: &str) -> Value {
     wait_until(Duration::from_secs(30), || {
         let st: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).ok()?;
-        st["recent_losses"].as_array()?.iter().find(|l| l["vm"] == vm).cloned()
+        st["recent_losses"]
+            .as_array()?
+            .iter()
+            .find(|l| l["vm"] == vm)
+            .cloned()
     })
     .unwrap_or_else(|| panic!("{vm} must be stopped within the fetch timeout"))
 }
@@ -301,7 +400,10 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
     let cont = Cont(origin);
     // The clone reads 64 MiB it has not touched yet, and blocks on a page.
     // (The exec itself may be cut short: the guest freezes on the page.)
-    let _ = h1.sh(blocked, "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &");
+    let _ = h1.sh(
+        blocked,
+        "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &",
+    );
     let lost = wait_for_loss(h1, blocked);
     let reason = lost["reason"].as_str().unwrap();
     assert!(reason.contains("memory origin"), "{reason}");
@@ -315,11 +417,19 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
     // The other clone may have needed a page from the frozen origin too
     // (then it is lost as well); if it survived, it exits. The parent's
     // join reports both.
-    let other = kids.iter().find(|k| k["name"] != blocked.as_str()).unwrap()["name"].as_str().unwrap().to_string();
+    let other = kids.iter().find(|k| k["name"] != blocked.as_str()).unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let _ = h0.sh(&other, "(sleep 0.2; sf exit 0) >/dev/null 2>&1 &");
     let out = h0.sh_ok("p", &format!("sf join {t}"));
-    let lost_id = kids.iter().find(|k| k["name"] == blocked.as_str()).unwrap()["clone_id"].as_u64().unwrap();
-    assert!(out.contains(&format!("{lost_id} lost")), "the parent must hear the clone was lost: {out}");
+    let lost_id = kids.iter().find(|k| k["name"] == blocked.as_str()).unwrap()["clone_id"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        out.contains(&format!("{lost_id} lost")),
+        "the parent must hear the clone was lost: {out}"
+    );
     assert!(out.contains("memory origin"), "{out}");
     let other_id = 3 - lost_id;
     assert!(
@@ -327,7 +437,9 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
         "{out}"
     );
     // Nothing of the clones is left on their hosts.
-    let gone = wait_until(Duration::from_secs(20), || clones_of(&h0.vms(), t).is_empty().then_some(()));
+    let gone = wait_until(Duration::from_secs(20), || {
+        clones_of(&h0.vms(), t).is_empty().then_some(())
+    });
     assert!(gone.is_some(), "{:?}", h0.vms());
 }
 
@@ -344,11 +456,20 @@ fn origin_daemon_death_stops_clones_that_need_its_memory() {
     let pid = h0.daemon_pid().expect("h0 daemon pid");
     // SAFETY: a daemon this test's cluster started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let _ = h1.sh(on_h1, "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &");
+    let _ = h1.sh(
+        on_h1,
+        "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &",
+    );
     let lost = wait_for_loss(h1, on_h1);
-    assert!(lost["reason"].as_str().unwrap().contains("memory origin"), "{lost}");
+    assert!(
+        lost["reason"].as_str().unwrap().contains("memory origin"),
+        "{lost}"
+    );
     // h1 still works, and lists what it can reach.
     let vms = h1.run(&["vm", "list", "--json"]);
     assert!(vms.status.success());
-    assert!(String::from_utf8_lossy(&vms.stderr).contains("h0"), "the dead host is named as unreachable");
+    assert!(
+        String::from_utf8_lossy(&vms.stderr).contains("h0"),
+        "the dead host is named as unreachable"
+    );
 }

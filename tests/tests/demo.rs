@@ -20,18 +20,33 @@ fn demo_finds_what_one_process_finds() {
         .args(["demo", "--clones", "2", "--json", "--image", img.path()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("demo --json");
 
     let swdemo = bin_dir().join("../x86_64-unknown-linux-gnu/release/sf-swdemo");
-    let local = Command::new(&swdemo).arg("local").output().expect("run sf-swdemo local on the host");
+    let local = Command::new(&swdemo)
+        .arg("local")
+        .output()
+        .expect("run sf-swdemo local on the host");
     assert!(local.status.success());
     let local: Value = serde_json::from_slice(&local.stdout).unwrap();
 
-    assert_eq!(v["result"]["hits"], local["hits"], "distributed search must match the local one");
+    assert_eq!(
+        v["result"]["hits"], local["hits"],
+        "distributed search must match the local one"
+    );
     assert_eq!(v["result"]["clones"], 2);
     assert_eq!(v["result"]["workers"].as_array().map(|w| w.len()), Some(3));
-    let join: Vec<&str> = v["result"]["join"].as_array().unwrap().iter().filter_map(|s| s.as_str()).collect();
+    let join: Vec<&str> = v["result"]["join"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
     assert_eq!(join, ["1 exited 0", "2 exited 0"]);
     assert_eq!(v["clone"]["clones"], 2);
     assert!(v["clone"]["descriptor_bytes"].as_u64().unwrap() > 0);

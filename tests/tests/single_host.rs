@@ -8,7 +8,10 @@ use std::process::Command;
 use std::time::Duration;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Compiles the guest-side C test programs.
@@ -46,7 +49,11 @@ fn image() -> (TestImage, tempfile::TempDir) {
 }
 
 fn clones_of(h: &Daemon, ticket: &str) -> Vec<Value> {
-    let mut v: Vec<Value> = h.vms().into_iter().filter(|v| v["ticket"] == ticket).collect();
+    let mut v: Vec<Value> = h
+        .vms()
+        .into_iter()
+        .filter(|v| v["ticket"] == ticket)
+        .collect();
     v.sort_by_key(|v| v["clone_id"].as_u64());
     v
 }
@@ -107,14 +114,21 @@ fn clone_on_other_hosts_is_stateful_private_networked_and_distinct() {
 fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: Option<&[&str]>) {
     let p = h.start_vm("p", img, "256M");
     assert_eq!(p["clone_id"], 0);
-    let parent_ip = p["ip"].as_str().unwrap().trim_end_matches("/24").to_string();
+    let parent_ip = p["ip"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/24")
+        .to_string();
 
     // The script continues in every VM from the line after `sf clone`.
     let ticket = h.sh_ok("p", STATEFUL).trim().to_string();
     assert!(ticket.starts_with("t-"), "{ticket}");
     let clones = clones_of(h, &ticket);
     assert_eq!(clones.len(), 2, "{clones:?}");
-    let names: Vec<String> = clones.iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = clones
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
     for (i, c) in clones.iter().enumerate() {
         assert_eq!(c["clone_id"], i as u64 + 1);
         assert_eq!(c["state"], "running");
@@ -124,8 +138,9 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
         }
     }
 
-    let all: Vec<(String, u64)> =
-        std::iter::once(("p".to_string(), 0)).chain(names.iter().cloned().zip([1, 2])).collect();
+    let all: Vec<(String, u64)> = std::iter::once(("p".to_string(), 0))
+        .chain(names.iter().cloned().zip([1, 2]))
+        .collect();
     let mut marks = HashSet::new();
     let mut idents = Vec::new();
     for (vm, id) in &all {
@@ -138,30 +153,57 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
         let lines: Vec<&str> = verify.lines().collect();
         assert!(lines[0].starts_with("mark=var-"), "{vm}: {verify}");
         marks.insert(lines[0].to_string());
-        assert_eq!(lines[1], "hello-from-parent", "{vm}: tmpfs file must be inherited");
-        assert!(lines[2].starts_with("ok 42 "), "{vm}: 32 MiB pattern must be inherited: {verify}");
-        assert_eq!(lines[3], id.to_string(), "{vm}: sf clone must return the clone id");
+        assert_eq!(
+            lines[1], "hello-from-parent",
+            "{vm}: tmpfs file must be inherited"
+        );
+        assert!(
+            lines[2].starts_with("ok 42 "),
+            "{vm}: 32 MiB pattern must be inherited: {verify}"
+        );
+        assert_eq!(
+            lines[3],
+            id.to_string(),
+            "{vm}: sf clone must return the clone id"
+        );
         // Writes after the clone are private to each VM.
-        assert_eq!(h.sh_ok(vm, "cat /tmp/state.txt").trim(), format!("written-by-{id}"));
+        assert_eq!(
+            h.sh_ok(vm, "cat /tmp/state.txt").trim(),
+            format!("written-by-{id}")
+        );
         let mem = h.sh_ok(vm, "sf-memtest ctl --sock /tmp/mt.sock verify");
         assert!(mem.starts_with(&format!("ok {} ", 100 + id)), "{vm}: {mem}");
         idents.push(h.sh_ok(vm, IDENTITY));
     }
-    assert_eq!(marks.len(), 1, "shell variable must be the same in every VM: {marks:?}");
+    assert_eq!(
+        marks.len(),
+        1,
+        "shell variable must be the same in every VM: {marks:?}"
+    );
 
     // Identity: hostname, machine-id, MAC and RNG output all distinct; IP by
     // clone ID; clock corrected.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let fields: Vec<Vec<&str>> = idents.iter().map(|s| s.lines().collect()).collect();
     for f in 0..5 {
         let set: HashSet<&str> = fields.iter().map(|l| l[f]).collect();
-        assert_eq!(set.len(), 3, "field {f} not distinct across VMs: {idents:?}");
+        assert_eq!(
+            set.len(),
+            3,
+            "field {f} not distinct across VMs: {idents:?}"
+        );
     }
     let subnet = parent_ip.rsplit_once('.').unwrap().0.to_string();
     for (i, l) in fields.iter().enumerate() {
         assert_eq!(l[3], format!("{subnet}.{}/24", i + 1), "IP of clone {i}");
         let t: i64 = l[5].parse().unwrap();
-        assert!((t - now).abs() < 30, "clock of clone {i} is off: {t} vs {now}");
+        assert!(
+            (t - now).abs() < 30,
+            "clock of clone {i} is off: {t} vs {now}"
+        );
     }
 
     // The flock network: everyone reaches everyone.
@@ -173,7 +215,10 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
     // A second flock cannot reach the first, even with an address in its subnet.
     let q = h.start_vm("q", img, "128M");
     assert_ne!(q["ip"], p["ip"]);
-    let (code, _, _) = h.sh("q", &format!("ip addr add {subnet}.200/24 dev eth0 && ping -c 2 -W 2 {parent_ip}"));
+    let (code, _, _) = h.sh(
+        "q",
+        &format!("ip addr add {subnet}.200/24 dev eth0 && ping -c 2 -W 2 {parent_ip}"),
+    );
     assert_ne!(code, 0, "flocks must be isolated");
     // And q cannot use p's ticket.
     let (code, _, err) = h.sh("q", &format!("sf clone {ticket}"));
@@ -183,7 +228,10 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
     // sf exit ends a clone and its QEMU.
     let c1_pid = clones[0]["pid"].as_u64().unwrap() as u32;
     let _ = h.sh(&names[0], "sf exit 3");
-    assert!(vm_gone(h, &names[0], c1_pid), "clone 1 must be gone after sf exit");
+    assert!(
+        vm_gone(h, &names[0], c1_pid),
+        "clone 1 must be gone after sf exit"
+    );
     // sf kill ends the rest at once and reports both.
     let c2_pid = clones[1]["pid"].as_u64().unwrap() as u32;
     let killed = h.sh_ok("p", &format!("sf kill {ticket}"));
@@ -197,7 +245,10 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
     // The C API: two clones exit with 41 and 42, the parent joins them.
     let out = h.sh_ok("p", "capi_test");
     assert!(out.contains("granted=2 children=2"), "{out}");
-    assert!(out.contains("child 1 state 1 code 41") && out.contains("child 2 state 1 code 42"), "{out}");
+    assert!(
+        out.contains("child 1 state 1 code 41") && out.contains("child 2 state 1 code 42"),
+        "{out}"
+    );
     assert!(out.contains("bogus: "), "{out}");
 
     let status: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).unwrap();
@@ -206,17 +257,30 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
     }
     assert_eq!(status["counters"]["clone_failures"], 0, "{status}");
     // A `vm exec` client that goes away takes its guest process with it.
-    let mut client = h.cli().args(["vm", "exec", "p", "--", "sleep", "777"]).spawn().unwrap();
+    let mut client = h
+        .cli()
+        .args(["vm", "exec", "p", "--", "sleep", "777"])
+        .spawn()
+        .unwrap();
     let started = wait_until(Duration::from_secs(20), || {
-        h.sh("p", "ps | grep -v grep | grep -q 'sleep 777'").0.eq(&0).then_some(())
+        h.sh("p", "ps | grep -v grep | grep -q 'sleep 777'")
+            .0
+            .eq(&0)
+            .then_some(())
     });
     assert!(started.is_some());
     client.kill().unwrap();
     client.wait().unwrap();
     let gone = wait_until(Duration::from_secs(20), || {
-        h.sh("p", "ps | grep -v grep | grep -q 'sleep 777'").0.eq(&1).then_some(())
+        h.sh("p", "ps | grep -v grep | grep -q 'sleep 777'")
+            .0
+            .eq(&1)
+            .then_some(())
     });
-    assert!(gone.is_some(), "guest process must end with its exec client");
+    assert!(
+        gone.is_some(),
+        "guest process must end with its exec client"
+    );
 
     // The parent kept running through all of it.
     let pv: Vec<Value> = h.vms().into_iter().filter(|v| v["name"] == "p").collect();
@@ -226,7 +290,15 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
     // vm exec forwards stdin, both output streams and the exit code.
     let mut c = h
         .cli()
-        .args(["vm", "exec", "p", "--", "sh", "-c", "cat; echo to-stderr >&2; exit 7"])
+        .args([
+            "vm",
+            "exec",
+            "p",
+            "--",
+            "sh",
+            "-c",
+            "cat; echo to-stderr >&2; exit 7",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -283,7 +355,10 @@ fn join_exits_lost_and_bad_tickets(h: &Daemon, img: &TestImage) {
         "p",
         "T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sf exit $((ID + 4)); fi; sf join $T",
     );
-    assert!(out.contains("1 exited 5") && out.contains("2 exited 6"), "{out}");
+    assert!(
+        out.contains("1 exited 5") && out.contains("2 exited 6"),
+        "{out}"
+    );
 
     // A child that dies is reported lost, not waited for forever.
     let t3 = h
@@ -336,12 +411,18 @@ setsid sh /tmp/junk.sh </dev/null >/dev/null 2>&1 &"#,
         let (c, o, _) = h.sh("p", "cat /tmp/junk-done && sf id");
         (c == 0 && o.contains("clone_id=0")).then_some(())
     });
-    assert!(back.is_some(), "junk must be written and the agent must come back");
+    assert!(
+        back.is_some(),
+        "junk must be written and the agent must come back"
+    );
     let counted = wait_until(Duration::from_secs(20), || {
         let status: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).ok()?;
         (status["counters"]["malformed_guest_lines"].as_u64()? >= 1).then_some(())
     });
-    assert!(counted.is_some(), "the daemon must have seen and dropped the junk");
+    assert!(
+        counted.is_some(),
+        "the daemon must have seen and dropped the junk"
+    );
     // And cloning still works.
     let out = h.sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sf exit 0; fi; sf join $T");
     assert!(out.contains("1 exited 0"), "{out}");
@@ -349,7 +430,10 @@ setsid sh /tmp/junk.sh </dev/null >/dev/null 2>&1 &"#,
     // One guest cannot reserve the whole host with unused tickets.
     let (code, out, err) = h.sh("p", "T=$(sf ticket 200) && echo $T && sf ticket 1");
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("granted 32 of 200") && err.contains("unused clone slots"), "{err}");
+    assert!(
+        err.contains("granted 32 of 200") && err.contains("unused clone slots"),
+        "{err}"
+    );
     let big = out.trim();
     h.sh_ok("p", &format!("sf kill {big}"));
     h.sh_ok("p", "sf ticket 1");
@@ -360,11 +444,17 @@ setsid sh /tmp/junk.sh </dev/null >/dev/null 2>&1 &"#,
         .trim()
         .to_string();
     assert_eq!(clones_of(h, &t).len(), 1);
-    let ppid = h.vms().iter().find(|v| v["name"] == "p").unwrap()["pid"].as_u64().unwrap() as i32;
+    let ppid = h.vms().iter().find(|v| v["name"] == "p").unwrap()["pid"]
+        .as_u64()
+        .unwrap() as i32;
     // SAFETY: the parent's QEMU, started by this test's daemon.
     unsafe { libc::kill(ppid, libc::SIGKILL) };
     let empty = wait_until(Duration::from_secs(30), || h.vms().is_empty().then_some(()));
-    assert!(empty.is_some(), "clones must not outlive their parent: {:?}", h.vms());
+    assert!(
+        empty.is_some(),
+        "clones must not outlive their parent: {:?}",
+        h.vms()
+    );
 }
 
 #[test]
@@ -373,7 +463,10 @@ fn cli_errors_are_clear() {
         return;
     }
     // No daemon.
-    let o = Command::new(bin("snowflock")).args(["--socket", "/tmp/no-such-snowflock.sock", "vm", "list"]).output().unwrap();
+    let o = Command::new(bin("snowflock"))
+        .args(["--socket", "/tmp/no-such-snowflock.sock", "vm", "list"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(3));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("daemon is not running"), "{err}");
@@ -387,9 +480,23 @@ fn cli_errors_are_clear() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("incomplete"), "{err}");
     // Bad names and sizes.
-    let o = h.run(&["vm", "start", "../x", "--image", dir.path().to_str().unwrap()]);
+    let o = h.run(&[
+        "vm",
+        "start",
+        "../x",
+        "--image",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("Invalid VM name"));
-    let o = h.run(&["vm", "start", "x", "--image", "/nonexistent", "--mem", "lots"]);
+    let o = h.run(&[
+        "vm",
+        "start",
+        "x",
+        "--image",
+        "/nonexistent",
+        "--mem",
+        "lots",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     // Unknown VM.
     let o = h.run(&["vm", "exec", "nope", "--", "true"]);
@@ -418,7 +525,10 @@ fn nothing_is_left_behind() {
         let h = Host::start("h0");
         h.start_vm("p", &img, "128M");
         // A guest flooding its console does not fill the host's memory.
-        h.sh_ok("p", "dd if=/dev/zero bs=1M count=6 2>/dev/null | tr '\\0' x > /dev/console");
+        h.sh_ok(
+            "p",
+            "dd if=/dev/zero bs=1M count=6 2>/dev/null | tr '\\0' x > /dev/console",
+        );
         let log = h.state.join("vms/p/console.log");
         let bounded = wait_until(Duration::from_secs(20), || {
             use std::os::unix::fs::MetadataExt;
@@ -427,14 +537,27 @@ fn nothing_is_left_behind() {
         });
         assert!(bounded.is_some(), "console log not trimmed");
         let console = h.run(&["vm", "console", "p"]).stdout;
-        assert!(console.len() <= 2 << 20 && console.windows(64).any(|w| w.iter().all(|&b| b == b'x')), "{}", console.len());
-        h.sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T); [ $ID = 0 ] && echo parent");
+        assert!(
+            console.len() <= 2 << 20 && console.windows(64).any(|w| w.iter().all(|&b| b == b'x')),
+            "{}",
+            console.len()
+        );
+        h.sh_ok(
+            "p",
+            "T=$(sf ticket 1); ID=$(sf clone $T); [ $ID = 0 ] && echo parent",
+        );
         assert_eq!(h.vms().len(), 2);
         netns = h.netns.clone();
         state = h.state.display().to_string();
         // Dropped here with VMs running.
     }
-    assert!(processes_with(&state).is_empty(), "QEMU processes left behind");
-    assert!(!Path::new("/run/netns").join(&netns).exists(), "namespace left behind");
+    assert!(
+        processes_with(&state).is_empty(),
+        "QEMU processes left behind"
+    );
+    assert!(
+        !Path::new("/run/netns").join(&netns).exists(),
+        "namespace left behind"
+    );
     assert!(!Path::new(&state).exists(), "state left behind");
 }
