@@ -4,7 +4,7 @@ GUEST_TARGET := x86_64-unknown-linux-gnu
 CARGO ?= cargo
 SNOWFLOCK := ./target/release/snowflock
 
-.PHONY: all setup build guest image demo test unit bench clean
+.PHONY: all setup build guest image demo test unit lint bench clean
 
 all: build
 
@@ -29,6 +29,11 @@ demo: setup build image
 test: setup build
 	SNOWFLOCK_REQUIRE_VM=1 $(CARGO) test --release --workspace -- --test-threads=1
 	python3 guest-agent/python/test_snowflock.py
+
+# Format and lints; CI runs this before the tests.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit:
 	$(CARGO) test --workspace --lib
