@@ -9,6 +9,8 @@
 //! * [`admin`]: `snowflock` CLI <-> `snowflockd`, over the daemon's Unix
 //!   socket (length-prefixed JSON, see [`frame`]).
 //!
+//! [`error::chain`] is the one error printer every crate uses.
+//!
 //! [`auth`] holds the cluster-key handshake that host-to-host TCP
 //! connections (page server, daemon control channel) start with.
 
@@ -16,6 +18,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod channel;
+pub mod error;
 pub mod frame;
 
 /// Version of the guest channel protocol. Both sides accept N and N-1.
