@@ -21,10 +21,14 @@
 //! `dom0_memtap::freeze_generation` and the like work whatever module they
 //! live in.
 
+#![deny(unsafe_code)]
+
 pub mod memtap;
 pub mod origin;
 pub mod server;
 pub mod stats;
+#[allow(unsafe_code)]
+mod sys;
 pub mod wire;
 
 /// The page server client, part of [`memtap`]; the older path.

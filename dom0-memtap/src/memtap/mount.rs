@@ -11,8 +11,8 @@ use super::fs::MemtapFs;
 use super::generation::{clean_cache_dir, remove_cache_file, Gen, CACHE_SUFFIX};
 use super::state::{Shared, Table};
 use crate::stats::{Acc, FaultStats};
-use crate::wire;
 use crate::PAGE_SIZE as PS;
+use crate::{sys, wire};
 use bitvec::prelude::*;
 use fuser::{BackgroundSession, INodeNo, MountOption, SessionACL};
 use snowflock_proto::auth::ClusterKey;
@@ -122,8 +122,7 @@ fn clear_stale_mount(path: &Path) {
         if e.raw_os_error() == Some(libc::ENOTCONN) {
             warn!("{}: stale FUSE mount, detaching it", path.display());
             if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
-                // SAFETY: valid C string; umount2 has no other arguments.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                let _ = sys::umount_detach(&c);
             }
         }
     }
@@ -134,11 +133,9 @@ fn detach_mount(path: &Path) {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return;
     };
-    // SAFETY: valid C string; umount2 has no other arguments.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+    let Err(e) = sys::umount_detach(&c) else {
         return;
-    }
-    let e = io::Error::last_os_error();
+    };
     match e.raw_os_error() {
         Some(libc::EINVAL) | Some(libc::ENOENT) => {} // not mounted (any more)
         Some(libc::EPERM) => {
@@ -183,8 +180,7 @@ impl Memtap {
 
         let (jtx, jrx) = mpsc::channel();
         let (etx, erx) = mpsc::channel();
-        // SAFETY: plain getters.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (uid, gid) = sys::effective_ids();
         let sh = Arc::new(Shared {
             cache_dir: cfg.cache_dir.clone(),
             key: cfg.key.clone(),

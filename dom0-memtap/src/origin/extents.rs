@@ -2,39 +2,34 @@
 //! `SEEK_DATA`/`SEEK_HOLE`, in bytes or in whole pages. The hole map of a
 //! generation is the complement of its page extents.
 //!
-//! May import: the crate root (`PAGE_SIZE`).
+//! May import: [`crate::sys`], the crate root (`PAGE_SIZE`).
 
-use crate::PAGE_SIZE;
+use crate::{sys, PAGE_SIZE};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 
-fn seek(fd: i32, off: u64, whence: i32) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on a valid fd with no memory arguments.
-    let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
+fn seek(file: &File, off: u64, whence: i32) -> io::Result<Option<u64>> {
+    match sys::lseek(file, off, whence) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
     }
-    Ok(Some(r as u64))
 }
 
 /// Data extents `[start, end)` of a file, using `SEEK_DATA`/`SEEK_HOLE`.
 pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
     let mut out = Vec::new();
     let mut pos = 0;
     while pos < size {
-        let Some(start) = seek(fd, pos, libc::SEEK_DATA)? else {
+        let Some(start) = seek(file, pos, libc::SEEK_DATA)? else {
             break;
         };
         if start >= size {
             break;
         }
-        let end = seek(fd, start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let end = seek(file, start, libc::SEEK_HOLE)?
+            .unwrap_or(size)
+            .min(size);
         out.push((start, end));
         pos = end;
     }

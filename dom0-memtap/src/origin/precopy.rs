@@ -1,15 +1,15 @@
 //! Freezing a generation in two phases, so that the VM is paused only for
 //! the second (see [`Precopy`]), or in one go ([`freeze_generation`]).
 //!
-//! May import: [`super`] (errors, [`Frozen`]), `extents.rs`, the crate root.
+//! May import: [`super`] (errors, [`Frozen`]), `extents.rs`, [`crate::sys`],
+//! the crate root.
 
 use super::extents::page_extents;
 use super::{FreezeError, Frozen};
-use crate::PAGE_SIZE;
+use crate::{sys, PAGE_SIZE};
 use bitvec::prelude::*;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -44,24 +44,12 @@ fn allocate(f: &File, off: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
-    // SAFETY: plain syscall on a valid descriptor.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    sys::fallocate(f, off, len)
 }
 
 /// Prefaults a range of a mapping; best effort (older kernels lack it).
 fn populate(map: &[u8], a: usize, b: usize, write: bool) {
-    let advice = if write {
-        libc::MADV_POPULATE_WRITE
-    } else {
-        libc::MADV_POPULATE_READ
-    };
-    // SAFETY: the range lies inside `map`; madvise does not change its
-    // contents, only prefaults page tables.
-    unsafe { libc::madvise(map.as_ptr().add(a) as *mut libc::c_void, b - a, advice) };
+    sys::populate(&map[a..b], write);
 }
 
 impl Precopy {
@@ -116,12 +104,12 @@ impl Precopy {
             return Ok(());
         }
         let extents = page_extents(&self.src, self.size).map_err(serr)?;
-        // SAFETY: the source is guest RAM, read racily on purpose: phase 2
+        // The source is guest RAM, read racily on purpose: phase 2
         // rechecks every page with the VM paused. The destination is our
-        // new file. Neither is truncated while mapped; only data extents
-        // are touched (touching a tmpfs hole would allocate it).
-        let sm = unsafe { memmap2::MmapOptions::new().map(&self.src) }.map_err(serr)?;
-        let mut dm = unsafe { memmap2::MmapOptions::new().map_mut(&self.dst) }.map_err(derr)?;
+        // new file. Only data extents are touched (touching a tmpfs hole
+        // would allocate it).
+        let sm = sys::map_guest_ram(&self.src).map_err(serr)?;
+        let mut dm = sys::map_new_generation(&self.dst).map_err(derr)?;
         let ps = PAGE_SIZE as usize;
         for &(a, b) in &extents {
             let (a, b) = (a as usize, b as usize);

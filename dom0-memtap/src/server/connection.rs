@@ -6,32 +6,21 @@
 
 use super::{inc, ServerConfig, Shared};
 use crate::wire::{self, Status, REQUEST_LEN};
-use crate::PAGE_SIZE;
+use crate::{sys, PAGE_SIZE};
 use snowflock_proto::auth;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
 
-/// Waits up to `ms` for the listener to become readable.
-fn wait_readable(fd: i32, ms: i32) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) };
-}
-
 pub(super) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut next_id = 0u64;
     while !shared.stop.load(Ordering::SeqCst) {
-        wait_readable(listener.as_raw_fd(), 100);
+        sys::wait_readable(listener.as_fd(), 100);
         // Reap finished connection threads.
         shared
             .conns
