@@ -9,11 +9,12 @@
 //! close, failed authentication) is dropped.
 
 use crate::wire::{self, Status};
+use parking_lot::Mutex;
 use snowflock_proto::auth::{self, ClusterKey};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::debug;
 
@@ -184,7 +185,7 @@ impl OriginClient {
         deadline: Instant,
     ) -> Result<(), Attempt> {
         let pooled = {
-            let mut idle = self.idle.lock().unwrap();
+            let mut idle = self.idle.lock();
             idle.retain(|(_, t)| t.elapsed() < IDLE_REUSE);
             idle.pop()
         };
@@ -232,7 +233,7 @@ impl OriginClient {
                 return Err(Attempt::Retry("origin cannot read the generation".into()))
             }
         };
-        let mut idle = self.idle.lock().unwrap();
+        let mut idle = self.idle.lock();
         if idle.len() < MAX_IDLE {
             idle.push((s, Instant::now()));
         }

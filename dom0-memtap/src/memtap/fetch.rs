@@ -33,7 +33,7 @@ const WORKER_IDLE_EXIT: Duration = Duration::from_secs(10);
 /// Queues a read that needs the network, adding a fetch thread when all
 /// are busy (a stalled origin must not starve the others).
 pub(super) fn dispatch(sh: &Arc<Shared>, job: Job) {
-    let jobs = sh.jobs.lock().unwrap();
+    let jobs = sh.jobs.lock();
     let Some(tx) = &*jobs else {
         return job.reply.error(Errno::EIO); // unmounting
     };
@@ -59,7 +59,7 @@ pub(super) fn spawn_worker(sh: &Arc<Shared>) -> io::Result<()> {
         .spawn(move || worker(s))
     {
         Ok(t) => {
-            let mut w = sh.workers.lock().unwrap();
+            let mut w = sh.workers.lock();
             w.retain(|t| !t.is_finished());
             w.push(t);
             Ok(())
@@ -76,7 +76,7 @@ pub(super) fn spawn_worker(sh: &Arc<Shared>) -> io::Result<()> {
 fn worker(sh: Arc<Shared>) {
     let mut scratch = vec![0u8; wire::data_len(wire::MAX_PAGES)];
     loop {
-        let job = match sh.queue.lock().unwrap().recv_timeout(WORKER_IDLE_EXIT) {
+        let job = match sh.queue.lock().recv_timeout(WORKER_IDLE_EXIT) {
             Ok(j) => j,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let shrink = sh

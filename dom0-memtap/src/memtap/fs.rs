@@ -54,7 +54,7 @@ fn dir_attr(uid: u32, gid: u32, t: SystemTime) -> FileAttr {
 
 impl MemtapFs {
     fn by_ino(&self, ino: INodeNo) -> Option<Arc<Gen>> {
-        self.sh.table.lock().unwrap().by_ino.get(&ino.0).cloned()
+        self.sh.table.lock().by_ino.get(&ino.0).cloned()
     }
 }
 
@@ -81,15 +81,9 @@ impl Filesystem for MemtapFs {
         if parent != INodeNo::ROOT {
             return reply.error(Errno::ENOENT);
         }
-        let g = name.to_str().and_then(|n| {
-            self.sh
-                .table
-                .lock()
-                .unwrap()
-                .by_name
-                .get(n)
-                .map(|(g, _)| g.clone())
-        });
+        let g = name
+            .to_str()
+            .and_then(|n| self.sh.table.lock().by_name.get(n).map(|(g, _)| g.clone()));
         match g {
             Some(g) => reply.entry_with_ttls(
                 &ATTR_TTL,
@@ -148,7 +142,7 @@ impl Filesystem for MemtapFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let mut t = self.sh.table.lock().unwrap();
+        let mut t = self.sh.table.lock();
         let Some(g) = t.by_ino.get(&ino.0).cloned() else {
             return reply.error(Errno::ENOENT);
         };
@@ -175,7 +169,7 @@ impl Filesystem for MemtapFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let mut t = self.sh.table.lock().unwrap();
+        let mut t = self.sh.table.lock();
         if let Some(g) = t.handles.remove(&fh.0) {
             t.collect(g.ino);
         }
@@ -195,7 +189,7 @@ impl Filesystem for MemtapFs {
     ) {
         let t0 = Instant::now();
         let g = {
-            let t = self.sh.table.lock().unwrap();
+            let t = self.sh.table.lock();
             t.handles
                 .get(&fh.0)
                 .or_else(|| t.by_ino.get(&ino.0))
@@ -319,7 +313,6 @@ impl Filesystem for MemtapFs {
             .sh
             .table
             .lock()
-            .unwrap()
             .by_name
             .values()
             .map(|(g, _)| (g.ino, g.name.clone()))

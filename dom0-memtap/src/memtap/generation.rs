@@ -13,13 +13,14 @@ use crate::stats::{Acc, ReadOutcome};
 use crate::PAGE_SIZE as PS;
 use bitvec::prelude::*;
 use fuser::{FileAttr, FileType, INodeNo};
+use parking_lot::Mutex;
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 use tracing::warn;
 

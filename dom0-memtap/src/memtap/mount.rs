@@ -15,6 +15,7 @@ use crate::PAGE_SIZE as PS;
 use crate::{sys, wire};
 use bitvec::prelude::*;
 use fuser::{BackgroundSession, INodeNo, MountOption, SessionACL};
+use parking_lot::Mutex;
 use snowflock_proto::auth::ClusterKey;
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -25,7 +26,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tracing::{debug, info, warn};
 
@@ -261,7 +262,7 @@ impl Memtap {
             )));
         }
         let path = self.mount.join(&g.name);
-        let mut t = self.sh.table.lock().unwrap();
+        let mut t = self.sh.table.lock();
         if let Some((have, refs)) = t.by_name.get_mut(&g.name) {
             if have.size != g.size || have.origin != g.origin || have.holes != g.holes {
                 return Err(bad(format!(
@@ -319,7 +320,7 @@ impl Memtap {
     /// Drops a reference; at zero the file disappears (processes that have
     /// it open or mapped keep reading it) and its cache file is deleted.
     pub fn release_generation(&self, name: &str) {
-        let mut t = self.sh.table.lock().unwrap();
+        let mut t = self.sh.table.lock();
         let Some((g, refs)) = t.by_name.get_mut(name) else {
             return;
         };
@@ -347,7 +348,6 @@ impl Memtap {
         self.sh
             .pid_stats
             .lock()
-            .unwrap()
             .get(&pid)
             .map(Acc::snapshot)
             .unwrap_or_default()
@@ -355,8 +355,8 @@ impl Memtap {
 
     /// Forgets a process's statistics (call when a clone ends).
     pub fn forget_pid(&self, pid: u32) {
-        self.sh.pid_stats.lock().unwrap().remove(&pid);
-        self.sh.tgids.lock().unwrap().retain(|_, t| *t != pid);
+        self.sh.pid_stats.lock().remove(&pid);
+        self.sh.tgids.lock().retain(|_, t| *t != pid);
     }
 
     /// Statistics of a generation that is present in the mount.
@@ -365,11 +365,10 @@ impl Memtap {
             .sh
             .table
             .lock()
-            .unwrap()
             .by_name
             .get(name)
             .map(|(g, _)| g.clone())?;
-        let s = g.stats.lock().unwrap().snapshot();
+        let s = g.stats.lock().snapshot();
         Some(s)
     }
 
@@ -377,11 +376,11 @@ impl Memtap {
     /// buffered every event since the mount; a later call starts a new
     /// stream and the earlier receiver gets nothing more.
     pub fn events(&self) -> Receiver<MemtapEvent> {
-        if let Some(rx) = self.sh.events_rx.lock().unwrap().take() {
+        if let Some(rx) = self.sh.events_rx.lock().take() {
             return rx;
         }
         let (tx, rx) = mpsc::channel();
-        *self.sh.events_tx.lock().unwrap() = tx;
+        *self.sh.events_tx.lock() = tx;
         rx
     }
 
@@ -394,13 +393,13 @@ impl Memtap {
 
     fn stop(&mut self) {
         {
-            let t = self.sh.table.lock().unwrap();
+            let t = self.sh.table.lock();
             for g in t.by_ino.values() {
                 g.cancel.store(true, Ordering::Release);
             }
         }
-        *self.sh.jobs.lock().unwrap() = None;
-        let workers: Vec<_> = self.sh.workers.lock().unwrap().drain(..).collect();
+        *self.sh.jobs.lock() = None;
+        let workers: Vec<_> = self.sh.workers.lock().drain(..).collect();
         for w in workers {
             let _ = w.join();
         }
@@ -431,7 +430,7 @@ impl Memtap {
             },
             Err(e) => warn!("memtap unmount: cannot spawn a thread: {e}"),
         }
-        let t = self.sh.table.lock().unwrap();
+        let t = self.sh.table.lock();
         for g in t.by_ino.values() {
             remove_cache_file(&g.cache_path);
         }

@@ -11,13 +11,14 @@ use super::events::MemtapEvent;
 use super::generation::Gen;
 use crate::stats::{Acc, ReadOutcome};
 use fuser::ReplyData;
+use parking_lot::Mutex;
 use snowflock_proto::auth::ClusterKey;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -77,18 +78,13 @@ pub(super) struct Shared {
 
 impl Shared {
     pub(super) fn account(&self, g: &Gen, pid: u32, o: &ReadOutcome) {
-        g.stats.lock().unwrap().add(o);
-        self.pid_stats
-            .lock()
-            .unwrap()
-            .entry(pid)
-            .or_default()
-            .add(o);
+        g.stats.lock().add(o);
+        self.pid_stats.lock().entry(pid).or_default().add(o);
     }
 
     /// The process (thread group) of a FUSE request's thread.
     pub(super) fn tgid(&self, tid: u32) -> u32 {
-        if let Some(&t) = self.tgids.lock().unwrap().get(&tid) {
+        if let Some(&t) = self.tgids.lock().get(&tid) {
             return t;
         }
         let t = std::fs::read_to_string(format!("/proc/{tid}/status"))
@@ -98,7 +94,7 @@ impl Shared {
                     .find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok()))
             })
             .unwrap_or(tid);
-        let mut m = self.tgids.lock().unwrap();
+        let mut m = self.tgids.lock();
         if m.len() >= 16384 {
             m.clear();
         }
@@ -109,13 +105,12 @@ impl Shared {
     pub(super) fn client(&self, origin: SocketAddr) -> Arc<OriginClient> {
         self.clients
             .lock()
-            .unwrap()
             .entry(origin)
             .or_insert_with(|| Arc::new(OriginClient::new(origin, self.key.clone())))
             .clone()
     }
 
     pub(super) fn emit(&self, ev: MemtapEvent) {
-        let _ = self.events_tx.lock().unwrap().send(ev);
+        let _ = self.events_tx.lock().send(ev);
     }
 }

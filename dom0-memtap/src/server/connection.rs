@@ -22,11 +22,7 @@ pub(super) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         sys::wait_readable(listener.as_fd(), 100);
         // Reap finished connection threads.
-        shared
-            .conns
-            .lock()
-            .unwrap()
-            .retain(|_, (_, t)| !t.is_finished());
+        shared.conns.lock().retain(|_, (_, t)| !t.is_finished());
         let (stream, peer) = match listener.accept() {
             Ok(x) => x,
             Err(e)
@@ -63,7 +59,7 @@ pub(super) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match t {
             Ok(t) => {
                 next_id += 1;
-                shared.conns.lock().unwrap().insert(next_id, (clone, t));
+                shared.conns.lock().insert(next_id, (clone, t));
             }
             Err(e) => {
                 shared.active.fetch_sub(1, Ordering::SeqCst);
@@ -131,7 +127,7 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
             }
         };
         inc(&c.requests, 1);
-        let g = sh.gens.read().unwrap().get(&r.name).cloned();
+        let g = sh.gens.read().get(&r.name).cloned();
         let Some(g) = g else {
             s.write_all(&wire::encode_reply(
                 Status::UnknownGeneration,

@@ -18,6 +18,7 @@ mod connection;
 use crate::wire;
 use crate::PAGE_SIZE;
 use connection::accept_loop;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use snowflock_proto::auth::ClusterKey;
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tracing::{debug, info};
@@ -185,11 +186,7 @@ impl PageServer {
             file: f,
             pages: size / PAGE_SIZE,
         });
-        self.shared
-            .gens
-            .write()
-            .unwrap()
-            .insert(generation.to_string(), p);
+        self.shared.gens.write().insert(generation.to_string(), p);
         debug!(generation, file = %file.display(), size, "published");
         Ok(())
     }
@@ -197,14 +194,7 @@ impl PageServer {
     /// Stops serving `generation`; requests for it get
     /// [`Status::UnknownGeneration`]. Requests being answered finish.
     pub fn withdraw(&self, generation: &str) {
-        if self
-            .shared
-            .gens
-            .write()
-            .unwrap()
-            .remove(generation)
-            .is_some()
-        {
+        if self.shared.gens.write().remove(generation).is_some() {
             debug!(generation, "withdrawn");
         }
     }
@@ -235,7 +225,7 @@ impl PageServer {
         };
         self.shared.stop.store(true, Ordering::SeqCst);
         let _ = accept.join();
-        let conns: Vec<_> = self.shared.conns.lock().unwrap().drain().collect();
+        let conns: Vec<_> = self.shared.conns.lock().drain().collect();
         for (_, (stream, _)) in &conns {
             let _ = stream.shutdown(Shutdown::Both);
         }
