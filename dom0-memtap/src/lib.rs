@@ -38,7 +38,7 @@ pub use memtap::{
     MAX_FETCH_THREADS,
 };
 pub use origin::{data_extents, freeze_generation, FreezeError, Frozen, Precopy};
-pub use server::{PageServer, ServerConfig, ServerStats};
+pub use server::{PageServer, PublishError, ServerConfig, ServerStats};
 pub use stats::FaultStats;
 
 /// Page granularity of hole maps, caches and the wire protocol.

@@ -11,6 +11,7 @@
 use crate::wire::{self, Status};
 use parking_lot::Mutex;
 use snowflock_proto::auth::{self, ClusterKey};
+use snowflock_proto::error::chain;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,7 +172,7 @@ impl OriginClient {
         let mut s = TcpStream::connect_timeout(&self.addr, left.min(CONNECT_CAP))?;
         s.set_nodelay(true)?;
         set_timeouts(&s, deadline)?;
-        auth::client_blocking(&mut s, &self.key).map_err(|e| Attempt::Retry(e.to_string()))?;
+        auth::client_blocking(&mut s, &self.key).map_err(|e| Attempt::Retry(chain(&e)))?;
         Ok(s)
     }
 

@@ -12,6 +12,7 @@ use super::client::FetchError;
 use super::events::MemtapEvent;
 use super::generation::Gen;
 use super::state::Shared;
+use snowflock_proto::error::chain;
 use std::sync::atomic::Ordering;
 use tracing::error;
 
@@ -24,11 +25,12 @@ pub(super) fn fetch_failed(sh: &Shared, g: &Gen, e: &FetchError) {
     }
     if !g.lost.swap(true, Ordering::AcqRel) {
         g.cancel.store(true, Ordering::Release);
-        error!(generation = g.name, origin = %g.origin, "memtap: origin lost: {e}");
+        let reason = chain(e);
+        error!(generation = g.name, origin = %g.origin, "memtap: origin lost: {reason}");
         sh.emit(MemtapEvent::OriginLost {
             generation: g.name.clone(),
             origin: g.origin,
-            reason: e.to_string(),
+            reason,
         });
     }
 }

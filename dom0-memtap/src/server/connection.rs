@@ -8,6 +8,7 @@ use super::{inc, ServerConfig, Shared};
 use crate::wire::{self, Status, REQUEST_LEN};
 use crate::{sys, PAGE_SIZE};
 use snowflock_proto::auth;
+use snowflock_proto::error::chain;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -102,7 +103,7 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
     s.set_write_timeout(Some(sh.cfg.write_timeout))?;
     if let Err(e) = auth::server_blocking(&mut s, &sh.key) {
         inc(&c.auth_failures, 1);
-        warn!(%peer, "page server: {e}");
+        warn!(%peer, "page server: {}", chain(&e));
         return Ok(());
     }
     let mut req = [0u8; REQUEST_LEN];

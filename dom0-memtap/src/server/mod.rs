@@ -32,6 +32,21 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tracing::{debug, info};
 
+/// Why [`PageServer::publish`] refused a generation. The messages are
+/// those the daemon shows.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The name is not a valid generation name (and never a path).
+    #[error("invalid generation name {name:?} (1-64 of [A-Za-z0-9._-])")]
+    InvalidName { name: String },
+    /// The file's size is not a whole number of pages.
+    #[error("{path}: size {size} is not a multiple of 4 KiB")]
+    Size { path: String, size: u64 },
+    /// The file cannot be opened or inspected.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 /// Limits and timeouts of a [`PageServer`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -167,20 +182,19 @@ impl PageServer {
 
     /// Serves `file` as generation `generation` (replacing any generation
     /// of that name). Its size is the generation's size, a multiple of 4 KiB.
-    pub fn publish(&self, generation: &str, file: &Path) -> io::Result<()> {
+    pub fn publish(&self, generation: &str, file: &Path) -> Result<(), PublishError> {
         if !wire::valid_generation_name(generation) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("invalid generation name {generation:?} (1-64 of [A-Za-z0-9._-])"),
-            ));
+            return Err(PublishError::InvalidName {
+                name: generation.to_string(),
+            });
         }
         let f = File::open(file)?;
         let size = f.metadata()?.len();
         if !size.is_multiple_of(PAGE_SIZE) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{}: size {size} is not a multiple of 4 KiB", file.display()),
-            ));
+            return Err(PublishError::Size {
+                path: file.display().to_string(),
+                size,
+            });
         }
         let p = Arc::new(Published {
             file: f,
