@@ -3,6 +3,10 @@
 //! are busy), which fetch the missing runs from the origin, store them into
 //! the cache, and reply. A failed fetch goes to `origin_loss.rs`.
 //!
+//! Logging: each read that misses runs in a `memtap_fetch` span naming the
+//! generation and origin; nothing is logged per fault (the statistics
+//! count them).
+//!
 //! May import: `state.rs`, `generation.rs`, `origin_loss.rs`, `client.rs`,
 //! [`crate::wire`], [`crate::stats`], the crate root.
 
@@ -20,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{error, warn};
+use tracing::{debug_span, error, warn};
 
 /// Threads that fetch missing pages from origins (more are added while
 /// all are busy, up to [`MAX_FETCH_THREADS`]).
@@ -108,6 +112,16 @@ fn serve_miss(sh: &Shared, job: Job, scratch: &mut [u8]) {
         pid,
     } = job;
     let (first, last) = (offset / PS, (end - 1) / PS);
+    // One span per read that misses, not per fault: the logs of its
+    // fetches, their retries and an origin loss name the generation.
+    let span = debug_span!(
+        "memtap_fetch",
+        generation = %g.name,
+        origin = %g.origin,
+        first,
+        pages = last - first + 1,
+    );
+    let _in_span = span.enter();
     let mut o = ReadOutcome {
         pages: last - first + 1,
         ..Default::default()

@@ -202,7 +202,6 @@ impl Filesystem for MemtapFs {
             return reply.data(&[]);
         }
         let pid = self.sh.tgid(req.pid());
-        tracing::trace!(offset, size, pid, tid = req.pid(), "memtap read");
         let end = (offset + size as u64).min(g.size);
         let (first, last) = (offset / PS, (end - 1) / PS);
         let mut o = ReadOutcome {
