@@ -7,6 +7,9 @@
 //! buffer before the fetch returns `Ok`. A connection that misbehaves in
 //! any way (short reply, wrong pages, bad status, stall past the deadline,
 //! close, failed authentication) is dropped.
+//!
+//! May import: [`crate::wire`] only (the server's side of the protocol
+//! lives in [`crate::server`], which this does not import).
 
 use crate::wire::{self, Status};
 use parking_lot::Mutex;

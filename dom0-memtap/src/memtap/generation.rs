@@ -27,10 +27,12 @@ use tracing::warn;
 /// Suffix of cache files in the cache directory.
 pub(super) const CACHE_SUFFIX: &str = "memtap-cache";
 
+/// Bit `i` of an atomic bitmap (`present`, `prefetched`).
 pub(super) fn bit(bits: &[AtomicU64], i: u64) -> bool {
     bits[(i / 64) as usize].load(Ordering::Acquire) >> (i % 64) & 1 == 1
 }
 
+/// Sets bit `i` of an atomic bitmap.
 pub(super) fn set_bit(bits: &[AtomicU64], i: u64) {
     bits[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
 }
@@ -41,6 +43,8 @@ pub(super) fn take_bit(bits: &[AtomicU64], i: u64) -> bool {
     bits[(i / 64) as usize].fetch_and(!m, Ordering::AcqRel) & m != 0
 }
 
+/// A generation served by the mount; shared by the table, open files and
+/// fetch jobs. Its cache file is deleted when the last of them drops it.
 pub(super) struct Gen {
     pub(super) name: String,
     pub(super) ino: u64,

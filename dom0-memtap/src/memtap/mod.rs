@@ -35,7 +35,7 @@
 //! * [`client`]: the page server client (connection pool, retries);
 //! * `events.rs`: [`MemtapEvent`].
 //!
-//! May import: [`crate::wire`], [`crate::stats`], [`crate::sys`], the crate
+//! May import: [`crate::wire`], [`crate::stats`], `sys`, the crate
 //! root. Nothing here knows how generations are frozen or served.
 
 pub mod client;

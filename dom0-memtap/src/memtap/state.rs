@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Names, inodes and open files of the mount.
 #[derive(Default)]
 pub(super) struct Table {
     /// Generations visible in the mount, with the daemon's refcount.
@@ -45,6 +46,7 @@ impl Table {
     }
 }
 
+/// A read that needs the network, queued for a fetch thread.
 pub(super) struct Job {
     pub(super) gen: Arc<Gen>,
     pub(super) offset: u64,
@@ -54,6 +56,7 @@ pub(super) struct Job {
     pub(super) pid: u32,
 }
 
+/// Everything the FUSE callbacks, the fetch threads and the handle share.
 pub(super) struct Shared {
     pub(super) cache_dir: PathBuf,
     pub(super) key: Arc<ClusterKey>,

@@ -2,7 +2,7 @@
 //! `SEEK_DATA`/`SEEK_HOLE`, in bytes or in whole pages. The hole map of a
 //! generation is the complement of its page extents.
 //!
-//! May import: [`crate::sys`], the crate root (`PAGE_SIZE`).
+//! May import: `sys`, the crate root (`PAGE_SIZE`).
 
 use crate::{sys, PAGE_SIZE};
 use std::fs::File;

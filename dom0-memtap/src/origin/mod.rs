@@ -11,7 +11,7 @@
 //! * `extents.rs`: where a file holds data (`SEEK_DATA`/`SEEK_HOLE`);
 //! * `precopy.rs`: the two-phase copy ([`Precopy`], [`freeze_generation`]).
 //!
-//! May import: [`crate::sys`] and the crate root (`PAGE_SIZE`). Nothing
+//! May import: `sys` and the crate root (`PAGE_SIZE`). Nothing
 //! here knows about the network, the page server or memtap.
 
 mod extents;

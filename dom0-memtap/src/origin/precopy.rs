@@ -1,7 +1,7 @@
 //! Freezing a generation in two phases, so that the VM is paused only for
 //! the second (see [`Precopy`]), or in one go ([`freeze_generation`]).
 //!
-//! May import: [`super`] (errors, [`Frozen`]), `extents.rs`, [`crate::sys`],
+//! May import: [`super`] (errors, [`Frozen`]), `extents.rs`, `sys`,
 //! the crate root.
 
 use super::extents::page_extents;

@@ -2,7 +2,7 @@
 //! one authenticated connection, answered in order.
 //!
 //! May import: [`super`] (shared state, counters), [`crate::wire`],
-//! [`crate::sys`], the crate root.
+//! `sys`, the crate root.
 
 use super::{inc, ServerConfig, Shared};
 use crate::wire::{self, Status, REQUEST_LEN};

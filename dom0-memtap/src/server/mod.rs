@@ -3,14 +3,14 @@
 //! One accept thread, one thread per connection (at most
 //! [`ServerConfig::max_connections`]; more are closed at once). Every
 //! connection must first pass the cluster-key handshake; then it sends
-//! requests of the [`wire`](crate::wire) protocol. Only generations
+//! requests of the [`wire`] protocol. Only generations
 //! [published](PageServer::publish) by name are served, never paths.
 //!
 //! * this file: the [`PageServer`] handle (start, publish, withdraw,
 //!   counters, shutdown) and its settings;
 //! * `connection.rs`: the accept loop and one connection's requests.
 //!
-//! May import: [`crate::wire`], [`crate::sys`], the crate root. Nothing
+//! May import: [`crate::wire`], `sys`, the crate root. Nothing
 //! here knows about memtap or how generations are frozen.
 
 mod connection;
@@ -206,7 +206,7 @@ impl PageServer {
     }
 
     /// Stops serving `generation`; requests for it get
-    /// [`Status::UnknownGeneration`]. Requests being answered finish.
+    /// [`Status::UnknownGeneration`](wire::Status::UnknownGeneration). Requests being answered finish.
     pub fn withdraw(&self, generation: &str) {
         if self.shared.gens.write().remove(generation).is_some() {
             debug!(generation, "withdrawn");
