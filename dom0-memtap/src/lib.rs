@@ -1,410 +1,52 @@
 //! Host side of guest memory ("dom0" is Xen's word for the host).
 //!
-//! Today this crate freezes a memory *generation*: an immutable copy of a
-//! paused VM's RAM file, made hole-aware so that pages the guest never
-//! touched (or returned through free page reporting) are neither copied nor
-//! later fetched. Clones on the same host map the generation privately
-//! (`MAP_PRIVATE`, QEMU `share=off`), so they share its pages through the
-//! page cache and their writes stay their own.
+//! A paused VM's RAM file is frozen into a memory *generation*: an
+//! immutable, hole-aware copy. Clones on the same host map it privately;
+//! other hosts get its memory on demand (see `docs/memory.md`). The crate
+//! is split by role, and imports point down this list (no module imports
+//! one beside or above it):
 //!
-//! Other hosts get a generation's memory on demand (see `docs/memory.md`):
+//! * [`memtap`]: on a clone's host, the memtap FUSE mount whose files a
+//!   clone's QEMU maps; pages come from a local cache, the hole map or the
+//!   origin's page server ([`client`]);
+//! * [`server`]: on the origin host, the page server, which serves frozen
+//!   generations to other hosts over TCP, cluster-key authenticated;
+//! * [`origin`]: on the origin host, freezing a generation and its hole
+//!   map;
+//! * [`wire`]: the page server protocol, shared by server and client;
+//! * [`stats`]: per-process and per-generation fault statistics;
+//! * `sys`: the few raw system calls, the only `unsafe` code.
 //!
-//! * [`server`]: the page server, which serves frozen generations to other
-//!   hosts over TCP ([`wire`] protocol, cluster-key authenticated);
-//! * [`fs`]: the memtap FUSE mount on a clone's host, whose files a clone's
-//!   QEMU maps; pages come from a local cache, the hole map or the origin's
-//!   page server ([`client`]);
-//! * [`stats`]: per-process and per-generation fault statistics.
+//! The items used elsewhere are re-exported here, so `dom0_memtap::Memtap`,
+//! `dom0_memtap::freeze_generation` and the like work whatever module they
+//! live in.
 
-pub mod client;
-pub mod fs;
+#![deny(unsafe_code)]
+
+pub mod memtap;
+pub mod origin;
 pub mod server;
 pub mod stats;
+#[allow(unsafe_code)]
+mod sys;
 pub mod wire;
 
-pub use fs::{GenerationSpec, Memtap, MemtapConfig, MemtapEvent, FETCH_THREADS, MAX_FETCH_THREADS};
-pub use server::{PageServer, ServerConfig, ServerStats};
+/// The page server client, part of [`memtap`]; the older path.
+pub use memtap::client;
+pub use memtap::{
+    GenerationSpec, Memtap, MemtapConfig, MemtapError, MemtapEvent, FETCH_THREADS,
+    MAX_FETCH_THREADS,
+};
+pub use origin::{data_extents, freeze_generation, FreezeError, Frozen, Precopy};
+pub use server::{PageServer, PublishError, ServerConfig, ServerStats};
 pub use stats::FaultStats;
 
-use bitvec::prelude::*;
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-
-/// Page granularity of hole maps.
+/// Page granularity of hole maps, caches and the wire protocol.
 pub const PAGE_SIZE: u64 = 4096;
-
-/// Errors of freezing a generation and of the memtap mount.
-#[derive(Debug, thiserror::Error)]
-pub enum MemtapError {
-    /// The source RAM file could not be opened or inspected.
-    #[error("Cannot read guest RAM file {path}")]
-    Source {
-        path: String,
-        #[source]
-        err: io::Error,
-    },
-    /// The generation file could not be created or written.
-    #[error("Cannot write memory generation {path}")]
-    Dest {
-        path: String,
-        #[source]
-        err: io::Error,
-    },
-    /// The RAM file size is not a multiple of the page size.
-    #[error("Guest RAM file size {0} is not a multiple of 4 KiB")]
-    Size(u64),
-    /// The memtap FUSE filesystem could not be mounted.
-    #[error("Cannot mount memtap at {path} (it needs /dev/fuse and fusermount3)")]
-    Mount {
-        path: String,
-        #[source]
-        err: io::Error,
-    },
-    /// The memtap cache directory or a cache file could not be set up.
-    #[error("Cannot use memtap cache {path}")]
-    Cache {
-        path: String,
-        #[source]
-        err: io::Error,
-    },
-    /// A generation given to memtap is invalid or conflicts with one present.
-    #[error("Invalid memory generation {name:?}: {reason}")]
-    Generation { name: String, reason: String },
-}
-
-/// Result of freezing a generation.
-#[derive(Debug, Clone)]
-pub struct Frozen {
-    /// Guest RAM size in bytes.
-    pub size: u64,
-    /// Bytes of the generation that hold data (not holes).
-    pub copied: u64,
-    /// Bytes copied while the VM was paused (changed since the precopy).
-    pub fixed: u64,
-    /// One bit per page, set where the page is a hole (reads as zeros).
-    pub holes: BitVec<u64, Lsb0>,
-}
-
-impl Frozen {
-    /// Number of hole pages.
-    pub fn hole_pages(&self) -> u64 {
-        self.holes.count_ones() as u64
-    }
-}
-
-fn seek(fd: i32, off: u64, whence: i32) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on a valid fd with no memory arguments.
-    let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
-    }
-    Ok(Some(r as u64))
-}
-
-/// Data extents `[start, end)` of a file, using `SEEK_DATA`/`SEEK_HOLE`.
-pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let Some(start) = seek(fd, pos, libc::SEEK_DATA)? else {
-            break;
-        };
-        if start >= size {
-            break;
-        }
-        let end = seek(fd, start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
-        out.push((start, end));
-        pos = end;
-    }
-    Ok(out)
-}
-
-/// A generation being frozen in two phases, so that the VM is paused only
-/// for the second:
-///
-/// 1. [`Precopy::start`], VM running: copy the data extents of the RAM file.
-/// 2. [`Precopy::finish`], VM paused: compare the RAM file's data extents
-///    with the copy and copy the pages that changed (or were new).
-///
-/// The host kernel offers no dirty tracking for a shared file mapping
-/// (soft-dirty is often compiled out, and QEMU's dirty log is internal), so
-/// phase 2 compares. A compare reads both copies but writes only what
-/// changed, about 3x faster than copying everything while paused. Holes are
-/// never read through a mapping: on tmpfs that would allocate them.
-pub struct Precopy {
-    src: File,
-    dst: File,
-    dst_path: std::path::PathBuf,
-    /// Both mappings are kept from phase 1, so their page tables are
-    /// populated and phase 2 pays for memory bandwidth, not page faults
-    /// (expensive on a virtualised host).
-    src_map: Option<memmap2::Mmap>,
-    dst_map: Option<memmap2::MmapMut>,
-    size: u64,
-    /// Pages copied in phase 1.
-    copied: BitVec<u64, Lsb0>,
-}
-
-/// Reserves file space so that later writes through a mapping cannot fail.
-fn allocate(f: &File, off: u64, len: u64) -> io::Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: plain syscall on a valid descriptor.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Prefaults a range of a mapping; best effort (older kernels lack it).
-fn populate(map: &[u8], a: usize, b: usize, write: bool) {
-    let advice = if write {
-        libc::MADV_POPULATE_WRITE
-    } else {
-        libc::MADV_POPULATE_READ
-    };
-    // SAFETY: the range lies inside `map`; madvise does not change its
-    // contents, only prefaults page tables.
-    unsafe { libc::madvise(map.as_ptr().add(a) as *mut libc::c_void, b - a, advice) };
-}
-
-impl Precopy {
-    /// Creates `dst` (which must not exist) with the size of `src`, holes
-    /// only. A clone VMM may map it privately from now on: pages it has not
-    /// read yet show what phases 1 and 2 write.
-    pub fn create(src: &Path, dst: &Path) -> Result<Precopy, MemtapError> {
-        let serr = |err| MemtapError::Source {
-            path: src.display().to_string(),
-            err,
-        };
-        let derr = |err| MemtapError::Dest {
-            path: dst.display().to_string(),
-            err,
-        };
-        let s = File::open(src).map_err(serr)?;
-        let size = s.metadata().map_err(serr)?.len();
-        if size % PAGE_SIZE != 0 {
-            return Err(MemtapError::Size(size));
-        }
-        let d = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(dst)
-            .map_err(derr)?;
-        d.set_len(size).map_err(derr)?;
-        let pages = (size / PAGE_SIZE) as usize;
-        Ok(Precopy {
-            src: s,
-            dst: d,
-            dst_path: dst.to_path_buf(),
-            src_map: None,
-            dst_map: None,
-            size,
-            copied: bitvec![u64, Lsb0; 0; pages],
-        })
-    }
-
-    /// Phase 1, VM running: copies the data extents of the source.
-    pub fn copy(&mut self) -> Result<(), MemtapError> {
-        let serr = |err| MemtapError::Source {
-            path: "guest RAM".into(),
-            err,
-        };
-        let derr = |err| MemtapError::Dest {
-            path: self.dst_path.display().to_string(),
-            err,
-        };
-        if self.size == 0 {
-            return Ok(());
-        }
-        let extents = page_extents(&self.src, self.size).map_err(serr)?;
-        // SAFETY: the source is guest RAM, read racily on purpose: phase 2
-        // rechecks every page with the VM paused. The destination is our
-        // new file. Neither is truncated while mapped; only data extents
-        // are touched (touching a tmpfs hole would allocate it).
-        let sm = unsafe { memmap2::MmapOptions::new().map(&self.src) }.map_err(serr)?;
-        let mut dm = unsafe { memmap2::MmapOptions::new().map_mut(&self.dst) }.map_err(derr)?;
-        let ps = PAGE_SIZE as usize;
-        for &(a, b) in &extents {
-            let (a, b) = (a as usize, b as usize);
-            // Allocate first: writing an unallocatable page through the
-            // mapping (tmpfs full) would be a SIGBUS, not an error.
-            allocate(&self.dst, a as u64 * PAGE_SIZE, (b - a) as u64 * PAGE_SIZE).map_err(derr)?;
-            populate(&sm, a * ps, b * ps, false);
-            populate(&dm, a * ps, b * ps, true);
-            dm[a * ps..b * ps].copy_from_slice(&sm[a * ps..b * ps]);
-            self.copied[a..b].fill(true);
-        }
-        self.src_map = Some(sm);
-        self.dst_map = Some(dm);
-        Ok(())
-    }
-
-    /// [`Precopy::create`] then [`Precopy::copy`].
-    pub fn start(src: &Path, dst: &Path) -> Result<Precopy, MemtapError> {
-        let mut p = Precopy::create(src, dst)?;
-        p.copy()?;
-        Ok(p)
-    }
-
-    /// Phase 2, VM paused: brings the copy up to date and returns the
-    /// frozen generation with its hole map.
-    ///
-    /// Drop the `Precopy` only after resuming the VM: unmapping hundreds of
-    /// megabytes of populated mappings takes longer than the compare.
-    pub fn finish(&mut self) -> Result<Frozen, MemtapError> {
-        let serr = |err| MemtapError::Source {
-            path: "guest RAM".into(),
-            err,
-        };
-        let pages = (self.size / PAGE_SIZE) as usize;
-        let mut holes = bitvec![u64, Lsb0; 1; pages];
-        let mut fixed = 0;
-        let extents = page_extents(&self.src, self.size).map_err(serr)?;
-        // Pages that appeared since phase 1 need room too (see `copy`).
-        let derr = |err| MemtapError::Dest {
-            path: self.dst_path.display().to_string(),
-            err,
-        };
-        for &(a, b) in &extents {
-            let mut p = a as usize;
-            while p < b as usize {
-                if self.copied[p] {
-                    p += 1;
-                    continue;
-                }
-                let start = p;
-                while p < b as usize && !self.copied[p] {
-                    p += 1;
-                }
-                allocate(
-                    &self.dst,
-                    start as u64 * PAGE_SIZE,
-                    (p - start) as u64 * PAGE_SIZE,
-                )
-                .map_err(derr)?;
-            }
-        }
-        if let (Some(src), Some(dst)) = (&self.src_map, &mut self.dst_map) {
-            let ps = PAGE_SIZE as usize;
-            for &(a, b) in &extents {
-                for p in a as usize..b as usize {
-                    let r = p * ps..(p + 1) * ps;
-                    if !self.copied[p] || src[r.clone()] != dst[r.clone()] {
-                        dst[r.clone()].copy_from_slice(&src[r]);
-                        fixed += PAGE_SIZE;
-                    }
-                }
-                holes[a as usize..b as usize].fill(false);
-            }
-        }
-        // Pages copied in phase 1 hold data even if the guest has since
-        // returned them (free page reporting): they are not holes.
-        for p in self.copied.iter_ones() {
-            holes.set(p, false);
-        }
-        let data = (pages - holes.count_ones()) as u64 * PAGE_SIZE;
-        Ok(Frozen {
-            size: self.size,
-            copied: data,
-            holes,
-            fixed,
-        })
-    }
-}
-
-/// Data extents of `file` in whole pages `[first, end)`.
-fn page_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
-    Ok(data_extents(file, size)?
-        .into_iter()
-        .map(|(a, b)| (a / PAGE_SIZE, b.div_ceil(PAGE_SIZE).min(size / PAGE_SIZE)))
-        .collect())
-}
-
-/// Copies the RAM file `src` to a new generation file `dst` in one go (both
-/// phases of [`Precopy`] back to back). The VM must be paused.
-pub fn freeze_generation(src: &Path, dst: &Path) -> Result<Frozen, MemtapError> {
-    Precopy::start(src, dst)?.finish()
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Seek, SeekFrom, Write};
-
-    #[test]
-    fn freeze_copies_data_and_maps_holes() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("ram");
-        let mut f = File::create(&src).unwrap();
-        f.set_len(64 * PAGE_SIZE).unwrap();
-        f.seek(SeekFrom::Start(5 * PAGE_SIZE + 10)).unwrap();
-        f.write_all(b"hello").unwrap();
-        f.seek(SeekFrom::Start(40 * PAGE_SIZE)).unwrap();
-        f.write_all(&[7u8; 4096 * 2]).unwrap();
-        drop(f);
-        let dst = dir.path().join("gen");
-        let fr = freeze_generation(&src, &dst).unwrap();
-        assert_eq!(fr.size, 64 * PAGE_SIZE);
-        let mut a = Vec::new();
-        let mut b = Vec::new();
-        File::open(&src).unwrap().read_to_end(&mut a).unwrap();
-        File::open(&dst).unwrap().read_to_end(&mut b).unwrap();
-        assert_eq!(a, b);
-        assert!(!fr.holes[5] && !fr.holes[40] && !fr.holes[41]);
-        // Filesystems may allocate in larger extents than a page, but never
-        // report a written page as a hole, and a sparse file must have some.
-        assert!(fr.hole_pages() > 0 && fr.copied < fr.size, "{fr:?}");
-        assert!(
-            freeze_generation(&src, &dst).is_err(),
-            "must not overwrite a generation"
-        );
-    }
-
-    #[test]
-    fn precopy_catches_changes_made_while_running() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("ram");
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&src)
-            .unwrap();
-        f.set_len(32 * PAGE_SIZE).unwrap();
-        f.write_all(&[1u8; 4096]).unwrap();
-        let mut pc = Precopy::start(&src, &dir.path().join("gen")).unwrap();
-        // While "running": change a copied page and write a new one.
-        f.seek(SeekFrom::Start(10)).unwrap();
-        f.write_all(b"changed").unwrap();
-        f.seek(SeekFrom::Start(20 * PAGE_SIZE)).unwrap();
-        f.write_all(b"new page").unwrap();
-        drop(f);
-        let fr = pc.finish().unwrap();
-        let mut a = Vec::new();
-        let mut b = Vec::new();
-        File::open(&src).unwrap().read_to_end(&mut a).unwrap();
-        File::open(dir.path().join("gen"))
-            .unwrap()
-            .read_to_end(&mut b)
-            .unwrap();
-        assert_eq!(a, b);
-        assert!(!fr.holes[0] && !fr.holes[20]);
-        assert!(fr.fixed >= 2 * PAGE_SIZE && fr.fixed < fr.size, "{fr:?}");
-    }
 
     #[test]
     fn handles_can_be_shared_between_threads() {
@@ -412,16 +54,5 @@ mod tests {
         shared::<Memtap>();
         shared::<PageServer>();
         shared::<client::OriginClient>();
-    }
-
-    #[test]
-    fn odd_size_is_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("ram");
-        File::create(&src).unwrap().set_len(4097).unwrap();
-        assert!(matches!(
-            freeze_generation(&src, &dir.path().join("g")),
-            Err(MemtapError::Size(4097))
-        ));
     }
 }

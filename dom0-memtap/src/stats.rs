@@ -1,4 +1,7 @@
-//! Fault statistics: counters and a log-bucket latency histogram.
+//! Fault statistics: counters and a log-bucket latency histogram, kept per
+//! generation and per process by [`memtap`](crate::memtap).
+//!
+//! May import: the crate root (`PAGE_SIZE`) and `snowflock_proto` only.
 
 /// The figures themselves are a protocol type: the daemon hands them to the
 /// CLI as they are.

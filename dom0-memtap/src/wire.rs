@@ -29,6 +29,11 @@
 //!
 //! After a [`Status::Malformed`] reply the server closes the connection; the
 //! other errors leave it open.
+//!
+//! May import: the crate root (`PAGE_SIZE`) only: this is the bottom layer,
+//! shared by the [page server](crate::server) and the
+//! [client](crate::memtap::client). The decode functions are public (and
+//! stay so) for tests and fuzzers.
 
 use crate::PAGE_SIZE;
 use zerocopy::byteorder::little_endian::{U16, U32, U64};

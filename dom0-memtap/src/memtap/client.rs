@@ -7,13 +7,18 @@
 //! buffer before the fetch returns `Ok`. A connection that misbehaves in
 //! any way (short reply, wrong pages, bad status, stall past the deadline,
 //! close, failed authentication) is dropped.
+//!
+//! May import: [`crate::wire`] only (the server's side of the protocol
+//! lives in [`crate::server`], which this does not import).
 
 use crate::wire::{self, Status};
+use parking_lot::Mutex;
 use snowflock_proto::auth::{self, ClusterKey};
+use snowflock_proto::error::chain;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::debug;
 
@@ -170,7 +175,7 @@ impl OriginClient {
         let mut s = TcpStream::connect_timeout(&self.addr, left.min(CONNECT_CAP))?;
         s.set_nodelay(true)?;
         set_timeouts(&s, deadline)?;
-        auth::client_blocking(&mut s, &self.key).map_err(|e| Attempt::Retry(e.to_string()))?;
+        auth::client_blocking(&mut s, &self.key).map_err(|e| Attempt::Retry(chain(&e)))?;
         Ok(s)
     }
 
@@ -184,7 +189,7 @@ impl OriginClient {
         deadline: Instant,
     ) -> Result<(), Attempt> {
         let pooled = {
-            let mut idle = self.idle.lock().unwrap();
+            let mut idle = self.idle.lock();
             idle.retain(|(_, t)| t.elapsed() < IDLE_REUSE);
             idle.pop()
         };
@@ -232,7 +237,7 @@ impl OriginClient {
                 return Err(Attempt::Retry("origin cannot read the generation".into()))
             }
         };
-        let mut idle = self.idle.lock().unwrap();
+        let mut idle = self.idle.lock();
         if idle.len() < MAX_IDLE {
             idle.push((s, Instant::now()));
         }

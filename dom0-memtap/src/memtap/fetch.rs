@@ -1,0 +1,212 @@
+//! The fetch path: reads that miss pages are queued to a pool of fetch
+//! threads ([`FETCH_THREADS`], growing to [`MAX_FETCH_THREADS`] while all
+//! are busy), which fetch the missing runs from the origin, store them into
+//! the cache, and reply. A failed fetch goes to `origin_loss.rs`.
+//!
+//! Logging: each read that misses runs in a `memtap_fetch` span naming the
+//! generation and origin; nothing is logged per fault (the statistics
+//! count them).
+//!
+//! May import: `state.rs`, `generation.rs`, `origin_loss.rs`, `client.rs`,
+//! [`crate::wire`], [`crate::stats`], the crate root.
+
+use super::client::FetchError;
+use super::generation::set_bit;
+use super::origin_loss::fetch_failed;
+use super::state::{Job, Shared};
+use crate::stats::ReadOutcome;
+use crate::wire;
+use crate::PAGE_SIZE as PS;
+use fuser::Errno;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug_span, error, warn};
+
+/// Threads that fetch missing pages from origins (more are added while
+/// all are busy, up to [`MAX_FETCH_THREADS`]).
+pub const FETCH_THREADS: usize = 8;
+/// Most fetch threads.
+pub const MAX_FETCH_THREADS: usize = 64;
+/// Extra fetch threads end after this long without work.
+const WORKER_IDLE_EXIT: Duration = Duration::from_secs(10);
+
+/// Queues a read that needs the network, adding a fetch thread when all
+/// are busy (a stalled origin must not starve the others).
+pub(super) fn dispatch(sh: &Arc<Shared>, job: Job) {
+    let jobs = sh.jobs.lock();
+    let Some(tx) = &*jobs else {
+        return job.reply.error(Errno::EIO); // unmounting
+    };
+    let pending = sh.pending.fetch_add(1, Ordering::SeqCst) + 1;
+    if let Err(mpsc::SendError(job)) = tx.send(job) {
+        sh.pending.fetch_sub(1, Ordering::SeqCst);
+        return job.reply.error(Errno::EIO);
+    }
+    if pending > sh.threads.load(Ordering::SeqCst)
+        && sh.threads.load(Ordering::SeqCst) < MAX_FETCH_THREADS
+    {
+        if let Err(e) = spawn_worker(sh) {
+            warn!("memtap cannot add a fetch thread: {e}");
+        }
+    }
+}
+
+pub(super) fn spawn_worker(sh: &Arc<Shared>) -> io::Result<()> {
+    let n = sh.threads.fetch_add(1, Ordering::SeqCst);
+    let s = sh.clone();
+    match std::thread::Builder::new()
+        .name(format!("memtap-fetch-{n}"))
+        .spawn(move || worker(s))
+    {
+        Ok(t) => {
+            let mut w = sh.workers.lock();
+            w.retain(|t| !t.is_finished());
+            w.push(t);
+            Ok(())
+        }
+        Err(e) => {
+            sh.threads.fetch_sub(1, Ordering::SeqCst);
+            Err(e)
+        }
+    }
+}
+
+/// Runs fetch jobs until the queue closes; threads beyond
+/// [`FETCH_THREADS`] end after a while without work.
+fn worker(sh: Arc<Shared>) {
+    let mut scratch = vec![0u8; wire::data_len(wire::MAX_PAGES)];
+    loop {
+        let job = match sh.queue.lock().recv_timeout(WORKER_IDLE_EXIT) {
+            Ok(j) => j,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let shrink = sh
+                    .threads
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                        (t > FETCH_THREADS).then(|| t - 1)
+                    });
+                if shrink.is_ok() {
+                    return;
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        serve_miss(&sh, job, &mut scratch);
+        sh.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Answers a read that misses pages: fetches them, stores them into the
+/// cache, replies.
+fn serve_miss(sh: &Shared, job: Job, scratch: &mut [u8]) {
+    let Job {
+        gen: g,
+        offset,
+        end,
+        reply,
+        t0,
+        pid,
+    } = job;
+    let (first, last) = (offset / PS, (end - 1) / PS);
+    // One span per read that misses, not per fault: the logs of its
+    // fetches, their retries and an origin loss name the generation.
+    let span = debug_span!(
+        "memtap_fetch",
+        generation = %g.name,
+        origin = %g.origin,
+        first,
+        pages = last - first + 1,
+    );
+    let _in_span = span.enter();
+    let mut o = ReadOutcome {
+        pages: last - first + 1,
+        ..Default::default()
+    };
+    // Runs [a, b) of missing pages; another worker may have fetched some
+    // since the read was queued.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in first..=last {
+        if g.present(p) || g.hole(p) {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((_, b)) if *b == p => *b += 1,
+            _ => runs.push((p, p + 1)),
+        }
+    }
+    // Prefetch: extend the last run past the read.
+    let mut prefetch_from = u64::MAX;
+    if let Some((_, b)) = runs.last_mut() {
+        if *b == last + 1 {
+            let limit = (*b + sh.prefetch_pages as u64).min(g.pages);
+            let start = *b;
+            while *b < limit && !g.hole(*b) && !g.present(*b) {
+                *b += 1;
+            }
+            if *b > start {
+                prefetch_from = start;
+            }
+        }
+    }
+    let mut buf = vec![0u8; (end - offset) as usize];
+    let deadline = Instant::now() + sh.fetch_timeout;
+    let mut failure: Option<FetchError> = None;
+    'runs: for &(a, b) in &runs {
+        let mut p = a;
+        while p < b {
+            let n = (b - p).min(wire::MAX_PAGES as u64) as u32;
+            let data = &mut scratch[..wire::data_len(n)];
+            if let Err(e) = g.client.fetch(&g.name, p, n, data, deadline, &g.cancel) {
+                failure = Some(e);
+                break 'runs;
+            }
+            o.pages_fetched += n as u64;
+            // Copy what the read asked for.
+            let (lo, hi) = ((p * PS).max(offset), ((p + n as u64) * PS).min(end));
+            if lo < hi {
+                buf[(lo - offset) as usize..(hi - offset) as usize]
+                    .copy_from_slice(&data[(lo - p * PS) as usize..(hi - p * PS) as usize]);
+            }
+            // Store, then mark present: readers only read marked pages.
+            match g.cache.write_all_at(data, p * PS) {
+                Ok(()) => {
+                    for q in p..p + n as u64 {
+                        if q >= prefetch_from {
+                            set_bit(&g.prefetched, q);
+                        }
+                        set_bit(&g.present, q);
+                    }
+                }
+                Err(e) => warn!(
+                    generation = g.name,
+                    "memtap cannot write its cache file: {e}"
+                ),
+            }
+            p += n as u64;
+        }
+    }
+    if let Some(e) = failure {
+        o.fetch_error = true;
+        o.latency_us = t0.elapsed().as_micros() as u64;
+        sh.account(&g, pid, &o);
+        reply.error(Errno::EIO);
+        fetch_failed(sh, &g, &e);
+        return;
+    }
+    let fetched = |p: u64| runs.iter().any(|&(a, b)| (a..b).contains(&p));
+    let r = g.fill(&mut buf, offset, end, fetched, &mut o);
+    o.latency_us = t0.elapsed().as_micros() as u64;
+    o.fetch_error = r.is_err();
+    sh.account(&g, pid, &o);
+    match r {
+        Ok(()) => reply.data(&buf),
+        Err(e) => {
+            error!(generation = g.name, "memtap cache read failed: {e}");
+            reply.error(Errno::EIO);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! State shared by the FUSE callbacks, the fetch threads and the
+//! [`Memtap`](super::Memtap) handle ([`Shared`]): the table of generations
+//! and open files, the fetch queue, origin clients, the event channel and
+//! per-process statistics.
+//!
+//! May import: `client.rs`, `events.rs`, `generation.rs`,
+//! [`crate::stats`].
+
+use super::client::OriginClient;
+use super::events::MemtapEvent;
+use super::generation::Gen;
+use crate::stats::{Acc, ReadOutcome};
+use fuser::ReplyData;
+use parking_lot::Mutex;
+use snowflock_proto::auth::ClusterKey;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Names, inodes and open files of the mount.
+#[derive(Default)]
+pub(super) struct Table {
+    /// Generations visible in the mount, with the daemon's refcount.
+    pub(super) by_name: HashMap<String, (Arc<Gen>, usize)>,
+    /// Every generation that is visible or still open.
+    pub(super) by_ino: HashMap<u64, Arc<Gen>>,
+    /// Open files.
+    pub(super) handles: HashMap<u64, Arc<Gen>>,
+    pub(super) next_ino: u64,
+    pub(super) next_fh: u64,
+}
+
+impl Table {
+    /// Drops `ino` from `by_ino` if it is neither visible nor open.
+    pub(super) fn collect(&mut self, ino: u64) {
+        let visible = self.by_name.values().any(|(g, _)| g.ino == ino);
+        let open = self.handles.values().any(|g| g.ino == ino);
+        if !visible && !open {
+            self.by_ino.remove(&ino);
+        }
+    }
+}
+
+/// A read that needs the network, queued for a fetch thread.
+pub(super) struct Job {
+    pub(super) gen: Arc<Gen>,
+    pub(super) offset: u64,
+    pub(super) end: u64,
+    pub(super) reply: ReplyData,
+    pub(super) t0: Instant,
+    pub(super) pid: u32,
+}
+
+/// Everything the FUSE callbacks, the fetch threads and the handle share.
+pub(super) struct Shared {
+    pub(super) cache_dir: PathBuf,
+    pub(super) key: Arc<ClusterKey>,
+    pub(super) fetch_timeout: Duration,
+    pub(super) prefetch_pages: u32,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) table: Mutex<Table>,
+    pub(super) clients: Mutex<HashMap<SocketAddr, Arc<OriginClient>>>,
+    pub(super) jobs: Mutex<Option<Sender<Job>>>,
+    pub(super) queue: Mutex<Receiver<Job>>,
+    /// Reads queued or being fetched.
+    pub(super) pending: AtomicUsize,
+    /// Fetch threads running.
+    pub(super) threads: AtomicUsize,
+    pub(super) workers: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) events_tx: Mutex<Sender<MemtapEvent>>,
+    pub(super) events_rx: Mutex<Option<Receiver<MemtapEvent>>>,
+    pub(super) pid_stats: Mutex<HashMap<u32, Acc>>,
+    pub(super) tgids: Mutex<HashMap<u32, u32>>,
+}
+
+impl Shared {
+    pub(super) fn account(&self, g: &Gen, pid: u32, o: &ReadOutcome) {
+        g.stats.lock().add(o);
+        self.pid_stats.lock().entry(pid).or_default().add(o);
+    }
+
+    /// The process (thread group) of a FUSE request's thread.
+    pub(super) fn tgid(&self, tid: u32) -> u32 {
+        if let Some(&t) = self.tgids.lock().get(&tid) {
+            return t;
+        }
+        let t = std::fs::read_to_string(format!("/proc/{tid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok()))
+            })
+            .unwrap_or(tid);
+        let mut m = self.tgids.lock();
+        if m.len() >= 16384 {
+            m.clear();
+        }
+        m.insert(tid, t);
+        t
+    }
+
+    pub(super) fn client(&self, origin: SocketAddr) -> Arc<OriginClient> {
+        self.clients
+            .lock()
+            .entry(origin)
+            .or_insert_with(|| Arc::new(OriginClient::new(origin, self.key.clone())))
+            .clone()
+    }
+
+    pub(super) fn emit(&self, ev: MemtapEvent) {
+        let _ = self.events_tx.lock().send(ev);
+    }
+}

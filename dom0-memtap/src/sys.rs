@@ -1,0 +1,99 @@
+//! The few raw system calls the crate makes, behind safe functions: the
+//! only `unsafe` code of the crate (the crate root denies `unsafe_code`
+//! everywhere else). Every block says why it is sound.
+//!
+//! May import: nothing of this crate (the bottom, beside [`crate::wire`]).
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+/// `lseek(2)`: the new offset, or the raw OS error (e.g. `ENXIO` past the
+/// last data for `SEEK_DATA`).
+pub(crate) fn lseek(file: &File, off: u64, whence: i32) -> io::Result<u64> {
+    // SAFETY: lseek on a descriptor that `file` keeps open; it takes no
+    // pointers.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
+/// `fallocate(2)` with mode 0: reserves `[off, off + len)` of `file`.
+pub(crate) fn fallocate(file: &File, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a descriptor that `file` keeps open; it takes no
+    // pointers.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Prefaults the page tables of `range`, a page-aligned part of a file
+/// mapping (`MADV_POPULATE_WRITE` if `write`, else `_READ`); best effort,
+/// older kernels lack it.
+pub(crate) fn populate(range: &[u8], write: bool) {
+    let advice = if write {
+        libc::MADV_POPULATE_WRITE
+    } else {
+        libc::MADV_POPULATE_READ
+    };
+    // SAFETY: the address and length come from one live slice, so the
+    // range is mapped; these advices only prefault page tables and never
+    // change the contents (a write prefault of a shared file mapping
+    // allocates what the caller has already fallocated).
+    unsafe { libc::madvise(range.as_ptr() as *mut libc::c_void, range.len(), advice) };
+}
+
+/// Maps `file` (guest RAM) shared and read-only.
+///
+/// For [`Precopy`](crate::Precopy) only: the guest may write the pages
+/// while they are mapped, so their contents are read racily, on purpose
+/// (phase 2 rechecks every page with the VM paused); nobody truncates a
+/// guest RAM file while its VM exists.
+pub(crate) fn map_guest_ram(file: &File) -> io::Result<memmap2::Mmap> {
+    // SAFETY: see above: the file keeps its size while mapped, and racy
+    // contents are expected and rechecked.
+    unsafe { memmap2::MmapOptions::new().map(file) }
+}
+
+/// Maps `file`, a generation being written, shared and writable.
+///
+/// For [`Precopy`](crate::Precopy) only: the file was created by the
+/// caller (`create_new`, mode 0600), and nothing else writes or truncates
+/// it while it is being frozen.
+pub(crate) fn map_new_generation(file: &File) -> io::Result<memmap2::MmapMut> {
+    // SAFETY: see above: the caller owns the new file; no one else changes
+    // it while mapped.
+    unsafe { memmap2::MmapOptions::new().map_mut(file) }
+}
+
+/// `umount2(path, MNT_DETACH)`: lazily unmounts.
+pub(crate) fn umount_detach(path: &CStr) -> io::Result<()> {
+    // SAFETY: `path` is a valid NUL-terminated string for the whole call;
+    // umount2 has no other pointer arguments.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    Err(io::Error::last_os_error())
+}
+
+/// The effective user and group ids of this process.
+pub(crate) fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid and getegid take no arguments and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// Waits up to `ms` milliseconds for `fd` to become readable.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, ms: i32) {
+    let mut p = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, on a descriptor kept open by the borrow.
+    unsafe { libc::poll(&mut p, 1, ms) };
+}
