@@ -4,6 +4,10 @@
 //! socket. Every connection sends one [`AdminRequest`] and reads
 //! [`AdminResponse`]s: one for most requests, a stream for `Exec` (the client
 //! may then send [`ExecInput`] frames on the same connection).
+//!
+//! Daemons talk to each other with [`crate::peer::PeerRequest`], a separate
+//! type: nothing here is accepted from another host, and nothing there from
+//! the CLI.
 
 use serde::{Deserialize, Serialize};
 
@@ -195,30 +199,6 @@ pub enum AdminRequest {
     /// Memory-on-demand figures of a VM.
     Stats {
         name: String,
-    },
-    /// `VmList` of this host only (what daemons ask each other).
-    VmListLocal,
-    /// Daemon to daemon: free VM slots here.
-    PeerCapacity,
-    /// Daemon to daemon: start these clones from an encoded descriptor;
-    /// memory comes on demand from `page_server`. Answered once every
-    /// clone is ready or failed.
-    PeerStartClones {
-        #[serde(with = "crate::b64")]
-        descriptor: Vec<u8>,
-        clone_ids: Vec<u32>,
-        page_server: String,
-    },
-    /// Daemon to daemon: stop this host's clones of a ticket.
-    PeerStopClones {
-        ticket: String,
-        reason: String,
-    },
-    /// Daemon to daemon (clone host to origin): a clone ended.
-    PeerChildEnded {
-        ticket: String,
-        clone_id: u32,
-        state: crate::api::ChildState,
     },
 }
 

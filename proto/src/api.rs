@@ -107,6 +107,16 @@ pub enum ApiResponse {
     Error { code: ApiErrorCode, message: String },
 }
 
+impl ApiResponse {
+    /// An error answer.
+    pub fn error(code: ApiErrorCode, message: impl Into<String>) -> ApiResponse {
+        ApiResponse::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 impl ApiRequest {
     /// Checks field values that serde cannot (lengths, ranges).
     pub fn validate(&self) -> Result<(), String> {

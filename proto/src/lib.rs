@@ -1,6 +1,6 @@
 //! Protocol types shared by every side of snowflock.
 //!
-//! Three protocols live here, each with types that all sides import:
+//! Four protocols live here, each with types that all sides import:
 //!
 //! * [`api`]: application <-> guest agent, over the guest Unix socket
 //!   `/run/snowflock/agent.sock` (length-prefixed JSON, see [`frame`]).
@@ -8,6 +8,8 @@
 //!   `org.snowflock.agent` (newline-delimited JSON, see [`channel`] for why).
 //! * [`admin`]: `snowflock` CLI <-> `snowflockd`, over the daemon's Unix
 //!   socket (length-prefixed JSON, see [`frame`]).
+//! * [`peer`]: `snowflockd` <-> `snowflockd`, over the authenticated cluster
+//!   control channel (length-prefixed JSON).
 //!
 //! [`error::chain`] is the one error printer every crate uses.
 //!
@@ -20,6 +22,7 @@ pub mod auth;
 pub mod channel;
 pub mod error;
 pub mod frame;
+pub mod peer;
 
 /// Version of the guest channel protocol. Both sides accept N and N-1.
 pub const CHANNEL_VERSION: u32 = 1;

@@ -2,172 +2,28 @@
 //!
 //! It runs VMs (QEMU processes driven over QMP), answers SnowFlock API calls
 //! from their guest agents, clones VMs, allocates tickets, and keeps each
-//! flock's private network. The CLI talks to it over the admin socket.
+//! flock's private network. The CLI talks to it over the admin socket,
+//! other hosts' daemons over the cluster channel.
 //!
-//! Module map: [`daemon`] (state, VM lifecycle), [`clone`] (the clone
-//! operation), [`api`] (guest API calls), [`agent_link`] (guest channel),
-//! [`admin`] (CLI socket), [`qmp`], [`net`], [`vm`] (QEMU command line).
+//! Layers, each importing only the ones below it:
+//!
+//! ```text
+//!  frontends/   admin socket, cluster channel server, guest channel
+//!  ops/         guest API calls, clone, vm start, cluster-wide views
+//!  lifecycle/   the daemon context; create, supervise, stop, generations
+//!  cluster/     cluster channel client (PeerChannel seam)
+//!  state/       VMs, tickets, registry, placement, counters (no I/O)
+//!  host/        config, QEMU + QMP (Vmm seam), networking (HostNet seam)
+//! ```
+//!
+//! `start` wires them together.
 
-pub mod admin;
-pub mod agent_link;
-pub mod api;
-pub mod clone;
-pub mod config;
-pub mod daemon;
-pub mod net;
-pub mod peer;
-pub mod qmp;
-pub mod vm;
+pub mod cluster;
+pub mod frontends;
+pub mod host;
+pub mod lifecycle;
+pub mod ops;
+mod start;
+pub mod state;
 
-/// Errors that stop the daemon from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Another daemon answers on the socket.
-    #[error("A snowflockd is already running on {0}")]
-    AlreadyRunning(String),
-    /// Another daemon holds the state directory.
-    #[error("State directory {0} is in use by another snowflockd")]
-    StateInUse(String),
-    /// The cluster configuration cannot be used.
-    #[error("{0}")]
-    Cluster(String),
-    /// The socket or state directory cannot be set up.
-    #[error("Cannot set up {what}")]
-    Setup {
-        what: String,
-        #[source]
-        err: std::io::Error,
-    },
-}
-
-fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
-    use std::os::fd::AsRawFd;
-    let path = dir.join(".lock");
-    let f = std::fs::File::create(&path).map_err(|err| StartError::Setup {
-        what: path.display().to_string(),
-        err,
-    })?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(StartError::StateInUse(dir.display().to_string()));
-    }
-    Ok(f)
-}
-
-/// Loads the cluster key, starts the page server, mounts memtap and binds
-/// the control listener, for a host configured as part of a cluster.
-async fn cluster_parts(
-    cfg: &config::Config,
-) -> Result<(daemon::ClusterParts, Option<tokio::net::TcpListener>), StartError> {
-    let Some(c) = &cfg.cluster else {
-        return Ok((daemon::ClusterParts::default(), None));
-    };
-    let key = snowflock_proto::auth::ClusterKey::load(&c.key_file)
-        .map_err(|e| StartError::Cluster(admin::chain(&e)))?;
-    let key = std::sync::Arc::new(key);
-    let control = tokio::net::TcpListener::bind(c.listen)
-        .await
-        .map_err(|err| StartError::Setup {
-            what: format!("control listener on {}", c.listen),
-            err,
-        })?;
-    let pages =
-        dom0_memtap::server::PageServer::start(c.page_server, key.clone()).map_err(|err| {
-            StartError::Setup {
-                what: format!("page server on {}", c.page_server),
-                err,
-            }
-        })?;
-    let memtap = dom0_memtap::Memtap::mount(dom0_memtap::MemtapConfig {
-        mount: cfg.state_dir.join("memtap"),
-        cache_dir: cfg.state_dir.join("memcache"),
-        key: key.clone(),
-        fetch_timeout: c.fetch_timeout,
-        prefetch_pages: c.prefetch_pages,
-    })
-    .map_err(|e| StartError::Cluster(format!("cannot mount memtap: {}", admin::chain(&e))))?;
-    tracing::info!(listen = %c.listen, page_server = %c.page_server, peers = c.peers.len(), "cluster host");
-    Ok((
-        daemon::ClusterParts {
-            key: Some(key),
-            memtap: Some(memtap),
-            pages: Some(pages),
-        },
-        Some(control),
-    ))
-}
-
-/// Runs the daemon until `Shutdown` or SIGTERM/SIGINT; stops every VM before
-/// returning.
-pub async fn run(cfg: config::Config) -> Result<(), StartError> {
-    let setup = |what: String| move |err| StartError::Setup { what, err };
-    if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
-        return Err(StartError::AlreadyRunning(cfg.socket.display().to_string()));
-    }
-    if let Some(dir) = cfg.socket.parent() {
-        std::fs::create_dir_all(dir).map_err(setup(dir.display().to_string()))?;
-    }
-    let _ = std::fs::remove_file(&cfg.socket);
-    std::fs::create_dir_all(cfg.state_dir.join("vms"))
-        .map_err(setup(cfg.state_dir.display().to_string()))?;
-    // One daemon per state directory: a second one would delete the first's
-    // live VMs as "leftovers". The lock lives as long as `_lock`.
-    let _lock = lock_state_dir(&cfg.state_dir)?;
-    // Leftovers of a crashed daemon: its QEMUs died with it (PDEATHSIG).
-    let _ = std::fs::remove_dir_all(cfg.state_dir.join("gens"));
-    let _ = std::fs::remove_dir_all(cfg.state_dir.join("vms"));
-    std::fs::create_dir_all(cfg.state_dir.join("vms"))
-        .map_err(setup(cfg.state_dir.display().to_string()))?;
-    let listener = tokio::net::UnixListener::bind(&cfg.socket)
-        .map_err(setup(cfg.socket.display().to_string()))?;
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600));
-    let _ = std::fs::remove_dir_all(cfg.state_dir.join("memcache"));
-    let (parts, control) = cluster_parts(&cfg).await?;
-    let d = daemon::Daemon::with_cluster(cfg, parts);
-    let stale = net::remove_stale_links(&d.names);
-    if !stale.is_empty() {
-        tracing::warn!(links = ?stale, "removed links left by an earlier snowflockd");
-    }
-    tracing::info!(host = %d.cfg.host, socket = %d.cfg.socket.display(), state = %d.cfg.state_dir.display(), "snowflockd started");
-    let server = tokio::spawn(admin::serve(d.clone(), listener));
-    let control = control.map(|l| {
-        tokio::spawn(peer::serve(
-            d.clone(),
-            l,
-            d.key.clone().expect("cluster key"),
-        ))
-    });
-    if let Some(m) = &d.memtap {
-        {
-            let rx = m.events();
-            let d2 = d.clone();
-            let handle = tokio::runtime::Handle::current();
-            std::thread::Builder::new()
-                .name("memtap-events".into())
-                .spawn(move || clone::watch_memtap(d2, rx, handle))
-                .map_err(setup("memtap event thread".into()))?;
-        }
-    }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(setup("signal handler".into()))?;
-    let mut shutdown = d.shutdown.subscribe();
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
-        _ = crate::daemon::wait_until(&mut shutdown, |s| *s) => {},
-    }
-    d.stop_all().await;
-    d.shutdown.send_replace(true);
-    let _ = server.await;
-    if let Some(c) = control {
-        let _ = c.await;
-    }
-    let _ = std::fs::remove_file(&d.cfg.socket);
-    let _ = std::fs::remove_dir_all(d.cfg.state_dir.join("gens"));
-    let _ = std::fs::remove_dir(d.cfg.state_dir.join("vms"));
-    let _ = std::fs::remove_file(d.cfg.state_dir.join(".lock"));
-    let _ = std::fs::remove_dir(&d.cfg.state_dir);
-    tracing::info!("snowflockd stopped");
-    Ok(())
-}
+pub use start::{run, StartError};

@@ -39,8 +39,10 @@ struct Args {
     qemu: Option<PathBuf>,
 }
 
-fn config(a: Args) -> Result<snowflockd::config::Config, String> {
-    use snowflockd::config::{net_prefix_for, Config, HostFile, HOST_CONFIG};
+fn config(
+    a: Args,
+) -> Result<snowflockd::host::config::Config, snowflockd::host::config::ConfigError> {
+    use snowflockd::host::config::{net_prefix_for, Config, HostFile, HOST_CONFIG};
     let mut cfg = Config::default();
     cfg.net_prefix = net_prefix_for(&cfg.state_dir);
     let file = a.config.clone().or_else(|| {
@@ -49,9 +51,7 @@ fn config(a: Args) -> Result<snowflockd::config::Config, String> {
     });
     if let Some(path) = file {
         let shown = path.display().to_string();
-        HostFile::load(&path)
-            .and_then(|f| f.apply(&mut cfg, &shown))
-            .map_err(|e| snowflockd::admin::chain(&e))?;
+        HostFile::load(&path).and_then(|f| f.apply(&mut cfg, &shown))?;
     }
     if let Some(s) = a.state_dir {
         cfg.net_prefix = net_prefix_for(&s);
@@ -89,7 +89,7 @@ fn main() -> std::process::ExitCode {
     let cfg = match config(Args::parse()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("snowflockd: error: {e}");
+            eprintln!("snowflockd: error: {}", snowflock_proto::error::chain(&e));
             return std::process::ExitCode::from(2);
         }
     };
@@ -107,7 +107,7 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(snowflockd::run(cfg)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("snowflockd: error: {}", snowflockd::admin::chain(&e));
+            eprintln!("snowflockd: error: {}", snowflock_proto::error::chain(&e));
             std::process::ExitCode::from(1)
         }
     }

@@ -1,4 +1,5 @@
 //! One QEMU process: its command line, its files, and how it is started.
+//! [`super::vmm::QemuVmm`] drives it through the [`super::vmm::Vmm`] seam.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -131,15 +132,7 @@ impl QemuSpec {
                 ),
             }
         }
-        // SAFETY: prctl and setpgid are async-signal-safe and touch no
-        // memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                libc::setpgid(0, 0);
-                Ok(())
-            });
-        }
+        super::sys::die_with_parent(&mut cmd);
         cmd.spawn()
     }
 }

@@ -5,27 +5,38 @@
 //! [`GuestMsg`]. The guest's bytes are untrusted: lines are bounded and
 //! malformed ones are counted and dropped, never fatal.
 
-use crate::api;
-use crate::daemon::{deliver, Daemon, ExecEvent, Vm};
-use snowflock_proto::admin::VmState;
+use crate::lifecycle::daemon::wait_until;
+use crate::lifecycle::Daemon;
+use crate::ops::api;
+use crate::state::metrics::bump;
+use crate::state::vm::{deliver, ExecEvent, Vm, MAX_PENDING_REQUESTS};
+use futures::future::BoxFuture;
+use snowflock_proto::api::ApiResponse;
 use snowflock_proto::channel::{decode_line, encode_line, GuestMsg, HostMsg, LineReader};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-/// Malformed lines seen from all guests (exported in status).
-pub static MALFORMED_LINES: AtomicU64 = AtomicU64::new(0);
+/// The daemon's [`crate::lifecycle::daemon::GuestLink`]: the task that owns
+/// a new VM's guest channel.
+pub fn link(
+    d: Arc<Daemon>,
+    vm: Arc<Vm>,
+    rx: mpsc::UnboundedReceiver<HostMsg>,
+) -> BoxFuture<'static, ()> {
+    Box::pin(run(d, vm, rx))
+}
 
-pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<HostMsg>) {
-    let path = crate::vm::agent_path(&vm.dir);
-    let mut ended = vm.ended.subscribe();
+async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<HostMsg>) {
+    let path = crate::host::qemu::agent_path(&vm.placed.dir);
+    let mut ended = vm.life.subscribe();
     // Messages queued while no connection exists wait here.
     let mut backlog: Vec<HostMsg> = Vec::new();
     loop {
-        let done = ended.borrow().is_some();
+        let done = ended.borrow().is_ended();
         if done {
             return;
         }
@@ -34,13 +45,13 @@ pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<Ho
             Err(_) => {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                    _ = ended.changed() => {}
+                    _ = wait_until(&mut ended, |l| l.is_ended()) => {}
                     m = rx.recv() => match m { Some(m) => backlog.push(m), None => return },
                 }
                 continue;
             }
         };
-        tracing::debug!(vm = %vm.name, "agent channel connected");
+        tracing::debug!("agent channel connected");
         let (mut rd, mut wr) = stream.into_split();
         let mut reader = LineReader::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -63,9 +74,9 @@ pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<Ho
                             .and_then(|l| decode_line::<GuestMsg>(l).map_err(|e| e.to_string())) {
                             Ok(m) => msgs.push(m),
                             Err(e) => {
-                                let c = MALFORMED_LINES.fetch_add(1, Ordering::Relaxed);
+                                let c = bump(&d.counters.malformed_guest_lines);
                                 if c < 10 || c.is_power_of_two() {
-                                    tracing::warn!(vm = %vm.name, error = %e, total = c + 1, "malformed line from guest dropped");
+                                    tracing::warn!(error = %e, total = c + 1, "malformed line from guest dropped");
                                 }
                             }
                         });
@@ -85,11 +96,11 @@ pub async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<Ho
                     }
                     None => return,
                 },
-                _ = ended.changed() => return,
+                _ = wait_until(&mut ended, |l| l.is_ended()) => return,
             };
         }
         vm.agent_up.send_replace(false);
-        tracing::debug!(vm = %vm.name, "agent channel closed");
+        tracing::debug!("agent channel closed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -102,12 +113,12 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
             clone_id,
             instance,
         } => {
-            tracing::debug!(vm = %vm.name, version, %agent, clone_id, instance, "agent hello");
+            tracing::debug!(version, %agent, clone_id, instance, "agent hello");
             let previous = vm.agent_instance.swap(instance, Ordering::SeqCst);
             if previous != 0 && instance != previous {
                 // A new agent process: whatever the old one ran is gone.
-                tracing::warn!(vm = %vm.name, "guest agent restarted");
-                for (_, tx) in vm.execs.lock().unwrap().drain() {
+                tracing::warn!("guest agent restarted");
+                for (_, tx) in vm.execs.lock().drain() {
                     deliver(
                         tx,
                         ExecEvent::Error(
@@ -120,10 +131,7 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
                 });
             }
             vm.agent_up.send_replace(true);
-            let mut st = vm.state.lock().unwrap();
-            if *st == VmState::Booting {
-                *st = VmState::Running;
-            }
+            vm.agent_ready();
         }
         GuestMsg::Request { id, req } => match vm.requests.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -135,32 +143,29 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
             }
             Err(_) => vm.send(HostMsg::Response {
                 id,
-                resp: crate::daemon::api_error(
+                resp: ApiResponse::error(
                     snowflock_proto::api::ApiErrorCode::BadRequest,
-                    format!(
-                        "Too many API calls pending (at most {})",
-                        crate::daemon::MAX_PENDING_REQUESTS
-                    ),
+                    format!("Too many API calls pending (at most {MAX_PENDING_REQUESTS})"),
                 ),
             }),
         },
         GuestMsg::Ready { clone_id } => {
-            if clone_id != vm.clone_id {
-                tracing::warn!(vm = %vm.name, clone_id, "Ready for the wrong clone id ignored");
+            if clone_id != vm.spec.clone_id {
+                tracing::warn!(clone_id, "Ready for the wrong clone id ignored");
                 return;
             }
-            if let Some(tx) = vm.ready.lock().unwrap().take() {
+            if let Some(tx) = vm.ready.lock().take() {
                 let _ = tx.send(Ok(()));
             }
         }
         GuestMsg::CloneFailed { clone_id, message } => {
-            tracing::warn!(vm = %vm.name, clone_id, %message, "clone failed to apply its identity");
-            if let Some(tx) = vm.ready.lock().unwrap().take() {
+            tracing::warn!(clone_id, %message, "clone failed to apply its identity");
+            if let Some(tx) = vm.ready.lock().take() {
                 let _ = tx.send(Err(message));
             }
         }
         GuestMsg::ExecOutput { exec, stream, data } => {
-            let mut execs = vm.execs.lock().unwrap();
+            let mut execs = vm.execs.lock();
             let full = execs.get(&exec).is_some_and(|tx| {
                 matches!(
                     tx.try_send(ExecEvent::Output(stream, data)),
@@ -175,12 +180,12 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
             }
         }
         GuestMsg::ExecExit { exec, code } => {
-            if let Some(tx) = vm.execs.lock().unwrap().remove(&exec) {
+            if let Some(tx) = vm.execs.lock().remove(&exec) {
                 deliver(tx, ExecEvent::Exit(code));
             }
         }
         GuestMsg::ExecError { exec, message } => {
-            if let Some(tx) = vm.execs.lock().unwrap().remove(&exec) {
+            if let Some(tx) = vm.execs.lock().remove(&exec) {
                 deliver(tx, ExecEvent::Error(message));
             }
         }

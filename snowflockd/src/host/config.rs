@@ -374,7 +374,7 @@ addr = "10.249.0.3:7170"
             let e = HostFile::parse(text, "t")
                 .and_then(|f| f.apply(&mut cfg, "t"))
                 .unwrap_err();
-            let msg = crate::admin::chain(&e);
+            let msg = snowflock_proto::error::chain(&e);
             assert!(msg.contains(want), "{text:?}: {msg}");
         }
     }

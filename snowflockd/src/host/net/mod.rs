@@ -18,8 +18,8 @@ use std::process::Command;
 
 /// Largest clone ID a flock's /24 can address (.1 is the parent).
 pub const MAX_CLONE_ID: u32 = 253;
-/// Number of distinct flocks per host.
-pub const MAX_FLOCKS: u32 = 256;
+/// Flock subnets: `10.250.F.0/24`, F below this.
+pub const FLOCK_SUBNETS: u32 = 256;
 
 /// Errors configuring host networking.
 #[derive(Debug, thiserror::Error)]
@@ -39,89 +39,7 @@ pub enum NetError {
     },
 }
 
-/// Raw network ioctls (tun, bridge, interface flags).
-mod sys {
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-    const SIOCBRADDIF: libc::c_ulong = 0x89a2;
-
-    fn ifreq(name: &str) -> io::Result<libc::ifreq> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        // SAFETY: ifreq is plain old data; all-zero is valid.
-        let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
-            *d = s as libc::c_char;
-        }
-        Ok(r)
-    }
-
-    fn ioctl(fd: &OwnedFd, cmd: libc::c_ulong, r: &mut libc::ifreq) -> io::Result<()> {
-        // SAFETY: `r` is a valid ifreq; these requests read and write only
-        // inside it.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), cmd as _, r as *mut libc::ifreq) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn inet_socket() -> io::Result<OwnedFd> {
-        // SAFETY: no memory arguments; the result is checked and owned.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-
-    /// Creates tap `name` (`IFF_TAP | IFF_NO_PI`, as `ip tuntap add mode
-    /// tap` does) and makes it persistent, so QEMU can attach by name.
-    pub fn create_persistent_tap(name: &str) -> io::Result<()> {
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        let tun = OwnedFd::from(tun);
-        let mut r = ifreq(name)?;
-        r.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        ioctl(&tun, TUNSETIFF, &mut r)?;
-        // SAFETY: TUNSETPERSIST takes an integer argument, no pointer.
-        if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Adds interface `port` to bridge `bridge`.
-    pub fn bridge_add_if(bridge: &str, port: &str) -> io::Result<()> {
-        let cname = std::ffi::CString::new(port)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: a valid NUL-terminated string.
-        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-        if index == 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut r = ifreq(bridge)?;
-        r.ifr_ifru.ifru_ifindex = index as libc::c_int;
-        ioctl(&inet_socket()?, SIOCBRADDIF, &mut r)
-    }
-
-    /// Sets `IFF_UP` on an interface.
-    pub fn set_up(name: &str) -> io::Result<()> {
-        let s = inet_socket()?;
-        let mut r = ifreq(name)?;
-        ioctl(&s, libc::SIOCGIFFLAGS, &mut r)?;
-        // SAFETY: SIOCGIFFLAGS filled the flags member.
-        let flags = unsafe { r.ifr_ifru.ifru_flags };
-        r.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-        ioctl(&s, libc::SIOCSIFFLAGS, &mut r)
-    }
-}
+mod sys;
 
 /// Runs an iproute2 tool (`ip`, `bridge`); a failure names the command line.
 fn iproute2(tool: &str, args: &[&str]) -> Result<(), NetError> {
@@ -230,12 +148,12 @@ pub fn ensure_overlay(
 
 /// IPv4 address with prefix of clone `clone_id` in flock `flock`.
 pub fn ip_cidr(flock: u32, clone_id: u32) -> String {
-    format!("10.250.{}.{}/24", flock % MAX_FLOCKS, clone_id + 1)
+    format!("10.250.{}.{}/24", flock % FLOCK_SUBNETS, clone_id + 1)
 }
 
 /// Subnet of a flock.
 pub fn subnet(flock: u32) -> String {
-    format!("10.250.{}.0/24", flock % MAX_FLOCKS)
+    format!("10.250.{}.0/24", flock % FLOCK_SUBNETS)
 }
 
 /// MAC address of clone `clone_id` in flock `flock`.
@@ -314,6 +232,57 @@ pub fn delete_link(name: &str) -> Result<(), NetError> {
     }
     Ok(())
 }
+
+/// Host networking as the daemon uses it: a seam, so the daemon's logic
+/// runs in tests without touching the host ([`fake::FakeNet`]).
+pub trait HostNet: Send + Sync + 'static {
+    /// Creates the flock bridge if missing.
+    fn ensure_bridge(&self, name: &str) -> Result<(), NetError>;
+    /// Joins the flock bridge to the other hosts' (VXLAN). Idempotent.
+    fn ensure_overlay(
+        &self,
+        names: &NetNames,
+        flock: u32,
+        local: std::net::IpAddr,
+        peers: &[std::net::IpAddr],
+    ) -> Result<(), NetError>;
+    /// Creates a tap attached to `bridge`, up.
+    fn create_tap(&self, tap: &str, bridge: &str) -> Result<(), NetError>;
+    /// Deletes a link if it exists.
+    fn delete_link(&self, name: &str) -> Result<(), NetError>;
+    /// Deletes this daemon's leftover links; returns their names.
+    fn remove_stale_links(&self, names: &NetNames) -> Vec<String>;
+}
+
+/// The real host network: iproute2 and ioctls.
+pub struct IpRoute2;
+
+impl HostNet for IpRoute2 {
+    fn ensure_bridge(&self, name: &str) -> Result<(), NetError> {
+        ensure_bridge(name)
+    }
+    fn ensure_overlay(
+        &self,
+        names: &NetNames,
+        flock: u32,
+        local: std::net::IpAddr,
+        peers: &[std::net::IpAddr],
+    ) -> Result<(), NetError> {
+        ensure_overlay(names, flock, local, peers)
+    }
+    fn create_tap(&self, tap: &str, bridge: &str) -> Result<(), NetError> {
+        create_tap(tap, bridge)
+    }
+    fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        delete_link(name)
+    }
+    fn remove_stale_links(&self, names: &NetNames) -> Vec<String> {
+        remove_stale_links(names)
+    }
+}
+
+#[cfg(test)]
+pub mod fake;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,17 @@
+//! Adapters to the host, holding no daemon state: configuration
+//! ([`config`]), QEMU processes ([`qemu`], [`qmp`], and the [`vmm`] seam),
+//! host networking ([`net`], with its `HostNet` seam), console logs
+//! ([`console`]) and the few raw system calls ([`sys`]).
+//!
+//! May import: std, system crates, `snowflock_proto`, `snowflock_image`.
+//! Never `state`, `cluster`, `lifecycle`, `ops` or `frontends`.
+
+pub mod config;
+pub mod console;
+#[cfg(test)]
+pub mod fake_vmm;
+pub mod net;
+pub mod qemu;
+pub mod qmp;
+pub mod sys;
+pub mod vmm;

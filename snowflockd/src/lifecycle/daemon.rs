@@ -1,0 +1,252 @@
+//! The daemon's context: configuration, the registry (behind its one
+//! lock), counters, the seams to the host and the cluster, and the cluster
+//! parts (memtap, page server). Behaviour lives in the `impl Daemon`
+//! blocks of the lifecycle files and in `ops`.
+
+use crate::cluster::tcp::TcpPeers;
+use crate::cluster::PeerChannel;
+use crate::host::config::Config;
+use crate::host::net::{HostNet, IpRoute2, NetError, NetNames};
+use crate::host::qmp::QmpError;
+use crate::host::vmm::{QemuVmm, Vmm, VmmError};
+use crate::state::metrics::Counters;
+use crate::state::registry::{Registry, RegistryError};
+use crate::state::vm::Vm;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use snowflock_proto::admin::{VmInfo, VmStats};
+use snowflock_proto::auth::ClusterKey;
+use snowflock_proto::channel::HostMsg;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Errors of VM operations, mapped to admin error codes by front ends.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No VM of that name.
+    #[error("No VM named {0:?}")]
+    NoSuchVm(String),
+    /// A VM of that name exists.
+    #[error("A VM named {0:?} already exists")]
+    VmExists(String),
+    /// Arguments out of range or malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The image directory is unusable.
+    #[error("Bad image")]
+    Image(#[from] snowflock_image::ImageError),
+    /// Host capacity exhausted.
+    #[error("{0}")]
+    NoCapacity(String),
+    /// Host networking failed.
+    #[error("Network setup failed")]
+    Net(#[from] NetError),
+    /// The VMM could not be started.
+    #[error("QEMU failed")]
+    Vmm(#[from] VmmError),
+    /// The VMM could not be driven.
+    #[error("QEMU failed")]
+    Qmp(#[from] QmpError),
+    /// An I/O error on the daemon's files.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        err: std::io::Error,
+    },
+    /// The VM did not get ready in time or died while starting.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<RegistryError> for DaemonError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::VmExists(n) => DaemonError::VmExists(n),
+            e @ RegistryError::NoFlock(_) => DaemonError::NoCapacity(e.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = DaemonError> = std::result::Result<T, E>;
+
+/// Starts the task that owns a new VM's guest channel (the guest front
+/// end, wired in at start so that lifecycle code never imports it).
+pub type GuestLink =
+    fn(Arc<Daemon>, Arc<Vm>, mpsc::UnboundedReceiver<HostMsg>) -> BoxFuture<'static, ()>;
+
+/// What a daemon is built from besides its configuration.
+pub struct Parts {
+    pub vmm: Arc<dyn Vmm>,
+    pub net: Arc<dyn HostNet>,
+    pub peers: Arc<dyn PeerChannel>,
+    pub guest_link: GuestLink,
+    /// Cluster key (cluster hosts only).
+    pub key: Option<Arc<ClusterKey>>,
+    /// Memory on demand for clones of other hosts' VMs (cluster hosts only).
+    pub memtap: Option<dom0_memtap::Memtap>,
+    /// Serves this host's generations to other hosts (cluster hosts only).
+    pub pages: Option<dom0_memtap::server::PageServer>,
+}
+
+impl Parts {
+    /// A stand-alone host on real QEMU and real host networking.
+    pub fn host(guest_link: GuestLink) -> Parts {
+        Parts {
+            vmm: Arc::new(QemuVmm),
+            net: Arc::new(IpRoute2),
+            peers: Arc::new(TcpPeers::none()),
+            guest_link,
+            key: None,
+            memtap: None,
+            pages: None,
+        }
+    }
+}
+
+/// The daemon.
+pub struct Daemon {
+    pub cfg: Config,
+    pub names: NetNames,
+    pub counters: Counters,
+    registry: Mutex<Registry>,
+    pub started: Instant,
+    /// Bumped whenever any ticket's children change.
+    pub tickets_changed: watch::Sender<u64>,
+    pub shutdown: watch::Sender<bool>,
+    pub vmm: Arc<dyn Vmm>,
+    pub net: Arc<dyn HostNet>,
+    pub peers: Arc<dyn PeerChannel>,
+    pub guest_link: GuestLink,
+    pub key: Option<Arc<ClusterKey>>,
+    pub memtap: Option<dom0_memtap::Memtap>,
+    pub pages: Option<dom0_memtap::server::PageServer>,
+}
+
+impl Daemon {
+    pub fn new(cfg: Config, parts: Parts) -> Arc<Daemon> {
+        let names = NetNames {
+            prefix: cfg.net_prefix.clone(),
+        };
+        Arc::new(Daemon {
+            cfg,
+            names,
+            counters: Counters::default(),
+            // Exec ids live on in the guest agent across a clone: a clone
+            // on another host must not meet its parent's ids again, so each
+            // daemon counts from a random start.
+            registry: Mutex::new(Registry::new(rand::random::<u64>() >> 20)),
+            started: Instant::now(),
+            tickets_changed: watch::channel(0).0,
+            shutdown: watch::channel(false).0,
+            vmm: parts.vmm,
+            net: parts.net,
+            peers: parts.peers,
+            guest_link: parts.guest_link,
+            key: parts.key,
+            memtap: parts.memtap,
+            pages: parts.pages,
+        })
+    }
+
+    /// Runs `f` on the registry under its lock. The lock is never held
+    /// across an await, and a panic inside `f` does not poison it.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
+        f(&mut self.registry.lock())
+    }
+
+    pub fn vm(&self, name: &str) -> Result<Arc<Vm>> {
+        self.with(|r| r.vms.get(name).cloned())
+            .ok_or_else(|| DaemonError::NoSuchVm(name.into()))
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let vms: Vec<_> = self.with(|r| r.vms.values().cloned().collect());
+        vms.iter().map(|v| v.info(&self.cfg.host)).collect()
+    }
+
+    /// Free VM slots here (unused tickets expired first).
+    pub fn free_slots(&self) -> u32 {
+        self.with(|r| {
+            r.purge(Instant::now());
+            r.free_slots(self.cfg.max_vms)
+        })
+    }
+
+    /// This host's slice of the cluster's flock numbers: (index, count).
+    pub fn flock_slice(&self) -> (u32, u32) {
+        self.cfg
+            .cluster
+            .as_ref()
+            .map(|c| c.slot(&self.cfg.host))
+            .unwrap_or((0, 1))
+    }
+
+    /// Memory-on-demand figures of a VM of this host.
+    pub fn vm_stats(&self, vm: &Vm) -> VmStats {
+        let mut s = VmStats {
+            vm: vm.name().to_string(),
+            host: self.cfg.host.clone(),
+            memory: vm.spec.memory.kind().into(),
+            origin: vm.spec.origin.clone(),
+            ..Default::default()
+        };
+        let pid = *vm.pid.lock();
+        if let (crate::state::vm::MemSource::Remote { .. }, Some(m), Some(pid)) =
+            (&vm.spec.memory, &self.memtap, pid)
+        {
+            s.fetch = m.pid_stats(pid);
+        }
+        s
+    }
+
+    pub fn bump_tickets(&self) {
+        self.tickets_changed.send_modify(|v| *v += 1);
+    }
+
+    /// Waits (bounded) until the VM's agent has said hello.
+    pub async fn wait_agent(&self, vm: &Vm, timeout: Duration) -> Result<()> {
+        let mut up = vm.agent_up.subscribe();
+        let mut life = vm.life.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(timeout, wait_until(&mut up, |u| *u)) => match r {
+                Ok(_) => Ok(()),
+                Err(_) => Err(DaemonError::Failed(format!(
+                    "VM {} did not start its agent within {} s; console ends with:\n{}",
+                    vm.name(), timeout.as_secs(), super::console_tail(vm)))),
+            },
+            _ = wait_until(&mut life, |l| l.is_ended()) => {
+                let why = match vm.life() {
+                    crate::state::vm::Life::Ended(crate::state::vm::Ended::Lost(r)) => r,
+                    _ => "stopped".to_string(),
+                };
+                Err(DaemonError::Failed(format!(
+                    "VM {} ended while starting: {why}; console ended with:\n{}", vm.name(), vm.console_tail.lock())))
+            }
+        }
+    }
+}
+
+/// Runs blocking work (processes, file trees) on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(DaemonError::Failed(format!("host task failed: {e}"))))
+}
+
+/// Unguessable id in hex.
+pub fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Waits until `f` holds for the watched value, without holding the value's
+/// read guard across an await (which would make the future `!Send`).
+pub async fn wait_until<T>(rx: &mut watch::Receiver<T>, f: impl FnMut(&T) -> bool) {
+    let _ = rx.wait_for(f).await.map(|_| ());
+}

@@ -1,0 +1,95 @@
+//! Generations: the frozen memory (and device state) of a parent at one
+//! clone point. Their names, where their files live, and releasing them.
+
+use super::daemon::Daemon;
+use crate::state::ticket::Release;
+
+/// Name of generation `n` of VM `vm` on its own host: `<vm>-g<n>`.
+pub fn local_name(vm: &str, n: u64) -> String {
+    format!("{vm}-g{n}")
+}
+
+/// Name of a generation on the page server and in memtap on other hosts:
+/// `<origin host>.<generation>`, unique across the cluster.
+pub fn shared_name(origin: &str, generation: &str) -> String {
+    format!("{origin}.{generation}")
+}
+
+/// Whether directory name `dir` is a generation of `parent`.
+pub fn is_generation_of(dir: &str, parent: &str) -> bool {
+    dir.strip_prefix(parent)
+        .and_then(|r| r.strip_prefix("-g"))
+        .is_some_and(|g| !g.is_empty() && g.bytes().all(|c| c.is_ascii_digit()))
+}
+
+/// Errors naming another host's generation.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GenerationError {
+    /// The descriptor's memory source is not `<host>:<generation>` with
+    /// safe names.
+    #[error("malformed memory source {0:?}")]
+    MalformedSource(String),
+}
+
+/// Memtap name of a generation from another host, from its descriptor's
+/// origin host and memory source (`<host>:<generation>`).
+pub fn remote_name(origin_host: &str, source: &str) -> Result<String, GenerationError> {
+    let bad = || GenerationError::MalformedSource(source.to_string());
+    let gen = source.split_once(':').map(|(_, g)| g).ok_or_else(bad)?;
+    let ok = |s: &str| {
+        !s.is_empty() && s.len() <= 60 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if !ok(origin_host) || !ok(gen) {
+        return Err(bad());
+    }
+    Ok(shared_name(origin_host, gen))
+}
+
+impl Daemon {
+    /// Withdraws a ticket's generation from the page server and deletes
+    /// its files.
+    pub fn drop_generation(&self, release: Release) {
+        if let (Some(name), Some(p)) = (release.published, &self.pages) {
+            p.withdraw(&name);
+        }
+        if let Some(g) = release.generation {
+            let _ = std::fs::remove_dir_all(g);
+        }
+    }
+
+    /// Removes every generation of a parent that is gone or stopped.
+    pub fn cleanup_generations(&self, parent: &str) {
+        let gens = self.cfg.state_dir.join("gens");
+        let Ok(rd) = std::fs::read_dir(&gens) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if is_generation_of(&n, parent) {
+                if let Some(p) = &self.pages {
+                    p.withdraw(&shared_name(&self.cfg.host, &n));
+                }
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_names() {
+        assert_eq!(local_name("web", 3), "web-g3");
+        assert!(is_generation_of("web-g3", "web"));
+        assert!(!is_generation_of("web-g3", "we"));
+        assert!(!is_generation_of("web-2-g3", "web"));
+        assert!(!is_generation_of("web-g", "web"));
+        assert_eq!(remote_name("h0", "h0:web-g3").unwrap(), "h0.web-g3");
+        for bad in ["web-g3", "h0:", "h0:../x", "h0:a.b"] {
+            assert!(remote_name("h0", bad).is_err(), "{bad}");
+        }
+        assert!(remote_name("h/0", "h0:web-g1").is_err());
+    }
+}

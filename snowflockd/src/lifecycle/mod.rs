@@ -1,0 +1,22 @@
+//! The VM lifecycle: the daemon's context ([`daemon`]), creating VMs
+//! ([`create`]), supervising their exit ([`supervise`]), stopping them
+//! ([`stop`]) and their generations ([`generations`]).
+//!
+//! May import: `host`, `state`, `cluster` (client side). Never `ops` or
+//! `frontends`: the guest channel is started through
+//! [`daemon::GuestLink`], wired in at start.
+
+pub mod create;
+pub mod daemon;
+pub mod generations;
+pub mod stop;
+pub mod supervise;
+
+pub use daemon::{Daemon, DaemonError};
+
+use crate::state::vm::Vm;
+
+/// The last lines of a VM's serial console, for error messages.
+pub fn console_tail(vm: &Vm) -> String {
+    crate::host::console::tail_lines(&crate::host::qemu::console_path(&vm.placed.dir))
+}

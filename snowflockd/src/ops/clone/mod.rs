@@ -1,0 +1,447 @@
+//! The clone operation on the parent's host.
+//!
+//! ```text
+//!  parent guest        snowflockd                                clone k
+//!   sf_clone(T) ----->  check ticket T (owner, unused)
+//!                       QMP stop                        -+
+//!                       migrate (x-ignore-shared) -> state| parent pause
+//!                       freeze RAM -> generation G        |
+//!                       QMP cont                        -+
+//!                       descriptor(state, G, holes, net, slots)
+//!                       for each k, concurrently (here, or on host h):
+//!                         tap + QEMU -incoming defer, RAM = G (private) --> starts paused
+//!                         migrate-incoming state, cont                  --> resumes at the
+//!                         BecomeClone{identity k}                           same instruction
+//!                                                          <-- Ready{k}  (identity applied,
+//!                                                                          sf_clone returned k)
+//!   <---- 0  (after every child is Ready or recorded lost)
+//! ```
+//!
+//! The parent is resumed in every path once it was stopped, including
+//! failures; a failed child is recorded as lost and never blocks the parent.
+//! [`freeze`] pauses and freezes, [`start`] starts one clone, [`remote`]
+//! starts clones on other hosts.
+
+pub mod freeze;
+pub mod remote;
+pub mod start;
+
+use crate::host::qmp::QmpError;
+use crate::lifecycle::daemon::DaemonError;
+use crate::lifecycle::generations;
+use crate::lifecycle::Daemon;
+use crate::state::metrics::bump;
+use crate::state::placement::hosts_by_clone;
+use crate::state::vm::{MemSource, Vm};
+use parking_lot::Mutex;
+use snowflock_descriptor::{CloneSlot, Descriptor, FlockNet, MachineShape, MemoryLayout, Meta};
+use snowflock_proto::admin::{CloneReport, VmState};
+use snowflock_proto::api::{ApiErrorCode as E, ApiResponse, ChildState};
+use snowflock_proto::error::chain;
+use start::{resume_clone, spawn_clone, Source};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why a clone (or one child of it) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    /// A file or directory of the generation.
+    #[error("cannot {what}")]
+    Io {
+        what: String,
+        #[source]
+        err: std::io::Error,
+    },
+    /// The parent's image cannot be opened.
+    #[error("the parent's image")]
+    Image(#[from] snowflock_image::ImageError),
+    /// Freezing the parent's memory failed.
+    #[error("freezing memory")]
+    Memory(#[from] dom0_memtap::FreezeError),
+    /// The VMM refused a control command.
+    #[error("QEMU")]
+    Vmm(#[from] QmpError),
+    /// The parent could not be resumed (it stays paused: stop it).
+    #[error("cannot resume the parent")]
+    Resume(#[source] QmpError),
+    /// Reading the device state failed.
+    #[error("cannot read the device state")]
+    DeviceState(#[source] std::io::Error),
+    /// The device-state stream is far too large.
+    #[error("device state exceeds {0} bytes: is guest RAM shared?")]
+    DeviceStateTooLarge(usize),
+    /// The device-state reader thread panicked.
+    #[error("device state reader panicked")]
+    ReaderPanicked,
+    /// A background task of the clone failed.
+    #[error("a clone task failed")]
+    TaskFailed,
+    /// The descriptor could not be encoded or decoded.
+    #[error("descriptor")]
+    Descriptor(#[from] snowflock_descriptor::DescriptorError),
+    /// Clones were placed on other hosts, but this host has no page server.
+    #[error("clones placed on other hosts, but this host has no page server")]
+    NoPageServer,
+    /// Publishing the generation on the page server failed.
+    #[error("cannot publish the generation")]
+    Publish(#[source] dom0_memtap::PublishError),
+    /// Starting a clone's VM failed.
+    #[error("cannot start the clone VM")]
+    Start(#[from] DaemonError),
+    /// The parent was stopped while it was cloned.
+    #[error("the parent VM was stopped during the clone")]
+    ParentStopped,
+    /// The clone's guest could not apply its identity.
+    #[error("{0}")]
+    Guest(String),
+    /// The clone's VM ended before it was ready.
+    #[error("clone VM went away before it was ready")]
+    WentAway,
+    /// The clone did not report ready in time.
+    #[error("clone did not report ready within {0} s")]
+    NotReady(u64),
+    /// Another host could not start the clone.
+    #[error("on {host}: {why}")]
+    Remote { host: String, why: String },
+    /// No host started this clone.
+    #[error("never started")]
+    NeverStarted,
+}
+
+/// Timeline of one clone, in milliseconds since the request arrived.
+#[derive(Clone)]
+pub struct Timeline(Arc<Mutex<Vec<(String, f64)>>>, Instant);
+
+impl Timeline {
+    pub fn new() -> Timeline {
+        Timeline(Arc::new(Mutex::new(Vec::new())), Instant::now())
+    }
+
+    pub fn mark(&self, what: impl Into<String>) -> f64 {
+        let ms = self.1.elapsed().as_secs_f64() * 1e3;
+        self.0.lock().push((what.into(), ms));
+        ms
+    }
+
+    fn phases(&self) -> Vec<(String, f64)> {
+        self.0.lock().clone()
+    }
+}
+
+impl Default for Timeline {
+    fn default() -> Self {
+        Timeline::new()
+    }
+}
+
+/// Runs `sf_clone(ticket)` for `parent`; returns the parent's answer.
+pub async fn clone(
+    d: Arc<Daemon>,
+    parent: Arc<Vm>,
+    request_id: u64,
+    ticket: String,
+) -> ApiResponse {
+    let tl = Timeline::new();
+    tl.mark("request_received");
+    if parent.spec.is_clone() {
+        return ApiResponse::error(
+            E::WrongRole,
+            "Nested cloning is not supported: only an original VM (clone ID 0) can clone",
+        );
+    }
+    let _one_at_a_time = parent.clone_lock.lock().await;
+    let begun = d.with(|r| {
+        let t = r.owned_ticket(parent.name(), &ticket)?;
+        t.begin_clone()?;
+        Ok::<_, crate::state::ticket::TicketError>((t.granted, t.placement.clone()))
+    });
+    let (granted, placement) = match begun {
+        Ok(b) => b,
+        Err(e) => return ApiResponse::error(e.code(), e.to_string()),
+    };
+    bump(&d.counters.clone_ops);
+    let generation = parent.generations.fetch_add(1, Ordering::SeqCst) + 1;
+    let gen_name = generations::local_name(parent.name(), generation);
+    let gen_dir = d.cfg.state_dir.join("gens").join(&gen_name);
+    let job = Job {
+        request_id,
+        ticket: &ticket,
+        granted,
+        placement: &placement,
+        generation,
+        gen_name: &gen_name,
+        gen_dir: &gen_dir,
+    };
+    let result = match std::fs::create_dir_all(&gen_dir) {
+        Ok(()) => do_clone(&d, &parent, &job, &tl).await,
+        Err(err) => Err(CloneError::Io {
+            what: format!("create {}", gen_dir.display()),
+            err,
+        }),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&gen_dir);
+    }
+    match result {
+        Ok(report) => {
+            d.with(|r| {
+                if let Some(t) = r.tickets.get_mut(&ticket) {
+                    t.clone_done(gen_dir.clone());
+                }
+                r.record_report(report.clone());
+            });
+            d.bump_tickets();
+            tracing::info!(
+                pause_ms = report.parent_pause_ms,
+                all_ready_ms = report.all_ready_ms,
+                "clone done"
+            );
+            ApiResponse::Cloned {
+                clone_id: 0,
+                ticket,
+            }
+        }
+        Err(e) => {
+            bump(&d.counters.clone_failures);
+            d.with(|r| {
+                if let Some(t) = r.tickets.get_mut(&ticket) {
+                    t.clone_failed();
+                }
+            });
+            d.bump_tickets();
+            let msg = chain(&e);
+            tracing::warn!(error = %msg, "clone failed");
+            ApiResponse::error(E::Failed, format!("Clone failed: {msg}"))
+        }
+    }
+}
+
+/// One `sf_clone` on the origin host.
+struct Job<'a> {
+    request_id: u64,
+    ticket: &'a str,
+    granted: u32,
+    /// (host, clones), this host first.
+    placement: &'a [(String, u32)],
+    generation: u64,
+    gen_name: &'a str,
+    gen_dir: &'a Path,
+}
+
+/// The descriptor of a frozen parent.
+fn descriptor(
+    d: &Daemon,
+    parent: &Vm,
+    job: &Job<'_>,
+    slots: Vec<CloneSlot>,
+    frozen: &freeze::Frozen,
+) -> Descriptor {
+    let s = &parent.spec;
+    Descriptor {
+        meta: Meta {
+            parent: s.name.clone(),
+            origin_host: d.cfg.host.clone(),
+            ticket: job.ticket.to_string(),
+            request_id: job.request_id,
+            memory: MemoryLayout {
+                size: frozen.mem.size,
+                generation: job.generation,
+                source: format!("{}:{}", d.cfg.host, job.gen_name),
+                data_bytes: frozen.mem.copied,
+            },
+            machine: MachineShape {
+                vcpus: s.vcpus,
+                mem_mib: s.mem_mib,
+                accel: s.accel.clone(),
+                image: s.image.display().to_string(),
+                cmdline: s.cmdline.clone(),
+            },
+            net: FlockNet {
+                flock: s.flock,
+                subnet: crate::host::net::subnet(s.flock),
+            },
+            clones: slots,
+        },
+        device_state: frozen.state.clone(),
+        holes: frozen.mem.holes.clone(),
+    }
+}
+
+async fn do_clone(
+    d: &Arc<Daemon>,
+    parent: &Arc<Vm>,
+    job: &Job<'_>,
+    tl: &Timeline,
+) -> Result<CloneReport, CloneError> {
+    let me = d.cfg.host.clone();
+    let hosts = hosts_by_clone(job.placement, job.granted, &me);
+    let image = snowflock_image::Image::open(&parent.spec.image)?;
+    let flock = parent.spec.flock;
+    let slots: Vec<CloneSlot> = (1..=job.granted)
+        .map(|k| CloneSlot {
+            clone_id: k,
+            vm: format!("{}c{k}", job.gen_name),
+            mac: crate::host::net::mac(flock, k),
+            ip_cidr: crate::host::net::ip_cidr(flock, k),
+        })
+        .collect();
+    let gen_ram = job.gen_dir.join("ram");
+    let precopy = {
+        let (src, dst) = (parent.placed.ram_path.clone(), gen_ram.clone());
+        tokio::task::spawn_blocking(move || dom0_memtap::Precopy::create(&src, &dst))
+            .await
+            .map_err(|_| CloneError::TaskFailed)??
+    };
+    // Children exist from now on, so a clone that exits at once is
+    // recorded as exited, not overwritten later.
+    d.with(|r| {
+        if let Some(t) = r.tickets.get_mut(job.ticket) {
+            t.set_children(
+                slots
+                    .iter()
+                    .zip(&hosts)
+                    .map(|(s, h)| (s.clone_id, s.vm.clone(), h.clone())),
+            );
+        }
+    });
+    parent.set_state(VmState::Cloning);
+    let frozen = {
+        let (vmm, dir, g, tl2) = (
+            d.vmm.clone(),
+            parent.placed.dir.clone(),
+            job.gen_dir.to_path_buf(),
+            tl.clone(),
+        );
+        tokio::task::spawn_blocking(move || freeze::freeze(&vmm, &dir, precopy, &g, &tl2))
+            .await
+            .map_err(|_| CloneError::TaskFailed)
+    };
+    parent.set_state(VmState::Running);
+    let frozen = frozen??;
+
+    let encoded = descriptor(d, parent, job, slots, &frozen).encode()?;
+    std::fs::write(job.gen_dir.join("descriptor"), &encoded).map_err(|err| CloneError::Io {
+        what: "write the descriptor".into(),
+        err,
+    })?;
+    tl.mark("descriptor_built");
+
+    // Clones start from the descriptor alone (plus the generation's memory).
+    let desc = Descriptor::decode(&encoded)?;
+    let state_file = job.gen_dir.join("state");
+    let remote_hosts: Vec<String> = job
+        .placement
+        .iter()
+        .skip(1)
+        .filter(|(_, n)| *n > 0)
+        .map(|(h, _)| h.clone())
+        .collect();
+    if !remote_hosts.is_empty() {
+        let pages = d.pages.as_ref().ok_or(CloneError::NoPageServer)?;
+        // Published as other hosts' memtap names it.
+        let name = generations::shared_name(&me, job.gen_name);
+        pages
+            .publish(&name, &gen_ram)
+            .map_err(CloneError::Publish)?;
+        d.with(|r| {
+            if let Some(t) = r.tickets.get_mut(job.ticket) {
+                t.published = Some(name);
+            }
+        });
+    }
+    let local: Vec<&CloneSlot> = desc
+        .meta
+        .clones
+        .iter()
+        .zip(&hosts)
+        .filter(|(_, h)| **h == me)
+        .map(|(s, _)| s)
+        .collect();
+    // Clone QEMUs start only now, once nothing can fail before they are
+    // resumed or stopped. Starting them during the precopy (they could map
+    // the generation early) was measured slower on a 2-core host: QEMU
+    // start-up and the precopy compete for the same CPUs.
+    let src = Source {
+        image: &image,
+        memory: MemSource::Local {
+            ram: gen_ram.clone(),
+        },
+        origin: None,
+    };
+    let local_run = async {
+        let spawned =
+            futures::future::join_all(local.iter().map(|slot| spawn_clone(d, &desc, &src, slot)))
+                .await;
+        tl.mark("clone_vmms_started");
+        let starts = spawned.into_iter().zip(&local).map(|(vm, slot)| {
+            let (state_file, desc) = (&state_file, &desc);
+            async move {
+                match vm {
+                    Ok(vm) => resume_clone(d, Some(parent), vm, desc, slot, state_file, tl).await,
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        let res = futures::future::join_all(starts).await;
+        local
+            .iter()
+            .map(|s| s.clone_id)
+            .zip(res)
+            .collect::<Vec<_>>()
+    };
+    let remote_run = futures::future::join_all(remote_hosts.iter().map(|h| {
+        let ids: Vec<u32> = desc
+            .meta
+            .clones
+            .iter()
+            .zip(&hosts)
+            .filter(|(_, x)| *x == h)
+            .map(|(s, _)| s.clone_id)
+            .collect();
+        remote::start_on_host(d, h, &encoded, ids, tl)
+    }));
+    let (local_out, remote_out) = futures::join!(local_run, remote_run);
+    let mut by_id: BTreeMap<u32, Result<(), CloneError>> = local_out.into_iter().collect();
+    for r in remote_out {
+        by_id.extend(r);
+    }
+    tl.mark("clones_ready");
+
+    // Every local clone QEMU has mapped the generation and loaded the state
+    // (or failed): the files can go; the generation's pages live as long as
+    // a clone maps them. Other hosts fetch pages from the file until the
+    // ticket ends. The descriptor stays until the ticket is discarded.
+    if remote_hosts.is_empty() {
+        let _ = std::fs::remove_file(&gen_ram);
+    }
+    let _ = std::fs::remove_file(&state_file);
+    d.with(|r| {
+        for slot in &desc.meta.clones {
+            let outcome = by_id
+                .remove(&slot.clone_id)
+                .unwrap_or(Err(CloneError::NeverStarted));
+            if let Err(e) = outcome {
+                let reason = chain(&e);
+                tracing::warn!(clone = %slot.vm, %reason, "clone lost while starting");
+                r.child_ended(job.ticket, slot.clone_id, ChildState::Lost { reason });
+            }
+        }
+    });
+    let all_ready_ms = tl.mark("parent_answered");
+    Ok(CloneReport {
+        parent: parent.name().to_string(),
+        ticket: job.ticket.to_string(),
+        clones: job.granted,
+        parent_pause_ms: frozen.pause_ms,
+        descriptor_bytes: encoded.len() as u64,
+        device_state_bytes: desc.device_state.len() as u64,
+        frozen_bytes: frozen.mem.copied,
+        paused_copy_bytes: frozen.mem.fixed,
+        guest_ram_bytes: frozen.mem.size,
+        all_ready_ms,
+        timeline: tl.phases(),
+    })
+}

@@ -1,0 +1,233 @@
+//! Clones on other hosts: the origin asks a host to start some clones of a
+//! descriptor ([`start_on_host`]); that host starts them with their memory
+//! served on demand by memtap from the origin's page server
+//! ([`start_remote`]).
+
+use super::start::{resume_clone, spawn_clone, Source};
+use super::{CloneError, Timeline};
+use crate::lifecycle::daemon::random_hex;
+use crate::lifecycle::generations;
+use crate::lifecycle::Daemon;
+use crate::state::metrics::bump;
+use crate::state::vm::MemSource;
+use snowflock_descriptor::{CloneSlot, Descriptor};
+use snowflock_proto::admin::{AdminErrorCode as C, AdminResponse, CloneStart};
+use snowflock_proto::error::chain;
+use snowflock_proto::peer::PeerRequest;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Asks `host` to start clones `ids` of the descriptor; one outcome per ID.
+pub async fn start_on_host(
+    d: &Arc<Daemon>,
+    host: &str,
+    encoded: &[u8],
+    ids: Vec<u32>,
+    tl: &Timeline,
+) -> Vec<(u32, Result<(), CloneError>)> {
+    let page_server = d
+        .cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.page_server.to_string())
+        .unwrap_or_default();
+    let req = PeerRequest::StartClones {
+        descriptor: encoded.to_vec(),
+        clone_ids: ids.clone(),
+        page_server,
+    };
+    let timeout = Duration::from_secs(d.cfg.clone_timeout_s + 60);
+    let res = d.peers.call(host, &req, timeout).await;
+    tl.mark(format!("{host}_answered"));
+    let fail = |why: String| CloneError::Remote {
+        host: host.to_string(),
+        why,
+    };
+    let each = |out: &dyn Fn(u32) -> Result<(), CloneError>| {
+        ids.iter().map(|id| (*id, out(*id))).collect()
+    };
+    match res {
+        Ok(AdminResponse::ClonesStarted { results }) => {
+            each(&|id| match results.iter().find(|r| r.clone_id == id) {
+                Some(CloneStart { error: None, .. }) => Ok(()),
+                Some(CloneStart { error: Some(e), .. }) => Err(fail(e.clone())),
+                None => Err(fail("it did not report on this clone".into())),
+            })
+        }
+        Ok(AdminResponse::Error { message, .. }) => {
+            each(&|_| Err(fail(format!("refused: {message}"))))
+        }
+        Ok(other) => each(&|_| Err(fail(format!("answered {other:?}")))),
+        Err(e) => {
+            let msg = chain(&e);
+            each(&|_| Err(fail(msg.clone())))
+        }
+    }
+}
+
+/// Why a host refuses to start clones for another.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteStartError {
+    #[error("bad descriptor")]
+    Descriptor(#[source] snowflock_descriptor::DescriptorError),
+    #[error("this host has no memtap (not in a cluster)")]
+    NoMemtap,
+    #[error("bad page server address {0:?}")]
+    PageServer(String),
+    #[error("clone IDs do not match the descriptor")]
+    Ids,
+    #[error("bad generation name")]
+    Generation(#[from] generations::GenerationError),
+    #[error("the parent's image is not usable on this host")]
+    Image(#[source] snowflock_image::ImageError),
+    #[error("{host} has {free} free VM slots, {asked} asked")]
+    NoCapacity {
+        host: String,
+        free: u32,
+        asked: usize,
+    },
+    #[error("memtap")]
+    Memtap(#[source] dom0_memtap::MemtapError),
+    #[error("cannot write device state")]
+    State(#[source] std::io::Error),
+}
+
+impl RemoteStartError {
+    fn code(&self) -> C {
+        match self {
+            RemoteStartError::NoCapacity { .. } => C::Unavailable,
+            RemoteStartError::Memtap(_) | RemoteStartError::State(_) => C::Failed,
+            _ => C::BadRequest,
+        }
+    }
+}
+
+/// On a clone host: starts clones `ids` of an encoded descriptor from
+/// another host, their memory served on demand by memtap from the origin's
+/// page server. Answers once every clone is ready or failed.
+pub async fn start_remote(
+    d: &Arc<Daemon>,
+    encoded: &[u8],
+    ids: &[u32],
+    page_server: &str,
+) -> AdminResponse {
+    match try_start_remote(d, encoded, ids, page_server).await {
+        Ok(results) => AdminResponse::ClonesStarted { results },
+        Err(e) => AdminResponse::Error {
+            code: e.code(),
+            message: chain(&e),
+        },
+    }
+}
+
+async fn try_start_remote(
+    d: &Arc<Daemon>,
+    encoded: &[u8],
+    ids: &[u32],
+    page_server: &str,
+) -> Result<Vec<CloneStart>, RemoteStartError> {
+    let desc = Descriptor::decode(encoded).map_err(RemoteStartError::Descriptor)?;
+    tracing::Span::current().record("ticket", desc.meta.ticket.as_str());
+    let memtap = d.memtap.as_ref().ok_or(RemoteStartError::NoMemtap)?;
+    let origin_addr: std::net::SocketAddr = page_server
+        .parse()
+        .map_err(|_| RemoteStartError::PageServer(page_server.to_string()))?;
+    let slots: Vec<CloneSlot> = desc
+        .meta
+        .clones
+        .iter()
+        .filter(|s| ids.contains(&s.clone_id))
+        .cloned()
+        .collect();
+    if slots.len() != ids.len() || ids.is_empty() {
+        return Err(RemoteStartError::Ids);
+    }
+    let gen_name = generations::remote_name(&desc.meta.origin_host, &desc.meta.memory.source)?;
+    let image = snowflock_image::Image::open(Path::new(&desc.meta.machine.image))
+        .map_err(RemoteStartError::Image)?;
+    let free = d.free_slots();
+    if free < ids.len() as u32 {
+        return Err(RemoteStartError::NoCapacity {
+            host: d.cfg.host.clone(),
+            free,
+            asked: ids.len(),
+        });
+    }
+    let tl = Timeline::new();
+    // One memtap reference per clone VM; each is released when that VM
+    // ends (or here, for a VM that never started).
+    let release = |n: usize| (0..n).for_each(|_| memtap.release_generation(&gen_name));
+    let mut ram = None;
+    for added in 0..slots.len() {
+        let spec = dom0_memtap::GenerationSpec {
+            name: gen_name.clone(),
+            size: desc.meta.memory.size,
+            holes: desc.holes.clone(),
+            origin: origin_addr,
+        };
+        match memtap.add_generation(spec) {
+            Ok(p) => ram = Some(p),
+            Err(e) => {
+                release(added);
+                return Err(RemoteStartError::Memtap(e));
+            }
+        }
+    }
+    let Some(ram) = ram else {
+        return Err(RemoteStartError::Ids);
+    };
+    let dir = d
+        .cfg
+        .state_dir
+        .join("gens")
+        .join(format!("{gen_name}-{}", random_hex(4)));
+    let state_file = dir.join("state");
+    if let Err(e) =
+        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&state_file, &desc.device_state))
+    {
+        release(slots.len());
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(RemoteStartError::State(e));
+    }
+    let src = Source {
+        image: &image,
+        memory: MemSource::Remote {
+            generation: gen_name.clone(),
+            ram,
+        },
+        origin: Some(desc.meta.origin_host.clone()),
+    };
+    let spawned =
+        futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
+    let starts = spawned.into_iter().zip(&slots).map(|(vm, slot)| {
+        let (state_file, desc, tl) = (&state_file, &desc, &tl);
+        async move {
+            match vm {
+                Ok(vm) => resume_clone(d, None, vm, desc, slot, state_file, tl).await,
+                Err(e) => {
+                    // No VM holds this reference.
+                    release(1);
+                    Err(e)
+                }
+            }
+        }
+    });
+    let res = futures::future::join_all(starts).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    tracing::info!(origin = %desc.meta.origin_host, ticket = %desc.meta.ticket, ?ids, "clones from another host started");
+    Ok(slots
+        .iter()
+        .zip(res)
+        .map(|(s, r)| {
+            if r.is_ok() {
+                bump(&d.counters.remote_clones_started);
+            }
+            CloneStart {
+                clone_id: s.clone_id,
+                vm: s.vm.clone(),
+                error: r.err().map(|e| chain(&e)),
+            }
+        })
+        .collect())
+}

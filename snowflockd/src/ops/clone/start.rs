@@ -1,0 +1,135 @@
+//! Starting one clone from a descriptor, on the origin host or another:
+//! its VMM starts paused on the generation's memory, loads the device
+//! state, resumes, and takes its identity; it counts once it says `Ready`.
+
+use super::{CloneError, Timeline};
+use crate::lifecycle::daemon::random_hex;
+use crate::lifecycle::Daemon;
+use crate::state::metrics::bump;
+use crate::state::vm::{MemSource, Vm, VmSpec};
+use snowflock_descriptor::{CloneSlot, Descriptor};
+use snowflock_proto::admin::VmState;
+use snowflock_proto::channel::{CloneIdentity, HostMsg};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Where a clone's VMM gets its memory and kernel from.
+pub struct Source<'a> {
+    pub image: &'a snowflock_image::Image,
+    pub memory: MemSource,
+    pub origin: Option<String>,
+}
+
+/// The spec of clone `slot` of a descriptor.
+pub fn clone_spec(desc: &Descriptor, src: &Source<'_>, slot: &CloneSlot) -> VmSpec {
+    let m = &desc.meta;
+    VmSpec {
+        name: slot.vm.clone(),
+        flock: m.net.flock,
+        clone_id: slot.clone_id,
+        ticket: Some(m.ticket.clone()),
+        parent: m.parent.clone(),
+        mem_mib: m.machine.mem_mib,
+        vcpus: m.machine.vcpus,
+        accel: m.machine.accel.clone(),
+        image: PathBuf::from(&m.machine.image),
+        kernel: src.image.vmlinux.clone(),
+        initrd: src.image.initramfs.clone(),
+        cmdline: m.machine.cmdline.clone(),
+        origin: src.origin.clone(),
+        memory: src.memory.clone(),
+    }
+}
+
+/// Starts a clone's VMM, paused and waiting for its device state.
+pub async fn spawn_clone(
+    d: &Arc<Daemon>,
+    desc: &Descriptor,
+    src: &Source<'_>,
+    slot: &CloneSlot,
+) -> Result<Arc<Vm>, CloneError> {
+    Ok(d.create_vm(clone_spec(desc, src, slot)).await?)
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Loads the device state into a spawned clone, resumes it and gives it
+/// its identity; returns once it is ready. A clone that fails is stopped.
+pub async fn resume_clone(
+    d: &Arc<Daemon>,
+    parent: Option<&Arc<Vm>>,
+    vm: Arc<Vm>,
+    desc: &Descriptor,
+    slot: &CloneSlot,
+    state_file: &Path,
+    tl: &Timeline,
+) -> Result<(), CloneError> {
+    if parent.is_some_and(|p| !p.is_running()) {
+        // The parent was stopped while we cloned it: its children go too.
+        d.stop_vm(&vm).await;
+        return Err(CloneError::ParentStopped);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    *vm.ready.lock() = Some(tx);
+    let res = async {
+        let (vmm, dir, s) = (
+            d.vmm.clone(),
+            vm.placed.dir.clone(),
+            state_file.to_path_buf(),
+        );
+        tokio::task::spawn_blocking(move || -> Result<(), CloneError> {
+            let mut q = vmm.control(&dir, Duration::from_secs(30))?;
+            q.ignore_shared_ram()?;
+            q.migrate_incoming(&format!("exec:cat '{}'", s.display()))?;
+            q.wait_incoming(Duration::from_secs(60))?;
+            Ok(q.cont()?)
+        })
+        .await
+        .map_err(|_| CloneError::TaskFailed)??;
+        tl.mark(format!("clone{}_resumed", slot.clone_id));
+        let mut seed = vec![0u8; 64];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut seed);
+        vm.send(HostMsg::BecomeClone {
+            request_id: desc.meta.request_id,
+            identity: CloneIdentity {
+                clone_id: slot.clone_id,
+                ticket: desc.meta.ticket.clone(),
+                vm: slot.vm.clone(),
+                hostname: slot.vm.clone(),
+                machine_id: random_hex(16),
+                mac: slot.mac.clone(),
+                ip_cidr: slot.ip_cidr.clone(),
+                seed,
+                unix_time_ns: now_ns(),
+            },
+        });
+        let limit = d.cfg.clone_timeout_s;
+        match tokio::time::timeout(Duration::from_secs(limit), rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(msg))) => Err(CloneError::Guest(msg)),
+            Ok(Err(_)) => Err(CloneError::WentAway),
+            Err(_) => Err(CloneError::NotReady(limit)),
+        }
+    }
+    .await;
+    match res {
+        Ok(()) => {
+            bump(&d.counters.clones_started);
+            vm.set_state(VmState::Running);
+            vm.agent_up.send_replace(true);
+            tl.mark(format!("clone{}_ready", slot.clone_id));
+            Ok(())
+        }
+        Err(e) => {
+            bump(&d.counters.clones_lost);
+            d.stop_vm(&vm).await;
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! A VM as the daemon knows it: its settings ([`VmSpec`], the same for a
+//! VM started by a user and for a clone), the names derived from them, its
+//! live state, and its lifecycle ([`Life`], one enum).
+
+use parking_lot::Mutex;
+use snowflock_proto::admin::{VmInfo, VmState};
+use snowflock_proto::api::ChildState;
+use snowflock_proto::channel::{HostMsg, Stream};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Where a VM's RAM comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemSource {
+    /// Its own, fresh RAM file in its directory (an original VM).
+    Own,
+    /// A private mapping of a generation file on this host.
+    Local { ram: PathBuf },
+    /// A private mapping of a memtap file: pages fetched on demand from the
+    /// origin host's page server. `generation` is the memtap name.
+    Remote { generation: String, ram: PathBuf },
+}
+
+impl MemSource {
+    /// `own`, `local` or `remote`, as `snowflock stats` shows it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MemSource::Own => "own",
+            MemSource::Local { .. } => "local",
+            MemSource::Remote { .. } => "remote",
+        }
+    }
+
+    /// The generation file a clone maps, `None` for an original VM.
+    pub fn generation_ram(&self) -> Option<&PathBuf> {
+        match self {
+            MemSource::Own => None,
+            MemSource::Local { ram } | MemSource::Remote { ram, .. } => Some(ram),
+        }
+    }
+}
+
+/// Everything a VM is made from: what `vm start` and a clone both give.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub name: String,
+    pub flock: u32,
+    /// 0 for an original VM, 1..=m for clones.
+    pub clone_id: u32,
+    /// The ticket a clone was made from.
+    pub ticket: Option<String>,
+    /// The original VM of this flock (itself for a parent).
+    pub parent: String,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+    pub accel: String,
+    pub image: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// For a clone whose parent runs on another host: that host.
+    pub origin: Option<String>,
+    pub memory: MemSource,
+}
+
+impl VmSpec {
+    pub fn is_clone(&self) -> bool {
+        self.clone_id != 0
+    }
+}
+
+/// Why a VM is being stopped, or why it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EndCause {
+    /// We stopped it (`vm stop`, `sf_kill`, its parent ended).
+    Requested,
+    /// A clone called `sf_exit(code)`.
+    Exited(i32),
+    /// The daemon stopped it on its own, or it died: reported as lost.
+    Lost(String),
+}
+
+/// Why a VM's QEMU ended, as waiters see it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ended {
+    /// We stopped it (stop, exit, kill).
+    Stopped,
+    /// It went away on its own.
+    Lost(String),
+}
+
+/// The lifecycle of a VM. Only moves forward: Running -> Stopping -> Ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Life {
+    /// QEMU runs (booting, resuming or running: see [`VmState`]).
+    Running,
+    /// The daemon is ending it, for this cause.
+    Stopping(EndCause),
+    /// QEMU has exited and the VM is cleaned up.
+    Ended(Ended),
+}
+
+impl Life {
+    pub fn is_ended(&self) -> bool {
+        matches!(self, Life::Ended(_))
+    }
+
+    /// The cause a stop takes when one is already recorded: an exit stays
+    /// an exit, a loss beats a plain request.
+    fn with_cause(&self, cause: EndCause) -> Option<Life> {
+        match (self, &cause) {
+            (Life::Running, _) => Some(Life::Stopping(cause)),
+            (Life::Stopping(EndCause::Requested), EndCause::Exited(_) | EndCause::Lost(_)) => {
+                Some(Life::Stopping(cause))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the end of a QEMU process means, decided from the lifecycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The daemon asked for it (not a loss).
+    pub requested: bool,
+    /// Human-readable reason.
+    pub reason: String,
+    /// What the parent's `sf_join` says about this VM.
+    pub child_state: ChildState,
+    pub ended: Ended,
+}
+
+/// Decides what a QEMU exit means. `status` is how QEMU ended (or why it
+/// could not be waited for); `fetch_failed` names a memory origin that
+/// stopped serving pages, which explains an otherwise unexpected death.
+pub fn outcome(
+    life: &Life,
+    status: Result<String, String>,
+    fetch_failed: Option<String>,
+) -> Outcome {
+    let cause = match life {
+        Life::Stopping(c) => Some(c.clone()),
+        Life::Running => fetch_failed.map(|why| {
+            EndCause::Lost(format!(
+                "{why}; QEMU ended: {}",
+                status.as_ref().map(String::as_str).unwrap_or_default()
+            ))
+        }),
+        Life::Ended(_) => Some(EndCause::Requested),
+    };
+    let reason = match (&cause, &status) {
+        (Some(EndCause::Lost(r)), _) => r.clone(),
+        (Some(_), Ok(s)) => format!("stopped ({s})"),
+        (None, Ok(s)) => format!("QEMU exited unexpectedly ({s})"),
+        (_, Err(e)) => format!("cannot wait for QEMU: {e}"),
+    };
+    let requested = matches!(cause, Some(EndCause::Requested | EndCause::Exited(_)));
+    let child_state = match &cause {
+        Some(EndCause::Exited(code)) => ChildState::Exited { code: *code },
+        Some(EndCause::Requested) => ChildState::Killed,
+        _ => ChildState::Lost {
+            reason: reason.clone(),
+        },
+    };
+    Outcome {
+        requested,
+        ended: if requested {
+            Ended::Stopped
+        } else {
+            Ended::Lost(reason.clone())
+        },
+        reason,
+        child_state,
+    }
+}
+
+/// Events for one `vm exec` session.
+#[derive(Debug)]
+pub enum ExecEvent {
+    Output(Stream, Vec<u8>),
+    Exit(i32),
+    Error(String),
+}
+
+/// Output chunks queued per `vm exec` session before a slow client makes
+/// the daemon kill the command (32 MiB at 32 KiB a chunk).
+pub const EXEC_QUEUE: usize = 1024;
+
+/// Most API calls one guest may have pending at once.
+pub const MAX_PENDING_REQUESTS: usize = 64;
+
+/// Hands a session its final event. Never blocks the caller: a full queue
+/// is waited on in a task of its own.
+pub fn deliver(tx: mpsc::Sender<ExecEvent>, ev: ExecEvent) {
+    if let Err(mpsc::error::TrySendError::Full(ev)) = tx.try_send(ev) {
+        tokio::spawn(async move {
+            let _ = tx.send(ev).await;
+        });
+    }
+}
+
+/// Names a VM gets on this host, derived from its spec and its index.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub index: u64,
+    pub dir: PathBuf,
+    pub mac: String,
+    pub ip: String,
+    pub tap: String,
+    pub ram_path: PathBuf,
+}
+
+/// A VM known to the daemon: settings, derived names, live state.
+pub struct Vm {
+    pub spec: VmSpec,
+    pub placed: Placed,
+    pub pid: Mutex<Option<u32>>,
+    /// What `vm list` shows.
+    pub state: Mutex<VmState>,
+    pub life: watch::Sender<Life>,
+    /// Messages to the guest agent.
+    pub agent_tx: mpsc::UnboundedSender<HostMsg>,
+    /// Set once the agent answered Hello on the current connection.
+    pub agent_up: watch::Sender<bool>,
+    /// Instance id of the guest agent process last heard from (0 = none).
+    pub agent_instance: AtomicU64,
+    /// Open `vm exec` sessions.
+    pub execs: Mutex<HashMap<u64, mpsc::Sender<ExecEvent>>>,
+    /// Waiter for a clone's `Ready` / `CloneFailed` (the guest's message).
+    pub ready: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
+    /// Last console lines, kept when the VM directory goes.
+    pub console_tail: Mutex<String>,
+    /// Clone generations made from this VM.
+    pub generations: AtomicU64,
+    /// Serialises clone operations of this VM.
+    pub clone_lock: tokio::sync::Mutex<()>,
+    /// Bounds the API calls a guest may have in flight.
+    pub requests: Arc<tokio::sync::Semaphore>,
+}
+
+impl Vm {
+    /// A VM in its first state, with the receiving end of its agent queue.
+    pub fn new(spec: VmSpec, placed: Placed) -> (Vm, mpsc::UnboundedReceiver<HostMsg>) {
+        let (agent_tx, agent_rx) = mpsc::unbounded_channel();
+        let state = if spec.memory.generation_ram().is_some() {
+            VmState::Resuming
+        } else {
+            VmState::Booting
+        };
+        let vm = Vm {
+            spec,
+            placed,
+            pid: Mutex::new(None),
+            state: Mutex::new(state),
+            life: watch::channel(Life::Running).0,
+            agent_tx,
+            agent_up: watch::channel(false).0,
+            agent_instance: AtomicU64::new(0),
+            execs: Mutex::new(HashMap::new()),
+            ready: Mutex::new(None),
+            console_tail: Mutex::new(String::new()),
+            generations: AtomicU64::new(0),
+            clone_lock: tokio::sync::Mutex::new(()),
+            requests: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_REQUESTS)),
+        };
+        (vm, agent_rx)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn info(&self, host: &str) -> VmInfo {
+        VmInfo {
+            name: self.spec.name.clone(),
+            host: host.to_string(),
+            state: self.state.lock().clone(),
+            ticket: self.spec.ticket.clone(),
+            clone_id: self.spec.clone_id,
+            parent: self.spec.parent.clone(),
+            ip: self.placed.ip.clone(),
+            mac: self.placed.mac.clone(),
+            mem_mib: self.spec.mem_mib,
+            vcpus: self.spec.vcpus,
+            accel: self.spec.accel.clone(),
+            pid: *self.pid.lock(),
+        }
+    }
+
+    pub fn set_state(&self, s: VmState) {
+        *self.state.lock() = s;
+    }
+
+    /// Marks a booting VM running once its agent spoke.
+    pub fn agent_ready(&self) {
+        let mut st = self.state.lock();
+        if *st == VmState::Booting {
+            *st = VmState::Running;
+        }
+    }
+
+    pub fn send(&self, msg: HostMsg) {
+        let _ = self.agent_tx.send(msg);
+    }
+
+    pub fn life(&self) -> Life {
+        self.life.borrow().clone()
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.life.borrow().is_ended()
+    }
+
+    /// Still running: neither being stopped nor ended.
+    pub fn is_running(&self) -> bool {
+        *self.life.borrow() == Life::Running
+    }
+
+    /// Records why the VM is being stopped (see [`Life`] for which cause
+    /// wins). Returns false once it has ended.
+    pub fn begin_stop(&self, cause: EndCause) -> bool {
+        let mut alive = true;
+        self.life.send_if_modified(|l| {
+            alive = !l.is_ended();
+            match l.with_cause(cause) {
+                Some(n) => {
+                    *l = n;
+                    true
+                }
+                None => false,
+            }
+        });
+        alive
+    }
+
+    /// The VM's QEMU has exited and it is cleaned up.
+    pub fn finish(&self, ended: Ended) {
+        self.life.send_replace(Life::Ended(ended));
+    }
+
+    /// Sessions and waiters of a VM that ended: each gets told why.
+    pub fn fail_waiters(&self, reason: &str) {
+        for (_, tx) in self.execs.lock().drain() {
+            deliver(
+                tx,
+                ExecEvent::Error(format!("VM {} ended: {reason}", self.spec.name)),
+            );
+        }
+        if let Some(tx) = self.ready.lock().take() {
+            let _ = tx.send(Err(format!("clone VM ended before it was ready: {reason}")));
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn spec(name: &str, clone_id: u32) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            flock: 0,
+            clone_id,
+            ticket: None,
+            parent: name.into(),
+            mem_mib: 128,
+            vcpus: 1,
+            accel: "tcg".into(),
+            image: "/img".into(),
+            kernel: "/img/vmlinux".into(),
+            initrd: "/img/initramfs".into(),
+            cmdline: String::new(),
+            origin: None,
+            memory: MemSource::Own,
+        }
+    }
+
+    pub fn vm(name: &str, clone_id: u32) -> Vm {
+        let placed = Placed {
+            index: 1,
+            dir: "/nonexistent".into(),
+            mac: String::new(),
+            ip: String::new(),
+            tap: String::new(),
+            ram_path: "/nonexistent/ram".into(),
+        };
+        Vm::new(spec(name, clone_id), placed).0
+    }
+
+    #[test]
+    fn an_exit_stays_an_exit_and_a_loss_beats_a_request() {
+        let v = vm("a-g1c1", 1);
+        assert!(v.begin_stop(EndCause::Exited(3)));
+        v.begin_stop(EndCause::Requested);
+        v.begin_stop(EndCause::Lost("x".into()));
+        assert_eq!(v.life(), Life::Stopping(EndCause::Exited(3)));
+        let w = vm("b-g1c1", 1);
+        w.begin_stop(EndCause::Requested);
+        w.begin_stop(EndCause::Lost("origin gone".into()));
+        assert_eq!(
+            w.life(),
+            Life::Stopping(EndCause::Lost("origin gone".into()))
+        );
+        w.finish(Ended::Lost("origin gone".into()));
+        assert!(
+            !w.begin_stop(EndCause::Requested),
+            "an ended VM stays ended"
+        );
+        assert!(w.is_ended());
+    }
+
+    #[test]
+    fn outcome_of_each_way_to_end() {
+        let ok = || Ok::<_, String>("signal: 9".to_string());
+        let o = outcome(&Life::Stopping(EndCause::Requested), ok(), None);
+        assert!(o.requested);
+        assert_eq!(o.child_state, ChildState::Killed);
+        assert_eq!(o.ended, Ended::Stopped);
+        let o = outcome(&Life::Stopping(EndCause::Exited(7)), ok(), None);
+        assert_eq!(o.child_state, ChildState::Exited { code: 7 });
+        assert!(o.requested);
+        let o = outcome(&Life::Running, ok(), None);
+        assert!(!o.requested);
+        assert_eq!(o.reason, "QEMU exited unexpectedly (signal: 9)");
+        assert!(matches!(o.child_state, ChildState::Lost { .. }));
+        let o = outcome(
+            &Life::Running,
+            ok(),
+            Some("its memory origin h0 stopped".into()),
+        );
+        assert_eq!(
+            o.reason,
+            "its memory origin h0 stopped; QEMU ended: signal: 9"
+        );
+        let o = outcome(&Life::Stopping(EndCause::Lost("gone".into())), ok(), None);
+        assert_eq!(o.reason, "gone");
+        assert_eq!(o.ended, Ended::Lost("gone".into()));
+    }
+
+    #[test]
+    fn waiters_hear_why_the_vm_ended() {
+        let v = vm("a", 0);
+        let (tx, mut rx) = mpsc::channel(4);
+        v.execs.lock().insert(1, tx);
+        let (rtx, rrx) = oneshot::channel();
+        *v.ready.lock() = Some(rtx);
+        v.fail_waiters("QEMU exited unexpectedly");
+        match rx.try_recv() {
+            Ok(ExecEvent::Error(m)) => assert!(m.contains("VM a ended: QEMU exited"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(rrx.blocking_recv().unwrap().is_err());
+    }
+}
