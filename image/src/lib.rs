@@ -37,7 +37,7 @@ pub const MANIFEST: &str = "image.json";
 /// The guest agent's file name in `guest_bin_dir` (required).
 pub const AGENT_BIN: &str = "snowflock-agent";
 /// Other guest binaries copied to `/bin` when `guest_bin_dir` has them.
-pub const GUEST_BINS: &[&str] = &["sf", "sf-memtest", "sf-swdemo", "sf-exec", "sfmpirun"];
+pub const GUEST_BINS: &[&str] = &["sf", "sf-memtest", "sf-swdemo"];
 /// glibc runtime files always copied with `libsnowflock.so` when the host has them.
 pub const GLIBC_RUNTIME: &[&str] = &[
     "/lib64/ld-linux-x86-64.so.2",
