@@ -119,18 +119,6 @@ pub fn malloc_trim() -> bool {
     }
 }
 
-/// Formats an error and its `source()` chain as `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(c.to_string().trim_end());
-        cur = c.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

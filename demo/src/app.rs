@@ -34,7 +34,7 @@ pub trait Flock {
 pub struct Agent;
 
 fn msg(e: client::SfError) -> String {
-    snowflock::error_chain(&e)
+    snowflock_proto::error::chain(&e)
 }
 
 impl Flock for Agent {

@@ -64,7 +64,7 @@ fn guard(f: impl FnOnce() -> Result<c_int, String>) -> c_int {
 }
 
 fn sf_err(e: SfError) -> String {
-    crate::error_chain(&e)
+    snowflock_proto::error::chain(&e)
 }
 
 fn to_int(v: u32) -> Result<c_int, String> {

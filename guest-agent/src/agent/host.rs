@@ -115,7 +115,7 @@ impl Channel {
             *last = Some(now);
             tracing::warn!(
                 "Dropped a malformed channel message ({n} so far): {}",
-                crate::error_chain(e)
+                snowflock_proto::error::chain(e)
             );
         }
     }
