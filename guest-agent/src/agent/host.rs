@@ -289,11 +289,3 @@ pub fn forward(agent: &Agent, req: ApiRequest) -> ApiResponse {
         message: "The request was dropped by the agent".into(),
     })
 }
-
-/// Answers the pending request `id`, if an app still waits for it.
-pub(crate) fn answer(agent: &Agent, id: u64, resp: ApiResponse) -> bool {
-    match agent.pending().remove(&id) {
-        Some(tx) => tx.send(resp).is_ok(),
-        None => false,
-    }
-}

@@ -13,7 +13,7 @@
 //! Every field is validated before anything is changed, so a bad identity
 //! leaves the VM untouched and is reported with `CloneFailed`.
 
-use super::{host, lock, sys, Agent, AgentConfig};
+use super::{lock, sys, Agent, AgentConfig};
 use serde::{Deserialize, Serialize};
 use snowflock_proto::api::{valid_ticket_syntax, ApiErrorCode, ApiResponse};
 use snowflock_proto::channel::{CloneIdentity, GuestMsg};
@@ -319,8 +319,7 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
                 tracing::warn!("{e}");
             }
             for o in orphans {
-                host::answer(
-                    agent,
+                agent.answer(
                     o,
                     ApiResponse::Error {
                         code: ApiErrorCode::Failed,
@@ -329,8 +328,7 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
                 );
             }
             agent.chan.send_or_log(&GuestMsg::Ready { clone_id });
-            if !host::answer(
-                agent,
+            if !agent.answer(
                 request_id,
                 ApiResponse::Cloned {
                     clone_id,
@@ -350,8 +348,7 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
                 clone_id,
                 message: message.clone(),
             });
-            host::answer(
-                agent,
+            agent.answer(
                 request_id,
                 ApiResponse::Error {
                     code: ApiErrorCode::Failed,
