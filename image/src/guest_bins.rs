@@ -59,9 +59,7 @@ pub(crate) fn ldd(lib: &Path) -> Result<Vec<String>, ImageError> {
 /// initramfs it would be unpacked into guest RAM (~25 MB per binary).
 /// Falls back to the file as is.
 pub(crate) fn stripped(path: PathBuf) -> Source {
-    let Ok(tmp) = tempfile_path() else {
-        return Source::Path(path);
-    };
+    let tmp = tempfile_path();
     let ok = std::process::Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")
@@ -78,13 +76,13 @@ pub(crate) fn stripped(path: PathBuf) -> Source {
     }
 }
 
-fn tempfile_path() -> std::io::Result<PathBuf> {
+/// A fresh path in the temp directory for one `strip` output.
+fn tempfile_path() -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let p = std::env::temp_dir().join(format!(
+    std::env::temp_dir().join(format!(
         "snowflock-strip-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
-    ));
-    Ok(p)
+    ))
 }

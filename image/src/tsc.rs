@@ -17,6 +17,7 @@ pub fn host_tsc_khz() -> Option<u64> {
 #[cfg(target_arch = "x86_64")]
 fn measure_tsc_khz() -> Option<u64> {
     use std::time::{Duration, Instant};
+    // `_rdtsc` is unsafe on older toolchains (MSRV 1.80), safe on current ones.
     #[allow(unused_unsafe)]
     fn rdtsc() -> u64 {
         // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
