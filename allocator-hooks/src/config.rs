@@ -192,19 +192,19 @@ impl BalloonConfig {
         let b = toml::from_str::<BalloonFile>(text)
             .map(|f| f.balloon)
             .map_err(parse_error(origin))?;
-        b.validate().map_err(|message| ConfigError::Invalid {
-            path: origin.to_string(),
-            message,
-        })?;
+        b.validate(origin)?;
         Ok(b)
     }
 
-    /// Checks the ranges serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the ranges serde cannot; `origin` names the text in errors.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         match self.reporting_order {
-            Some(o) if o > MAX_REPORTING_ORDER => Err(format!(
-                "[balloon] reporting_order = {o} is out of range (0 to {MAX_REPORTING_ORDER})"
-            )),
+            Some(o) if o > MAX_REPORTING_ORDER => Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                message: format!(
+                    "[balloon] reporting_order = {o} is out of range (0 to {MAX_REPORTING_ORDER})"
+                ),
+            }),
             _ => Ok(()),
         }
     }
