@@ -175,7 +175,10 @@ impl HookConfig {
             Ok(Some(c)) => c,
             Ok(None) => HookConfig::default(),
             Err(e) => {
-                tracing::warn!("{}; using the default hooks", crate::error_chain(&e));
+                tracing::warn!(
+                    "{}; using the default hooks",
+                    snowflock_proto::error::chain(&e).trim_end()
+                );
                 HookConfig::default()
             }
         }
@@ -189,19 +192,19 @@ impl BalloonConfig {
         let b = toml::from_str::<BalloonFile>(text)
             .map(|f| f.balloon)
             .map_err(parse_error(origin))?;
-        b.validate().map_err(|message| ConfigError::Invalid {
-            path: origin.to_string(),
-            message,
-        })?;
+        b.validate(origin)?;
         Ok(b)
     }
 
-    /// Checks the ranges serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the ranges serde cannot; `origin` names the text in errors.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         match self.reporting_order {
-            Some(o) if o > MAX_REPORTING_ORDER => Err(format!(
-                "[balloon] reporting_order = {o} is out of range (0 to {MAX_REPORTING_ORDER})"
-            )),
+            Some(o) if o > MAX_REPORTING_ORDER => Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                message: format!(
+                    "[balloon] reporting_order = {o} is out of range (0 to {MAX_REPORTING_ORDER})"
+                ),
+            }),
             _ => Ok(()),
         }
     }
@@ -390,7 +393,7 @@ mod tests {
                 BalloonConfig::parse(&format!("[balloon]\nreporting_order = {bad}\n"), "a.toml")
                     .unwrap_err();
             assert!(matches!(e, ConfigError::Parse { .. }), "{bad}: {e:?}");
-            let chain = crate::error_chain(&e);
+            let chain = snowflock_proto::error::chain(&e);
             assert!(
                 chain.starts_with("Malformed configuration a.toml: ")
                     && chain.contains("reporting_order"),
@@ -407,7 +410,7 @@ mod tests {
         assert!(HookConfig::parse("[hooks\n", "t").is_err());
         let e = BalloonConfig::parse("[balloon]\nfree_page_reporting = \"no\"\n", "agent.toml")
             .unwrap_err();
-        let chain = crate::error_chain(&e);
+        let chain = snowflock_proto::error::chain(&e);
         assert!(
             chain.starts_with("Malformed configuration agent.toml: ")
                 && chain.contains("free_page_reporting"),

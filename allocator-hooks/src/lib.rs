@@ -59,13 +59,28 @@ impl fmt::Display for Hook {
     }
 }
 
+/// Why a pre-clone hook failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// Writing its trigger value to a `/proc/sys/vm` file failed.
+    #[error("Cannot write {value} to {path}: {source}")]
+    WriteProc {
+        /// The `/proc` file.
+        path: &'static str,
+        /// The value written.
+        value: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
 /// What [`run_agent_hooks`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct HookReport {
     /// Hooks that ran and succeeded, in order.
     pub ran: Vec<Hook>,
     /// Hooks that ran and failed, with the reason.
-    pub failed: Vec<(Hook, String)>,
+    pub failed: Vec<(Hook, HookError)>,
 }
 
 impl HookReport {
@@ -79,7 +94,7 @@ impl HookReport {
 /// malloc_trim. Failures are reported, never fatal: the clone goes on.
 pub fn run_agent_hooks(cfg: &HookConfig) -> HookReport {
     let mut report = HookReport::default();
-    let mut record = |hook: Hook, r: Result<(), String>| match r {
+    let mut record = |hook: Hook, r: Result<(), HookError>| match r {
         Ok(()) => report.ran.push(hook),
         Err(e) => report.failed.push((hook, e)),
     };
@@ -99,8 +114,12 @@ pub fn run_agent_hooks(cfg: &HookConfig) -> HookReport {
     report
 }
 
-fn write_proc(path: &str, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("Cannot write {value} to {path}: {e}"))
+fn write_proc(path: &'static str, value: &'static str) -> Result<(), HookError> {
+    std::fs::write(path, value).map_err(|source| HookError::WriteProc {
+        path,
+        value,
+        source,
+    })
 }
 
 /// `malloc_trim(0)`: returns free heap memory of this process to the kernel.
@@ -117,18 +136,6 @@ pub fn malloc_trim() -> bool {
     {
         false
     }
-}
-
-/// Formats an error and its `source()` chain as `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(c.to_string().trim_end());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -10,8 +10,13 @@ use snowflock_proto::channel::Stream;
 use snowflock_proto::frame::{read_frame, write_frame};
 use std::io::{Read, Write};
 
+/// A `--mem` value that is not a size.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid memory size {0:?} (use e.g. 256M or 1G)")]
+pub struct BadMemSize(String);
+
 /// Parses `256M`, `1G`, `512` (MiB) into MiB.
-pub fn parse_mem(s: &str) -> Result<u32, String> {
+pub fn parse_mem(s: &str) -> Result<u32, BadMemSize> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
         Some('M' | 'm') => (&s[..s.len() - 1], 1),
@@ -21,7 +26,7 @@ pub fn parse_mem(s: &str) -> Result<u32, String> {
     num.parse::<u32>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("invalid memory size {s:?} (use e.g. 256M or 1G)"))
+        .ok_or_else(|| BadMemSize(s.to_string()))
 }
 
 pub fn start(
@@ -258,7 +263,10 @@ mod tests {
         assert_eq!(parse_mem("256M"), Ok(256));
         assert_eq!(parse_mem("1G"), Ok(1024));
         assert_eq!(parse_mem("512"), Ok(512));
-        assert!(parse_mem("lots").is_err());
+        assert_eq!(
+            parse_mem(" lots").unwrap_err().to_string(),
+            "invalid memory size \"lots\" (use e.g. 256M or 1G)"
+        );
         assert!(parse_mem("9999999G").is_err());
     }
 }

@@ -34,7 +34,7 @@ pub trait Flock {
 pub struct Agent;
 
 fn msg(e: client::SfError) -> String {
-    snowflock::error_chain(&e)
+    snowflock_proto::error::chain(&e)
 }
 
 impl Flock for Agent {
@@ -478,7 +478,7 @@ fn clone_side(
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let parent = SocketAddr::from((parent_addr(&ip)?, args.port));
+    let parent = SocketAddr::from((parent_addr(&ip).map_err(|e| e.to_string())?, args.port));
     log.line(format_args!(
         "my address {ip}, parent at {parent}; searching share {clone_id}/{total}"
     ));

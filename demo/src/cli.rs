@@ -70,21 +70,30 @@ pub struct LenRange {
     pub max: usize,
 }
 
-impl FromStr for LenRange {
-    type Err = String;
+/// A `--len` value that is not a length range.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LenRangeError {
+    #[error("Expected MIN-MAX or LEN, got {0:?}")]
+    Syntax(String),
+    #[error("Lengths must satisfy 1 <= MIN <= MAX, got {0:?}")]
+    Order(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for LenRange {
+    type Err = LenRangeError;
+
+    fn from_str(s: &str) -> Result<Self, LenRangeError> {
         let num = |t: &str| {
             t.trim()
                 .parse::<usize>()
-                .map_err(|_| format!("Expected MIN-MAX or LEN, got {s:?}"))
+                .map_err(|_| LenRangeError::Syntax(s.to_string()))
         };
         let (min, max) = match s.split_once('-') {
             Some((a, b)) => (num(a)?, num(b)?),
             None => (num(s)?, num(s)?),
         };
         if min == 0 || min > max {
-            return Err(format!("Lengths must satisfy 1 <= MIN <= MAX, got {s:?}"));
+            return Err(LenRangeError::Order(s.to_string()));
         }
         Ok(LenRange { min, max })
     }

@@ -2,27 +2,37 @@
 
 use std::net::Ipv4Addr;
 
+/// An address [`parent_addr`] cannot work with.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("Bad prefix length in {0:?}")]
+    Prefix(String),
+    #[error("Not an IPv4 address: {0:?}")]
+    NotIpv4(String),
+    #[error("Prefix /{prefix} of {ip:?} leaves no room for a parent host")]
+    NoRoom { prefix: u32, ip: String },
+}
+
 /// The parent's address for a clone whose address is `ip` (`A.B.C.D` or
 /// `A.B.C.D/P`, as `id().ip` gives it): the first host of the clone's subnet.
 /// On a flock's `/24` that is the clone's address with the last octet
 /// replaced by 1; without a prefix, a `/24` is assumed.
-pub fn parent_addr(ip: &str) -> Result<Ipv4Addr, String> {
+pub fn parent_addr(ip: &str) -> Result<Ipv4Addr, AddrError> {
     let (addr, prefix) = match ip.trim().split_once('/') {
         Some((a, p)) => {
-            let p: u32 = p
-                .parse()
-                .map_err(|_| format!("Bad prefix length in {ip:?}"))?;
+            let p: u32 = p.parse().map_err(|_| AddrError::Prefix(ip.to_string()))?;
             (a, p)
         }
         None => (ip.trim(), 24),
     };
     let addr: Ipv4Addr = addr
         .parse()
-        .map_err(|_| format!("Not an IPv4 address: {ip:?}"))?;
+        .map_err(|_| AddrError::NotIpv4(ip.to_string()))?;
     if prefix > 30 {
-        return Err(format!(
-            "Prefix /{prefix} of {ip:?} leaves no room for a parent host"
-        ));
+        return Err(AddrError::NoRoom {
+            prefix,
+            ip: ip.to_string(),
+        });
     }
     let mask = if prefix == 0 {
         0

@@ -48,12 +48,37 @@ fn set_error(msg: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
+/// Why a C API call failed; its text is what `sf_last_error` returns.
+#[derive(Debug, thiserror::Error)]
+enum CapiError {
+    #[error("Null ticket pointer")]
+    NullTicket,
+    #[error("Null output pointer")]
+    NullOutput,
+    #[error("Ticket id is not NUL-terminated")]
+    TicketNotTerminated,
+    #[error("Ticket id is not valid UTF-8")]
+    TicketNotUtf8,
+    #[error("Ticket id {0:?} does not fit in sf_ticket_t")]
+    TicketTooLong(String),
+    #[error("Clone count must be positive, got {0}")]
+    BadCount(c_int),
+    #[error("Negative max {0}")]
+    NegativeMax(c_int),
+    #[error("Too many children")]
+    TooManyChildren,
+    #[error("Value {0} does not fit in an int")]
+    TooLarge(u32),
+    #[error(transparent)]
+    Sf(#[from] SfError),
+}
+
 /// Runs `f`; maps `Err` and panics to -1 with the message recorded.
-fn guard(f: impl FnOnce() -> Result<c_int, String>) -> c_int {
+fn guard(f: impl FnOnce() -> Result<c_int, CapiError>) -> c_int {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => v,
-        Ok(Err(msg)) => {
-            set_error(&msg);
+        Ok(Err(e)) => {
+            set_error(&snowflock_proto::error::chain(&e));
             -1
         }
         Err(_) => {
@@ -63,21 +88,17 @@ fn guard(f: impl FnOnce() -> Result<c_int, String>) -> c_int {
     }
 }
 
-fn sf_err(e: SfError) -> String {
-    crate::error_chain(&e)
-}
-
-fn to_int(v: u32) -> Result<c_int, String> {
-    c_int::try_from(v).map_err(|_| format!("Value {v} does not fit in an int"))
+fn to_int(v: u32) -> Result<c_int, CapiError> {
+    c_int::try_from(v).map_err(|_| CapiError::TooLarge(v))
 }
 
 /// Reads the ticket id out of `t`.
 ///
 /// # Safety
 /// `t` must be null or point to a readable `sf_ticket_t`.
-unsafe fn ticket_id(t: *const SfTicket) -> Result<String, String> {
+unsafe fn ticket_id(t: *const SfTicket) -> Result<String, CapiError> {
     if t.is_null() {
-        return Err("Null ticket pointer".into());
+        return Err(CapiError::NullTicket);
     }
     // SAFETY: the caller guarantees `t` points to a readable sf_ticket_t.
     let id = unsafe { &(*t).id };
@@ -87,9 +108,9 @@ unsafe fn ticket_id(t: *const SfTicket) -> Result<String, String> {
         .map(|&c| c as u8)
         .collect();
     if bytes.len() == SF_TICKET_MAX {
-        return Err("Ticket id is not NUL-terminated".into());
+        return Err(CapiError::TicketNotTerminated);
     }
-    String::from_utf8(bytes).map_err(|_| "Ticket id is not valid UTF-8".into())
+    String::from_utf8(bytes).map_err(|_| CapiError::TicketNotUtf8)
 }
 
 /// `int sf_request_ticket(int n, sf_ticket_t *out)`: the granted count.
@@ -100,12 +121,12 @@ unsafe fn ticket_id(t: *const SfTicket) -> Result<String, String> {
 pub unsafe extern "C" fn sf_request_ticket(n: c_int, out: *mut SfTicket) -> c_int {
     guard(|| {
         if out.is_null() {
-            return Err("Null output pointer".into());
+            return Err(CapiError::NullOutput);
         }
-        let n = u32::try_from(n).map_err(|_| format!("Clone count must be positive, got {n}"))?;
-        let t = client::request_ticket(n).map_err(sf_err)?;
+        let n = u32::try_from(n).map_err(|_| CapiError::BadCount(n))?;
+        let t = client::request_ticket(n)?;
         if t.id.len() >= SF_TICKET_MAX || t.id.as_bytes().contains(&0) {
-            return Err(format!("Ticket id {:?} does not fit in sf_ticket_t", t.id));
+            return Err(CapiError::TicketTooLong(t.id));
         }
         let mut ticket = SfTicket {
             id: [0; SF_TICKET_MAX],
@@ -129,7 +150,7 @@ pub unsafe extern "C" fn sf_clone(t: *const SfTicket) -> c_int {
     guard(|| {
         // SAFETY: forwarded caller guarantee.
         let id = unsafe { ticket_id(t) }?;
-        to_int(client::clone(&id).map_err(sf_err)?)
+        to_int(client::clone(&id)?)
     })
 }
 
@@ -139,11 +160,11 @@ pub unsafe extern "C" fn sf_clone(t: *const SfTicket) -> c_int {
 pub extern "C" fn sf_exit(status: c_int) {
     guard(|| match client::exit(status) {
         Ok(never) => match never {},
-        Err(e) => Err(sf_err(e)),
+        Err(e) => Err(e.into()),
     });
 }
 
-fn child_of(c: &client::ChildStatus) -> Result<SfChild, String> {
+fn child_of(c: &client::ChildStatus) -> Result<SfChild, CapiError> {
     let (state, code) = match &c.state {
         ChildState::Running => (SF_CHILD_RUNNING, 0),
         ChildState::Exited { code } => (SF_CHILD_EXITED, *code),
@@ -168,20 +189,20 @@ fn child_of(c: &client::ChildStatus) -> Result<SfChild, String> {
 pub unsafe extern "C" fn sf_join(t: *const SfTicket, out: *mut SfChild, max: c_int) -> c_int {
     guard(|| {
         if max < 0 {
-            return Err(format!("Negative max {max}"));
+            return Err(CapiError::NegativeMax(max));
         }
         if out.is_null() && max > 0 {
-            return Err("Null output pointer".into());
+            return Err(CapiError::NullOutput);
         }
         // SAFETY: forwarded caller guarantee.
         let id = unsafe { ticket_id(t) }?;
-        let children = client::join(&id).map_err(sf_err)?;
+        let children = client::join(&id)?;
         for (i, c) in children.iter().take(max as usize).enumerate() {
             let v = child_of(c)?;
             // SAFETY: i < max and the caller guarantees `max` writable entries.
             unsafe { out.add(i).write(v) };
         }
-        c_int::try_from(children.len()).map_err(|_| "Too many children".into())
+        c_int::try_from(children.len()).map_err(|_| CapiError::TooManyChildren)
     })
 }
 
@@ -195,19 +216,19 @@ pub unsafe extern "C" fn sf_kill(t: *const SfTicket) -> c_int {
     guard(|| {
         // SAFETY: forwarded caller guarantee.
         let id = unsafe { ticket_id(t) }?;
-        let children = client::kill(&id).map_err(sf_err)?;
+        let children = client::kill(&id)?;
         let n = children
             .iter()
             .filter(|c| c.state == ChildState::Killed)
             .count();
-        c_int::try_from(n).map_err(|_| "Too many children".into())
+        c_int::try_from(n).map_err(|_| CapiError::TooManyChildren)
     })
 }
 
 /// `int sf_id(void)`: this VM's clone ID.
 #[no_mangle]
 pub extern "C" fn sf_id() -> c_int {
-    guard(|| to_int(client::id().map_err(sf_err)?.clone_id))
+    guard(|| to_int(client::id()?.clone_id))
 }
 
 /// `const char *sf_last_error(void)`: the message of this thread's last

@@ -92,7 +92,7 @@ pub fn call(req: &ApiRequest) -> Result<ApiResponse, SfError> {
 fn protocol(e: FrameError) -> SfError {
     match e {
         FrameError::Closed => SfError::Protocol("The agent closed the connection".into()),
-        other => SfError::Protocol(crate::error_chain(&other)),
+        other => SfError::Protocol(snowflock_proto::error::chain(&other)),
     }
 }
 

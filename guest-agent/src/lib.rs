@@ -18,18 +18,3 @@ pub mod agent;
 pub mod capi;
 pub mod client;
 pub mod memtest;
-
-/// Formats an error and its `source()` chain as `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.ends_with(t.as_str()) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}

@@ -77,6 +77,40 @@ impl Iterator for Pattern {
     }
 }
 
+/// What can go wrong in `hold`, `scribble` and `ctl`.
+#[derive(Debug, thiserror::Error)]
+pub enum MemtestError {
+    #[error("Size overflows")]
+    SizeOverflows,
+    #[error("The buffer must hold at least one word")]
+    EmptyBuffer,
+    #[error("{0}")]
+    Reserve(#[source] std::collections::TryReserveError),
+    #[error("Cannot allocate {mib} MiB: {source}")]
+    Alloc {
+        mib: usize,
+        source: Box<MemtestError>,
+    },
+    #[error("Cannot listen on {}: {source}", path.display())]
+    Listen {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("Cannot start the writer: {0}")]
+    SpawnWriter(#[source] std::io::Error),
+    #[error("Cannot connect to {}: {source}", path.display())]
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("Cannot send: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("Cannot read the answer: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("No answer")]
+    NoAnswer,
+}
+
 /// A buffer filled with the pattern of `seed`.
 pub struct Held {
     buf: Vec<u64>,
@@ -85,11 +119,16 @@ pub struct Held {
 
 impl Held {
     /// Allocates and fills `mib` MiB.
-    pub fn new(mib: usize, seed: u64) -> Result<Held, String> {
-        let words = mib.checked_mul(WORDS_PER_MIB).ok_or("Size overflows")?;
+    pub fn new(mib: usize, seed: u64) -> Result<Held, MemtestError> {
+        let words = mib
+            .checked_mul(WORDS_PER_MIB)
+            .ok_or(MemtestError::SizeOverflows)?;
         let mut buf = Vec::new();
         buf.try_reserve_exact(words)
-            .map_err(|e| format!("Cannot allocate {mib} MiB: {e}"))?;
+            .map_err(|e| MemtestError::Alloc {
+                mib,
+                source: Box::new(MemtestError::Reserve(e)),
+            })?;
         buf.resize(words, 0);
         let mut h = Held { buf, seed };
         h.fill(seed);
@@ -144,7 +183,7 @@ impl Held {
 }
 
 /// `hold`: fills the buffer, then serves `sock` forever.
-pub fn hold(mib: usize, seed: u64, sock: &Path) -> Result<(), String> {
+pub fn hold(mib: usize, seed: u64, sock: &Path) -> Result<(), MemtestError> {
     let mut held = Held::new(mib, seed)?;
     let l = listen(sock)?;
     println!("ready {mib} MiB seed {seed} on {}", sock.display());
@@ -154,9 +193,12 @@ pub fn hold(mib: usize, seed: u64, sock: &Path) -> Result<(), String> {
 }
 
 /// Binds `sock`, replacing a stale one.
-fn listen(sock: &Path) -> Result<UnixListener, String> {
+fn listen(sock: &Path) -> Result<UnixListener, MemtestError> {
     let _ = std::fs::remove_file(sock);
-    UnixListener::bind(sock).map_err(|e| format!("Cannot listen on {}: {e}", sock.display()))
+    UnixListener::bind(sock).map_err(|source| MemtestError::Listen {
+        path: sock.to_path_buf(),
+        source,
+    })
 }
 
 /// Answers line commands on `l` forever, one connection at a time.
@@ -229,18 +271,24 @@ pub struct Scribbler {
 
 impl Scribbler {
     /// Allocates `mib` MiB of zeroed words.
-    pub fn new(mib: usize) -> Result<Scribbler, String> {
-        let words = mib.checked_mul(WORDS_PER_MIB).ok_or("Size overflows")?;
-        Self::with_words(words).map_err(|e| format!("Cannot allocate {mib} MiB: {e}"))
+    pub fn new(mib: usize) -> Result<Scribbler, MemtestError> {
+        let words = mib
+            .checked_mul(WORDS_PER_MIB)
+            .ok_or(MemtestError::SizeOverflows)?;
+        Self::with_words(words).map_err(|e| MemtestError::Alloc {
+            mib,
+            source: Box::new(e),
+        })
     }
 
     /// Allocates `words` zeroed words (at least one).
-    pub fn with_words(words: usize) -> Result<Scribbler, String> {
+    pub fn with_words(words: usize) -> Result<Scribbler, MemtestError> {
         if words == 0 {
-            return Err("The buffer must hold at least one word".into());
+            return Err(MemtestError::EmptyBuffer);
         }
         let mut buf = Vec::new();
-        buf.try_reserve_exact(words).map_err(|e| e.to_string())?;
+        buf.try_reserve_exact(words)
+            .map_err(MemtestError::Reserve)?;
         buf.resize(words, 0);
         Ok(Scribbler {
             buf,
@@ -322,7 +370,7 @@ pub fn scribble_command(status: &ScribbleStatus, line: &str) -> String {
 }
 
 /// `scribble`: starts the writer on `mib` MiB, then serves `sock` forever.
-pub fn scribble(mib: usize, sock: &Path) -> Result<(), String> {
+pub fn scribble(mib: usize, sock: &Path) -> Result<(), MemtestError> {
     let s = Scribbler::new(mib)?;
     let l = listen(sock)?;
     println!(
@@ -335,7 +383,11 @@ pub fn scribble(mib: usize, sock: &Path) -> Result<(), String> {
 }
 
 /// Runs the writer on its own thread until `stop`, and serves `l`.
-fn serve_scribble(mut s: Scribbler, l: UnixListener, stop: Arc<AtomicBool>) -> Result<(), String> {
+fn serve_scribble(
+    mut s: Scribbler,
+    l: UnixListener,
+    stop: Arc<AtomicBool>,
+) -> Result<(), MemtestError> {
     let status = Arc::new(Mutex::new(s.status()));
     let shared = status.clone();
     std::thread::Builder::new()
@@ -347,7 +399,7 @@ fn serve_scribble(mut s: Scribbler, l: UnixListener, stop: Arc<AtomicBool>) -> R
                 *shared.lock().unwrap_or_else(|p| p.into_inner()) = now;
             }
         })
-        .map_err(|e| format!("Cannot start the writer: {e}"))?;
+        .map_err(MemtestError::SpawnWriter)?;
     serve(l, |line| {
         let now = *status.lock().unwrap_or_else(|p| p.into_inner());
         scribble_command(&now, line)
@@ -356,17 +408,19 @@ fn serve_scribble(mut s: Scribbler, l: UnixListener, stop: Arc<AtomicBool>) -> R
 }
 
 /// `ctl`: sends one command; returns the answer line.
-pub fn ctl(sock: &Path, command: &str) -> Result<String, String> {
-    let mut s = UnixStream::connect(sock)
-        .map_err(|e| format!("Cannot connect to {}: {e}", sock.display()))?;
-    writeln!(s, "{command}").map_err(|e| format!("Cannot send: {e}"))?;
+pub fn ctl(sock: &Path, command: &str) -> Result<String, MemtestError> {
+    let mut s = UnixStream::connect(sock).map_err(|source| MemtestError::Connect {
+        path: sock.to_path_buf(),
+        source,
+    })?;
+    writeln!(s, "{command}").map_err(MemtestError::Send)?;
     let _ = s.shutdown(std::net::Shutdown::Write);
     let mut line = String::new();
     BufReader::new(s)
         .read_line(&mut line)
-        .map_err(|e| format!("Cannot read the answer: {e}"))?;
+        .map_err(MemtestError::Read)?;
     if line.is_empty() {
-        return Err("No answer".into());
+        return Err(MemtestError::NoAnswer);
     }
     Ok(line.trim_end().to_string())
 }

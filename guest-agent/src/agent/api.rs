@@ -179,7 +179,10 @@ fn serve_connection(agent: &Agent, mut s: UnixStream) {
             }
         };
         if let Err(e) = frame::write_frame(&mut s, &resp) {
-            tracing::debug!("Cannot answer an API client: {}", crate::error_chain(&e));
+            tracing::debug!(
+                "Cannot answer an API client: {}",
+                snowflock_proto::error::chain(&e)
+            );
             return;
         }
     }

@@ -115,7 +115,7 @@ impl Channel {
             *last = Some(now);
             tracing::warn!(
                 "Dropped a malformed channel message ({n} so far): {}",
-                crate::error_chain(e)
+                snowflock_proto::error::chain(e)
             );
         }
     }
@@ -288,12 +288,4 @@ pub fn forward(agent: &Agent, req: ApiRequest) -> ApiResponse {
         code: ApiErrorCode::Failed,
         message: "The request was dropped by the agent".into(),
     })
-}
-
-/// Answers the pending request `id`, if an app still waits for it.
-pub(crate) fn answer(agent: &Agent, id: u64, resp: ApiResponse) -> bool {
-    match agent.pending().remove(&id) {
-        Some(tx) => tx.send(resp).is_ok(),
-        None => false,
-    }
 }

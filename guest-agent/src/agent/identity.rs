@@ -13,7 +13,7 @@
 //! Every field is validated before anything is changed, so a bad identity
 //! leaves the VM untouched and is reported with `CloneFailed`.
 
-use super::{host, lock, sys, Agent, AgentConfig};
+use super::{lock, sys, Agent, AgentConfig};
 use serde::{Deserialize, Serialize};
 use snowflock_proto::api::{valid_ticket_syntax, ApiErrorCode, ApiResponse};
 use snowflock_proto::channel::{CloneIdentity, GuestMsg};
@@ -27,6 +27,57 @@ pub const IDENTITY_FILE: &str = "identity.json";
 /// Largest accepted RNG seed.
 pub const MAX_SEED: usize = 4096;
 const NET_DEV: &str = "eth0";
+
+/// Why an identity is rejected or cannot be applied. The text goes to the
+/// host in `CloneFailed` and to the app, so it says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("Clone ID 0 is the parent's")]
+    ParentCloneId,
+    #[error("Malformed ticket {0:?}")]
+    Ticket(String),
+    #[error("Malformed VM name {0:?}")]
+    VmName(String),
+    #[error("Malformed hostname {0:?}")]
+    Hostname(String),
+    #[error("Malformed machine id {0:?}")]
+    MachineId(String),
+    #[error("Malformed or multicast MAC {0:?}")]
+    UnicastMac(String),
+    #[error("Malformed MAC {0:?}")]
+    Mac(String),
+    #[error("Malformed IP {0:?}")]
+    Ip(String),
+    #[error("Malformed address {0:?}")]
+    Cidr(String),
+    #[error("Malformed IPv4 address {0:?}")]
+    Ipv4(String),
+    #[error("Malformed prefix in {0:?}")]
+    Prefix(String),
+    #[error("RNG seed must be 1 to {MAX_SEED} bytes, got {0}")]
+    SeedSize(usize),
+    #[error("Clock value is 0")]
+    ZeroClock,
+    #[error("Cannot open /dev/urandom: {0}")]
+    OpenUrandom(#[source] std::io::Error),
+    #[error("Cannot reseed the kernel CRNG: {0}")]
+    ReseedCrng(#[source] std::io::Error),
+    #[error("Cannot write the seed to /dev/urandom: {0}")]
+    WriteSeed(#[source] std::io::Error),
+    #[error("Cannot set the clock: {}", .0.desc())]
+    SetClock(#[source] nix::Error),
+    #[error("Cannot set the hostname: {}", .0.desc())]
+    SetHostname(#[source] nix::Error),
+    #[error("Cannot reconfigure {NET_DEV}: {0}")]
+    Interface(#[source] std::io::Error),
+    #[error("Cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Serialize(#[from] serde_json::Error),
+}
 
 /// What `Id` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,23 +132,23 @@ impl State {
     }
 }
 
-fn parse_cidr(cidr: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+fn parse_cidr(cidr: &str) -> Result<(std::net::Ipv4Addr, u8), IdentityError> {
     let (ip, prefix) = cidr
         .split_once('/')
-        .ok_or_else(|| format!("Malformed address {cidr:?}"))?;
+        .ok_or_else(|| IdentityError::Cidr(cidr.to_string()))?;
     let ip = ip
         .parse()
-        .map_err(|_| format!("Malformed IPv4 address {ip:?}"))?;
+        .map_err(|_| IdentityError::Ipv4(ip.to_string()))?;
     let prefix = prefix
         .parse::<u8>()
         .ok()
         .filter(|p| *p <= 32)
-        .ok_or_else(|| format!("Malformed prefix in {cidr:?}"))?;
+        .ok_or_else(|| IdentityError::Prefix(cidr.to_string()))?;
     Ok((ip, prefix))
 }
 
-fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("Malformed MAC {mac:?}");
+fn parse_mac(mac: &str) -> Result<[u8; 6], IdentityError> {
+    let bad = || IdentityError::Mac(mac.to_string());
     let parts = mac
         .split(':')
         .map(|h| {
@@ -117,18 +168,18 @@ fn ip_of(cidr: &str) -> &str {
 }
 
 /// Checks every field before anything is applied.
-pub fn validate(id: &CloneIdentity) -> Result<(), String> {
+pub fn validate(id: &CloneIdentity) -> Result<(), IdentityError> {
     if id.clone_id == 0 {
-        return Err("Clone ID 0 is the parent's".into());
+        return Err(IdentityError::ParentCloneId);
     }
     if !valid_ticket_syntax(&id.ticket) {
-        return Err(format!("Malformed ticket {:?}", id.ticket));
+        return Err(IdentityError::Ticket(id.ticket.clone()));
     }
     if id.vm.is_empty()
         || id.vm.len() > 255
         || id.vm.chars().any(|c| c.is_control() || c.is_whitespace())
     {
-        return Err(format!("Malformed VM name {:?}", id.vm));
+        return Err(IdentityError::VmName(id.vm.clone()));
     }
     let host_ok = !id.hostname.is_empty()
         && id.hostname.len() <= 64
@@ -138,7 +189,7 @@ pub fn validate(id: &CloneIdentity) -> Result<(), String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if !host_ok {
-        return Err(format!("Malformed hostname {:?}", id.hostname));
+        return Err(IdentityError::Hostname(id.hostname.clone()));
     }
     if id.machine_id.len() != 32
         || !id
@@ -146,7 +197,7 @@ pub fn validate(id: &CloneIdentity) -> Result<(), String> {
             .bytes()
             .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     {
-        return Err(format!("Malformed machine id {:?}", id.machine_id));
+        return Err(IdentityError::MachineId(id.machine_id.clone()));
     }
     let octets: Vec<&str> = id.mac.split(':').collect();
     let mac_ok = octets.len() == 6
@@ -155,34 +206,31 @@ pub fn validate(id: &CloneIdentity) -> Result<(), String> {
             .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
         && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0);
     if !mac_ok {
-        return Err(format!("Malformed or multicast MAC {:?}", id.mac));
+        return Err(IdentityError::UnicastMac(id.mac.clone()));
     }
     let (addr, prefix) = id
         .ip_cidr
         .split_once('/')
-        .ok_or_else(|| format!("Malformed IP {:?}", id.ip_cidr))?;
+        .ok_or_else(|| IdentityError::Ip(id.ip_cidr.clone()))?;
     let addr: IpAddr = addr
         .parse()
-        .map_err(|_| format!("Malformed IP {:?}", id.ip_cidr))?;
+        .map_err(|_| IdentityError::Ip(id.ip_cidr.clone()))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     if !prefix.parse::<u8>().is_ok_and(|p| p <= max) {
-        return Err(format!("Malformed IP {:?}", id.ip_cidr));
+        return Err(IdentityError::Ip(id.ip_cidr.clone()));
     }
     if id.seed.is_empty() || id.seed.len() > MAX_SEED {
-        return Err(format!(
-            "RNG seed must be 1 to {MAX_SEED} bytes, got {}",
-            id.seed.len()
-        ));
+        return Err(IdentityError::SeedSize(id.seed.len()));
     }
     if id.unix_time_ns == 0 {
-        return Err("Clock value is 0".into());
+        return Err(IdentityError::ZeroClock);
     }
     Ok(())
 }
 
 /// Applies a validated identity to the system, or only logs the steps
 /// when `dry` (tests).
-pub fn apply(id: &CloneIdentity, dry: bool) -> Result<(), String> {
+pub fn apply(id: &CloneIdentity, dry: bool) -> Result<(), IdentityError> {
     if dry {
         tracing::info!(
             "Dry identity: would reseed the RNG with {} bytes, set the clock to {} ns, hostname {}, machine-id {}, {NET_DEV} {} {}",
@@ -197,46 +245,45 @@ pub fn apply(id: &CloneIdentity, dry: bool) -> Result<(), String> {
     }
     reseed(&id.seed)?;
     set_clock(id.unix_time_ns)?;
-    nix::unistd::sethostname(&id.hostname)
-        .map_err(|e| format!("Cannot set the hostname: {}", e.desc()))?;
+    nix::unistd::sethostname(&id.hostname).map_err(IdentityError::SetHostname)?;
     write_file("/etc/hostname", &format!("{}\n", id.hostname))?;
     write_file("/etc/machine-id", &format!("{}\n", id.machine_id))?;
     let (addr, prefix) = parse_cidr(&id.ip_cidr)?;
     let mac = parse_mac(&id.mac)?;
-    sys::configure_interface(NET_DEV, mac, addr, prefix)
-        .map_err(|e| format!("Cannot reconfigure {NET_DEV}: {e}"))?;
+    sys::configure_interface(NET_DEV, mac, addr, prefix).map_err(IdentityError::Interface)?;
     Ok(())
 }
 
-fn reseed(seed: &[u8]) -> Result<(), String> {
+fn reseed(seed: &[u8]) -> Result<(), IdentityError> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/urandom")
-        .map_err(|e| format!("Cannot open /dev/urandom: {e}"))?;
+        .map_err(IdentityError::OpenUrandom)?;
     match sys::add_entropy(&f, seed) {
-        Ok(()) => sys::reseed_crng(&f).map_err(|e| format!("Cannot reseed the kernel CRNG: {e}")),
+        Ok(()) => sys::reseed_crng(&f).map_err(IdentityError::ReseedCrng),
         Err(e) => {
             tracing::warn!("RNDADDENTROPY failed ({e}); mixing the seed in without credit");
             use std::io::Write;
-            (&f).write_all(seed)
-                .map_err(|e| format!("Cannot write the seed to /dev/urandom: {e}"))
+            (&f).write_all(seed).map_err(IdentityError::WriteSeed)
         }
     }
 }
 
-fn set_clock(ns: u64) -> Result<(), String> {
+fn set_clock(ns: u64) -> Result<(), IdentityError> {
     use nix::sys::time::TimeSpec;
     use nix::time::{clock_settime, ClockId};
     let ts = TimeSpec::new(
         (ns / 1_000_000_000) as libc::time_t,
         (ns % 1_000_000_000) as libc::c_long,
     );
-    clock_settime(ClockId::CLOCK_REALTIME, ts)
-        .map_err(|e| format!("Cannot set the clock: {}", e.desc()))
+    clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(IdentityError::SetClock)
 }
 
-fn write_file(path: &str, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("Cannot write {path}: {e}"))
+fn write_file(path: &str, text: &str) -> Result<(), IdentityError> {
+    std::fs::write(path, text).map_err(|source| IdentityError::Write {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Full path of a busybox/iproute tool, or the bare name for `PATH` lookup.
@@ -278,7 +325,7 @@ fn gratuitous_arp(ip: String) {
         });
 }
 
-fn write_identity_file(dir: &Path, id: &CloneIdentity, state: &State) -> Result<(), String> {
+fn write_identity_file(dir: &Path, id: &CloneIdentity, state: &State) -> Result<(), IdentityError> {
     let rec = IdentityFile {
         state: state.clone(),
         hostname: id.hostname.clone(),
@@ -286,13 +333,13 @@ fn write_identity_file(dir: &Path, id: &CloneIdentity, state: &State) -> Result<
         ip_cidr: id.ip_cidr.clone(),
         machine_id: id.machine_id.clone(),
     };
-    let text = serde_json::to_string_pretty(&rec).map_err(|e| e.to_string())? + "\n";
+    let text = serde_json::to_string_pretty(&rec)? + "\n";
     let path = dir.join(IDENTITY_FILE);
     let tmp = dir.join(format!(".{IDENTITY_FILE}.tmp"));
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(&tmp, text))
         .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| format!("Cannot write {}: {e}", path.display()))
+        .map_err(|source| IdentityError::Write { path, source })
 }
 
 /// Handles `BecomeClone`. `orphans` are the requests that were pending when
@@ -319,8 +366,7 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
                 tracing::warn!("{e}");
             }
             for o in orphans {
-                host::answer(
-                    agent,
+                agent.answer(
                     o,
                     ApiResponse::Error {
                         code: ApiErrorCode::Failed,
@@ -329,8 +375,7 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
                 );
             }
             agent.chan.send_or_log(&GuestMsg::Ready { clone_id });
-            if !host::answer(
-                agent,
+            if !agent.answer(
                 request_id,
                 ApiResponse::Cloned {
                     clone_id,
@@ -348,10 +393,9 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
             tracing::error!("Cannot become clone {clone_id}: {message}");
             agent.chan.send_or_log(&GuestMsg::CloneFailed {
                 clone_id,
-                message: message.clone(),
+                message: message.to_string(),
             });
-            host::answer(
-                agent,
+            agent.answer(
                 request_id,
                 ApiResponse::Error {
                     code: ApiErrorCode::Failed,
@@ -382,7 +426,7 @@ mod tests {
 
     #[test]
     fn validation_accepts_good_and_rejects_each_bad_field() {
-        assert_eq!(validate(&good()), Ok(()));
+        validate(&good()).unwrap();
         let bad: Vec<fn(&mut CloneIdentity)> = vec![
             |i| i.clone_id = 0,
             |i| i.ticket = "x".into(),
@@ -408,7 +452,7 @@ mod tests {
         }
         let mut i = good();
         i.ip_cidr = "fd00::5/64".into();
-        assert_eq!(validate(&i), Ok(()));
+        validate(&i).unwrap();
     }
 
     #[test]

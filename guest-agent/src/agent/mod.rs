@@ -132,6 +132,14 @@ impl Agent {
         lock(&self.pending)
     }
 
+    /// Answers the pending request `id`, if an app still waits for it.
+    pub(crate) fn answer(&self, id: u64, resp: ApiResponse) -> bool {
+        match self.pending().remove(&id) {
+            Some(tx) => tx.send(resp).is_ok(),
+            None => false,
+        }
+    }
+
     /// Current identity snapshot.
     pub fn ident(&self) -> identity::State {
         lock(&self.identity).clone()

@@ -19,6 +19,7 @@
 use super::{lock, Agent};
 use allocator_hooks::{BalloonConfig, Config, HookConfig};
 use nix::sys::signal::{SigSet, Signal};
+use snowflock_proto::error::chain;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -82,7 +83,7 @@ pub fn reload(agent: &Agent, why: &str) {
         Err(e) => {
             tracing::warn!(
                 "Settings not loaded ({why}), keeping the previous ones: {}",
-                chain(&e)
+                chain(&e).trim_end()
             );
             return;
         }
@@ -100,7 +101,7 @@ pub fn reload(agent: &Agent, why: &str) {
             Err(e) => tracing::warn!(
                 "[hooks] not loaded ({why}), keeping {:?}: {}",
                 cur.hooks,
-                chain(&e)
+                chain(&e).trim_end()
             ),
         }
         match tables.balloon {
@@ -111,7 +112,7 @@ pub fn reload(agent: &Agent, why: &str) {
             Err(e) => {
                 tracing::warn!(
                     "[balloon] not applied ({why}), free page reporting left as it is: {}",
-                    chain(&e)
+                    chain(&e).trim_end()
                 );
                 None
             }
@@ -152,15 +153,13 @@ pub fn hooks_for_clone(agent: &Agent) -> HookConfig {
         Ok(None) => HookConfig::default(),
         Err(e) => {
             let h = agent.settings().hooks;
-            tracing::warn!("Using the last good [hooks] {h:?}: {}", chain(&e));
+            tracing::warn!(
+                "Using the last good [hooks] {h:?}: {}",
+                chain(&e).trim_end()
+            );
             h
         }
     }
-}
-
-/// An error and its causes, without the trailing newline TOML errors have.
-fn chain(e: &dyn std::error::Error) -> String {
-    crate::error_chain(e).trim_end().to_string()
 }
 
 #[cfg(test)]

@@ -1,0 +1,175 @@
+//! `snowflock cluster down`: removes a local cluster, idempotently, also
+//! when it is half-built or its daemons crashed: daemons, leftover mounts,
+//! namespaces, then directories.
+
+use super::layout::{load, ClusterInfo, HostInfo, Layout};
+use super::{daemon, fabric};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+/// `snowflock cluster down`: idempotent, also for half-built or crashed clusters.
+pub fn down(name: &str) -> Result<()> {
+    let l = Layout::new(name)?;
+    let info = load(name).ok();
+    teardown(&l, info, true)
+}
+
+/// Hosts to stop when `cluster.json` is missing: `hI` directories in the config dir.
+fn hosts_from_dirs(l: &Layout) -> Vec<HostInfo> {
+    let mut v: Vec<HostInfo> = std::fs::read_dir(l.config_dir())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|n| n.strip_prefix('h').and_then(|d| d.parse::<u32>().ok()))
+                .filter(|i| *i < 256)
+                .map(|i| l.host(i))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by_key(|h| (h.name.len(), h.name.clone()));
+    v
+}
+
+/// Removes everything of cluster `l` that exists; `info` is its
+/// `cluster.json`, if readable. `verbose` says what is removed on stderr.
+pub(super) fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> Result<()> {
+    let say = |msg: String| {
+        if verbose {
+            eprintln!("{msg}");
+        }
+    };
+    let mut errors: Vec<String> = Vec::new();
+    let mut removed = 0usize;
+    let hosts = match &info {
+        Some(i) => i.hosts.clone(),
+        None => hosts_from_dirs(l),
+    };
+
+    // 1. and 2.: the daemons.
+    removed += daemon::stop_all(&hosts, &say, &mut errors);
+    // 3. Mounts the daemons left behind (visible in this mount namespace).
+    let roots = [l.state_root(), l.config_dir()];
+    for m in mounts_under(
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        &roots,
+    ) {
+        let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: a valid C string; MNT_DETACH only detaches.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            say(format!("unmounted {}", m.display()));
+            removed += 1;
+        } else {
+            errors.push(format!(
+                "cannot unmount {}: {}",
+                m.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    // 4. Namespaces (a host's veth goes with its namespace), hosts first.
+    for ns in &fabric::existing_netns(l) {
+        match fabric::delete_netns(ns) {
+            Ok(()) => {
+                say(format!("removed network namespace {ns}"));
+                removed += 1;
+            }
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    // 5. Directories.
+    for dir in [l.state_root(), l.config_dir()] {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                say(format!("removed {}", dir.display()));
+                removed += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+    // Anything still running from this cluster is worth a word (not a kill:
+    // only recorded daemon pids are ours to signal).
+    let needles: Vec<String> = roots.iter().map(|r| format!("{}/", r.display())).collect();
+    for (pid, cmd) in daemon::processes_mentioning(&needles) {
+        say(format!(
+            "warning: pid {pid} still runs and mentions this cluster: {cmd}"
+        ));
+    }
+    if !errors.is_empty() {
+        bail!(
+            "cluster `{}` only partly removed:\n  {}",
+            l.name,
+            errors.join("\n  ")
+        );
+    }
+    if removed == 0 {
+        say(format!("no local cluster `{}`: nothing to remove", l.name));
+    } else {
+        say(format!("local cluster `{}` removed", l.name));
+    }
+    Ok(())
+}
+
+/// Mount points under any of `roots` in a mountinfo text, deepest first.
+fn mounts_under(mountinfo: &str, roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mount(m)))
+        .filter(|m| roots.iter().any(|r| m.starts_with(r)))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    v.dedup();
+    v
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_filter() {
+        let mi = "\
+22 1 0:21 / /dev/shm rw - tmpfs tmpfs rw
+90 22 0:50 / /dev/shm/snowflock-sfc/h0/fuse rw - fuse fuse rw
+91 22 0:51 / /dev/shm/snowflock-sfc/h1/a\\040b rw - fuse fuse rw
+92 22 0:52 / /dev/shm/snowflock-sfc rw - tmpfs tmpfs rw
+93 22 0:53 / /dev/shm/snowflock-sfcx/h0 rw - tmpfs tmpfs rw
+";
+        let roots = [
+            PathBuf::from("/dev/shm/snowflock-sfc"),
+            PathBuf::from("/run/snowflock/sfc"),
+        ];
+        let m = mounts_under(mi, &roots);
+        assert_eq!(
+            m,
+            [
+                PathBuf::from("/dev/shm/snowflock-sfc/h0/fuse"),
+                PathBuf::from("/dev/shm/snowflock-sfc/h1/a b"),
+                PathBuf::from("/dev/shm/snowflock-sfc"),
+            ]
+        );
+    }
+}

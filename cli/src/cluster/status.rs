@@ -1,0 +1,67 @@
+//! `snowflock cluster status`: every host of `cluster.json` with its
+//! daemon's answer, as a table or as JSON.
+
+use super::daemon::probe_all;
+use super::layout::{load, HostInfo};
+use anyhow::Result;
+use serde::Serialize;
+use snowflock_proto::admin::DaemonStatus;
+
+/// Status of one host for `cluster status --json`.
+#[derive(Serialize)]
+struct HostStatus<'a> {
+    #[serde(flatten)]
+    host: &'a HostInfo,
+    /// The daemon's answer; `null` when it is down.
+    status: Option<DaemonStatus>,
+}
+
+/// `snowflock cluster status`.
+pub fn status(name: &str, json: bool) -> Result<()> {
+    let info = load(name)?;
+    let st = probe_all(&info);
+    if json {
+        let hosts: Vec<HostStatus> = info
+            .hosts
+            .iter()
+            .zip(st)
+            .map(|(host, status)| HostStatus { host, status })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "name": info.name, "hosts": hosts })
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "local cluster `{}` ({} hosts, fabric {})",
+        info.name,
+        info.hosts.len(),
+        info.fabric_netns
+    );
+    println!(
+        "{:<5} {:<14} {:<12} {:>8} {:<6} {:>4} {:>9}",
+        "HOST", "NETNS", "IP", "PID", "STATE", "VMS", "UPTIME_S"
+    );
+    for (h, s) in info.hosts.iter().zip(st) {
+        match s {
+            Some(s) => println!(
+                "{:<5} {:<14} {:<12} {:>8} {:<6} {:>4} {:>9}",
+                h.name, h.netns, h.ip, s.pid, "up", s.vms, s.uptime_s
+            ),
+            None => println!(
+                "{:<5} {:<14} {:<12} {:>8} {:<6} {:>4} {:>9}",
+                h.name,
+                h.netns,
+                h.ip,
+                h.pid.map_or("-".into(), |p| p.to_string()),
+                "down",
+                "-",
+                "-"
+            ),
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,0 @@
-//! snowflock-cli
