@@ -62,11 +62,11 @@ impl PeerChannel for FakePeers {
         &'a self,
         host: &'a str,
         req: &'a PeerRequest,
-        client: &'a mut dyn Duplex,
+        mut client: &'a mut dyn Duplex,
     ) -> BoxFuture<'a, Result<(), PeerError>> {
         Box::pin(async move {
             let resp = self.call(host, req, Duration::from_secs(5)).await?;
-            snowflock_proto::frame::tokio_io::write_frame(client, &resp)
+            snowflock_proto::frame::tokio_io::write_frame(&mut client, &resp)
                 .await
                 .map_err(|err| PeerError::Protocol {
                     host: host.into(),
