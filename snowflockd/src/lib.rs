@@ -25,5 +25,7 @@ pub mod lifecycle;
 pub mod ops;
 mod start;
 pub mod state;
+#[cfg(test)]
+mod testing;
 
 pub use start::{run, StartError};

@@ -153,3 +153,175 @@ pub(super) fn console(d: &Daemon, name: &str) -> AdminResponse {
         Err(e) => daemon_err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::Harness;
+    use snowflock_proto::admin::{
+        Accel, AdminErrorCode as C, AdminRequest, AdminResponse, ExecInput,
+    };
+    use snowflock_proto::frame::tokio_io::{read_frame, write_frame};
+    use tokio::io::AsyncWriteExt;
+
+    /// Sends one request over a real in-memory stream; the first answer.
+    async fn ask(h: &Harness, req: &AdminRequest) -> AdminResponse {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(super::connection(h.d.clone(), server));
+        write_frame(&mut client, req).await.unwrap();
+        read_frame(&mut client).await.unwrap()
+    }
+
+    fn start(h: &Harness, name: &str) -> AdminRequest {
+        AdminRequest::VmStart {
+            name: name.into(),
+            image: h.image.display().to_string(),
+            mem_mib: 64,
+            vcpus: 1,
+            accel: Accel::Tcg,
+        }
+    }
+
+    fn error(r: AdminResponse) -> (C, String) {
+        match r {
+            AdminResponse::Error { code, message } => (code, message),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vm_start_list_stop_and_their_errors() {
+        let h = Harness::build(|c| c.max_vms = 2, false);
+        assert!(matches!(ask(&h, &start(&h, "a")).await, AdminResponse::Vm(v) if v.name == "a"));
+        let (code, msg) = error(ask(&h, &start(&h, "a")).await);
+        assert_eq!(
+            (code, msg.as_str()),
+            (C::AlreadyExists, "A VM named \"a\" already exists")
+        );
+        let (code, _) = error(ask(&h, &start(&h, "Bad Name")).await);
+        assert_eq!(code, C::BadRequest);
+        let mut bad = start(&h, "b");
+        if let AdminRequest::VmStart { image, .. } = &mut bad {
+            *image = "/nonexistent".into();
+        }
+        assert_eq!(error(ask(&h, &bad).await).0, C::BadImage);
+        assert!(matches!(
+            ask(&h, &start(&h, "b")).await,
+            AdminResponse::Vm(_)
+        ));
+        let (code, msg) = error(ask(&h, &start(&h, "c")).await);
+        assert_eq!(code, C::Unavailable);
+        assert!(msg.contains("maximum of 2 VMs"), "{msg}");
+        match ask(&h, &AdminRequest::VmList).await {
+            AdminResponse::VmList { vms, unreachable } => {
+                assert_eq!(vms.len(), 2);
+                assert!(unreachable.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            ask(&h, &AdminRequest::VmStop { name: "a".into() }).await,
+            AdminResponse::Ok
+        );
+        let (code, msg) = error(ask(&h, &AdminRequest::VmStop { name: "a".into() }).await);
+        assert_eq!((code, msg.as_str()), (C::NotFound, "No VM named \"a\""));
+        match ask(&h, &AdminRequest::Status).await {
+            AdminResponse::Status(s) => {
+                assert_eq!(s.vms, 1);
+                assert_eq!(s.counters["vms_started"], 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_frames_get_a_clear_answer() {
+        let h = Harness::new();
+        let (mut client, server) = tokio::io::duplex(4096);
+        tokio::spawn(super::connection(h.d.clone(), server));
+        client.write_all(&5u32.to_le_bytes()).await.unwrap();
+        client.write_all(b"{junk").await.unwrap();
+        let (code, msg) = error(read_frame(&mut client).await.unwrap());
+        assert_eq!(code, C::BadRequest);
+        assert!(msg.starts_with("Malformed request"), "{msg}");
+        // A peer-only request is not an admin request.
+        let (mut client, server) = tokio::io::duplex(4096);
+        tokio::spawn(super::connection(h.d.clone(), server));
+        write_frame(
+            &mut client,
+            &serde_json::json!({"op": "peer_stop_clones", "ticket": "t", "reason": "r"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            error(read_frame(&mut client).await.unwrap()).0,
+            C::BadRequest
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exec_streams_output_and_exit_code() {
+        let h = Harness::new();
+        h.start("a").await;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(super::connection(h.d.clone(), server));
+        let argv = vec!["echo".to_string(), "hi".to_string()];
+        write_frame(
+            &mut client,
+            &AdminRequest::Exec {
+                name: "a".into(),
+                argv,
+            },
+        )
+        .await
+        .unwrap();
+        write_frame(
+            &mut client,
+            &ExecInput {
+                data: vec![],
+                eof: true,
+            },
+        )
+        .await
+        .unwrap();
+        match read_frame(&mut client).await.unwrap() {
+            AdminResponse::ExecOutput { data, .. } => assert_eq!(data, b"echo hi"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            read_frame::<_, AdminResponse>(&mut client).await.unwrap(),
+            AdminResponse::ExecExit { code: 0 }
+        );
+        let empty = AdminRequest::Exec {
+            name: "a".into(),
+            argv: vec![],
+        };
+        assert_eq!(error(ask(&h, &empty).await).0, C::BadRequest);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_one_task_does_not_take_the_daemon_down() {
+        let h = Harness::new();
+        h.start("a").await;
+        // A task panics while it holds the registry lock.
+        let d = h.d.clone();
+        let crashed = tokio::spawn(async move {
+            d.with(|r| {
+                r.next_index += 1;
+                panic!("a bug in one request");
+            })
+        })
+        .await;
+        assert!(crashed.unwrap_err().is_panic());
+        // The lock is not poisoned and every path that takes it still works.
+        assert_eq!(h.d.list().len(), 1);
+        assert!(matches!(
+            ask(&h, &start(&h, "b")).await,
+            AdminResponse::Vm(_)
+        ));
+        assert_eq!(
+            ask(&h, &AdminRequest::VmStop { name: "a".into() }).await,
+            AdminResponse::Ok
+        );
+        assert_eq!(h.vmm.running(), ["b"]);
+    }
+}

@@ -192,3 +192,47 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
         GuestMsg::Pong { .. } => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::Harness;
+    use snowflock_proto::api::{ApiRequest as R, ApiResponse};
+    use snowflock_proto::channel::GuestMsg;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn junk_on_the_guest_channel_is_counted_and_dropped() {
+        let h = Harness::new();
+        let (_, p) = h.start("a").await;
+        p.send_raw(b"not json at all\n{\"t\":\"nonsense\"}\n");
+        p.send_raw(&vec![b'x'; 200 * 1024]);
+        p.send_raw(b"\n");
+        p.send(GuestMsg::Ready { clone_id: 5 });
+        // The channel still works.
+        assert!(matches!(
+            p.call(1, R::Id).await,
+            ApiResponse::Identity { clone_id: 0, .. }
+        ));
+        assert!(h.d.counters.map()["malformed_guest_lines"] >= 3);
+        assert_eq!(h.vmm.running(), ["a"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_agent_fails_open_exec_sessions() {
+        let h = Harness::new();
+        let (vm, p) = h.start("a").await;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        vm.execs.lock().insert(77, tx);
+        p.send(GuestMsg::Hello {
+            version: 1,
+            agent: "new".into(),
+            clone_id: 0,
+            instance: 12345,
+        });
+        match rx.recv().await {
+            Some(crate::state::vm::ExecEvent::Error(m)) => {
+                assert!(m.contains("agent restarted"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -24,7 +24,7 @@ pub struct FakeProc {
     pub pid: u32,
     exit: Mutex<Option<oneshot::Sender<Result<String, String>>>>,
     exited: watch::Sender<bool>,
-    inject: mpsc::UnboundedSender<GuestMsg>,
+    inject: mpsc::UnboundedSender<Vec<u8>>,
     responses: tokio::sync::Mutex<mpsc::UnboundedReceiver<(u64, ApiResponse)>>,
     /// Every control call, in order (`stop`, `cont`, `migrate`, ...).
     pub calls: Mutex<Vec<&'static str>>,
@@ -42,13 +42,18 @@ impl FakeProc {
 
     /// The guest's application makes an API call.
     pub fn request(&self, id: u64, req: ApiRequest) {
-        let _ = self.inject.send(GuestMsg::Request { id, req });
+        self.send(GuestMsg::Request { id, req });
     }
 
-    /// The guest sends any message (also malformed-free junk the daemon
-    /// must survive).
+    /// The guest agent sends a message.
     pub fn send(&self, msg: GuestMsg) {
-        let _ = self.inject.send(msg);
+        let _ = self.inject.send(encode_line(&msg));
+    }
+
+    /// The guest writes raw bytes on its channel (junk the daemon must
+    /// survive).
+    pub fn send_raw(&self, bytes: &[u8]) {
+        let _ = self.inject.send(bytes.to_vec());
     }
 
     /// The next answer the daemon sent this guest (bounded wait).
@@ -252,7 +257,7 @@ impl VmmControl for FakeControl {
 async fn guest(
     listener: tokio::net::UnixListener,
     mut exited: watch::Receiver<bool>,
-    mut inject: mpsc::UnboundedReceiver<GuestMsg>,
+    mut inject: mpsc::UnboundedReceiver<Vec<u8>>,
     responses: mpsc::UnboundedSender<(u64, ApiResponse)>,
     refuse_identity: bool,
 ) {
@@ -267,7 +272,7 @@ async fn guest(
         let mut lines = LineReader::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let mut out: Vec<GuestMsg> = Vec::new();
+            let mut out: Vec<Vec<u8>> = Vec::new();
             tokio::select! {
                 n = rd.read(&mut buf) => match n {
                     Ok(0) | Err(_) => break,
@@ -279,13 +284,14 @@ async fn guest(
                             }
                         });
                         for m in msgs {
+                            let mut reply = |m: GuestMsg| out.push(encode_line(&m));
                             match m {
-                                HostMsg::Hello { version } => out.push(GuestMsg::Hello {
+                                HostMsg::Hello { version } => reply(GuestMsg::Hello {
                                     version, agent: "fake".into(), clone_id, instance,
                                 }),
                                 HostMsg::BecomeClone { identity, .. } => {
                                     clone_id = identity.clone_id;
-                                    out.push(if refuse_identity {
+                                    reply(if refuse_identity {
                                         GuestMsg::CloneFailed { clone_id, message: "cannot set the IP".into() }
                                     } else {
                                         GuestMsg::Ready { clone_id }
@@ -293,8 +299,8 @@ async fn guest(
                                 }
                                 HostMsg::Response { id, resp } => { let _ = responses.send((id, resp)); }
                                 HostMsg::ExecStart { exec, argv, .. } => {
-                                    out.push(GuestMsg::ExecOutput { exec, stream: Stream::Stdout, data: argv.join(" ").into_bytes() });
-                                    out.push(GuestMsg::ExecExit { exec, code: 0 });
+                                    reply(GuestMsg::ExecOutput { exec, stream: Stream::Stdout, data: argv.join(" ").into_bytes() });
+                                    reply(GuestMsg::ExecExit { exec, code: 0 });
                                 }
                                 _ => {}
                             }
@@ -305,7 +311,7 @@ async fn guest(
                 _ = exited.wait_for(|e| *e) => return,
             }
             for m in out {
-                if wr.write_all(&encode_line(&m)).await.is_err() {
+                if wr.write_all(&m).await.is_err() {
                     break;
                 }
             }

@@ -186,3 +186,155 @@ pub(super) async fn bound_console(vm: Arc<Vm>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::state::vm::{EndCause, MemSource};
+    use crate::testing::Harness;
+    use snowflock_proto::api::{ApiRequest as R, ApiResponse, ChildState};
+    use snowflock_proto::peer::PeerRequest;
+    use std::sync::atomic::Ordering;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vm_that_dies_is_lost_cleaned_up_and_counted() {
+        let h = Harness::new();
+        let (vm, p) = h.start("p").await;
+        let (tap, bridge) = (vm.placed.tap.clone(), h.d.names.bridge(vm.spec.flock));
+        assert!(h.net.has(&tap) && h.net.has(&bridge));
+        p.crash();
+        h.until("p is gone", || h.d.vm("p").is_err()).await;
+        h.until("its links are gone", || {
+            !h.net.has(&tap) && !h.net.has(&bridge)
+        })
+        .await;
+        let losses = h.d.counters.recent_losses();
+        assert_eq!(losses[0].vm, "p");
+        assert_eq!(
+            losses[0].reason,
+            "QEMU exited unexpectedly (signal: 11 (SIGSEGV))"
+        );
+        assert!(!vm.placed.dir.exists(), "its directory is removed");
+        assert!(
+            h.d.with(|r| !r.flock_in_use(vm.spec.flock)),
+            "its flock is free again"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parent_that_dies_takes_its_clones_along() {
+        let h = Harness::new();
+        let (_, p) = h.start("p").await;
+        let ticket = h.ticket_and_clone(&p, 2).await;
+        assert_eq!(h.vmm.running(), ["p", "p-g1c1", "p-g1c2"]);
+        p.crash();
+        h.until("every VM is gone", || h.vmm.running().is_empty())
+            .await;
+        h.until("nothing registered", || h.d.list().is_empty())
+            .await;
+        let t = h.d.with(|r| r.tickets[&ticket].state.clone());
+        assert_eq!(
+            t,
+            crate::state::ticket::TicketState::Discarded("its parent VM ended")
+        );
+        assert!(
+            !h.d.cfg.state_dir.join("gens/p-g1").exists(),
+            "its generations are removed"
+        );
+        // The clones were stopped, not lost; the parent was lost.
+        assert_eq!(h.d.counters.map()["vms_lost"], 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clone_that_dies_is_lost_for_its_parent() {
+        let h = Harness::new();
+        let (_, p) = h.start("p").await;
+        let ticket = h.ticket_and_clone(&p, 1).await;
+        h.proc("p-g1c1").crash();
+        match p.call(3, R::Join { ticket }).await {
+            ApiResponse::Joined { children } => match &children[0].state {
+                ChildState::Lost { reason } => {
+                    assert!(reason.contains("QEMU exited unexpectedly"), "{reason}")
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.vmm.running(), ["p"], "the parent is untouched");
+    }
+
+    /// A clone of another host's VM, created as `start_remote` would.
+    async fn remote_clone(h: &Harness, generation: &str) -> std::sync::Arc<crate::state::vm::Vm> {
+        let ram = h.d.cfg.state_dir.join("remote-ram");
+        std::fs::create_dir_all(&h.d.cfg.state_dir).unwrap();
+        std::fs::File::create(&ram)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut spec = crate::state::vm::tests::spec("p-g1c2", 2);
+        spec.parent = "p".into();
+        spec.ticket = Some("t-remote".into());
+        spec.origin = Some("h1".into());
+        spec.memory = MemSource::Remote {
+            generation: generation.into(),
+            ram,
+        };
+        h.d.create_vm(spec).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_remote_clone_is_reported_to_its_origin() {
+        let h = Harness::new();
+        h.peer("h1", |_| snowflock_proto::admin::AdminResponse::Ok);
+        let _vm = remote_clone(&h, "h1.p-g1").await;
+        h.proc("p-g1c2").crash();
+        h.until("h1 is told", || {
+            h.peers.sent.lock().iter().any(|(host, r)| {
+                host == "h1"
+                    && matches!(r, PeerRequest::ChildEnded { ticket, clone_id: 2, state: ChildState::Lost { .. } } if ticket == "t-remote")
+            })
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_memory_origin_stops_its_clones_with_the_reason() {
+        let h = Harness::new();
+        h.peer("h1", |_| snowflock_proto::admin::AdminResponse::Ok);
+        let vm = remote_clone(&h, "h1.p-g1").await;
+        h.d.origin_lost("h1.p-g1", "10.0.0.2:7171", "connection refused")
+            .await;
+        assert!(vm.is_ended());
+        let lost = h.d.counters.recent_losses();
+        assert!(
+            lost[0]
+                .reason
+                .starts_with("its memory origin 10.0.0.2:7171 stopped serving generation h1.p-g1"),
+            "{lost:?}"
+        );
+        assert_eq!(h.d.counters.origin_lost_kills.load(Ordering::Relaxed), 1);
+        h.until("h1 hears of the loss", || {
+            h.peers.sent.lock().iter().any(|(_, r)| matches!(r, PeerRequest::ChildEnded { state: ChildState::Lost { reason }, .. } if reason.contains("memory origin")))
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vmm_that_ignores_quit_is_killed() {
+        let h = Harness::new();
+        let (vm, p) = h.start("p").await;
+        p.ignore_quit.store(true, Ordering::Relaxed);
+        h.d.stop_vm(&vm).await;
+        assert!(p.has_exited());
+        assert_eq!(p.calls.lock().last(), Some(&"quit"));
+        assert_eq!(
+            vm.life(),
+            crate::state::vm::Life::Ended(crate::state::vm::Ended::Stopped)
+        );
+        assert!(!vm.begin_stop(EndCause::Requested));
+        assert_eq!(
+            h.d.counters.map()["vms_lost"],
+            0,
+            "a requested stop is no loss"
+        );
+    }
+}

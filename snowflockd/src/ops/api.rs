@@ -235,3 +235,337 @@ pub fn child_ended(d: &Daemon, ticket: &str, clone_id: u32, state: ChildState) {
     }
     d.bump_tickets();
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::Harness;
+    use snowflock_proto::admin::{AdminResponse, CloneStart};
+    use snowflock_proto::api::{ApiErrorCode as E, ApiRequest as R, ApiResponse, ChildState};
+    use snowflock_proto::peer::PeerRequest;
+
+    fn code(r: &ApiResponse) -> Option<E> {
+        match r {
+            ApiResponse::Error { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn message(r: &ApiResponse) -> String {
+        match r {
+            ApiResponse::Error { message, .. } => message.clone(),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tickets_are_bounded_by_quota_and_capacity() {
+        let h = Harness::new();
+        let (_, p) = h.start("p").await;
+        // Quota 4 per VM.
+        let r = p.call(1, R::RequestTicket { n: 10 }).await;
+        assert!(matches!(r, ApiResponse::Ticket { granted: 4, .. }), "{r:?}");
+        let r = p.call(2, R::RequestTicket { n: 1 }).await;
+        assert_eq!(code(&r), Some(E::NoCapacity));
+        assert!(
+            message(&r).contains("already holds 4 unused clone slots"),
+            "{r:?}"
+        );
+        // Capacity: 8 VMs, 1 running, 4 reserved by the ticket.
+        let (_, q) = h.start("q").await;
+        let r = q.call(1, R::RequestTicket { n: 4 }).await;
+        assert!(matches!(r, ApiResponse::Ticket { granted: 2, .. }), "{r:?}");
+        let r = q.call(2, R::RequestTicket { n: 1 }).await;
+        assert_eq!(code(&r), Some(E::NoCapacity));
+        assert!(message(&r).contains("No capacity for clones"), "{r:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clone_resumes_children_and_join_reports_their_exits() {
+        let h = Harness::new();
+        let (parent, p) = h.start("p").await;
+        let ticket = h.ticket_and_clone(&p, 2).await;
+        for c in ["p-g1c1", "p-g1c2"] {
+            let calls = h.proc(c).calls.lock().clone();
+            assert_eq!(
+                calls,
+                [
+                    "ignore_shared_ram",
+                    "migrate_incoming",
+                    "wait_incoming",
+                    "cont"
+                ]
+            );
+            let vm = h.d.vm(c).unwrap();
+            assert_eq!(vm.spec.parent, "p");
+            assert_eq!(vm.spec.ticket.as_deref(), Some(ticket.as_str()));
+            assert_eq!(vm.spec.flock, parent.spec.flock);
+        }
+        let pc = h.proc("p").calls.lock().clone();
+        assert!(
+            pc.starts_with(&[
+                "ignore_shared_ram",
+                "stop",
+                "migrate",
+                "wait_migration",
+                "cont"
+            ]),
+            "{pc:?}"
+        );
+        let report = h.d.with(|r| r.reports.last().cloned()).unwrap();
+        assert_eq!(report.clones, 2);
+        assert!(report.timeline.iter().any(|(n, _)| n == "clone2_ready"));
+        // Identity answers.
+        let c1 = h.proc("p-g1c1");
+        match c1.call(7, R::Id).await {
+            ApiResponse::Identity { clone_id, ip, .. } => {
+                assert_eq!(clone_id, 1);
+                assert_eq!(
+                    ip.as_deref(),
+                    Some(crate::host::net::ip_cidr(parent.spec.flock, 1).as_str())
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            c1.call(8, R::Exit { status: 3 }).await,
+            ApiResponse::Exiting
+        );
+        let joined = tokio::spawn({
+            let (p, t) = (p.clone(), ticket.clone());
+            async move { p.call(3, R::Join { ticket: t }).await }
+        });
+        h.until("clone 1 ended", || h.d.vm("p-g1c1").is_err()).await;
+        assert!(!joined.is_finished(), "join waits for clone 2");
+        h.proc("p-g1c2").call(9, R::Exit { status: 4 }).await;
+        match joined.await.unwrap() {
+            ApiResponse::Joined { children } => {
+                assert_eq!(children[0].state, ChildState::Exited { code: 3 });
+                assert_eq!(children[1].state, ChildState::Exited { code: 4 });
+            }
+            other => panic!("{other:?}"),
+        }
+        // A joined ticket is gone; its generation too.
+        let r = p
+            .call(
+                4,
+                R::Join {
+                    ticket: ticket.clone(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(E::TicketDiscarded));
+        assert!(!h.d.cfg.state_dir.join("gens/p-g1").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kill_ends_running_children_and_keeps_exits() {
+        let h = Harness::new();
+        let (_, p) = h.start("p").await;
+        let ticket = h.ticket_and_clone(&p, 2).await;
+        h.proc("p-g1c1").call(5, R::Exit { status: 3 }).await;
+        h.until("clone 1 ended", || h.d.vm("p-g1c1").is_err()).await;
+        match p
+            .call(
+                3,
+                R::Kill {
+                    ticket: ticket.clone(),
+                },
+            )
+            .await
+        {
+            ApiResponse::Killed { children } => {
+                assert_eq!(children[0].state, ChildState::Exited { code: 3 });
+                assert_eq!(children[1].state, ChildState::Killed);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(h.d.vm("p-g1c2").is_err(), "killed clone is gone");
+        assert_eq!(h.vmm.running(), ["p"]);
+        let r = p.call(4, R::Clone { ticket }).await;
+        assert_eq!(code(&r), Some(E::TicketDiscarded));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_guest_error_path_is_a_clear_refusal() {
+        let h = Harness::new();
+        let (_, p) = h.start("p").await;
+        let (_, q) = h.start("q").await;
+        let r = p
+            .call(
+                1,
+                R::Join {
+                    ticket: "t-0123456789abcdef".into(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(E::UnknownTicket));
+        let r = p
+            .call(
+                2,
+                R::Clone {
+                    ticket: "no such\nticket".into(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(E::BadRequest));
+        let r = p.call(3, R::Exit { status: 0 }).await;
+        assert_eq!(code(&r), Some(E::WrongRole));
+        assert!(message(&r).contains("sf_exit is for clones"));
+        let t = match p.call(4, R::RequestTicket { n: 1 }).await {
+            ApiResponse::Ticket { ticket, .. } => ticket,
+            other => panic!("{other:?}"),
+        };
+        let r = q.call(1, R::Clone { ticket: t.clone() }).await;
+        assert_eq!(code(&r), Some(E::NotYourTicket));
+        let r = q.call(2, R::Kill { ticket: t.clone() }).await;
+        assert_eq!(code(&r), Some(E::NotYourTicket));
+        let r = p.call(5, R::Join { ticket: t.clone() }).await;
+        assert_eq!(code(&r), Some(E::BadRequest));
+        assert!(message(&r).contains("has not been used by sf_clone"));
+        assert!(matches!(
+            p.call(6, R::Clone { ticket: t.clone() }).await,
+            ApiResponse::Cloned { .. }
+        ));
+        let r = p.call(7, R::Clone { ticket: t.clone() }).await;
+        assert_eq!(code(&r), Some(E::TicketUsed));
+        // A clone cannot clone or ask for tickets.
+        let c = h.proc("p-g1c1");
+        let r = c.call(1, R::RequestTicket { n: 1 }).await;
+        assert_eq!(code(&r), Some(E::WrongRole));
+        let r = c.call(2, R::Clone { ticket: t.clone() }).await;
+        assert_eq!(code(&r), Some(E::WrongRole));
+        assert!(message(&r).contains("Nested cloning is not supported"));
+        let r = p.call(8, R::RequestTicket { n: 0 }).await;
+        assert_eq!(code(&r), Some(E::BadRequest));
+        // None of it harmed anyone.
+        assert_eq!(h.vmm.running(), ["p", "p-g1c1", "q"]);
+        let counters = h.d.counters.map();
+        assert!(counters["api_errors"] >= 9, "{counters:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clone_that_cannot_take_its_identity_is_lost_not_fatal() {
+        let h = Harness::new();
+        h.vmm.refuse_identity.lock().push("p-g1c1".into());
+        let (_, p) = h.start("p").await;
+        let ticket = h.ticket_and_clone(&p, 2).await;
+        h.until("the failed clone is gone", || h.d.vm("p-g1c1").is_err())
+            .await;
+        h.proc("p-g1c2").call(1, R::Exit { status: 0 }).await;
+        match p.call(3, R::Join { ticket }).await {
+            ApiResponse::Joined { children } => {
+                match &children[0].state {
+                    ChildState::Lost { reason } => {
+                        assert!(reason.contains("cannot set the IP"), "{reason}")
+                    }
+                    other => panic!("{other:?}"),
+                }
+                assert_eq!(children[1].state, ChildState::Exited { code: 0 });
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.d.counters.map()["clones_lost"], 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clones_are_placed_on_other_hosts_and_their_ends_come_back() {
+        let h = Harness::cluster();
+        h.peer("h1", |req| match req {
+            PeerRequest::Capacity => AdminResponse::Capacity {
+                host: "h1".into(),
+                free: 7,
+            },
+            PeerRequest::StartClones { clone_ids, .. } => AdminResponse::ClonesStarted {
+                results: clone_ids
+                    .iter()
+                    .map(|id| CloneStart {
+                        clone_id: *id,
+                        vm: format!("p-g1c{id}"),
+                        error: None,
+                    })
+                    .collect(),
+            },
+            _ => AdminResponse::Ok,
+        });
+        // h2 is down: left out of the ticket.
+        h.peers.set("h2", None);
+        let (_, p) = h.start("p").await;
+        let ticket = h.ticket_and_clone(&p, 2).await;
+        // h0 runs the parent: 7 free slots each; a tie goes to the other
+        // host first, then h0 has the most.
+        let placement = h.d.with(|r| r.tickets[&ticket].placement.clone());
+        assert_eq!(
+            placement,
+            vec![("h0".to_string(), 1), ("h1".to_string(), 1)]
+        );
+        assert!(h.d.vm("p-g1c2").is_err() && h.d.vm("p-g1c1").is_ok());
+        let sent = h.peers.sent.lock().clone();
+        assert!(sent.iter().any(|(host, r)| host == "h1"
+            && matches!(r, PeerRequest::StartClones { clone_ids, .. } if clone_ids == &[2])));
+        // The remote clone ends: h1 reports it to us.
+        let resp = crate::frontends::peer::answer(
+            &h.d,
+            PeerRequest::ChildEnded {
+                ticket: ticket.clone(),
+                clone_id: 2,
+                state: ChildState::Lost {
+                    reason: "QEMU died".into(),
+                },
+            },
+        )
+        .await;
+        assert_eq!(resp, AdminResponse::Ok);
+        match p
+            .call(
+                3,
+                R::Kill {
+                    ticket: ticket.clone(),
+                },
+            )
+            .await
+        {
+            ApiResponse::Killed { children } => {
+                assert_eq!(children[0].state, ChildState::Killed);
+                assert!(matches!(children[1].state, ChildState::Lost { .. }));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.d.counters.map()["clones_lost"], 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_that_cannot_start_its_clones_makes_them_lost() {
+        let h = Harness::cluster();
+        h.peer("h1", |req| match req {
+            PeerRequest::Capacity => AdminResponse::Capacity {
+                host: "h1".into(),
+                free: 8,
+            },
+            _ => AdminResponse::Error {
+                code: snowflock_proto::admin::AdminErrorCode::Unavailable,
+                message: "full".into(),
+            },
+        });
+        let (_, p) = h.start("p").await;
+        let ticket = h.ticket_and_clone(&p, 2).await;
+        let st = h.d.with(|r| r.tickets[&ticket].children[&2].state.clone());
+        match st {
+            ChildState::Lost { reason } => assert_eq!(reason, "on h1: refused: full"),
+            other => panic!("{other:?}"),
+        }
+        // Killing the ticket asks h1 to stop its clones.
+        p.call(
+            3,
+            R::Kill {
+                ticket: ticket.clone(),
+            },
+        )
+        .await;
+        let sent = h.peers.sent.lock().clone();
+        assert!(
+            sent.iter()
+                .any(|(host, r)| host == "h1" && matches!(r, PeerRequest::StopClones { .. })),
+            "{sent:?}"
+        );
+    }
+}

@@ -223,7 +223,7 @@ mod tests {
             vec![("h0".into(), 1), ("h1".into(), 4)],
         );
         r.tickets
-            .insert(t.id.clone(), Ticket::grant("t-8".into(), "a", 1, vec![]));
+            .insert("t-8".into(), Ticket::grant("t-8".into(), "a", 1, vec![]));
         t.begin_clone().unwrap();
         r.tickets.insert(t.id.clone(), t);
         assert_eq!(r.unused_slots_of("a"), 6);

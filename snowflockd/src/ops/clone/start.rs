@@ -6,7 +6,7 @@ use super::{CloneError, Timeline};
 use crate::lifecycle::daemon::random_hex;
 use crate::lifecycle::Daemon;
 use crate::state::metrics::bump;
-use crate::state::vm::{MemSource, Vm, VmSpec};
+use crate::state::vm::{EndCause, MemSource, Vm, VmSpec};
 use snowflock_descriptor::{CloneSlot, Descriptor};
 use snowflock_proto::admin::VmState;
 use snowflock_proto::channel::{CloneIdentity, HostMsg};
@@ -70,14 +70,13 @@ pub async fn resume_clone(
     state_file: &Path,
     tl: &Timeline,
 ) -> Result<(), CloneError> {
-    if parent.is_some_and(|p| !p.is_running()) {
-        // The parent was stopped while we cloned it: its children go too.
-        d.stop_vm(&vm).await;
-        return Err(CloneError::ParentStopped);
-    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     *vm.ready.lock() = Some(tx);
     let res = async {
+        if parent.is_some_and(|p| !p.is_running()) {
+            // The parent was stopped while we cloned it: its children go too.
+            return Err(CloneError::ParentStopped);
+        }
         let (vmm, dir, s) = (
             d.vmm.clone(),
             vm.placed.dir.clone(),
@@ -128,6 +127,7 @@ pub async fn resume_clone(
         }
         Err(e) => {
             bump(&d.counters.clones_lost);
+            vm.begin_stop(EndCause::Lost(snowflock_proto::error::chain(&e)));
             d.stop_vm(&vm).await;
             Err(e)
         }
