@@ -1,7 +1,7 @@
 //! Generations: the frozen memory (and device state) of a parent at one
 //! clone point. Their names, where their files live, and releasing them.
 
-use super::daemon::Daemon;
+use super::daemon::{blocking, Daemon};
 use crate::state::ticket::Release;
 
 /// Name of generation `n` of VM `vm` on its own host: `<vm>-g<n>`.
@@ -47,31 +47,43 @@ pub fn remote_name(origin_host: &str, source: &str) -> Result<String, Generation
 
 impl Daemon {
     /// Withdraws a ticket's generation from the page server and deletes
-    /// its files.
-    pub fn drop_generation(&self, release: Release) {
+    /// its files (off the async runtime).
+    pub async fn drop_generation(&self, release: Release) {
         if let (Some(name), Some(p)) = (release.published, &self.pages) {
             p.withdraw(&name);
         }
         if let Some(g) = release.generation {
-            let _ = std::fs::remove_dir_all(g);
+            let _ = blocking(move || {
+                let _ = std::fs::remove_dir_all(g);
+                Ok(())
+            })
+            .await;
         }
     }
 
     /// Removes every generation of a parent that is gone or stopped.
-    pub fn cleanup_generations(&self, parent: &str) {
+    pub async fn cleanup_generations(&self, parent: &str) {
         let gens = self.cfg.state_dir.join("gens");
         let Ok(rd) = std::fs::read_dir(&gens) else {
             return;
         };
+        let mut doomed = Vec::new();
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             if is_generation_of(&n, parent) {
                 if let Some(p) = &self.pages {
                     p.withdraw(&shared_name(&self.cfg.host, &n));
                 }
-                let _ = std::fs::remove_dir_all(e.path());
+                doomed.push(e.path());
             }
         }
+        let _ = blocking(move || {
+            for d in doomed {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            Ok(())
+        })
+        .await;
     }
 }
 

@@ -28,7 +28,7 @@ impl Daemon {
         self.stop_one(vm).await;
         self.stop_children(vm.name(), "its parent VM was stopped")
             .await;
-        self.cleanup_generations(vm.name());
+        self.cleanup_generations(vm.name()).await;
     }
 
     /// Discards a parent's tickets and stops its clones, here and on the

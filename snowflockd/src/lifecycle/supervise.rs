@@ -92,7 +92,7 @@ impl Daemon {
         self.bump_tickets();
         if !spec.is_clone() && !out.requested {
             self.stop_children(vm.name(), "its parent VM ended").await;
-            self.cleanup_generations(vm.name());
+            self.cleanup_generations(vm.name()).await;
         }
     }
 

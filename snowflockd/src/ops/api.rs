@@ -158,7 +158,7 @@ async fn join(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
         match step {
             Err(e) => return ticket_error(e),
             Ok(JoinStep::Done { children, release }) => {
-                d.drop_generation(release);
+                d.drop_generation(release).await;
                 return ApiResponse::Joined { children };
             }
             Ok(JoinStep::Wait) => {}
@@ -195,7 +195,7 @@ async fn kill(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
         match step {
             Err(e) => return ticket_error(e),
             Ok(Some((kids, remote, release))) => {
-                d.drop_generation(release);
+                d.drop_generation(release).await;
                 break (kids, remote);
             }
             Ok(None) => {
