@@ -38,8 +38,7 @@ pub fn kernel_dir() -> PathBuf {
 /// `make test` and CI) a missing prerequisite fails the test instead.
 pub fn vm_prereqs() -> bool {
     let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         missing.push("root".to_string());
     }
     if !kernel_dir().join("vmlinux").exists() {
@@ -254,9 +253,8 @@ impl Drop for Host {
         let pid = self.daemon_pid();
         let _ = self.cli().args(["daemon", "stop"]).output();
         if let Some(pid) = pid {
-            // SAFETY: signalling a pid we started.
-            if unsafe { libc::kill(pid as i32, 0) } == 0 {
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            if pid_alive(pid) {
+                signal(pid, libc::SIGKILL);
             }
         }
         if Path::new("/run/netns").join(&self.netns).exists() {
@@ -491,8 +489,8 @@ impl Drop for Cluster {
             if pid_alive(pid)
                 && String::from_utf8_lossy(&cmd).contains(&format!("/run/snowflock/{}/", self.name))
             {
-                // SAFETY: a daemon pid this cluster recorded, still running its config.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                // A daemon pid this cluster recorded, still running its config.
+                signal(pid, libc::SIGKILL);
             }
         }
         for ns in self.existing_netns() {
@@ -519,8 +517,14 @@ pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
 
 /// Whether a process exists.
 pub fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks existence.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Sends `sig` to a process this test started (or its daemon started).
+pub fn signal(pid: u32, sig: libc::c_int) {
+    if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
 }
 
 /// Processes whose command line mentions `needle` (to check for leftovers).

@@ -388,13 +388,13 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
     let blocked = &o.on_h1;
     let origin = h0.daemon_pid().expect("h0 daemon pid");
     // Freeze the origin daemon (its page server with it).
-    // SAFETY: a daemon this test's cluster started.
-    unsafe { libc::kill(origin as i32, libc::SIGSTOP) };
+    // A daemon this test's cluster started.
+    snowflock_tests::signal(origin as u32, libc::SIGSTOP);
     struct Cont(u32);
     impl Drop for Cont {
         fn drop(&mut self) {
-            // SAFETY: as above.
-            unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+            // As above.
+            snowflock_tests::signal(self.0 as u32, libc::SIGCONT);
         }
     }
     let cont = Cont(origin);
@@ -454,8 +454,8 @@ fn origin_daemon_death_stops_clones_that_need_its_memory() {
     let o = Origin::up();
     let (h0, h1, on_h1) = (o.c.host(0), o.c.host(1), &o.on_h1);
     let pid = h0.daemon_pid().expect("h0 daemon pid");
-    // SAFETY: a daemon this test's cluster started.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // A daemon this test's cluster started.
+    snowflock_tests::signal(pid as u32, libc::SIGKILL);
     let _ = h1.sh(
         on_h1,
         "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &",

@@ -372,8 +372,8 @@ fn join_exits_lost_and_bad_tickets(h: &Daemon, img: &TestImage) {
     assert_eq!(code, 1);
     assert!(err.contains("already used"), "{err}");
     let pid = c[0]["pid"].as_u64().unwrap() as i32;
-    // SAFETY: the clone's QEMU, started by this test's daemon.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // The clone's QEMU, started by this test's daemon.
+    snowflock_tests::signal(pid as u32, libc::SIGKILL);
     let out = h.sh_ok("p", &format!("sf join {t3}"));
     assert!(out.contains("1 lost"), "{out}");
 
@@ -447,8 +447,8 @@ setsid sh /tmp/junk.sh </dev/null >/dev/null 2>&1 &"#,
     let ppid = h.vms().iter().find(|v| v["name"] == "p").unwrap()["pid"]
         .as_u64()
         .unwrap() as i32;
-    // SAFETY: the parent's QEMU, started by this test's daemon.
-    unsafe { libc::kill(ppid, libc::SIGKILL) };
+    // The parent's QEMU, started by this test's daemon.
+    snowflock_tests::signal(ppid as u32, libc::SIGKILL);
     let empty = wait_until(Duration::from_secs(30), || h.vms().is_empty().then_some(()));
     assert!(
         empty.is_some(),
