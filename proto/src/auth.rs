@@ -31,6 +31,8 @@ use sha2::Sha256;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::Path;
+#[cfg(feature = "tokio")]
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Size of the server's HELLO: magic + server nonce.
 pub const HELLO_LEN: usize = 40;
@@ -280,43 +282,114 @@ impl ClientHandshake {
     }
 }
 
+impl ServerHandshake {
+    /// What the server sends after reading `response`, and the outcome:
+    /// the CONFIRM and `Ok`, or [`REJECT`] and the error. Both drivers
+    /// ([`server_blocking`], [`server_async`]) send the bytes, then return
+    /// the outcome (a failed send of a REJECT is ignored).
+    fn reply(
+        &self,
+        key: &ClusterKey,
+        response: &[u8; RESPONSE_LEN],
+    ) -> ([u8; CONFIRM_LEN], Result<(), AuthError>) {
+        match self.check(key, response) {
+            Ok(confirm) => (confirm, Ok(())),
+            Err(e) => (REJECT, Err(e)),
+        }
+    }
+}
+
+/// Client side: how a failed read of the server's HELLO or CONFIRM is
+/// reported. The end of the stream or a reset means the server hung up on
+/// us (see [`AuthError::ClosedByServer`]).
+fn client_read_error(e: io::Error) -> AuthError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => AuthError::ClosedByServer,
+        _ => AuthError::Io(e),
+    }
+}
+
 /// Runs the server side on a blocking stream. Set the stream's timeouts
 /// first. On failure a [`REJECT`] is sent (best effort); close the stream.
+///
+/// Messages: write HELLO, read RESPONSE ([`RESPONSE_LEN`] bytes), write
+/// CONFIRM or [`REJECT`]. Errors: [`AuthError::Io`] when the stream fails
+/// or ends early, [`AuthError::PeerFailed`] when the client's proof is
+/// wrong.
 pub fn server_blocking<S: Read + Write>(s: &mut S, key: &ClusterKey) -> Result<(), AuthError> {
     let (hs, hello) = ServerHandshake::new();
     s.write_all(&hello)?;
     s.flush()?;
     let mut response = [0u8; RESPONSE_LEN];
     s.read_exact(&mut response)?;
-    match hs.check(key, &response) {
-        Ok(confirm) => {
-            s.write_all(&confirm)?;
-            s.flush()?;
-            Ok(())
-        }
-        Err(e) => {
-            let _ = s.write_all(&REJECT).and_then(|_| s.flush());
-            Err(e)
-        }
-    }
+    let (reply, outcome) = hs.reply(key, &response);
+    let sent = s.write_all(&reply).and_then(|_| s.flush());
+    outcome?;
+    Ok(sent?)
 }
 
 /// Runs the client side on a blocking stream. Set the stream's timeouts
 /// first.
+///
+/// Messages: read HELLO ([`HELLO_LEN`] bytes), write RESPONSE, read CONFIRM
+/// ([`CONFIRM_LEN`] bytes). Errors: [`AuthError::ClosedByServer`] when the
+/// server ends the stream (or resets it) before a whole HELLO or CONFIRM,
+/// [`AuthError::Malformed`] for a HELLO without the magic or a CONFIRM
+/// with a status other than 0 or 1, [`AuthError::Rejected`],
+/// [`AuthError::ServerNotProven`], [`AuthError::Io`] otherwise.
 pub fn client_blocking<S: Read + Write>(s: &mut S, key: &ClusterKey) -> Result<(), AuthError> {
     let mut hello = [0u8; HELLO_LEN];
-    s.read_exact(&mut hello).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => AuthError::ClosedByServer,
-        _ => AuthError::Io(e),
-    })?;
+    s.read_exact(&mut hello).map_err(client_read_error)?;
     let (hs, response) = ClientHandshake::respond(key, &hello)?;
     s.write_all(&response)?;
     s.flush()?;
     let mut confirm = [0u8; CONFIRM_LEN];
-    s.read_exact(&mut confirm).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => AuthError::ClosedByServer,
-        _ => AuthError::Io(e),
-    })?;
+    s.read_exact(&mut confirm).map_err(client_read_error)?;
+    hs.check_confirm(key, &confirm)
+}
+
+/// The server side on a tokio stream: the same messages, lengths and
+/// errors as [`server_blocking`] (a [`REJECT`] is sent on failure, best
+/// effort; close the stream). It sets no timeout of its own: wrap it in
+/// `tokio::time::timeout`, as the blocking one needs stream timeouts.
+#[cfg(feature = "tokio")]
+pub async fn server_async<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    key: &ClusterKey,
+) -> Result<(), AuthError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (hs, hello) = ServerHandshake::new();
+    s.write_all(&hello).await?;
+    s.flush().await?;
+    let mut response = [0u8; RESPONSE_LEN];
+    s.read_exact(&mut response).await?;
+    let (reply, outcome) = hs.reply(key, &response);
+    let sent = match s.write_all(&reply).await {
+        Ok(()) => s.flush().await,
+        Err(e) => Err(e),
+    };
+    outcome?;
+    Ok(sent?)
+}
+
+/// The client side on a tokio stream: the same messages, lengths and
+/// errors as [`client_blocking`]. It sets no timeout of its own: wrap it
+/// in `tokio::time::timeout`.
+#[cfg(feature = "tokio")]
+pub async fn client_async<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    key: &ClusterKey,
+) -> Result<(), AuthError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut hello = [0u8; HELLO_LEN];
+    s.read_exact(&mut hello).await.map_err(client_read_error)?;
+    let (hs, response) = ClientHandshake::respond(key, &hello)?;
+    s.write_all(&response).await?;
+    s.flush().await?;
+    let mut confirm = [0u8; CONFIRM_LEN];
+    s.read_exact(&mut confirm)
+        .await
+        .map_err(client_read_error)?;
     hs.check_confirm(key, &confirm)
 }
 
@@ -490,5 +563,202 @@ mod tests {
             ClusterKey::from_bytes(&[1; 15]),
             Err(AuthError::KeyTooShort { len: 15 })
         ));
+    }
+}
+
+/// Each async side against each blocking side, over real loopback TCP: the
+/// blocking side runs on a thread, the async side on a tokio runtime.
+#[cfg(all(test, feature = "tokio"))]
+mod async_tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// A std listener whose one accepted connection `side` handles on a
+    /// thread; returns its address and the thread.
+    fn std_peer<R: Send + 'static>(
+        side: impl FnOnce(std::net::TcpStream) -> R + Send + 'static,
+    ) -> (std::net::SocketAddr, std::thread::JoinHandle<R>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            s.set_write_timeout(Some(T)).unwrap();
+            side(s)
+        });
+        (addr, t)
+    }
+
+    /// Blocking server on a thread, [`client_async`] connecting to it.
+    async fn async_client_vs_blocking_server(
+        server_key: ClusterKey,
+        client_key: ClusterKey,
+    ) -> (Result<(), AuthError>, Result<(), AuthError>) {
+        let (addr, t) = std_peer(move |mut s| server_blocking(&mut s, &server_key));
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let cr = tokio::time::timeout(T, client_async(&mut c, &client_key))
+            .await
+            .expect("client_async timed out");
+        (t.join().unwrap(), cr)
+    }
+
+    /// [`server_async`] accepting a blocking client on a thread.
+    async fn async_server_vs_blocking_client(
+        server_key: ClusterKey,
+        client_key: ClusterKey,
+    ) -> (Result<(), AuthError>, Result<(), AuthError>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(T)).unwrap();
+            client_blocking(&mut c, &client_key)
+        });
+        let (mut s, _) = l.accept().await.unwrap();
+        let sr = tokio::time::timeout(T, server_async(&mut s, &server_key))
+            .await
+            .expect("server_async timed out");
+        drop(s);
+        (sr, t.join().unwrap())
+    }
+
+    #[tokio::test]
+    async fn async_client_with_blocking_server() {
+        let k = ClusterKey::generate();
+        let (s, c) = async_client_vs_blocking_server(k.clone(), k).await;
+        assert!(s.is_ok() && c.is_ok(), "{s:?} {c:?}");
+        let (s, c) =
+            async_client_vs_blocking_server(ClusterKey::generate(), ClusterKey::generate()).await;
+        assert!(matches!(s, Err(AuthError::PeerFailed)), "{s:?}");
+        assert!(matches!(c, Err(AuthError::Rejected)), "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn async_server_with_blocking_client() {
+        let k = ClusterKey::generate();
+        let (s, c) = async_server_vs_blocking_client(k.clone(), k).await;
+        assert!(s.is_ok() && c.is_ok(), "{s:?} {c:?}");
+        let (s, c) =
+            async_server_vs_blocking_client(ClusterKey::generate(), ClusterKey::generate()).await;
+        assert!(matches!(s, Err(AuthError::PeerFailed)), "{s:?}");
+        assert!(matches!(c, Err(AuthError::Rejected)), "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn async_sides_with_each_other_over_a_duplex() {
+        let k = ClusterKey::generate();
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let (s, c) = tokio::join!(server_async(&mut a, &k), client_async(&mut b, &k));
+        assert!(s.is_ok() && c.is_ok(), "{s:?} {c:?}");
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let other = ClusterKey::generate();
+        let (s, c) = tokio::join!(server_async(&mut a, &k), client_async(&mut b, &other));
+        assert!(matches!(s, Err(AuthError::PeerFailed)), "{s:?}");
+        assert!(matches!(c, Err(AuthError::Rejected)), "{c:?}");
+    }
+
+    /// A server that sends part of a HELLO (or a whole HELLO, then reads the
+    /// response and hangs up): both clients report `ClosedByServer`.
+    #[tokio::test]
+    async fn truncated_server_is_closed_by_server_for_both_clients() {
+        let k = ClusterKey::generate();
+        for cut in [0, 1, HELLO_LEN - 1] {
+            let (addr, t) = std_peer(move |mut s| {
+                let (_, hello) = ServerHandshake::new();
+                s.write_all(&hello[..cut]).unwrap();
+            });
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let r = client_async(&mut c, &k).await;
+            assert!(matches!(r, Err(AuthError::ClosedByServer)), "{cut}: {r:?}");
+            t.join().unwrap();
+
+            let (addr, t) = std_peer(move |mut s| {
+                let (_, hello) = ServerHandshake::new();
+                s.write_all(&hello[..cut]).unwrap();
+            });
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            let r = client_blocking(&mut c, &k);
+            assert!(matches!(r, Err(AuthError::ClosedByServer)), "{cut}: {r:?}");
+            t.join().unwrap();
+        }
+        // Whole HELLO, then the server reads the RESPONSE and closes.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let (_, hello) = ServerHandshake::new();
+            s.write_all(&hello).await.unwrap();
+            let mut resp = [0u8; RESPONSE_LEN];
+            s.read_exact(&mut resp).await.unwrap();
+        });
+        let key = k.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(T)).unwrap();
+            client_blocking(&mut c, &key)
+        })
+        .await
+        .unwrap();
+        assert!(matches!(r, Err(AuthError::ClosedByServer)), "{r:?}");
+        server.await.unwrap();
+    }
+
+    /// A client that sends part of a RESPONSE and hangs up: both servers
+    /// fail with an I/O error (unexpected end of stream).
+    #[tokio::test]
+    async fn truncated_client_is_an_io_error_for_both_servers() {
+        let k = ClusterKey::generate();
+        for cut in [0, 1, RESPONSE_LEN - 1] {
+            let client = move |addr| {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                let mut hello = [0u8; HELLO_LEN];
+                c.read_exact(&mut hello).unwrap();
+                c.write_all(&[7u8; RESPONSE_LEN][..cut]).unwrap();
+            };
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let t = std::thread::spawn(move || client(addr));
+            let (mut s, _) = l.accept().await.unwrap();
+            let r = server_async(&mut s, &k).await;
+            assert!(
+                matches!(&r, Err(AuthError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof),
+                "{cut}: {r:?}"
+            );
+            t.join().unwrap();
+
+            let key = k.clone();
+            let (addr, t) = std_peer(move |mut s| server_blocking(&mut s, &key));
+            tokio::task::spawn_blocking(move || client(addr))
+                .await
+                .unwrap();
+            let r = t.join().unwrap();
+            assert!(
+                matches!(&r, Err(AuthError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof),
+                "{cut}: {r:?}"
+            );
+        }
+    }
+
+    /// A peer that is not a snowflock server: both clients say `Malformed`.
+    #[tokio::test]
+    async fn foreign_server_is_malformed_for_both_clients() {
+        let k = ClusterKey::generate();
+        let junk = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n-----------".to_vec();
+        assert!(junk.len() >= HELLO_LEN);
+        let j = junk.clone();
+        let (addr, t) = std_peer(move |mut s| s.write_all(&j).unwrap());
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let r = client_async(&mut c, &k).await;
+        assert!(matches!(r, Err(AuthError::Malformed)), "{r:?}");
+        t.join().unwrap();
+        let (addr, t) = std_peer(move |mut s| s.write_all(&junk).unwrap());
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let r = client_blocking(&mut c, &k);
+        assert!(matches!(r, Err(AuthError::Malformed)), "{r:?}");
+        t.join().unwrap();
     }
 }
