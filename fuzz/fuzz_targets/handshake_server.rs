@@ -21,6 +21,11 @@ use snowflock_proto::auth::{
 };
 use std::sync::Mutex;
 
+/// The scripted client: bytes for the server to read, from what it wrote.
+type Answer<'a> = dyn FnMut(&[u8]) -> Option<Vec<u8>> + 'a;
+/// A driver's result and everything it wrote.
+type Outcome = (Result<(), auth::AuthError>, Vec<u8>);
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, bytes)) = data.split_first() else {
         return;
@@ -30,9 +35,7 @@ fuzz_target!(|data: &[u8]| {
     let cut = ((mode / 2) as usize).min(RESPONSE_LEN);
     let clean = honest && cut == RESPONSE_LEN && bytes.iter().take(RESPONSE_LEN).all(|&b| b == 0);
 
-    let run = |drive: &dyn Fn(
-        &mut dyn FnMut(&[u8]) -> Option<Vec<u8>>,
-    ) -> (Result<(), auth::AuthError>, Vec<u8>)| {
+    let run = |drive: &dyn Fn(&mut Answer) -> Outcome| {
         let client: Mutex<Option<ClientHandshake>> = Mutex::new(None);
         let mut sent = false;
         let mut answer = |written: &[u8]| -> Option<Vec<u8>> {
