@@ -4,7 +4,7 @@ GUEST_TARGET := x86_64-unknown-linux-gnu
 CARGO ?= cargo
 SNOWFLOCK := ./target/release/snowflock
 
-.PHONY: all setup build guest image demo test unit lint bench clean
+.PHONY: all setup build guest image demo test unit lint bench clean fuzz
 
 all: build
 
@@ -41,6 +41,20 @@ unit:
 bench: setup build image
 	$(SNOWFLOCK) daemon start --netns sfbench-h0 --state-dir /dev/shm/snowflock-bench --host h0
 	$(SNOWFLOCK) bench clone --clones 1,2,4,8 --runs 5; rc=$$?; $(SNOWFLOCK) daemon stop; exit $$rc
+
+# Fuzzing, not part of `make test` (see docs/reliability.md): every target
+# of fuzz/ for FUZZ_SECS seconds. cargo-fuzz needs nightly flags; the
+# stable toolchain accepts them with RUSTC_BOOTSTRAP=1.
+FUZZ_SECS ?= 30
+FUZZ_TARGETS ?= descriptor page_wire channel_lines frame admin_msg api_msg handshake_server handshake_client
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		case $$t in page_wire|handshake_*) dict= ;; *) dict=-dict=json.dict ;; esac; \
+		mkdir -p corpus/$$t && \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECS) -print_final_stats=1 $$dict $(FUZZ_ARGS) || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean

@@ -161,32 +161,35 @@ impl LineReader {
     }
 
     /// Feeds bytes; calls `on_line` for each complete line (without `\n`).
+    ///
+    /// Lines of 1..=[`MAX_LINE`] bytes are passed on; empty lines are
+    /// skipped; a longer line is reported once as [`LineError::TooLong`]
+    /// (as soon as it is known to be too long) and dropped up to its
+    /// newline. At most [`MAX_LINE`] bytes are buffered.
     pub fn feed(&mut self, mut data: &[u8], mut on_line: impl FnMut(Result<&[u8], LineError>)) {
         while !data.is_empty() {
-            match data.iter().position(|&b| b == b'\n') {
+            let newline = data.iter().position(|&b| b == b'\n');
+            let part = &data[..newline.unwrap_or(data.len())];
+            if !self.discarding {
+                let len = self.buf.len() + part.len();
+                if len > MAX_LINE {
+                    on_line(Err(LineError::TooLong(len)));
+                    self.buf.clear();
+                    self.discarding = true;
+                } else {
+                    self.buf.extend_from_slice(part);
+                }
+            }
+            match newline {
                 Some(pos) => {
-                    if self.discarding {
-                        self.discarding = false;
-                    } else {
-                        self.buf.extend_from_slice(&data[..pos]);
-                        if !self.buf.is_empty() {
-                            on_line(Ok(&self.buf));
-                        }
+                    if !self.discarding && !self.buf.is_empty() {
+                        on_line(Ok(&self.buf));
                     }
                     self.buf.clear();
+                    self.discarding = false;
                     data = &data[pos + 1..];
                 }
-                None => {
-                    if !self.discarding {
-                        self.buf.extend_from_slice(data);
-                        if self.buf.len() > MAX_LINE {
-                            on_line(Err(LineError::TooLong(self.buf.len())));
-                            self.buf.clear();
-                            self.discarding = true;
-                        }
-                    }
-                    data = &[];
-                }
+                None => data = &[],
             }
         }
     }
@@ -268,5 +271,28 @@ mod tests {
     fn garbage_line_is_malformed() {
         assert!(decode_line::<GuestMsg>(b"\x00\x01garbage").is_err());
         assert!(decode_line::<GuestMsg>(br#"{"t":"request","id":1,"req":{"op":"nope"}}"#).is_err());
+    }
+
+    /// Found while writing the model of the `channel_lines` fuzz target,
+    /// which reproduces it (input `01 00 00 10 00 02 61 0a`: a run of
+    /// MAX_LINE bytes, then a chunk `a\n`). A line that went over MAX_LINE
+    /// in the chunk holding its newline was passed on whole (1 MiB + 1
+    /// here), not reported as `TooLong`.
+    #[test]
+    fn fuzz_regression_overlong_line_ending_in_the_same_chunk() {
+        let mut r = LineReader::new();
+        let mut got = Vec::new();
+        let mut record =
+            |l: Result<&[u8], LineError>| got.push(l.map(|l| l.len()).map_err(|e| e.to_string()));
+        r.feed(&vec![b'x'; MAX_LINE], &mut record);
+        r.feed(b"a\n", &mut record);
+        r.feed(b"ok\n", &mut record);
+        // The same with the whole line in one chunk.
+        let mut one = vec![b'y'; MAX_LINE + 1];
+        one.extend_from_slice(b"\nok\n");
+        r.feed(&one, &mut record);
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got[0].is_err() && got[2].is_err(), "{got:?}");
+        assert_eq!((got[1].clone(), got[3].clone()), (Ok(2), Ok(2)));
     }
 }

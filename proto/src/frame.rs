@@ -42,6 +42,20 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     serde_json::from_slice(payload).map_err(FrameError::Malformed)
 }
 
+/// The error for a stream that ends after `got` bytes of a length prefix:
+/// [`FrameError::Closed`] only at a clean end between frames, a truncated
+/// frame otherwise.
+fn end_in_prefix(got: usize) -> FrameError {
+    if got == 0 {
+        FrameError::Closed
+    } else {
+        FrameError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("stream ended after {got} bytes of a frame's length"),
+        ))
+    }
+}
+
 /// Writes one frame to a blocking stream.
 pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
     w.write_all(&encode(msg))?;
@@ -52,10 +66,14 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Fra
 /// Reads one frame from a blocking stream.
 pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]) {
+            Ok(0) => return Err(end_in_prefix(got)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
@@ -87,10 +105,14 @@ pub mod tokio_io {
         r: &mut R,
     ) -> Result<T, FrameError> {
         let mut len = [0u8; 4];
-        match r.read_exact(&mut len).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-            Err(e) => return Err(e.into()),
+        let mut got = 0;
+        while got < len.len() {
+            match r.read(&mut len[got..]).await {
+                Ok(0) => return Err(end_in_prefix(got)),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_FRAME {
@@ -156,5 +178,37 @@ mod tests {
             read_frame::<_, serde_json::Value>(&mut &bytes[..]),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    /// Found by the `frame` fuzz target (input `0a 0a`: one byte of a
+    /// length prefix, then the end of the stream). A cut length prefix was
+    /// reported as `Closed`, the clean end between frames.
+    #[test]
+    fn fuzz_regression_cut_length_prefix_is_not_a_clean_close() {
+        for cut in 1..4 {
+            let bytes = encode(&serde_json::json!({"a": 1}));
+            let r = read_frame::<_, serde_json::Value>(&mut &bytes[..cut]);
+            assert!(
+                matches!(&r, Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof),
+                "{cut}: {r:?}"
+            );
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn fuzz_regression_cut_length_prefix_is_not_a_clean_close_async() {
+        for cut in 0..4 {
+            let bytes = encode(&serde_json::json!({"a": 1}));
+            let r = tokio_io::read_frame::<_, serde_json::Value>(&mut &bytes[..cut]).await;
+            if cut == 0 {
+                assert!(matches!(r, Err(FrameError::Closed)), "{r:?}");
+            } else {
+                assert!(
+                    matches!(&r, Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof),
+                    "{cut}: {r:?}"
+                );
+            }
+        }
     }
 }
