@@ -389,12 +389,12 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
     let origin = h0.daemon_pid().expect("h0 daemon pid");
     // Freeze the origin daemon (its page server with it).
     // A daemon this test's cluster started.
-    snowflock_tests::signal(origin as u32, libc::SIGSTOP);
+    snowflock_tests::signal(origin, libc::SIGSTOP);
     struct Cont(u32);
     impl Drop for Cont {
         fn drop(&mut self) {
             // As above.
-            snowflock_tests::signal(self.0 as u32, libc::SIGCONT);
+            snowflock_tests::signal(self.0, libc::SIGCONT);
         }
     }
     let cont = Cont(origin);
@@ -455,7 +455,7 @@ fn origin_daemon_death_stops_clones_that_need_its_memory() {
     let (h0, h1, on_h1) = (o.c.host(0), o.c.host(1), &o.on_h1);
     let pid = h0.daemon_pid().expect("h0 daemon pid");
     // A daemon this test's cluster started.
-    snowflock_tests::signal(pid as u32, libc::SIGKILL);
+    snowflock_tests::signal(pid, libc::SIGKILL);
     let _ = h1.sh(
         on_h1,
         "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &",
