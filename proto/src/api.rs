@@ -117,19 +117,30 @@ impl ApiResponse {
     }
 }
 
+/// A request whose fields are out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    /// `sf_request_ticket(n)` with n out of range.
+    #[error("Clone count must be between 1 and {MAX_CLONES_PER_TICKET}, got {0}")]
+    CloneCount(u32),
+    /// A ticket that is not `t-` and hex digits.
+    #[error("Malformed ticket {0:?}")]
+    Ticket(String),
+}
+
 impl ApiRequest {
     /// Checks field values that serde cannot (lengths, ranges).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidRequest> {
         match self {
-            ApiRequest::RequestTicket { n } if *n == 0 || *n > MAX_CLONES_PER_TICKET => Err(
-                format!("Clone count must be between 1 and {MAX_CLONES_PER_TICKET}, got {n}"),
-            ),
+            ApiRequest::RequestTicket { n } if *n == 0 || *n > MAX_CLONES_PER_TICKET => {
+                Err(InvalidRequest::CloneCount(*n))
+            }
             ApiRequest::Clone { ticket }
             | ApiRequest::Join { ticket }
             | ApiRequest::Kill { ticket }
                 if !valid_ticket_syntax(ticket) =>
             {
-                Err(format!("Malformed ticket {ticket:?}"))
+                Err(InvalidRequest::Ticket(ticket.clone()))
             }
             _ => Ok(()),
         }

@@ -159,7 +159,7 @@ fn serve_connection(agent: &Agent, mut s: UnixStream) {
             Ok(payload) => match serde_json::from_slice::<ApiRequest>(&payload) {
                 Ok(req) => match req.validate() {
                     Ok(()) => handle(agent, req),
-                    Err(m) => bad_request(m),
+                    Err(e) => bad_request(e.to_string()),
                 },
                 Err(e) => bad_request(format!("Malformed request: {e}")),
             },

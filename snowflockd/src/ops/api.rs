@@ -37,8 +37,8 @@ pub async fn handle(d: Arc<Daemon>, vm: Arc<Vm>, id: u64, req: ApiRequest) {
 
 /// The answer to one API call.
 pub async fn answer(d: &Arc<Daemon>, vm: &Arc<Vm>, id: u64, req: ApiRequest) -> ApiResponse {
-    if let Err(msg) = req.validate() {
-        return ApiResponse::error(E::BadRequest, msg);
+    if let Err(e) = req.validate() {
+        return ApiResponse::error(E::BadRequest, e.to_string());
     }
     match req {
         ApiRequest::RequestTicket { n } => request_ticket(d, vm, n).await,
