@@ -1,104 +1,23 @@
 //! The `local` and `run` commands.
 //!
 //! `run` goes through the [`Flock`] trait so that tests can stand in for the
-//! SnowFlock agent; [`Agent`] is the real API ([`snowflock::client`]).
-//!
-//! Result protocol (TCP, one connection per clone): the clone sends one JSON
-//! line, a [`WorkerReport`], and shuts its sending side; the parent answers
-//! `ok` (or `error: ...`) and closes. The clone only calls `sf_exit` after
-//! the `ok`, so its result is never lost with its VM.
+//! SnowFlock agent; [`Agent`] is the real API. A clone sends its result to
+//! the parent over the protocol of [`crate::report`].
 
 use crate::cli::{DataArgs, RunArgs};
 use crate::data::{generate_db, generate_query, Protein};
-use crate::net::parent_addr;
+use crate::net::{parent_addr, AddrError};
+use crate::report::ReportError;
 use crate::search::{merge_top, search, share_cells, Hit};
 use serde::{Deserialize, Serialize};
-use snowflock::client::{self, ChildStatus, Identity, Ticket};
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use snowflock::client;
+use snowflock_proto::error::chain;
+use std::net::{SocketAddr, SocketAddrV4, TcpListener};
 use std::time::{Duration, Instant};
 
-/// The SnowFlock calls the demo makes. Errors are messages.
-pub trait Flock {
-    fn request_ticket(&self, n: u32) -> Result<Ticket, String>;
-    fn clone(&self, ticket: &str) -> Result<u32, String>;
-    /// Ends this clone. The real call never returns on success.
-    fn exit(&self, status: i32) -> Result<(), String>;
-    fn join(&self, ticket: &str) -> Result<Vec<ChildStatus>, String>;
-    fn kill(&self, ticket: &str) -> Result<Vec<ChildStatus>, String>;
-    fn id(&self) -> Result<Identity, String>;
-}
-
-/// The real API, through the agent socket.
-pub struct Agent;
-
-fn msg(e: client::SfError) -> String {
-    snowflock_proto::error::chain(&e)
-}
-
-impl Flock for Agent {
-    fn request_ticket(&self, n: u32) -> Result<Ticket, String> {
-        client::request_ticket(n).map_err(msg)
-    }
-    fn clone(&self, ticket: &str) -> Result<u32, String> {
-        client::clone(ticket).map_err(msg)
-    }
-    fn exit(&self, status: i32) -> Result<(), String> {
-        match client::exit(status) {
-            Ok(never) => match never {},
-            Err(e) => Err(msg(e)),
-        }
-    }
-    fn join(&self, ticket: &str) -> Result<Vec<ChildStatus>, String> {
-        client::join(ticket).map_err(msg)
-    }
-    fn kill(&self, ticket: &str) -> Result<Vec<ChildStatus>, String> {
-        client::kill(ticket).map_err(msg)
-    }
-    fn id(&self) -> Result<Identity, String> {
-        client::id().map_err(msg)
-    }
-}
-
-/// Progress lines on stderr: `[   1234 ms] WHO: MESSAGE`, the time counted
-/// from the start of the program (clones inherit the start).
-#[derive(Debug, Clone)]
-pub struct Log {
-    t0: Instant,
-    who: String,
-}
-
-impl Log {
-    pub fn new() -> Self {
-        Log {
-            t0: Instant::now(),
-            who: "sf-swdemo".into(),
-        }
-    }
-
-    /// The same clock under another name.
-    pub fn as_who(&self, who: impl Into<String>) -> Self {
-        Log {
-            t0: self.t0,
-            who: who.into(),
-        }
-    }
-
-    pub fn ms(&self) -> u64 {
-        self.t0.elapsed().as_millis() as u64
-    }
-
-    pub fn line(&self, m: impl std::fmt::Display) {
-        eprintln!("[{:>7} ms] {}: {m}", self.ms(), self.who);
-    }
-}
-
-impl Default for Log {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+pub use crate::flock::{Agent, Flock, FlockError};
+pub use crate::log::Log;
+pub use crate::report::{collect, send_report, WorkerReport};
 
 /// The query and database of a [`DataArgs`].
 #[derive(Debug, Clone)]
@@ -137,18 +56,6 @@ pub fn local(d: &DataArgs, log: &Log) -> LocalOutput {
     let w = work(&data, (0, 1), d.top);
     log.line(format_args!("searched {} cells in {} ms", w.cells, w.ms));
     LocalOutput { hits: w.hits }
-}
-
-/// One worker's result, sent by a clone to the parent as one JSON line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerReport {
-    pub clone_id: u32,
-    /// The worker's top hits (at most `--top`).
-    pub hits: Vec<Hit>,
-    /// Dynamic-programming cells computed.
-    pub cells: u64,
-    /// Search time.
-    pub ms: u64,
 }
 
 /// A worker in the final output.
@@ -197,51 +104,70 @@ pub enum Finished {
     /// A clone, before its `sf_exit`: whether its result was delivered.
     Clone {
         clone_id: u32,
-        result: Result<(), String>,
+        result: Result<(), RunError>,
     },
 }
 
-/// Why `run` failed in the parent.
-#[derive(Debug, PartialEq, Eq)]
+/// Why `run` failed, in the parent or in a clone.
+#[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A SnowFlock call or the network failed.
-    Failed(String),
+    #[error("sf_request_ticket")]
+    RequestTicket(#[source] FlockError),
+    #[error("Ticket {0} grants no clones")]
+    NoClones(String),
+    #[error("sf_clone")]
+    Clone(#[source] FlockError),
+    #[error("Cannot listen on port {port}")]
+    Listen {
+        port: u16,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("sf_join")]
+    Join(#[source] FlockError),
     /// Some clones never reported; the ticket's children were killed.
+    #[error(
+        "Clone(s) {} did not report within {timeout} s; {}",
+        ids(missing),
+        kill_outcome(kill)
+    )]
     Missing {
         missing: Vec<u32>,
         timeout: u64,
-        kill: Result<Vec<String>, String>,
+        /// `sf_kill`'s answer, one `ID STATE` per child.
+        kill: Result<Vec<String>, FlockError>,
     },
+    /// The parent failed and killed its clones, so they do not wait for
+    /// it. (The note follows the failure, so it is not a `#[source]`.)
+    #[error("{} (killed the clones)", chain(&**.0))]
+    KilledClones(Box<RunError>),
+    #[error("{} (killing the clones failed: {})", chain(&**.failed), chain(.kill))]
+    KillFailed {
+        failed: Box<RunError>,
+        kill: FlockError,
+    },
+    #[error("id")]
+    Id(#[source] FlockError),
+    #[error("This clone has no IP address after {0} s")]
+    NoAddress(u64),
+    #[error(transparent)]
+    ParentAddr(#[from] AddrError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("sf_exit")]
+    Exit(#[source] FlockError),
 }
 
-impl std::fmt::Display for RunError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunError::Failed(m) => f.write_str(m),
-            RunError::Missing {
-                missing,
-                timeout,
-                kill,
-            } => {
-                let ids: Vec<String> = missing.iter().map(u32::to_string).collect();
-                write!(
-                    f,
-                    "Clone(s) {} did not report within {timeout} s; ",
-                    ids.join(", ")
-                )?;
-                match kill {
-                    Ok(children) => {
-                        write!(f, "killed the ticket's children: {}", children.join(", "))
-                    }
-                    Err(e) => write!(f, "killing the ticket's children failed too: {e}"),
-                }
-            }
-        }
+fn ids(missing: &[u32]) -> String {
+    let ids: Vec<String> = missing.iter().map(u32::to_string).collect();
+    ids.join(", ")
+}
+
+fn kill_outcome(kill: &Result<Vec<String>, FlockError>) -> String {
+    match kill {
+        Ok(children) => format!("killed the ticket's children: {}", children.join(", ")),
+        Err(e) => format!("killing the ticket's children failed too: {}", chain(e)),
     }
-}
-
-fn clamp(d: Duration, lo: Duration, hi: Duration) -> Duration {
-    d.max(lo).min(hi)
 }
 
 /// `sf-swdemo run`: generate the data, clone, search a share; the parent
@@ -259,21 +185,16 @@ pub fn run(api: &dyn Flock, args: &RunArgs, log: &Log) -> Result<Finished, RunEr
     ));
     let ticket = api
         .request_ticket(args.clones)
-        .map_err(|e| RunError::Failed(format!("sf_request_ticket: {e}")))?;
+        .map_err(RunError::RequestTicket)?;
     let m = ticket.granted;
     log.line(format_args!(
         "ticket {}: {m} of {} clones granted",
         ticket.id, args.clones
     ));
     if m == 0 {
-        return Err(RunError::Failed(format!(
-            "Ticket {} grants no clones",
-            ticket.id
-        )));
+        return Err(RunError::NoClones(ticket.id));
     }
-    let clone_id = api
-        .clone(&ticket.id)
-        .map_err(|e| RunError::Failed(format!("sf_clone: {e}")))?;
+    let clone_id = api.clone(&ticket.id).map_err(RunError::Clone)?;
     let total = m as usize + 1;
     if clone_id > 0 {
         let log = log.as_who(format!("clone {clone_id}"));
@@ -288,14 +209,15 @@ pub fn run(api: &dyn Flock, args: &RunArgs, log: &Log) -> Result<Finished, RunEr
     parent_side(api, args, &data, &ticket.id, m, &log)
         .map(Finished::Parent)
         .map_err(|e| match e {
-            RunError::Failed(f) => {
-                // Do not leave clones waiting for a parent that gave up.
-                match api.kill(&ticket.id) {
-                    Ok(_) => RunError::Failed(format!("{f} (killed the clones)")),
-                    Err(k) => RunError::Failed(format!("{f} (killing the clones failed: {k})")),
-                }
-            }
-            missing => missing,
+            missing @ RunError::Missing { .. } => missing,
+            // Do not leave clones waiting for a parent that gave up.
+            failed => match api.kill(&ticket.id) {
+                Ok(_) => RunError::KilledClones(Box::new(failed)),
+                Err(kill) => RunError::KillFailed {
+                    failed: Box::new(failed),
+                    kill,
+                },
+            },
         })
 }
 
@@ -307,8 +229,13 @@ fn parent_side(
     m: u32,
     log: &Log,
 ) -> Result<Summary, RunError> {
-    let listener = TcpListener::bind(SocketAddrV4::new([0, 0, 0, 0].into(), args.port))
-        .map_err(|e| RunError::Failed(format!("Cannot listen on port {}: {e}", args.port)))?;
+    let listener =
+        TcpListener::bind(SocketAddrV4::new([0, 0, 0, 0].into(), args.port)).map_err(|err| {
+            RunError::Listen {
+                port: args.port,
+                err,
+            }
+        })?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     log.line(format_args!(
         "listening on 0.0.0.0:{} for {m} results (timeout {} s)",
@@ -338,9 +265,7 @@ fn parent_side(
         });
     }
     log.line(format_args!("all {m} results in; joining"));
-    let children = api
-        .join(ticket)
-        .map_err(|e| RunError::Failed(format!("sf_join: {e}")))?;
+    let children = api.join(ticket).map_err(RunError::Join)?;
     let join: Vec<String> = children.iter().map(client::format_child).collect();
     log.line(format_args!("joined: {}", join.join(", ")));
     let mut workers = vec![WorkerSummary {
@@ -369,91 +294,6 @@ fn parent_side(
     })
 }
 
-/// Accepts results from clones `1..=m` until all are in or `deadline`.
-pub fn collect(
-    listener: &TcpListener,
-    m: u32,
-    deadline: Instant,
-    log: &Log,
-) -> BTreeMap<u32, WorkerReport> {
-    let mut got = BTreeMap::new();
-    if let Err(e) = listener.set_nonblocking(true) {
-        log.line(format_args!("cannot make the listener non-blocking: {e}"));
-        return got;
-    }
-    while (got.len() as u32) < m {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        match listener.accept() {
-            Ok((s, peer)) => match receive(s, m, deadline) {
-                Ok(r) => {
-                    let k = r.clone_id;
-                    if got.contains_key(&k) {
-                        log.line(format_args!(
-                            "duplicate result from clone {k} ({peer}) ignored"
-                        ));
-                    } else {
-                        log.line(format_args!(
-                            "result from clone {k} ({peer}): {} hits, {} cells in {} ms [{}/{m}]",
-                            r.hits.len(),
-                            r.cells,
-                            r.ms,
-                            got.len() + 1
-                        ));
-                        got.insert(k, r);
-                    }
-                }
-                Err(e) => log.line(format_args!("bad result connection from {peer}: {e}")),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => {
-                log.line(format_args!("accept: {e}"));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-    got
-}
-
-/// Longest result line accepted.
-const MAX_LINE: u64 = 4 << 20;
-
-fn receive(s: TcpStream, m: u32, deadline: Instant) -> Result<WorkerReport, String> {
-    let wait = clamp(
-        deadline.saturating_duration_since(Instant::now()),
-        Duration::from_millis(200),
-        Duration::from_secs(30),
-    );
-    s.set_nonblocking(false).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(wait)).map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new((&s).take(MAX_LINE))
-        .read_line(&mut line)
-        .map_err(|e| format!("reading: {e}"))?;
-    let parsed: Result<WorkerReport, String> = serde_json::from_str(line.trim())
-        .map_err(|e| format!("not a result line ({e})"))
-        .and_then(|r: WorkerReport| {
-            if (1..=m).contains(&r.clone_id) {
-                Ok(r)
-            } else {
-                Err(format!("clone ID {} is not one of 1..={m}", r.clone_id))
-            }
-        });
-    let answer = match &parsed {
-        Ok(_) => "ok\n".to_string(),
-        Err(e) => format!("error: {e}\n"),
-    };
-    // A lost answer only makes the clone retry; the result is kept.
-    let _ = (&s).write_all(answer.as_bytes());
-    let _ = s.shutdown(Shutdown::Both);
-    parsed
-}
-
 fn clone_side(
     api: &dyn Flock,
     args: &RunArgs,
@@ -461,24 +301,21 @@ fn clone_side(
     clone_id: u32,
     total: usize,
     log: &Log,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     // The agent applies the clone's address as part of becoming a clone;
     // wait for it if it is not known yet.
     let ip = loop {
-        let ident = api.id().map_err(|e| format!("id: {e}"))?;
+        let ident = api.id().map_err(RunError::Id)?;
         if let Some(ip) = ident.ip {
             break ip;
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "This clone has no IP address after {} s",
-                args.timeout
-            ));
+            return Err(RunError::NoAddress(args.timeout));
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let parent = SocketAddr::from((parent_addr(&ip).map_err(|e| e.to_string())?, args.port));
+    let parent = SocketAddr::from((parent_addr(&ip)?, args.port));
     log.line(format_args!(
         "my address {ip}, parent at {parent}; searching share {clone_id}/{total}"
     ));
@@ -498,74 +335,6 @@ fn clone_side(
         "result delivered to {parent} (attempt {tries})"
     ));
     Ok(())
-}
-
-enum SendError {
-    /// Worth retrying (parent not listening yet, connection broke).
-    Transient(String),
-    /// The parent refused the result.
-    Refused(String),
-}
-
-/// Sends `report` to the parent at `addr`, retrying every 100 ms until
-/// `deadline`. Returns the number of attempts.
-pub fn send_report(
-    addr: SocketAddr,
-    report: &WorkerReport,
-    deadline: Instant,
-    log: &Log,
-) -> Result<u32, String> {
-    let mut line = serde_json::to_string(report).map_err(|e| e.to_string())?;
-    line.push('\n');
-    let mut attempt = 0;
-    let mut last = String::new();
-    loop {
-        attempt += 1;
-        match try_send(addr, &line, deadline) {
-            Ok(()) => return Ok(attempt),
-            Err(SendError::Refused(e)) => {
-                return Err(format!("The parent at {addr} refused the result: {e}"))
-            }
-            Err(SendError::Transient(e)) => {
-                if e != last {
-                    log.line(format_args!(
-                        "attempt {attempt} to reach {addr}: {e}; retrying every 100 ms"
-                    ));
-                    last = e;
-                }
-            }
-        }
-        if Instant::now() + Duration::from_millis(100) > deadline {
-            return Err(format!(
-                "Could not deliver the result to {addr} in time ({attempt} attempts): {last}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn try_send(addr: SocketAddr, line: &str, deadline: Instant) -> Result<(), SendError> {
-    let t = |e: std::io::Error| SendError::Transient(e.to_string());
-    let left = deadline.saturating_duration_since(Instant::now());
-    let s = TcpStream::connect_timeout(
-        &addr,
-        clamp(left, Duration::from_millis(50), Duration::from_secs(2)),
-    )
-    .map_err(t)?;
-    let wait = clamp(left, Duration::from_secs(1), Duration::from_secs(30));
-    s.set_read_timeout(Some(wait)).map_err(t)?;
-    s.set_write_timeout(Some(wait)).map_err(t)?;
-    (&s).write_all(line.as_bytes()).map_err(t)?;
-    s.shutdown(Shutdown::Write).map_err(t)?;
-    let mut answer = String::new();
-    (&s).take(4096).read_to_string(&mut answer).map_err(t)?;
-    match answer.trim() {
-        "ok" => Ok(()),
-        "" => Err(SendError::Transient(
-            "The parent closed without an answer".into(),
-        )),
-        other => Err(SendError::Refused(other.to_string())),
-    }
 }
 
 /// `sf-swdemo run` with its output: the summary JSON on stdout in the
@@ -588,7 +357,7 @@ pub fn run_main(api: &dyn Flock, args: &RunArgs) -> i32 {
             let code = match result {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("sf-swdemo: error: clone {clone_id}: {e}");
+                    eprintln!("sf-swdemo: error: clone {clone_id}: {}", chain(&e));
                     1
                 }
             };
@@ -597,13 +366,14 @@ pub fn run_main(api: &dyn Flock, args: &RunArgs) -> i32 {
             match api.exit(code) {
                 Ok(()) => code,
                 Err(e) => {
-                    eprintln!("sf-swdemo: error: clone {clone_id}: sf_exit: {e}");
+                    let e = RunError::Exit(e);
+                    eprintln!("sf-swdemo: error: clone {clone_id}: {}", chain(&e));
                     1
                 }
             }
         }
         Err(e) => {
-            eprintln!("sf-swdemo: error: {e}");
+            eprintln!("sf-swdemo: error: {}", chain(&e));
             1
         }
     }
@@ -621,7 +391,7 @@ pub fn local_main(d: &DataArgs) -> i32 {
 mod tests {
     use super::*;
     use crate::cli::LenRange;
-    use snowflock::client::ChildState;
+    use snowflock::client::{ChildState, ChildStatus, Identity, Ticket};
     use std::sync::Mutex;
 
     /// Stands in for the agent of one VM.
@@ -630,6 +400,8 @@ mod tests {
         granted: u32,
         ip: Option<String>,
         children: Vec<ChildStatus>,
+        /// `sf_kill` fails with this protocol error.
+        kill_fails: Option<&'static str>,
         calls: Mutex<Vec<String>>,
     }
 
@@ -647,6 +419,7 @@ mod tests {
                 granted,
                 ip: Some(format!("127.0.0.{}/8", clone_id + 1)),
                 children,
+                kill_fails: None,
                 calls: Mutex::new(Vec::new()),
             }
         }
@@ -659,27 +432,30 @@ mod tests {
     }
 
     impl Flock for Fake {
-        fn request_ticket(&self, n: u32) -> Result<Ticket, String> {
+        fn request_ticket(&self, n: u32) -> Result<Ticket, FlockError> {
             self.record(format!("request_ticket {n}"));
             Ok(Ticket {
                 id: "t-ab".into(),
                 granted: self.granted,
             })
         }
-        fn clone(&self, ticket: &str) -> Result<u32, String> {
+        fn clone(&self, ticket: &str) -> Result<u32, FlockError> {
             self.record(format!("clone {ticket}"));
             Ok(self.clone_id)
         }
-        fn exit(&self, status: i32) -> Result<(), String> {
+        fn exit(&self, status: i32) -> Result<(), FlockError> {
             self.record(format!("exit {status}"));
             Ok(())
         }
-        fn join(&self, ticket: &str) -> Result<Vec<ChildStatus>, String> {
+        fn join(&self, ticket: &str) -> Result<Vec<ChildStatus>, FlockError> {
             self.record(format!("join {ticket}"));
             Ok(self.children.clone())
         }
-        fn kill(&self, ticket: &str) -> Result<Vec<ChildStatus>, String> {
+        fn kill(&self, ticket: &str) -> Result<Vec<ChildStatus>, FlockError> {
             self.record(format!("kill {ticket}"));
+            if let Some(m) = self.kill_fails {
+                return Err(client::SfError::Protocol(m.into()).into());
+            }
             Ok(self
                 .children
                 .iter()
@@ -689,7 +465,7 @@ mod tests {
                 })
                 .collect())
         }
-        fn id(&self) -> Result<Identity, String> {
+        fn id(&self) -> Result<Identity, FlockError> {
             self.record("id".into());
             Ok(Identity {
                 vm: "vm".into(),
@@ -790,18 +566,65 @@ mod tests {
             p.join().unwrap()
         });
         let e = out.unwrap_err();
-        assert_eq!(
-            e,
+        match &e {
             RunError::Missing {
-                missing: vec![2],
+                missing,
                 timeout: 1,
-                kill: Ok(vec!["1 killed".into(), "2 killed".into()])
+                kill: Ok(kill),
+            } => {
+                assert_eq!(missing, &[2]);
+                assert_eq!(kill, &["1 killed", "2 killed"]);
             }
-        );
-        assert_eq!(e.to_string(), "Clone(s) 2 did not report within 1 s; killed the ticket's children: 1 killed, 2 killed");
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(chain(&e), "Clone(s) 2 did not report within 1 s; killed the ticket's children: 1 killed, 2 killed");
         assert_eq!(
             parent.calls(),
             vec!["request_ticket 2", "clone t-ab", "kill t-ab"]
+        );
+    }
+
+    #[test]
+    fn a_failed_parent_kills_its_clones() {
+        // Something else holds the port.
+        let busy = TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let a = args(2, port, 1);
+        let parent = Fake::new(0, 2);
+        let e = run(&parent, &a, &Log::new()).unwrap_err();
+        let text = chain(&e);
+        assert!(
+            text.starts_with(&format!("Cannot listen on port {port}: ")),
+            "{text}"
+        );
+        assert!(text.ends_with(" (killed the clones)"), "{text}");
+        assert_eq!(
+            parent.calls(),
+            vec!["request_ticket 2", "clone t-ab", "kill t-ab"]
+        );
+        let mut parent = Fake::new(0, 2);
+        parent.kill_fails = Some("gone");
+        let e = run(&parent, &a, &Log::new()).unwrap_err();
+        let text = chain(&e);
+        assert!(text.starts_with("Cannot listen on port"), "{text}");
+        assert!(
+            text.ends_with(
+                " (killing the clones failed: Protocol error talking to the snowflock agent: gone)"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn missing_clone_with_a_failed_kill() {
+        let e = RunError::Missing {
+            missing: vec![1, 3],
+            timeout: 5,
+            kill: Err(client::SfError::Protocol("gone".into()).into()),
+        };
+        assert_eq!(
+            chain(&e),
+            "Clone(s) 1, 3 did not report within 5 s; killing the ticket's children failed too: Protocol error talking to the snowflock agent: gone"
         );
     }
 
@@ -814,7 +637,7 @@ mod tests {
         let Finished::Clone { result, .. } = run(&c, &a, &log).unwrap() else {
             panic!()
         };
-        let e = result.unwrap_err();
+        let e = chain(&result.unwrap_err());
         assert!(
             e.starts_with("Could not deliver the result to 127.0.0.1:"),
             "{e}"
@@ -835,64 +658,19 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            result.unwrap_err(),
+            chain(&result.unwrap_err()),
             "This clone has no IP address after 1 s"
         );
     }
 
     #[test]
-    fn parent_rejects_bad_reports_and_keeps_good_ones() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let log = Log::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let got = std::thread::scope(|s| {
-            let h = s.spawn(|| collect(&l, 2, deadline, &log));
-            let send_raw = |line: &str| {
-                let mut c = TcpStream::connect(addr).unwrap();
-                c.write_all(line.as_bytes()).unwrap();
-                c.shutdown(Shutdown::Write).unwrap();
-                let mut a = String::new();
-                c.read_to_string(&mut a).unwrap();
-                a
-            };
-            assert!(send_raw("garbage\n").starts_with("error: not a result line"));
-            let r = |k| WorkerReport {
-                clone_id: k,
-                hits: vec![],
-                cells: 1,
-                ms: 2,
-            };
-            let bad = serde_json::to_string(&r(7)).unwrap() + "\n";
-            assert_eq!(send_raw(&bad), "error: clone ID 7 is not one of 1..=2\n");
-            let e = send_report(addr, &r(5), deadline, &log).unwrap_err();
-            assert!(e.contains("refused the result: error: clone ID 5"), "{e}");
-            assert_eq!(send_report(addr, &r(2), deadline, &log), Ok(1));
-            assert_eq!(send_report(addr, &r(2), deadline, &log), Ok(1));
-            assert_eq!(send_report(addr, &r(1), deadline, &log), Ok(1));
-            h.join().unwrap()
-        });
-        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
-    }
-
-    #[test]
-    fn report_line_format() {
-        let r = WorkerReport {
-            clone_id: 2,
+    fn local_output_format() {
+        let out = LocalOutput {
             hits: vec![Hit {
                 id: 4,
                 name: "SFP00004".into(),
                 score: 77,
             }],
-            cells: 10,
-            ms: 3,
-        };
-        assert_eq!(
-            serde_json::to_string(&r).unwrap(),
-            r#"{"clone_id":2,"hits":[{"id":4,"name":"SFP00004","score":77}],"cells":10,"ms":3}"#
-        );
-        let out = LocalOutput {
-            hits: r.hits.clone(),
         };
         assert_eq!(
             serde_json::to_string(&out).unwrap(),

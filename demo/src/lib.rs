@@ -11,13 +11,19 @@
 //! * [`data`]: deterministic database and query generation.
 //! * [`search`]: scoring a share of the database and merging top hits.
 //! * [`net`]: where a clone finds its parent on the flock network.
-//! * [`app`]: the `local` and `run` commands, over the [`app::Flock`] API.
+//! * [`flock`]: the SnowFlock calls the demo makes ([`flock::Flock`]).
+//! * [`report`]: how a clone's result reaches the parent.
+//! * [`log`]: progress lines on stderr.
+//! * [`app`]: the `local` and `run` commands, over the [`flock::Flock`] API.
 //! * [`cli`]: the command line.
 
 pub mod app;
 pub mod cli;
 pub mod data;
+pub mod flock;
+pub mod log;
 pub mod net;
+pub mod report;
 pub mod search;
 pub mod sw;
 

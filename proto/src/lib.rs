@@ -13,6 +13,8 @@
 //!
 //! [`error::chain`] is the one error printer every crate uses.
 //!
+//! [`host_config`] is the shape of `host.toml`: the daemon reads it, the CLI writes it.
+//!
 //! [`auth`] holds the cluster-key handshake that host-to-host TCP
 //! connections (page server, daemon control channel) start with.
 
@@ -22,6 +24,7 @@ pub mod auth;
 pub mod channel;
 pub mod error;
 pub mod frame;
+pub mod host_config;
 pub mod peer;
 
 /// Version of the guest channel protocol. Both sides accept N and N-1.

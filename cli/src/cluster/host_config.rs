@@ -1,14 +1,14 @@
 //! The `host.toml` of each host: the daemon's own configuration format
-//! (see docs/deploy.md), written as text by [`render_host_toml`].
+//! (see docs/deploy.md), built as a [`HostFile`] by [`host_file`] and
+//! serialised by [`render_host_toml`].
 //!
-//! This is the only place the CLI writes `host.toml`; it is meant to be
-//! replaced by serialising the daemon's configuration type, so keep the
-//! produced text exactly as it is (the tests pin it).
+//! This is the only place the CLI writes `host.toml`. The type is the one
+//! `snowflockd` parses, so what is written here is what the daemon reads.
 
 use super::layout::{host_ip, host_name, Layout};
 use super::{CONTROL_PORT, PAGE_PORT};
-use std::fmt::Write as _;
-use std::path::Path;
+use snowflock_proto::host_config::{HostFile, Peer};
+use std::net::SocketAddr;
 
 /// Settings written into every host's `host.toml`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,76 +30,60 @@ impl Default for Settings {
     }
 }
 
-/// A TOML basic string.
-fn toml_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
-            c => out.push(c),
-        }
+/// The configuration of host `i` of an `n`-host cluster: the other hosts
+/// are its peers.
+pub fn host_file(l: &Layout, i: u32, n: u32, s: &Settings) -> HostFile {
+    let h = l.host(i);
+    let ip = host_ip(i).into();
+    HostFile {
+        host: Some(h.name),
+        socket: Some(h.socket),
+        state_dir: Some(h.state_dir),
+        // Daemon-to-daemon control channel.
+        listen: Some(SocketAddr::new(ip, CONTROL_PORT)),
+        // Memory page server.
+        page_server: Some(SocketAddr::new(ip, PAGE_PORT)),
+        key_file: Some(l.key_file()),
+        max_vms: Some(s.max_vms),
+        quota_per_vm: Some(s.quota_per_vm),
+        fetch_timeout_ms: Some(s.fetch_timeout_ms),
+        prefetch_pages: Some(s.prefetch_pages),
+        peers: (0..n)
+            .filter(|j| *j != i)
+            .map(|j| Peer {
+                name: host_name(j),
+                addr: SocketAddr::new(host_ip(j).into(), CONTROL_PORT),
+            })
+            .collect(),
+        ..HostFile::default()
     }
-    out.push('"');
-    out
-}
-
-fn toml_path(p: &Path) -> String {
-    toml_str(&p.display().to_string())
 }
 
 /// The `host.toml` of host `i` of an `n`-host cluster.
 pub fn render_host_toml(l: &Layout, i: u32, n: u32, s: &Settings) -> String {
-    let h = l.host(i);
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "# snowflockd configuration of host {} of the local cluster `{}`",
-        h.name, l.name
-    );
-    let _ = writeln!(
-        t,
-        "# (written by `snowflock cluster up`; see docs/deploy.md)."
-    );
-    let _ = writeln!(t, "host = {}", toml_str(&h.name));
-    let _ = writeln!(t, "socket = {}", toml_path(&h.socket));
-    let _ = writeln!(t, "state_dir = {}", toml_path(&h.state_dir));
-    let _ = writeln!(
-        t,
-        "listen = \"{}:{CONTROL_PORT}\"        # daemon-to-daemon control channel",
-        h.ip
-    );
-    let _ = writeln!(
-        t,
-        "page_server = \"{}:{PAGE_PORT}\"   # memory page server",
-        h.ip
-    );
-    let _ = writeln!(t, "key_file = {}", toml_path(&l.key_file()));
-    let _ = writeln!(t, "max_vms = {}", s.max_vms);
-    let _ = writeln!(t, "quota_per_vm = {}", s.quota_per_vm);
-    let _ = writeln!(t, "fetch_timeout_ms = {}", s.fetch_timeout_ms);
-    let _ = writeln!(t, "prefetch_pages = {}", s.prefetch_pages);
-    if n <= 1 {
-        let _ = writeln!(t, "peers = []");
-    }
-    for j in (0..n).filter(|j| *j != i) {
-        let _ = writeln!(
-            t,
-            "\n[[peers]]\nname = {}\naddr = \"{}:{CONTROL_PORT}\"",
-            toml_str(&host_name(j)),
-            host_ip(j)
-        );
-    }
-    t
+    format!(
+        "# snowflockd configuration of host {} of the local cluster `{}`\n\
+         # (written by `snowflock cluster up`; see docs/deploy.md).\n{}",
+        host_name(i),
+        l.name,
+        host_file(l, i, n, s).to_toml()
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+
+    fn parse(text: &str) -> HostFile {
+        HostFile::parse(text, "host.toml").unwrap_or_else(|e| {
+            panic!("{}\n{text}", snowflock_proto::error::chain(&e));
+        })
+    }
+
+    fn addr(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().unwrap())
+    }
 
     #[test]
     fn host_toml_of_a_two_host_cluster() {
@@ -111,26 +95,35 @@ mod tests {
             prefetch_pages: 0,
         };
         let t = render_host_toml(&l, 0, 2, &s);
-        let body: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(
-            body,
-            [
-                "host = \"h0\"",
-                "socket = \"/run/snowflock/ctest/h0/snowflockd.sock\"",
-                "state_dir = \"/dev/shm/snowflock-ctest/h0\"",
-                "listen = \"10.249.0.1:7170\"        # daemon-to-daemon control channel",
-                "page_server = \"10.249.0.1:7171\"   # memory page server",
-                "key_file = \"/run/snowflock/ctest/key\"",
-                "max_vms = 16",
-                "quota_per_vm = 32",
-                "fetch_timeout_ms = 10000",
-                "prefetch_pages = 0",
-                "",
-                "[[peers]]",
-                "name = \"h1\"",
-                "addr = \"10.249.0.2:7170\"",
-            ]
+        assert!(
+            t.starts_with("# snowflockd configuration of host h0 of the local cluster `ctest`\n")
         );
+        let f = parse(&t);
+        assert_eq!(
+            f,
+            HostFile {
+                host: Some("h0".into()),
+                socket: Some(PathBuf::from("/run/snowflock/ctest/h0/snowflockd.sock")),
+                state_dir: Some(PathBuf::from("/dev/shm/snowflock-ctest/h0")),
+                listen: addr("10.249.0.1:7170"),
+                page_server: addr("10.249.0.1:7171"),
+                key_file: Some(PathBuf::from("/run/snowflock/ctest/key")),
+                max_vms: Some(16),
+                quota_per_vm: Some(32),
+                fetch_timeout_ms: Some(10000),
+                prefetch_pages: Some(0),
+                peers: vec![Peer {
+                    name: "h1".into(),
+                    addr: "10.249.0.2:7170".parse().unwrap(),
+                }],
+                ..HostFile::default()
+            }
+        );
+        // What the daemon does not get from the CLI stays its default.
+        assert_eq!((f.net_prefix, f.qemu), (None, None));
+        for key in ["net_prefix", "qemu"] {
+            assert!(!t.contains(key), "{key} in\n{t}");
+        }
     }
 
     #[test]
@@ -143,37 +136,43 @@ mod tests {
             prefetch_pages: 7,
         };
         let t = render_host_toml(&l, 2, 4, &s);
-        let peers: Vec<&str> = t.lines().filter(|x| x.starts_with("name = ")).collect();
-        assert_eq!(peers, ["name = \"h0\"", "name = \"h1\"", "name = \"h3\""]);
-        let addrs: Vec<&str> = t.lines().filter(|x| x.starts_with("addr = ")).collect();
+        let f = parse(&t);
+        let peers: Vec<(&str, String)> = f
+            .peers
+            .iter()
+            .map(|p| (p.name.as_str(), p.addr.to_string()))
+            .collect();
         assert_eq!(
-            addrs,
+            peers,
             [
-                "addr = \"10.249.0.1:7170\"",
-                "addr = \"10.249.0.2:7170\"",
-                "addr = \"10.249.0.4:7170\""
+                ("h0", "10.249.0.1:7170".to_string()),
+                ("h1", "10.249.0.2:7170".to_string()),
+                ("h3", "10.249.0.4:7170".to_string()),
             ]
         );
         assert_eq!(t.matches("[[peers]]").count(), 3);
-        for line in [
-            "host = \"h2\"",
-            "max_vms = 3",
-            "quota_per_vm = 4",
-            "fetch_timeout_ms = 500",
-            "prefetch_pages = 7",
-        ] {
-            assert!(t.lines().any(|x| x == line), "{line} missing in\n{t}");
-        }
-        // Scalars come before the first table, or TOML would put them in it.
-        assert!(t.find("prefetch_pages").unwrap() < t.find("[[peers]]").unwrap());
+        assert_eq!(f.host.as_deref(), Some("h2"));
+        assert_eq!(f.listen, addr("10.249.0.3:7170"));
+        assert_eq!(f.max_vms, Some(3));
+        assert_eq!(f.quota_per_vm, Some(4));
+        assert_eq!(f.fetch_timeout_ms, Some(500));
+        assert_eq!(f.prefetch_pages, Some(7));
+        assert_eq!(f, host_file(&l, 2, 4, &s));
         // A one-host cluster says so explicitly.
         let one = render_host_toml(&l, 0, 1, &s);
-        assert!(one.lines().any(|x| x == "peers = []"));
+        assert!(one.lines().any(|x| x == "peers = []"), "{one}");
         assert!(!one.contains("[[peers]]"));
+        assert!(parse(&one).peers.is_empty());
     }
 
     #[test]
-    fn toml_strings_are_escaped() {
-        assert_eq!(toml_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000A\"");
+    fn odd_cluster_names_still_parse() {
+        // Layout names are restricted, but the writer must not depend on it.
+        let mut l = Layout::new("ctest").unwrap();
+        l.name = "a\"b\\c".into();
+        let t = render_host_toml(&l, 1, 2, &Settings::default());
+        let f = parse(&t);
+        assert_eq!(f.key_file, Some(l.key_file()));
+        assert_eq!(f.socket, Some(l.host(1).socket));
     }
 }

@@ -1,21 +1,17 @@
 //! Daemon configuration: defaults, `/etc/snowflock/host.toml`, flags.
+//!
+//! The file's shape ([`HostFile`], [`Peer`]) is shared with the CLI, which
+//! writes it, and lives in [`snowflock_proto::host_config`]; what it means
+//! and which values are valid is decided here, in [`Config`]'s
+//! [`HostConfigTarget`] implementation (called by [`HostFile::apply`]).
 
-use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Default location of the host configuration file.
-pub const HOST_CONFIG: &str = "/etc/snowflock/host.toml";
-
-/// Another host of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Peer {
-    pub name: String,
-    /// Its control channel address.
-    pub addr: SocketAddr,
-}
+pub use snowflock_proto::host_config::{
+    ConfigError, HostConfigTarget, HostFile, Peer, HOST_CONFIG,
+};
 
 /// Cluster membership of this host; `None` in [`Config::cluster`] for a
 /// stand-alone host.
@@ -93,45 +89,6 @@ impl Default for Config {
     }
 }
 
-/// `host.toml` as written by sysadmins (and by `snowflock cluster up`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HostFile {
-    pub host: Option<String>,
-    pub socket: Option<PathBuf>,
-    pub state_dir: Option<PathBuf>,
-    pub net_prefix: Option<String>,
-    pub qemu: Option<PathBuf>,
-    pub max_vms: Option<u32>,
-    pub quota_per_vm: Option<u32>,
-    pub listen: Option<SocketAddr>,
-    pub page_server: Option<SocketAddr>,
-    pub key_file: Option<PathBuf>,
-    pub fetch_timeout_ms: Option<u64>,
-    pub prefetch_pages: Option<u32>,
-    #[serde(default)]
-    pub peers: Vec<Peer>,
-}
-
-/// Errors in the host configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("Cannot read {path}")]
-    Read {
-        path: String,
-        #[source]
-        err: std::io::Error,
-    },
-    #[error("Malformed {path}")]
-    Parse {
-        path: String,
-        #[source]
-        err: toml::de::Error,
-    },
-    #[error("{path}: {msg}")]
-    Invalid { path: String, msg: String },
-}
-
 fn valid_host_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 32
@@ -140,121 +97,111 @@ fn valid_host_name(n: &str) -> bool {
         && n.as_bytes()[0].is_ascii_lowercase()
 }
 
-impl HostFile {
-    pub fn parse(text: &str, path: &str) -> Result<HostFile, ConfigError> {
-        toml::from_str(text).map_err(|err| ConfigError::Parse {
-            path: path.into(),
-            err,
-        })
+impl HostConfigTarget for Config {
+    /// Applies the file over `self`, checking what only makes sense together.
+    fn apply_host_file(&mut self, file: HostFile, path: &str) -> Result<(), ConfigError> {
+        apply(file, self, path)
     }
+}
 
-    pub fn load(path: &Path) -> Result<HostFile, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
-            path: p.clone(),
-            err,
-        })?;
-        Self::parse(&text, &p)
-    }
-
-    /// Applies the file over `cfg`, checking what only makes sense together.
-    pub fn apply(self, cfg: &mut Config, path: &str) -> Result<(), ConfigError> {
-        let bad = |msg: String| ConfigError::Invalid {
-            path: path.into(),
-            msg,
-        };
-        if let Some(h) = self.host {
-            if !valid_host_name(&h) {
-                return Err(bad(format!(
-                    "host {h:?}: use 1-32 of a-z, 0-9 and '-', starting with a letter"
-                )));
-            }
-            cfg.host = h;
-        }
-        if let Some(s) = self.socket {
-            cfg.socket = s;
-        }
-        if let Some(s) = self.state_dir {
-            cfg.net_prefix = net_prefix_for(&s);
-            cfg.state_dir = s;
-        }
-        if let Some(p) = self.net_prefix {
-            cfg.net_prefix = p;
-        }
-        if let Some(q) = self.qemu {
-            cfg.qemu = q;
-        }
-        if let Some(m) = self.max_vms {
-            if m == 0 || m > 1024 {
-                return Err(bad(format!("max_vms must be 1 to 1024, got {m}")));
-            }
-            cfg.max_vms = m;
-        }
-        if let Some(q) = self.quota_per_vm {
-            if q == 0 || q > 255 {
-                return Err(bad(format!("quota_per_vm must be 1 to 255, got {q}")));
-            }
-            cfg.quota_per_ticket = q;
-        }
-        let clusterish = self.listen.is_some() || self.key_file.is_some() || !self.peers.is_empty();
-        if !clusterish {
-            return Ok(());
-        }
-        let listen = self
-            .listen
-            .ok_or_else(|| bad("`listen` is required with peers or key_file".into()))?;
-        let key_file = self
-            .key_file
-            .ok_or_else(|| bad("`key_file` is required with listen or peers".into()))?;
-        if listen.ip().is_unspecified() {
-            return Err(bad(
-                "`listen` must be this host's address on the cluster network, not 0.0.0.0".into(),
-            ));
-        }
-        let page_server = self
-            .page_server
-            .unwrap_or_else(|| SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)));
-        let mut seen = std::collections::HashSet::new();
-        seen.insert(cfg.host.clone());
-        for p in &self.peers {
-            if !valid_host_name(&p.name) {
-                return Err(bad(format!(
-                    "peer name {:?} is not a valid host name",
-                    p.name
-                )));
-            }
-            if !seen.insert(p.name.clone()) {
-                return Err(bad(format!(
-                    "host {:?} appears twice (peers must not include this host)",
-                    p.name
-                )));
-            }
-        }
-        if self.peers.len() > 63 {
-            return Err(bad("at most 64 hosts per cluster".into()));
-        }
-        let fetch_ms = self.fetch_timeout_ms.unwrap_or(10_000);
-        if !(100..=600_000).contains(&fetch_ms) {
+/// Applies `file` (read from `path`) over `cfg`, checking what only makes
+/// sense together. Also reachable as `file.apply(cfg, path)`.
+pub fn apply(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), ConfigError> {
+    let bad = |msg: String| ConfigError::Invalid {
+        path: path.into(),
+        msg,
+    };
+    if let Some(h) = file.host {
+        if !valid_host_name(&h) {
             return Err(bad(format!(
-                "fetch_timeout_ms must be 100 to 600000, got {fetch_ms}"
+                "host {h:?}: use 1-32 of a-z, 0-9 and '-', starting with a letter"
             )));
         }
-        let prefetch = self.prefetch_pages.unwrap_or(0);
-        if prefetch > 255 {
+        cfg.host = h;
+    }
+    if let Some(s) = file.socket {
+        cfg.socket = s;
+    }
+    if let Some(s) = file.state_dir {
+        cfg.net_prefix = net_prefix_for(&s);
+        cfg.state_dir = s;
+    }
+    if let Some(p) = file.net_prefix {
+        cfg.net_prefix = p;
+    }
+    if let Some(q) = file.qemu {
+        cfg.qemu = q;
+    }
+    if let Some(m) = file.max_vms {
+        if m == 0 || m > 1024 {
+            return Err(bad(format!("max_vms must be 1 to 1024, got {m}")));
+        }
+        cfg.max_vms = m;
+    }
+    if let Some(q) = file.quota_per_vm {
+        if q == 0 || q > 255 {
+            return Err(bad(format!("quota_per_vm must be 1 to 255, got {q}")));
+        }
+        cfg.quota_per_ticket = q;
+    }
+    let clusterish = file.listen.is_some() || file.key_file.is_some() || !file.peers.is_empty();
+    if !clusterish {
+        return Ok(());
+    }
+    let listen = file
+        .listen
+        .ok_or_else(|| bad("`listen` is required with peers or key_file".into()))?;
+    let key_file = file
+        .key_file
+        .ok_or_else(|| bad("`key_file` is required with listen or peers".into()))?;
+    if listen.ip().is_unspecified() {
+        return Err(bad(
+            "`listen` must be this host's address on the cluster network, not 0.0.0.0".into(),
+        ));
+    }
+    let page_server = file
+        .page_server
+        .unwrap_or_else(|| SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)));
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(cfg.host.clone());
+    for p in &file.peers {
+        if !valid_host_name(&p.name) {
             return Err(bad(format!(
-                "prefetch_pages must be 0 to 255, got {prefetch}"
+                "peer name {:?} is not a valid host name",
+                p.name
             )));
         }
-        cfg.cluster = Some(Cluster {
-            listen,
-            page_server,
-            key_file,
-            peers: self.peers,
-            fetch_timeout: Duration::from_millis(fetch_ms),
-            prefetch_pages: prefetch,
-        });
-        Ok(())
+        if !seen.insert(p.name.clone()) {
+            return Err(bad(format!(
+                "host {:?} appears twice (peers must not include this host)",
+                p.name
+            )));
+        }
     }
+    if file.peers.len() > 63 {
+        return Err(bad("at most 64 hosts per cluster".into()));
+    }
+    let fetch_ms = file.fetch_timeout_ms.unwrap_or(10_000);
+    if !(100..=600_000).contains(&fetch_ms) {
+        return Err(bad(format!(
+            "fetch_timeout_ms must be 100 to 600000, got {fetch_ms}"
+        )));
+    }
+    let prefetch = file.prefetch_pages.unwrap_or(0);
+    if prefetch > 255 {
+        return Err(bad(format!(
+            "prefetch_pages must be 0 to 255, got {prefetch}"
+        )));
+    }
+    cfg.cluster = Some(Cluster {
+        listen,
+        page_server,
+        key_file,
+        peers: file.peers,
+        fetch_timeout: Duration::from_millis(fetch_ms),
+        prefetch_pages: prefetch,
+    });
+    Ok(())
 }
 
 fn hostname() -> String {
@@ -268,7 +215,7 @@ fn hostname() -> String {
 /// digits. One daemon owns a state directory (it holds its lock), so links
 /// with this prefix are that daemon's, and a restarted daemon may remove
 /// them as leftovers.
-pub fn net_prefix_for(state_dir: &std::path::Path) -> String {
+pub fn net_prefix_for(state_dir: &Path) -> String {
     let mut h: u32 = 0x811c9dc5;
     for b in state_dir.as_os_str().as_encoded_bytes() {
         h ^= u32::from(*b);
@@ -376,6 +323,67 @@ addr = "10.249.0.3:7170"
                 .unwrap_err();
             let msg = snowflock_proto::error::chain(&e);
             assert!(msg.contains(want), "{text:?}: {msg}");
+        }
+    }
+
+    /// What `snowflock cluster up` writes for host `i` of the 3-host cluster
+    /// `ctest` with default settings (cli/src/cluster/host_config.rs; the
+    /// CLI is a binary crate, so the values are repeated here).
+    fn cli_host_file(i: u32, n: u32) -> HostFile {
+        let ip = |j: u32| format!("10.249.0.{}", j + 1);
+        HostFile {
+            host: Some(format!("h{i}")),
+            socket: Some(format!("/run/snowflock/ctest/h{i}/snowflockd.sock").into()),
+            state_dir: Some(format!("/dev/shm/snowflock-ctest/h{i}").into()),
+            listen: Some(format!("{}:7170", ip(i)).parse().unwrap()),
+            page_server: Some(format!("{}:7171", ip(i)).parse().unwrap()),
+            key_file: Some("/run/snowflock/ctest/key".into()),
+            max_vms: Some(16),
+            quota_per_vm: Some(32),
+            fetch_timeout_ms: Some(10_000),
+            prefetch_pages: Some(0),
+            peers: (0..n)
+                .filter(|j| *j != i)
+                .map(|j| Peer {
+                    name: format!("h{j}"),
+                    addr: format!("{}:7170", ip(j)).parse().unwrap(),
+                })
+                .collect(),
+            ..HostFile::default()
+        }
+    }
+
+    #[test]
+    fn the_clis_files_for_three_hosts_are_accepted() {
+        let mut clusters = Vec::new();
+        for i in 0..3 {
+            let text = cli_host_file(i, 3).to_toml();
+            let mut cfg = Config::default();
+            HostFile::parse(&text, "t")
+                .and_then(|f| f.apply(&mut cfg, "t"))
+                .unwrap_or_else(|e| panic!("{}\n{text}", snowflock_proto::error::chain(&e)));
+            assert_eq!(cfg.host, format!("h{i}"));
+            assert_eq!(cfg.max_vms, 16);
+            assert_eq!(cfg.quota_per_ticket, 32);
+            assert_eq!(
+                cfg.state_dir,
+                PathBuf::from(format!("/dev/shm/snowflock-ctest/h{i}"))
+            );
+            let c = cfg.cluster.unwrap();
+            assert_eq!(c.slot(&cfg.host), (i, 3));
+            assert_eq!(c.peers.len(), 2);
+            assert!(c.peer(&cfg.host).is_none());
+            assert_eq!(c.key_file, PathBuf::from("/run/snowflock/ctest/key"));
+            assert_eq!(c.fetch_timeout, Duration::from_secs(10));
+            assert_eq!(c.page_server.port(), c.listen.port() + 1);
+            clusters.push(c);
+        }
+        // Each host's peers are the others, at their own listen addresses.
+        for c in &clusters {
+            for p in &c.peers {
+                let j: usize = p.name[1..].parse().unwrap();
+                assert_eq!(p.addr, clusters[j].listen);
+            }
         }
     }
 }

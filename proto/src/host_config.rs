@@ -1,0 +1,242 @@
+//! `host.toml`, the configuration file of one `snowflockd`: its shape,
+//! read by the daemon and written by `snowflock cluster up`.
+//!
+//! Only the file's shape lives here. What the settings mean, and which
+//! combinations are valid, is the daemon's business: it implements
+//! [`HostConfigTarget`] for its own configuration type, and
+//! [`HostFile::apply`] hands the file to it.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default location of the host configuration file.
+pub const HOST_CONFIG: &str = "/etc/snowflock/host.toml";
+
+/// Another host of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    /// Its control channel address.
+    pub addr: SocketAddr,
+}
+
+/// `host.toml` as written by sysadmins (and by `snowflock cluster up`).
+/// Every setting is optional; `None` ones are left out when written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::path")]
+    pub socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::path")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::path")]
+    pub qemu: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_vms: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_per_vm: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_server: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::path")]
+    pub key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::int")]
+    pub fetch_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_pages: Option<u32>,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+/// Errors in the host configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("Malformed {path}")]
+    Parse {
+        path: String,
+        #[source]
+        err: toml::de::Error,
+    },
+    /// A setting (or combination) the daemon does not accept.
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+}
+
+/// A configuration a [`HostFile`] can be applied to: the daemon's own.
+pub trait HostConfigTarget {
+    /// Applies `file` (read from `path`, for messages) over `self`,
+    /// checking what only makes sense together.
+    fn apply_host_file(&mut self, file: HostFile, path: &str) -> Result<(), ConfigError>;
+}
+
+impl HostFile {
+    /// Parses the text of a `host.toml`; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<HostFile, ConfigError> {
+        toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.into(),
+            err,
+        })
+    }
+
+    /// Reads and parses a `host.toml`.
+    pub fn load(path: &Path) -> Result<HostFile, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: p.clone(),
+            err,
+        })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Applies the file over `cfg` (see [`HostConfigTarget`]).
+    pub fn apply<C: HostConfigTarget>(self, cfg: &mut C, path: &str) -> Result<(), ConfigError> {
+        cfg.apply_host_file(self, path)
+    }
+
+    /// The file as TOML text, which [`HostFile::parse`] reads back.
+    ///
+    /// TOML cannot hold everything a `HostFile` can: a path that is not
+    /// UTF-8 is written with its bad bytes replaced by U+FFFD, and a
+    /// `fetch_timeout_ms` above `i64::MAX` is written as `i64::MAX` (the
+    /// daemon rejects both values anyway).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("every HostFile field has a TOML form")
+    }
+}
+
+/// Serialisers that cannot fail on values TOML has no form for.
+mod ser {
+    use serde::Serializer;
+    use std::path::PathBuf;
+
+    // serde hands `serialize_with` a reference to the field's own type.
+    pub fn path<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.serialize_str(&p.to_string_lossy()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn int<S: Serializer>(n: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match n {
+            Some(n) => s.serialize_i64(i64::try_from(*n).unwrap_or(i64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> HostFile {
+        HostFile {
+            host: Some("h1".into()),
+            socket: Some("/run/x/h1.sock".into()),
+            state_dir: Some("/dev/shm/x/h1".into()),
+            net_prefix: Some("sx".into()),
+            qemu: Some("/usr/bin/qemu-system-x86_64".into()),
+            max_vms: Some(8),
+            quota_per_vm: Some(4),
+            listen: Some("10.249.0.2:7170".parse().unwrap()),
+            page_server: Some("10.249.0.2:7171".parse().unwrap()),
+            key_file: Some("/run/x/key".into()),
+            fetch_timeout_ms: Some(2000),
+            prefetch_pages: Some(3),
+            peers: vec![
+                Peer {
+                    name: "h0".into(),
+                    addr: "10.249.0.1:7170".parse().unwrap(),
+                },
+                Peer {
+                    name: "h2".into(),
+                    addr: "10.249.0.3:7170".parse().unwrap(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn written_files_read_back() {
+        let f = full();
+        let text = f.to_toml();
+        assert_eq!(HostFile::parse(&text, "t").unwrap(), f);
+        assert_eq!(text.matches("[[peers]]").count(), 2);
+        assert!(text.contains("listen = \"10.249.0.2:7170\""), "{text}");
+        // Scalars come before the first table, or TOML would put them in it.
+        assert!(text.find("prefetch_pages").unwrap() < text.find("[[peers]]").unwrap());
+    }
+
+    #[test]
+    fn unset_settings_are_left_out() {
+        let f = HostFile {
+            host: Some("solo".into()),
+            ..HostFile::default()
+        };
+        let text = f.to_toml();
+        assert!(text.contains("host = \"solo\""), "{text}");
+        for key in [
+            "socket",
+            "max_vms",
+            "listen",
+            "key_file",
+            "fetch_timeout_ms",
+        ] {
+            assert!(!text.contains(key), "{key} in {text}");
+        }
+        assert_eq!(HostFile::parse(&text, "t").unwrap(), f);
+        assert_eq!(HostFile::parse("", "t").unwrap(), HostFile::default());
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let f = HostFile {
+            host: Some("a\"b\\c\n".into()),
+            key_file: Some("/k \"x\"".into()),
+            ..HostFile::default()
+        };
+        assert_eq!(HostFile::parse(&f.to_toml(), "t").unwrap(), f);
+    }
+
+    #[test]
+    fn out_of_range_values_still_write() {
+        let f = HostFile {
+            fetch_timeout_ms: Some(u64::MAX),
+            ..HostFile::default()
+        };
+        let back = HostFile::parse(&f.to_toml(), "t").unwrap();
+        assert_eq!(back.fetch_timeout_ms, Some(i64::MAX as u64));
+    }
+
+    #[test]
+    fn parse_errors_name_the_file() {
+        for text in [
+            "host = 3",
+            "hots = \"a\"",
+            "listen = \"nonsense\"",
+            "[[peers]]\nname = \"a\"",
+        ] {
+            let e = HostFile::parse(text, "/etc/x.toml").unwrap_err();
+            let msg = crate::error::chain(&e);
+            assert!(
+                msg.starts_with("Malformed /etc/x.toml: "),
+                "{text:?}: {msg}"
+            );
+        }
+        let e = HostFile::load(Path::new("/nonexistent/host.toml")).unwrap_err();
+        assert!(crate::error::chain(&e).starts_with("Cannot read /nonexistent/host.toml: "));
+    }
+}
