@@ -9,7 +9,7 @@ use crate::lifecycle::daemon::wait_until;
 use crate::lifecycle::Daemon;
 use crate::ops::api;
 use crate::state::metrics::bump;
-use crate::state::vm::{deliver, ExecEvent, Vm, MAX_PENDING_REQUESTS};
+use crate::state::vm::{deliver, ExecEvent, NotReady, Vm, MAX_PENDING_REQUESTS};
 use futures::future::BoxFuture;
 use snowflock_proto::api::ApiResponse;
 use snowflock_proto::channel::{decode_line, encode_line, GuestMsg, HostMsg, LineReader};
@@ -161,7 +161,7 @@ fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {
         GuestMsg::CloneFailed { clone_id, message } => {
             tracing::warn!(clone_id, %message, "clone failed to apply its identity");
             if let Some(tx) = vm.ready.lock().take() {
-                let _ = tx.send(Err(message));
+                let _ = tx.send(Err(NotReady::Refused(message)));
             }
         }
         GuestMsg::ExecOutput { exec, stream, data } => {

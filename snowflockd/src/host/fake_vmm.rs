@@ -22,7 +22,7 @@ pub struct FakeProc {
     pub name: String,
     pub dir: PathBuf,
     pub pid: u32,
-    exit: Mutex<Option<oneshot::Sender<Result<String, String>>>>,
+    exit: Mutex<Option<oneshot::Sender<std::process::ExitStatus>>>,
     exited: watch::Sender<bool>,
     inject: mpsc::UnboundedSender<Vec<u8>>,
     responses: tokio::sync::Mutex<mpsc::UnboundedReceiver<(u64, ApiResponse)>>,
@@ -33,9 +33,12 @@ pub struct FakeProc {
 }
 
 impl FakeProc {
-    fn end(&self, how: &str) {
+    /// Ends the process with wait status `raw` (a signal number, or an
+    /// exit code shifted left by 8).
+    fn end(&self, raw: i32) {
+        use std::os::unix::process::ExitStatusExt;
         if let Some(tx) = self.exit.lock().take() {
-            let _ = tx.send(Ok(how.to_string()));
+            let _ = tx.send(std::process::ExitStatus::from_raw(raw));
         }
         self.exited.send_replace(true);
     }
@@ -75,7 +78,7 @@ impl FakeProc {
 
     /// The VMM process dies on its own.
     pub fn crash(&self) {
-        self.end("signal: 11 (SIGSEGV)");
+        self.end(libc::SIGSEGV);
     }
 
     pub fn has_exited(&self) -> bool {
@@ -174,7 +177,7 @@ impl Vmm for FakeVmm {
             exit: Box::pin(async move {
                 exit_rx
                     .await
-                    .unwrap_or_else(|_| Err("fake VMM dropped".into()))
+                    .map_err(|_| std::io::Error::other("fake VMM dropped"))
             }),
         })
     }
@@ -192,7 +195,7 @@ impl Vmm for FakeVmm {
     fn kill(&self, pid: u32) {
         let p = self.procs.lock().values().find(|p| p.pid == pid).cloned();
         if let Some(p) = p {
-            p.end("signal: 9 (SIGKILL)");
+            p.end(libc::SIGKILL);
         }
     }
 }
@@ -222,7 +225,7 @@ impl VmmControl for FakeControl {
     fn quit(&mut self) -> Result<(), QmpError> {
         self.log("quit")?;
         if !self.0.ignore_quit.load(Ordering::Relaxed) {
-            self.0.end("exit status: 0");
+            self.0.end(0);
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ pub struct VmmProcess {
     pub pid: Option<u32>,
     /// Resolves when the process has exited: how it ended, or why it could
     /// not be waited for.
-    pub exit: BoxFuture<'static, Result<String, String>>,
+    pub exit: BoxFuture<'static, std::io::Result<std::process::ExitStatus>>,
 }
 
 /// Control of one running VMM (blocking; async callers use
@@ -72,13 +72,7 @@ impl Vmm for QemuVmm {
         let pid = child.id();
         Ok(VmmProcess {
             pid,
-            exit: Box::pin(async move {
-                child
-                    .wait()
-                    .await
-                    .map(|s| s.to_string())
-                    .map_err(|e| e.to_string())
-            }),
+            exit: Box::pin(async move { child.wait().await }),
         })
     }
 

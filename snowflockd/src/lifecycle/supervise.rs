@@ -20,7 +20,7 @@ impl Daemon {
     pub(super) async fn monitor(
         self: Arc<Self>,
         vm: Arc<Vm>,
-        exit: BoxFuture<'static, Result<String, String>>,
+        exit: BoxFuture<'static, std::io::Result<std::process::ExitStatus>>,
     ) {
         let pid = *vm.pid.lock();
         let status = exit.await;
@@ -38,7 +38,7 @@ impl Daemon {
             }
             _ => None,
         };
-        let out = outcome(&vm.life(), status, fetch_failed);
+        let out = outcome(&vm.life(), &status, fetch_failed);
         if out.requested {
             tracing::info!("VM stopped");
         } else {

@@ -138,7 +138,7 @@ pub struct Outcome {
 /// stopped serving pages, which explains an otherwise unexpected death.
 pub fn outcome(
     life: &Life,
-    status: Result<String, String>,
+    status: &std::io::Result<std::process::ExitStatus>,
     fetch_failed: Option<String>,
 ) -> Outcome {
     let cause = match life {
@@ -146,12 +146,12 @@ pub fn outcome(
         Life::Running => fetch_failed.map(|why| {
             EndCause::Lost(format!(
                 "{why}; QEMU ended: {}",
-                status.as_ref().map(String::as_str).unwrap_or_default()
+                status.as_ref().map(|s| s.to_string()).unwrap_or_default()
             ))
         }),
         Life::Ended(_) => Some(EndCause::Requested),
     };
-    let reason = match (&cause, &status) {
+    let reason = match (&cause, status) {
         (Some(EndCause::Lost(r)), _) => r.clone(),
         (Some(_), Ok(s)) => format!("stopped ({s})"),
         (None, Ok(s)) => format!("QEMU exited unexpectedly ({s})"),
@@ -175,6 +175,17 @@ pub fn outcome(
         reason,
         child_state,
     }
+}
+
+/// Why a clone never reported `Ready`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NotReady {
+    /// Its guest could not apply the identity (the guest's own words).
+    #[error("{0}")]
+    Refused(String),
+    /// Its VM ended first.
+    #[error("clone VM ended before it was ready: {0}")]
+    Ended(String),
 }
 
 /// Events for one `vm exec` session.
@@ -230,7 +241,7 @@ pub struct Vm {
     /// Open `vm exec` sessions.
     pub execs: Mutex<HashMap<u64, mpsc::Sender<ExecEvent>>>,
     /// Waiter for a clone's `Ready` / `CloneFailed` (the guest's message).
-    pub ready: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
+    pub ready: Mutex<Option<oneshot::Sender<Result<(), NotReady>>>>,
     /// Last console lines, kept when the VM directory goes.
     pub console_tail: Mutex<String>,
     /// Clone generations made from this VM.
@@ -350,7 +361,7 @@ impl Vm {
             );
         }
         if let Some(tx) = self.ready.lock().take() {
-            let _ = tx.send(Err(format!("clone VM ended before it was ready: {reason}")));
+            let _ = tx.send(Err(NotReady::Ended(reason.to_string())));
         }
     }
 }
@@ -414,28 +425,29 @@ pub(crate) mod tests {
 
     #[test]
     fn outcome_of_each_way_to_end() {
-        let ok = || Ok::<_, String>("signal: 9".to_string());
-        let o = outcome(&Life::Stopping(EndCause::Requested), ok(), None);
+        use std::os::unix::process::ExitStatusExt;
+        let ok = || Ok(std::process::ExitStatus::from_raw(9));
+        let o = outcome(&Life::Stopping(EndCause::Requested), &ok(), None);
         assert!(o.requested);
         assert_eq!(o.child_state, ChildState::Killed);
         assert_eq!(o.ended, Ended::Stopped);
-        let o = outcome(&Life::Stopping(EndCause::Exited(7)), ok(), None);
+        let o = outcome(&Life::Stopping(EndCause::Exited(7)), &ok(), None);
         assert_eq!(o.child_state, ChildState::Exited { code: 7 });
         assert!(o.requested);
-        let o = outcome(&Life::Running, ok(), None);
+        let o = outcome(&Life::Running, &ok(), None);
         assert!(!o.requested);
-        assert_eq!(o.reason, "QEMU exited unexpectedly (signal: 9)");
+        assert_eq!(o.reason, "QEMU exited unexpectedly (signal: 9 (SIGKILL))");
         assert!(matches!(o.child_state, ChildState::Lost { .. }));
         let o = outcome(
             &Life::Running,
-            ok(),
+            &ok(),
             Some("its memory origin h0 stopped".into()),
         );
         assert_eq!(
             o.reason,
-            "its memory origin h0 stopped; QEMU ended: signal: 9"
+            "its memory origin h0 stopped; QEMU ended: signal: 9 (SIGKILL)"
         );
-        let o = outcome(&Life::Stopping(EndCause::Lost("gone".into())), ok(), None);
+        let o = outcome(&Life::Stopping(EndCause::Lost("gone".into())), &ok(), None);
         assert_eq!(o.reason, "gone");
         assert_eq!(o.ended, Ended::Lost("gone".into()));
     }
@@ -452,6 +464,9 @@ pub(crate) mod tests {
             Ok(ExecEvent::Error(m)) => assert!(m.contains("VM a ended: QEMU exited"), "{m}"),
             other => panic!("{other:?}"),
         }
-        assert!(rrx.blocking_recv().unwrap().is_err());
+        assert!(matches!(
+            rrx.blocking_recv().unwrap(),
+            Err(NotReady::Ended(_))
+        ));
     }
 }

@@ -94,15 +94,15 @@ pub enum CloneError {
     /// The parent was stopped while it was cloned.
     #[error("the parent VM was stopped during the clone")]
     ParentStopped,
-    /// The clone's guest could not apply its identity.
-    #[error("{0}")]
-    Guest(String),
+    /// The clone never said it was ready.
+    #[error(transparent)]
+    NotReady(#[from] crate::state::vm::NotReady),
     /// The clone's VM ended before it was ready.
     #[error("clone VM went away before it was ready")]
     WentAway,
     /// The clone did not report ready in time.
     #[error("clone did not report ready within {0} s")]
-    NotReady(u64),
+    ReadyTimeout(u64),
     /// Another host could not start the clone.
     #[error("on {host}: {why}")]
     Remote { host: String, why: String },

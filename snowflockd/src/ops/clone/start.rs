@@ -111,9 +111,9 @@ pub async fn resume_clone(
         let limit = d.cfg.clone_timeout_s;
         match tokio::time::timeout(Duration::from_secs(limit), rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(msg))) => Err(CloneError::Guest(msg)),
+            Ok(Ok(Err(e))) => Err(e.into()),
             Ok(Err(_)) => Err(CloneError::WentAway),
-            Err(_) => Err(CloneError::NotReady(limit)),
+            Err(_) => Err(CloneError::ReadyTimeout(limit)),
         }
     }
     .await;
