@@ -106,17 +106,26 @@ impl fmt::Debug for ClusterKey {
     }
 }
 
-fn hex_decode(text: &str) -> Result<Vec<u8>, String> {
+/// Why key text is not hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum HexError {
+    #[error("odd number of hex digits")]
+    OddLength,
+    #[error("not a hex digit")]
+    NotHex,
+}
+
+fn hex_decode(text: &str) -> Result<Vec<u8>, HexError> {
     let t = text.as_bytes();
     if t.len() % 2 == 1 {
-        return Err("odd number of hex digits".into());
+        return Err(HexError::OddLength);
     }
-    let digit = |c: u8| -> Result<u8, String> {
+    let digit = |c: u8| -> Result<u8, HexError> {
         match c {
             b'0'..=b'9' => Ok(c - b'0'),
             b'a'..=b'f' => Ok(c - b'a' + 10),
             b'A'..=b'F' => Ok(c - b'A' + 10),
-            _ => Err("not a hex digit".into()),
+            _ => Err(HexError::NotHex),
         }
     };
     t.chunks(2)
@@ -149,9 +158,9 @@ impl ClusterKey {
                 read_err(err)
             }
         })?;
-        let bytes = hex_decode(text.trim()).map_err(|reason| AuthError::KeyFileMalformed {
+        let bytes = hex_decode(text.trim()).map_err(|e| AuthError::KeyFileMalformed {
             path: shown.clone(),
-            reason,
+            reason: e.to_string(),
         })?;
         ClusterKey::from_bytes(&bytes)
     }

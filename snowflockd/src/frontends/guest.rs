@@ -217,6 +217,44 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guest_has_a_bounded_number_of_calls_in_flight() {
+        let h = Harness::new();
+        let (_, p) = h.start("p").await;
+        let ticket = h.ticket_and_clone(&p, 1).await;
+        let max = crate::state::vm::MAX_PENDING_REQUESTS as u64;
+        // Joins wait while the clone runs: they hold every slot.
+        for id in 0..max {
+            p.request(
+                100 + id,
+                R::Join {
+                    ticket: ticket.clone(),
+                },
+            );
+        }
+        p.request(999, R::Id);
+        let (id, resp) = p.response().await;
+        assert_eq!(id, 999);
+        match resp {
+            ApiResponse::Error { message, .. } => {
+                assert_eq!(
+                    message,
+                    format!("Too many API calls pending (at most {max})")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Once the clone exits, the joins are answered and slots free up.
+        h.proc("p-g1c1").call(1, R::Exit { status: 0 }).await;
+        for _ in 0..max {
+            p.response().await;
+        }
+        assert!(matches!(
+            p.call(1000, R::Id).await,
+            ApiResponse::Identity { .. }
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_agent_fails_open_exec_sessions() {
         let h = Harness::new();
         let (vm, p) = h.start("a").await;

@@ -250,6 +250,14 @@ mod tests {
         }
     }
 
+    /// The children's states in a join or kill answer.
+    fn children(r: ApiResponse) -> Vec<snowflock_proto::api::ChildStatus> {
+        match r {
+            ApiResponse::Joined { children } | ApiResponse::Killed { children } => children,
+            other => panic!("not a join or kill answer: {other:?}"),
+        }
+    }
+
     fn message(r: &ApiResponse) -> String {
         match r {
             ApiResponse::Error { message, .. } => message.clone(),
@@ -337,13 +345,9 @@ mod tests {
         h.until("clone 1 ended", || h.d.vm("p-g1c1").is_err()).await;
         assert!(!joined.is_finished(), "join waits for clone 2");
         h.proc("p-g1c2").call(9, R::Exit { status: 4 }).await;
-        match joined.await.unwrap() {
-            ApiResponse::Joined { children } => {
-                assert_eq!(children[0].state, ChildState::Exited { code: 3 });
-                assert_eq!(children[1].state, ChildState::Exited { code: 4 });
-            }
-            other => panic!("{other:?}"),
-        }
+        let children = children(joined.await.unwrap());
+        assert_eq!(children[0].state, ChildState::Exited { code: 3 });
+        assert_eq!(children[1].state, ChildState::Exited { code: 4 });
         // A joined ticket is gone; its generation too.
         let r = p
             .call(
@@ -364,21 +368,17 @@ mod tests {
         let ticket = h.ticket_and_clone(&p, 2).await;
         h.proc("p-g1c1").call(5, R::Exit { status: 3 }).await;
         h.until("clone 1 ended", || h.d.vm("p-g1c1").is_err()).await;
-        match p
-            .call(
+        let children = children(
+            p.call(
                 3,
                 R::Kill {
                     ticket: ticket.clone(),
                 },
             )
-            .await
-        {
-            ApiResponse::Killed { children } => {
-                assert_eq!(children[0].state, ChildState::Exited { code: 3 });
-                assert_eq!(children[1].state, ChildState::Killed);
-            }
-            other => panic!("{other:?}"),
-        }
+            .await,
+        );
+        assert_eq!(children[0].state, ChildState::Exited { code: 3 });
+        assert_eq!(children[1].state, ChildState::Killed);
         assert!(h.d.vm("p-g1c2").is_err(), "killed clone is gone");
         assert_eq!(h.vmm.running(), ["p"]);
         let r = p.call(4, R::Clone { ticket }).await;
@@ -452,18 +452,14 @@ mod tests {
         h.until("the failed clone is gone", || h.d.vm("p-g1c1").is_err())
             .await;
         h.proc("p-g1c2").call(1, R::Exit { status: 0 }).await;
-        match p.call(3, R::Join { ticket }).await {
-            ApiResponse::Joined { children } => {
-                match &children[0].state {
-                    ChildState::Lost { reason } => {
-                        assert!(reason.contains("cannot set the IP"), "{reason}")
-                    }
-                    other => panic!("{other:?}"),
-                }
-                assert_eq!(children[1].state, ChildState::Exited { code: 0 });
+        let children = children(p.call(3, R::Join { ticket }).await);
+        match &children[0].state {
+            ChildState::Lost { reason } => {
+                assert!(reason.contains("cannot set the IP"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(children[1].state, ChildState::Exited { code: 0 });
         assert_eq!(h.d.counters.map()["clones_lost"], 1);
     }
 
@@ -515,21 +511,17 @@ mod tests {
         )
         .await;
         assert_eq!(resp, AdminResponse::Ok);
-        match p
-            .call(
+        let children = children(
+            p.call(
                 3,
                 R::Kill {
                     ticket: ticket.clone(),
                 },
             )
-            .await
-        {
-            ApiResponse::Killed { children } => {
-                assert_eq!(children[0].state, ChildState::Killed);
-                assert!(matches!(children[1].state, ChildState::Lost { .. }));
-            }
-            other => panic!("{other:?}"),
-        }
+            .await,
+        );
+        assert_eq!(children[0].state, ChildState::Killed);
+        assert!(matches!(children[1].state, ChildState::Lost { .. }));
         assert_eq!(h.d.counters.map()["clones_lost"], 1);
     }
 
