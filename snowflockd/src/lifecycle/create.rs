@@ -12,7 +12,7 @@ use tracing::Instrument;
 impl Daemon {
     /// Creates and starts a VM. Returns once its VMM runs.
     pub async fn create_vm(self: &Arc<Self>, spec: VmSpec) -> Result<Arc<Vm>> {
-        let index = self.with(|r| r.reserve(&spec.name))?;
+        let index = self.with(|r| r.reserve(&spec.name, spec.flock))?;
         // The name stays reserved until registered or failed.
         let name = spec.name.clone();
         let res = self.create_vm_inner(spec, index).await;
@@ -81,6 +81,7 @@ impl Daemon {
     /// (iproute2 processes, directory removal).
     async fn prepare_host(&self, spec: &VmSpec, placed: &Placed) -> Result<()> {
         let net = self.net.clone();
+        let links = self.flock_links.clone();
         let names = self.names.clone();
         let overlay = self.cfg.cluster.as_ref().map(|c| {
             let peers: Vec<std::net::IpAddr> = c.peers.iter().map(|p| p.addr.ip()).collect();
@@ -95,9 +96,15 @@ impl Daemon {
             })?;
             let bridge = names.bridge(flock);
             let setup = (|| -> Result<()> {
-                net.ensure_bridge(&bridge)?;
-                if let Some((local, peers)) = &overlay {
-                    net.ensure_overlay(&names, flock, *local, peers)?;
+                {
+                    // Clones of one flock start at once: one of them
+                    // creates the flock's links, and none is torn down
+                    // meanwhile.
+                    let _links = links.lock();
+                    net.ensure_bridge(&bridge)?;
+                    if let Some((local, peers)) = &overlay {
+                        net.ensure_overlay(&names, flock, *local, peers)?;
+                    }
                 }
                 net.create_tap(&tap, &bridge)?;
                 Ok(())
@@ -131,5 +138,59 @@ impl Daemon {
             Ok(())
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::state::vm::tests::spec;
+    use crate::testing::Harness;
+
+    /// Clones of another host's VM arrive together on a host that has no
+    /// link of their flock yet: one creates the bridge, all start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clones_of_a_new_flock_start_together() {
+        let h = Harness::new();
+        let specs: Vec<_> = (1..=4)
+            .map(|k| {
+                let mut s = spec(&format!("p-g1c{k}"), k);
+                s.flock = 9;
+                s
+            })
+            .collect();
+        let made = futures::future::join_all(specs.into_iter().map(|s| h.d.create_vm(s))).await;
+        for m in made {
+            m.expect("every clone starts");
+        }
+        assert!(h.net.has(&h.d.names.bridge(9)));
+        assert_eq!(h.vmm.running().len(), 4);
+        // The flock's links go with its last VM, not before.
+        for k in 1..=4 {
+            let vm = h.d.vm(&format!("p-g1c{k}")).unwrap();
+            assert!(h.net.has(&h.d.names.bridge(9)), "still used");
+            h.d.stop_vm(&vm).await;
+        }
+        assert!(!h.net.has(&h.d.names.bridge(9)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vm_whose_process_cannot_start_leaves_nothing() {
+        let h = Harness::new();
+        *h.vmm.fail_spawn.lock() = Some("p".into());
+        let Err(e) = h.d.create_vm(spec("p", 0)).await else {
+            panic!("the VMM refused to start");
+        };
+        assert!(
+            snowflock_proto::error::chain(&e).contains("refused by the test"),
+            "{e}"
+        );
+        assert!(h.d.list().is_empty());
+        assert!(
+            h.d.with(|r| r.creating.is_empty()),
+            "the name is free again"
+        );
+        assert!(!h.d.cfg.state_dir.join("vms/p").exists());
+        let tap = h.d.names.tap(1);
+        assert!(!h.net.has(&tap));
     }
 }

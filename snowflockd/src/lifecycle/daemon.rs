@@ -117,6 +117,9 @@ pub struct Daemon {
     pub shutdown: watch::Sender<bool>,
     pub vmm: Arc<dyn Vmm>,
     pub net: Arc<dyn HostNet>,
+    /// Held while a flock's bridge and VXLAN port are created, or checked
+    /// and removed.
+    pub flock_links: Arc<Mutex<()>>,
     pub peers: Arc<dyn PeerChannel>,
     pub guest_link: GuestLink,
     pub key: Option<Arc<ClusterKey>>,
@@ -142,6 +145,7 @@ impl Daemon {
             shutdown: watch::channel(false).0,
             vmm: parts.vmm,
             net: parts.net,
+            flock_links: Arc::new(Mutex::new(())),
             peers: parts.peers,
             guest_link: parts.guest_link,
             key: parts.key,

@@ -74,20 +74,18 @@ impl Daemon {
         }
         self.release_vm_resources(&vm).await;
         // The flock's links go with its last VM on this host (and the
-        // parent's reservation of the number).
-        if !self.with(|r| r.flock_in_use(spec.flock)) {
-            let (net, vx, br) = (
-                self.net.clone(),
-                self.names.vxlan(spec.flock),
-                self.names.bridge(spec.flock),
-            );
-            let _ = super::daemon::blocking(move || {
-                let _ = net.delete_link(&vx);
-                let _ = net.delete_link(&br);
-                Ok(())
-            })
-            .await;
-        }
+        // parent's reservation of the number), checked and removed under
+        // the lock creation takes, so a VM being created keeps them.
+        let (d, flock) = (self.clone(), spec.flock);
+        let _ = super::daemon::blocking(move || {
+            let _links = d.flock_links.lock();
+            if !d.with(|r| r.flock_in_use(flock)) {
+                let _ = d.net.delete_link(&d.names.vxlan(flock));
+                let _ = d.net.delete_link(&d.names.bridge(flock));
+            }
+            Ok(())
+        })
+        .await;
         vm.finish(out.ended);
         self.bump_tickets();
         if !spec.is_clone() && !out.requested {

@@ -5,7 +5,7 @@
 use super::ticket::{Ticket, TicketError, TICKET_TTL};
 use super::vm::Vm;
 use snowflock_proto::admin::CloneReport;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,8 +36,10 @@ pub struct Registry {
     pub next_index: u64,
     pub next_exec: u64,
     pub reports: Vec<CloneReport>,
-    /// Names of VMs being created (reserved against duplicates).
-    pub creating: HashSet<String>,
+    /// VMs being created (name reserved against duplicates) and their
+    /// flocks (in use from the start, so no one tears the flock's links
+    /// down under them).
+    pub creating: HashMap<String, u32>,
 }
 
 impl Registry {
@@ -49,11 +51,13 @@ impl Registry {
         }
     }
 
-    /// Reserves `name` for a VM being created; returns its index.
-    pub fn reserve(&mut self, name: &str) -> Result<u64, RegistryError> {
-        if self.vms.contains_key(name) || !self.creating.insert(name.to_string()) {
+    /// Reserves `name` for a VM being created in `flock`; returns its
+    /// index.
+    pub fn reserve(&mut self, name: &str, flock: u32) -> Result<u64, RegistryError> {
+        if self.vms.contains_key(name) || self.creating.contains_key(name) {
             return Err(RegistryError::VmExists(name.to_string()));
         }
+        self.creating.insert(name.to_string(), flock);
         self.next_index += 1;
         Ok(self.next_index)
     }
@@ -91,9 +95,12 @@ impl Registry {
         Ok(f)
     }
 
-    /// A parent holds it, or a VM on this host is in it.
+    /// A parent holds it, or a VM on this host is in it or being created
+    /// in it.
     pub fn flock_in_use(&self, f: u32) -> bool {
-        self.flocks.contains(&f) || self.vms.values().any(|v| v.spec.flock == f)
+        self.flocks.contains(&f)
+            || self.vms.values().any(|v| v.spec.flock == f)
+            || self.creating.values().any(|c| *c == f)
     }
 
     /// Expires unused tickets and forgets the oldest discarded ones.
@@ -194,10 +201,13 @@ mod tests {
     #[test]
     fn names_are_reserved_once() {
         let mut r = with_vms(&[("a", 0)]);
-        assert_eq!(r.reserve("a"), Err(RegistryError::VmExists("a".into())));
-        assert_eq!(r.reserve("b"), Ok(1));
-        assert_eq!(r.reserve("b"), Err(RegistryError::VmExists("b".into())));
-        assert_eq!(r.reserve("c"), Ok(2));
+        assert_eq!(r.reserve("a", 0), Err(RegistryError::VmExists("a".into())));
+        assert_eq!(r.reserve("b", 7), Ok(1));
+        assert_eq!(r.reserve("b", 7), Err(RegistryError::VmExists("b".into())));
+        assert_eq!(r.reserve("c", 0), Ok(2));
+        assert!(r.flock_in_use(7), "a VM being created holds its flock");
+        r.creating.remove("b");
+        assert!(!r.flock_in_use(7));
     }
 
     #[test]

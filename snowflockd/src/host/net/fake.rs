@@ -19,7 +19,18 @@ impl FakeNet {
 
 impl HostNet for FakeNet {
     fn ensure_bridge(&self, name: &str) -> Result<(), NetError> {
-        self.links.lock().insert(name.to_string());
+        if self.has(name) {
+            return Ok(());
+        }
+        // Like `ip link add`: takes a while, and fails if someone else
+        // created the link meanwhile.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if !self.links.lock().insert(name.to_string()) {
+            return Err(NetError::Ip {
+                cmd: format!("fake ip link add {name} type bridge"),
+                stderr: "RTNETLINK answers: File exists".into(),
+            });
+        }
         Ok(())
     }
     fn ensure_overlay(
