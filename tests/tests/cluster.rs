@@ -210,6 +210,57 @@ fn parent_writing_during_clone_never_leaks_into_clones() {
     h0.sh_ok("p", &format!("sf kill {t}"));
 }
 
+/// Clones that land together on a host where their flock has no link yet
+/// all start: one creates the flock's bridge and VXLAN port, none trips
+/// over it, and the links go with the last of them.
+#[test]
+fn clones_sharing_a_new_host_all_start() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let c = Cluster::up(2, &[]);
+    let (h0, h1) = (c.host(0), c.host(1));
+    h0.start_vm("p", &img, "256M");
+    let t = h0
+        .sh_ok("p", "T=$(sf ticket 3) || exit 1; ID=$(sf clone $T) || exit 1; echo $T")
+        .trim()
+        .to_string();
+    let kids = clones_of(&h0.vms(), &t);
+    assert_eq!(kids.len(), 3, "every clone runs: {kids:?}");
+    let on_h1: Vec<&str> = kids
+        .iter()
+        .filter(|k| k["host"] == "h1")
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert!(on_h1.len() >= 2, "two clones share h1: {kids:?}");
+    for k in &kids {
+        let name = k["name"].as_str().unwrap();
+        assert_eq!(k["state"], "running", "{k}");
+        assert_eq!(h0.sh_ok(name, "echo alive").trim(), "alive", "{name}");
+    }
+    let killed = h0.sh_ok("p", &format!("sf kill {t}"));
+    assert_eq!(killed.matches("killed").count(), 3, "{killed}");
+    // h1 ran no VM of the flock before and runs none now: no link is left.
+    let links = String::from_utf8_lossy(&h1.netns_exec(&["ip", "-o", "link"]).stdout).into_owned();
+    // Link names are `s<4 hex digits>` + `b|x|t` + a number.
+    let ours = |name: &str| {
+        let b = name.as_bytes();
+        b.len() > 6
+            && b[0] == b's'
+            && b[1..5].iter().all(u8::is_ascii_hexdigit)
+            && matches!(b[5], b'b' | b'x' | b't')
+            && b[6..].iter().all(u8::is_ascii_digit)
+    };
+    let left: Vec<&str> = links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n))
+        .filter(|n| ours(n))
+        .collect();
+    assert!(left.is_empty(), "links left on h1: {left:?}");
+}
+
 /// Avoidance heuristics: memory the parent freed before the clone is not
 /// fetched when a clone fills fresh memory; with free page reporting
 /// switched off the same run fetches far more.
