@@ -223,7 +223,10 @@ fn clones_sharing_a_new_host_all_start() {
     let (h0, h1) = (c.host(0), c.host(1));
     h0.start_vm("p", &img, "256M");
     let t = h0
-        .sh_ok("p", "T=$(sf ticket 3) || exit 1; ID=$(sf clone $T) || exit 1; echo $T")
+        .sh_ok(
+            "p",
+            "T=$(sf ticket 3) || exit 1; ID=$(sf clone $T) || exit 1; echo $T",
+        )
         .trim()
         .to_string();
     let kids = clones_of(&h0.vms(), &t);
