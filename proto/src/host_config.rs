@@ -2,9 +2,8 @@
 //! read by the daemon and written by `snowflock cluster up`.
 //!
 //! Only the file's shape lives here. What the settings mean, and which
-//! combinations are valid, is the daemon's business: it implements
-//! [`HostConfigTarget`] for its own configuration type, and
-//! [`HostFile::apply`] hands the file to it.
+//! combinations are valid, is the daemon's business
+//! (`snowflockd::host::config::Config::apply_file`).
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -75,13 +74,6 @@ pub enum ConfigError {
     Invalid { path: String, msg: String },
 }
 
-/// A configuration a [`HostFile`] can be applied to: the daemon's own.
-pub trait HostConfigTarget {
-    /// Applies `file` (read from `path`, for messages) over `self`,
-    /// checking what only makes sense together.
-    fn apply_host_file(&mut self, file: HostFile, path: &str) -> Result<(), ConfigError>;
-}
-
 impl HostFile {
     /// Parses the text of a `host.toml`; `path` names it in errors.
     pub fn parse(text: &str, path: &str) -> Result<HostFile, ConfigError> {
@@ -99,11 +91,6 @@ impl HostFile {
             err,
         })?;
         Self::parse(&text, &p)
-    }
-
-    /// Applies the file over `cfg` (see [`HostConfigTarget`]).
-    pub fn apply<C: HostConfigTarget>(self, cfg: &mut C, path: &str) -> Result<(), ConfigError> {
-        cfg.apply_host_file(self, path)
     }
 
     /// The file as TOML text, which [`HostFile::parse`] reads back.

@@ -51,7 +51,7 @@ fn config(
     });
     if let Some(path) = file {
         let shown = path.display().to_string();
-        HostFile::load(&path).and_then(|f| f.apply(&mut cfg, &shown))?;
+        HostFile::load(&path).and_then(|f| cfg.apply_file(f, &shown))?;
     }
     if let Some(s) = a.state_dir {
         cfg.net_prefix = net_prefix_for(&s);

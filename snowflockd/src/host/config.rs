@@ -2,16 +2,13 @@
 //!
 //! The file's shape ([`HostFile`], [`Peer`]) is shared with the CLI, which
 //! writes it, and lives in [`snowflock_proto::host_config`]; what it means
-//! and which values are valid is decided here, in [`Config`]'s
-//! [`HostConfigTarget`] implementation (called by [`HostFile::apply`]).
+//! and which values are valid is decided here, in [`Config::apply_file`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use snowflock_proto::host_config::{
-    ConfigError, HostConfigTarget, HostFile, Peer, HOST_CONFIG,
-};
+pub use snowflock_proto::host_config::{ConfigError, HostFile, Peer, HOST_CONFIG};
 
 /// Cluster membership of this host; `None` in [`Config::cluster`] for a
 /// stand-alone host.
@@ -97,16 +94,15 @@ fn valid_host_name(n: &str) -> bool {
         && n.as_bytes()[0].is_ascii_lowercase()
 }
 
-impl HostConfigTarget for Config {
-    /// Applies the file over `self`, checking what only makes sense together.
-    fn apply_host_file(&mut self, file: HostFile, path: &str) -> Result<(), ConfigError> {
+impl Config {
+    /// Applies `file` (read from `path`, for messages) over these
+    /// settings, checking what only makes sense together.
+    pub fn apply_file(&mut self, file: HostFile, path: &str) -> Result<(), ConfigError> {
         apply(file, self, path)
     }
 }
 
-/// Applies `file` (read from `path`) over `cfg`, checking what only makes
-/// sense together. Also reachable as `file.apply(cfg, path)`.
-pub fn apply(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), ConfigError> {
+fn apply(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), ConfigError> {
     let bad = |msg: String| ConfigError::Invalid {
         path: path.into(),
         msg,
@@ -273,8 +269,7 @@ addr = "10.249.0.3:7170"
     fn full_file() {
         let mut cfg = Config::default();
         HostFile::parse(FULL, "t")
-            .unwrap()
-            .apply(&mut cfg, "t")
+            .and_then(|f| cfg.apply_file(f, "t"))
             .unwrap();
         assert_eq!(cfg.host, "h1");
         assert_eq!(cfg.max_vms, 8);
@@ -295,8 +290,7 @@ addr = "10.249.0.3:7170"
     fn standalone_file_has_no_cluster() {
         let mut cfg = Config::default();
         HostFile::parse("host = \"solo\"\nmax_vms = 3\n", "t")
-            .unwrap()
-            .apply(&mut cfg, "t")
+            .and_then(|f| cfg.apply_file(f, "t"))
             .unwrap();
         assert!(cfg.cluster.is_none());
         assert_eq!(cfg.max_vms, 3);
@@ -319,7 +313,7 @@ addr = "10.249.0.3:7170"
         for (text, want) in cases {
             let mut cfg = Config::default();
             let e = HostFile::parse(text, "t")
-                .and_then(|f| f.apply(&mut cfg, "t"))
+                .and_then(|f| cfg.apply_file(f, "t"))
                 .unwrap_err();
             let msg = snowflock_proto::error::chain(&e);
             assert!(msg.contains(want), "{text:?}: {msg}");
@@ -360,7 +354,7 @@ addr = "10.249.0.3:7170"
             let text = cli_host_file(i, 3).to_toml();
             let mut cfg = Config::default();
             HostFile::parse(&text, "t")
-                .and_then(|f| f.apply(&mut cfg, "t"))
+                .and_then(|f| cfg.apply_file(f, "t"))
                 .unwrap_or_else(|e| panic!("{}\n{text}", snowflock_proto::error::chain(&e)));
             assert_eq!(cfg.host, format!("h{i}"));
             assert_eq!(cfg.max_vms, 16);
