@@ -4,7 +4,6 @@ use crate::client::{Client, ClientError};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use snowflock_proto::admin::{AdminRequest, AdminResponse};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,13 +92,7 @@ pub fn start(client: &Client, o: StartOpts) -> Result<()> {
     cmd.stdin(Stdio::null())
         .stdout(logf.try_clone()?)
         .stderr(logf);
-    // SAFETY: setsid is async-signal-safe; the daemon outlives this CLI.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    crate::sys::detach(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -165,11 +158,6 @@ fn cleanup_after_exit(socket: &Path) {
     let _ = std::fs::remove_file(info_path(socket));
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
-}
-
 pub fn stop(client: &Client) -> Result<()> {
     let info: Option<RunInfo> = std::fs::read(info_path(&client.socket))
         .ok()
@@ -185,10 +173,9 @@ pub fn stop(client: &Client) -> Result<()> {
     }
     if let Some(info) = &info {
         let start = Instant::now();
-        while pid_alive(info.pid) && start.elapsed() < Duration::from_secs(30) {
+        while crate::sys::exists(info.pid) && start.elapsed() < Duration::from_secs(30) {
             // Reap it if we happen to be its parent (same CLI process).
-            // SAFETY: waitpid with WNOHANG on a pid; harmless if not our child.
-            unsafe { libc::waitpid(info.pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+            crate::sys::reap(info.pid);
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -9,6 +9,7 @@ mod cluster;
 mod daemon_ctl;
 mod demo;
 mod image_cmd;
+mod sys;
 mod vm_cmd;
 
 use clap::parser::ValueSource;

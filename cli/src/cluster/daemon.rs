@@ -6,7 +6,6 @@ use crate::client::Client;
 use crate::daemon_ctl;
 use anyhow::{Context, Result};
 use snowflock_proto::admin::{AdminRequest, AdminResponse, DaemonStatus};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,13 +45,7 @@ pub(super) fn spawn(h: &HostInfo) -> Result<Child> {
     cmd.stdin(Stdio::null())
         .stdout(logf.try_clone()?)
         .stderr(logf);
-    // SAFETY: setsid is async-signal-safe; the daemon outlives this CLI.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    crate::sys::detach(&mut cmd);
     cmd.spawn()
         .with_context(|| format!("Cannot start {} for {}", daemon.display(), h.name))
 }
@@ -136,8 +129,7 @@ fn parse_stat_state(stat: &str) -> Option<char> {
 
 /// Whether `pid` runs (zombies do not; our own children get reaped).
 fn alive(pid: u32) -> bool {
-    // SAFETY: WNOHANG on one pid; harmless when it is not our child.
-    unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+    crate::sys::reap(pid);
     !matches!(proc_state(pid), None | Some('Z' | 'X'))
 }
 
@@ -229,8 +221,8 @@ pub(super) fn stop_all(
                 "not answering".into()
             };
             say(format!("{}: daemon pid {pid} {why}; killing it", h.name));
-            // SAFETY: a pid recorded in cluster.json whose command line is still that daemon's.
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            // A pid recorded in cluster.json whose command line is still that daemon's.
+            crate::sys::kill_now(*pid);
             removed += 1;
         }
     }

@@ -53,19 +53,12 @@ pub(super) fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> 
         &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
         &roots,
     ) {
-        let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) else {
-            continue;
-        };
-        // SAFETY: a valid C string; MNT_DETACH only detaches.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-            say(format!("unmounted {}", m.display()));
-            removed += 1;
-        } else {
-            errors.push(format!(
-                "cannot unmount {}: {}",
-                m.display(),
-                std::io::Error::last_os_error()
-            ));
+        match crate::sys::unmount_detached(&m) {
+            Ok(()) => {
+                say(format!("unmounted {}", m.display()));
+                removed += 1;
+            }
+            Err(e) => errors.push(format!("cannot unmount {}: {e}", m.display())),
         }
     }
     // 4. Namespaces (a host's veth goes with its namespace), hosts first.

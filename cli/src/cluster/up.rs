@@ -34,8 +34,7 @@ pub fn up(o: &UpOpts) -> Result<Up> {
     if o.settings.max_vms == 0 || o.settings.quota_per_vm == 0 {
         bail!("--max-vms and --quota-per-vm must be at least 1");
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::sys::is_root() {
         bail!("`snowflock cluster up` must run as root (it creates network namespaces)");
     }
     let redo = format!(
