@@ -68,10 +68,7 @@ impl PeerChannel for FakePeers {
             let resp = self.call(host, req, Duration::from_secs(5)).await?;
             snowflock_proto::frame::tokio_io::write_frame(&mut client, &resp)
                 .await
-                .map_err(|err| PeerError::Protocol {
-                    host: host.into(),
-                    err,
-                })
+                .map_err(PeerError::protocol(host))
         })
     }
 }

@@ -49,6 +49,18 @@ pub enum PeerError {
     },
 }
 
+impl PeerError {
+    /// Wraps a framing error on the connection to `host`.
+    pub fn protocol(
+        host: &str,
+    ) -> impl FnOnce(snowflock_proto::frame::FrameError) -> PeerError + '_ {
+        move |err| PeerError::Protocol {
+            host: host.into(),
+            err,
+        }
+    }
+}
+
 /// A byte stream a user's admin connection arrives on.
 pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}

@@ -73,10 +73,7 @@ impl TcpPeers {
         let mut s = self.connect(host).await?;
         write_frame(&mut s, req)
             .await
-            .map_err(|err| PeerError::Protocol {
-                host: host.into(),
-                err,
-            })?;
+            .map_err(PeerError::protocol(host))?;
         Ok(s)
     }
 }
@@ -100,10 +97,7 @@ impl PeerChannel for TcpPeers {
                 let mut s = self.send(host, req).await?;
                 read_frame::<_, AdminResponse>(&mut s)
                     .await
-                    .map_err(|err| PeerError::Protocol {
-                        host: host.into(),
-                        err,
-                    })
+                    .map_err(PeerError::protocol(host))
             };
             tokio::time::timeout(timeout, work)
                 .await

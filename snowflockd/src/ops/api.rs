@@ -225,11 +225,9 @@ async fn kill(d: &Arc<Daemon>, vm: &Arc<Vm>, ticket: &str) -> ApiResponse {
 
 /// A clone on another host ended: record it for the parent's `sf_join`.
 pub fn child_ended(d: &Daemon, ticket: &str, clone_id: u32, state: ChildState) {
-    let lost = matches!(state, ChildState::Lost { .. });
-    let shown = format!("{state:?}");
-    if d.with(|r| r.child_ended(ticket, clone_id, state)) {
-        tracing::info!(%ticket, clone_id, state = %shown, "remote clone ended");
-        if lost {
+    if d.with(|r| r.child_ended(ticket, clone_id, state.clone())) {
+        tracing::info!(%ticket, clone_id, ?state, "remote clone ended");
+        if matches!(state, ChildState::Lost { .. }) {
             bump(&d.counters.clones_lost);
         }
     }

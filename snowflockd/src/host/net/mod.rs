@@ -94,7 +94,7 @@ pub fn vni(flock: u32) -> u32 {
 
 /// Joins the flock bridge to the same flock on the other hosts: a VXLAN
 /// port sourced from `local` with a flood entry per peer. Idempotent.
-pub fn ensure_overlay(
+fn ensure_overlay(
     names: &NetNames,
     flock: u32,
     local: std::net::IpAddr,
@@ -168,7 +168,7 @@ pub fn mac(flock: u32, clone_id: u32) -> String {
 
 /// Creates the flock bridge if missing. IPv6 is disabled on it so the host
 /// sends nothing (no router solicitations, no MLD) into the flock.
-pub fn ensure_bridge(name: &str) -> Result<(), NetError> {
+fn ensure_bridge(name: &str) -> Result<(), NetError> {
     if link_exists(name) {
         return Ok(());
     }
@@ -181,7 +181,7 @@ pub fn ensure_bridge(name: &str) -> Result<(), NetError> {
 ///
 /// Done with `ioctl`s rather than `ip`: a clone needs a tap while its
 /// parent waits, and three `ip` processes per clone cost ~30 ms here.
-pub fn create_tap(tap: &str, bridge: &str) -> Result<(), NetError> {
+fn create_tap(tap: &str, bridge: &str) -> Result<(), NetError> {
     if link_exists(tap) {
         ip(&["link", "del", tap])?;
     }
@@ -203,7 +203,7 @@ pub fn create_tap(tap: &str, bridge: &str) -> Result<(), NetError> {
 /// Deletes bridges, taps and VXLAN ports named like this daemon's
 /// (`<prefix>b<N>`, `<prefix>t<N>`, `<prefix>x<N>`): leftovers of a daemon with the same prefix that
 /// crashed. Only one daemon serves a socket, and its prefix is its own.
-pub fn remove_stale_links(names: &NetNames) -> Vec<String> {
+fn remove_stale_links(names: &NetNames) -> Vec<String> {
     let mut removed = Vec::new();
     let Ok(rd) = std::fs::read_dir("/sys/class/net") else {
         return removed;
@@ -226,7 +226,7 @@ pub fn remove_stale_links(names: &NetNames) -> Vec<String> {
 }
 
 /// Deletes a link if it exists.
-pub fn delete_link(name: &str) -> Result<(), NetError> {
+fn delete_link(name: &str) -> Result<(), NetError> {
     if link_exists(name) {
         ip(&["link", "del", name])?;
     }

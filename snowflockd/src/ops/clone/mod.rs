@@ -237,7 +237,8 @@ fn descriptor(
     parent: &Vm,
     job: &Job<'_>,
     slots: Vec<CloneSlot>,
-    frozen: &freeze::Frozen,
+    state: Vec<u8>,
+    mem: &dom0_memtap::Frozen,
 ) -> Descriptor {
     let s = &parent.spec;
     Descriptor {
@@ -247,10 +248,10 @@ fn descriptor(
             ticket: job.ticket.to_string(),
             request_id: job.request_id,
             memory: MemoryLayout {
-                size: frozen.mem.size,
+                size: mem.size,
                 generation: job.generation,
                 source: format!("{}:{}", d.cfg.host, job.gen_name),
-                data_bytes: frozen.mem.copied,
+                data_bytes: mem.copied,
             },
             machine: MachineShape {
                 vcpus: s.vcpus,
@@ -265,8 +266,8 @@ fn descriptor(
             },
             clones: slots,
         },
-        device_state: frozen.state.clone(),
-        holes: frozen.mem.holes.clone(),
+        device_state: state,
+        holes: mem.holes.clone(),
     }
 }
 
@@ -320,9 +321,13 @@ async fn do_clone(
             .map_err(|_| CloneError::TaskFailed)
     };
     parent.set_state(VmState::Running);
-    let frozen = frozen??;
+    let freeze::Frozen {
+        pause_ms,
+        state,
+        mem,
+    } = frozen??;
 
-    let encoded = descriptor(d, parent, job, slots, &frozen).encode()?;
+    let encoded = descriptor(d, parent, job, slots, state, &mem).encode()?;
     std::fs::write(job.gen_dir.join("descriptor"), &encoded).map_err(|err| CloneError::Io {
         what: "write the descriptor".into(),
         err,
@@ -435,12 +440,12 @@ async fn do_clone(
         parent: parent.name().to_string(),
         ticket: job.ticket.to_string(),
         clones: job.granted,
-        parent_pause_ms: frozen.pause_ms,
+        parent_pause_ms: pause_ms,
         descriptor_bytes: encoded.len() as u64,
         device_state_bytes: desc.device_state.len() as u64,
-        frozen_bytes: frozen.mem.copied,
-        paused_copy_bytes: frozen.mem.fixed,
-        guest_ram_bytes: frozen.mem.size,
+        frozen_bytes: mem.copied,
+        paused_copy_bytes: mem.fixed,
+        guest_ram_bytes: mem.size,
         all_ready_ms,
         timeline: tl.phases(),
     })
