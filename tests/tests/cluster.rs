@@ -244,8 +244,8 @@ fn clones_sharing_a_new_host_all_start() {
     }
     let killed = h0.sh_ok("p", &format!("sf kill {t}"));
     assert_eq!(killed.matches("killed").count(), 3, "{killed}");
-    // h1 ran no VM of the flock before and runs none now: no link is left.
-    let links = String::from_utf8_lossy(&h1.netns_exec(&["ip", "-o", "link"]).stdout).into_owned();
+    // h1 ran no VM of the flock before and runs none now: its links go
+    // with the last clone there.
     // Link names are `s<4 hex digits>` + `b|x|t` + a number.
     let ours = |name: &str| {
         let b = name.as_bytes();
@@ -255,13 +255,22 @@ fn clones_sharing_a_new_host_all_start() {
             && matches!(b[5], b'b' | b'x' | b't')
             && b[6..].iter().all(u8::is_ascii_digit)
     };
-    let left: Vec<&str> = links
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n))
-        .filter(|n| ours(n))
-        .collect();
-    assert!(left.is_empty(), "links left on h1: {left:?}");
+    let left = || -> Vec<String> {
+        let out = h1.netns_exec(&["ip", "-o", "link"]).stdout;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| ours(n))
+            .collect()
+    };
+    let gone = wait_until(Duration::from_secs(20), || left().is_empty().then_some(()));
+    assert!(
+        gone.is_some(),
+        "links left on h1: {:?}\n{}",
+        left(),
+        h1.log_tail()
+    );
 }
 
 /// Avoidance heuristics: memory the parent freed before the clone is not

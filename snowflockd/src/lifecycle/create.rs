@@ -14,10 +14,35 @@ impl Daemon {
     pub async fn create_vm(self: &Arc<Self>, spec: VmSpec) -> Result<Arc<Vm>> {
         let index = self.with(|r| r.reserve(&spec.name, spec.flock))?;
         // The name stays reserved until registered or failed.
-        let name = spec.name.clone();
+        let (name, flock) = (spec.name.clone(), spec.flock);
         let res = self.create_vm_inner(spec, index).await;
         self.with(|r| r.creating.remove(&name));
+        if res.is_err() {
+            // It may have made the flock's links; nothing else may use them.
+            self.release_flock_links(flock).await;
+        }
         res
+    }
+
+    /// Deletes a flock's bridge and VXLAN port once no VM here uses the
+    /// flock (its last VM ended, or the only one being created failed),
+    /// checked under the lock creation takes, so a VM being created keeps
+    /// them.
+    pub(super) async fn release_flock_links(self: &Arc<Self>, flock: u32) {
+        let d = self.clone();
+        let _ = blocking(move || {
+            let _links = d.flock_links.lock();
+            if d.with(|r| r.flock_in_use(flock)) {
+                return Ok(());
+            }
+            for link in [d.names.vxlan(flock), d.names.bridge(flock)] {
+                if let Err(e) = d.net.delete_link(&link) {
+                    tracing::warn!(%link, flock, error = %snowflock_proto::error::chain(&e), "cannot delete a flock link");
+                }
+            }
+            Ok(())
+        })
+        .await;
     }
 
     async fn create_vm_inner(self: &Arc<Self>, spec: VmSpec, index: u64) -> Result<Arc<Vm>> {
@@ -192,5 +217,6 @@ mod tests {
         assert!(!h.d.cfg.state_dir.join("vms/p").exists());
         let tap = h.d.names.tap(1);
         assert!(!h.net.has(&tap));
+        assert!(!h.net.has(&h.d.names.bridge(0)), "no bridge is left");
     }
 }

@@ -74,18 +74,8 @@ impl Daemon {
         }
         self.release_vm_resources(&vm).await;
         // The flock's links go with its last VM on this host (and the
-        // parent's reservation of the number), checked and removed under
-        // the lock creation takes, so a VM being created keeps them.
-        let (d, flock) = (self.clone(), spec.flock);
-        let _ = super::daemon::blocking(move || {
-            let _links = d.flock_links.lock();
-            if !d.with(|r| r.flock_in_use(flock)) {
-                let _ = d.net.delete_link(&d.names.vxlan(flock));
-                let _ = d.net.delete_link(&d.names.bridge(flock));
-            }
-            Ok(())
-        })
-        .await;
+        // parent's reservation of the number).
+        self.release_flock_links(spec.flock).await;
         vm.finish(out.ended);
         self.bump_tickets();
         if !spec.is_clone() && !out.requested {
