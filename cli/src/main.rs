@@ -178,8 +178,20 @@ enum VmCmd {
     /// Boot a VM and wait for its agent.
     Start {
         name: String,
-        #[arg(long)]
+        /// Image directory: kernel, initrd, command line, and (for a Debian
+        /// image) the disk the VM boots from behind a private overlay.
+        #[arg(long, required_unless_present_all = ["kernel", "initrd"], default_value = "")]
         image: String,
+        /// A raw or qcow2 disk of your own with snowflock-guest installed;
+        /// the VM writes to it in place.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Kernel to boot instead of the image's (a bzImage or ELF).
+        #[arg(long, requires = "initrd")]
+        kernel: Option<String>,
+        /// Initrd to boot instead of the image's.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<String>,
         #[arg(long, default_value = "256M", value_parser = vm_cmd::parse_mem)]
         mem: u32,
         #[arg(long, default_value_t = 1)]
@@ -353,6 +365,9 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
             VmCmd::Start {
                 name,
                 image,
+                disk,
+                kernel,
+                initrd,
                 mem,
                 vcpus,
                 accel,
@@ -363,7 +378,12 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                     AccelArg::Tcg => Accel::Tcg,
                     AccelArg::Kvm => Accel::Kvm,
                 };
-                vm_cmd::start(&c, &name, &image, mem, vcpus, accel, json)?
+                let boot = vm_cmd::BootArgs {
+                    disk,
+                    kernel,
+                    initrd,
+                };
+                vm_cmd::start_with(&c, &name, &image, &boot, (mem, vcpus, accel), json)?
             }
             VmCmd::List { json } => vm_cmd::list(&c, json)?,
             VmCmd::Exec { name, cmd } => {

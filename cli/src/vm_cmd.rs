@@ -29,6 +29,15 @@ pub fn parse_mem(s: &str) -> Result<u32, BadMemSize> {
         .ok_or_else(|| BadMemSize(s.to_string()))
 }
 
+/// What a VM boots besides its image: a disk of the user's own, and a
+/// kernel and initrd that replace the image's.
+#[derive(Debug, Default)]
+pub struct BootArgs {
+    pub disk: Option<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+}
+
 pub fn start(
     c: &Client,
     name: &str,
@@ -38,9 +47,36 @@ pub fn start(
     accel: Accel,
     json: bool,
 ) -> Result<()> {
-    let image = std::fs::canonicalize(image)
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| image.to_string());
+    start_with(
+        c,
+        name,
+        image,
+        &BootArgs::default(),
+        (mem_mib, vcpus, accel),
+        json,
+    )
+}
+
+/// `vm start` with every option. Paths are made absolute here: the daemon
+/// runs elsewhere.
+pub fn start_with(
+    c: &Client,
+    name: &str,
+    image: &str,
+    boot: &BootArgs,
+    (mem_mib, vcpus, accel): (u32, u32, Accel),
+    json: bool,
+) -> Result<()> {
+    let abs = |p: &str| {
+        std::fs::canonicalize(p)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| p.to_string())
+    };
+    let image = if image.is_empty() {
+        String::new()
+    } else {
+        abs(image)
+    };
     eprintln!("Starting VM {name} ({mem_mib} MiB, {vcpus} vCPU) and waiting for its agent...");
     match c.call(&AdminRequest::VmStart {
         name: name.into(),
@@ -48,6 +84,9 @@ pub fn start(
         mem_mib,
         vcpus,
         accel,
+        disk: boot.disk.as_deref().map(abs),
+        kernel: boot.kernel.as_deref().map(abs),
+        initrd: boot.initrd.as_deref().map(abs),
     })? {
         AdminResponse::Vm(v) => {
             if json {

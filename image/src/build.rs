@@ -5,12 +5,10 @@ use crate::error::io_err;
 use crate::kernel::{has_elf_magic, kernel_version};
 use crate::tree::build_tree;
 use crate::{
-    BuildOptions, ImageError, Manifest, DEFAULT_CMDLINE, FORMAT_VERSION, INITRAMFS, MANIFEST,
-    VMLINUX,
+    BuildOptions, ImageError, ImageKind, Manifest, DEFAULT_CMDLINE, INITRAMFS, MANIFEST, VMLINUX,
 };
 use std::fs;
 use std::io::BufWriter;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Builds an image into `opts.out_dir`: `vmlinux`, `initramfs.cpio`, then
 /// `image.json` (each written to a temporary name and renamed into place).
@@ -49,16 +47,8 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, ImageError> {
     f.sync_all().map_err(io_err("write", &tmp))?;
     fs::rename(&tmp, out.join(INITRAMFS)).map_err(io_err("write", &out.join(INITRAMFS)))?;
 
-    let manifest = Manifest {
-        format: FORMAT_VERSION,
-        kernel_version,
-        created_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        files: tree.paths(),
-        cmdline: DEFAULT_CMDLINE.to_string(),
-    };
+    let mut manifest = Manifest::new(ImageKind::Initramfs, kernel_version, DEFAULT_CMDLINE);
+    manifest.files = tree.paths();
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     let tmp = out.join(".image.json.tmp");
     fs::write(&tmp, json).map_err(io_err("write", &tmp))?;
@@ -167,7 +157,7 @@ mod tests {
             (d.path().join("inittab"), "/etc/inittab".into()),
         ];
         let m = build(&o).unwrap();
-        assert_eq!(m.format, FORMAT_VERSION);
+        assert_eq!(m.format, crate::FORMAT_VERSION);
         assert_eq!(m.kernel_version, "9.9.9-test");
         assert_eq!(m.cmdline, DEFAULT_CMDLINE);
         for p in [
@@ -194,7 +184,7 @@ mod tests {
         }
         let img = Image::open(&d.path().join("out")).unwrap();
         assert_eq!(img.manifest, m);
-        let cpio = fs::read(&img.initramfs).unwrap();
+        let cpio = fs::read(&img.initrd).unwrap();
         let text = String::from_utf8_lossy(&cpio);
         assert!(
             text.contains("virtio_ring.ko\nvirtio.ko\nvirtio_mmio.ko\n"),
@@ -208,6 +198,6 @@ mod tests {
         assert_eq!(cpio.len() % 512, 0);
         // Building twice gives the same archive.
         build(&o).unwrap();
-        assert_eq!(fs::read(&img.initramfs).unwrap(), cpio);
+        assert_eq!(fs::read(&img.initrd).unwrap(), cpio);
     }
 }

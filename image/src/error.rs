@@ -28,6 +28,45 @@ pub enum ImageError {
         /// The offending file.
         path: PathBuf,
     },
+    /// An image's kernel is neither an ELF kernel nor a bzImage.
+    #[error("{path} is not a kernel (neither an uncompressed ELF kernel nor a bzImage)")]
+    NotKernel {
+        /// The offending file.
+        path: PathBuf,
+    },
+    /// The manifest names a file outside the image directory.
+    #[error(
+        "Bad image manifest {path}: file name {name:?} is not a plain name in the image directory"
+    )]
+    BadFileName {
+        /// The manifest path.
+        path: PathBuf,
+        /// The name it gives.
+        name: String,
+    },
+    /// A build option is not acceptable.
+    #[error("Invalid option: {0}")]
+    InvalidOption(String),
+    /// No Debian archive for the suite in the host's apt configuration.
+    #[error("No enabled `deb` source of suite {suite} with component main (http or https) in the apt configuration under {dir}")]
+    NoAptSource {
+        /// The suite wanted.
+        suite: String,
+        /// The apt configuration directory.
+        dir: PathBuf,
+    },
+    /// A host tool the build needs failed or is missing.
+    #[error("{what} failed: `{cmd}` {status}{}", if tail.is_empty() { String::new() } else { format!(":\n{tail}") })]
+    Tool {
+        /// What was being done.
+        what: String,
+        /// The command line.
+        cmd: String,
+        /// How it ended ("exited with 1", "could not be started: ...").
+        status: String,
+        /// The end of its output.
+        tail: String,
+    },
     /// The kernel directory has no module tree.
     #[error("Kernel modules not found: {path} is not a directory (run scripts/fetch-kernel.sh)")]
     MissingModules {
@@ -138,7 +177,7 @@ pub enum ImageError {
         /// The image directory.
         dir: PathBuf,
         /// The missing file name.
-        file: &'static str,
+        file: String,
     },
     /// One of the image's files is empty.
     #[error("Image directory {dir} is incomplete: {file} is empty")]
@@ -146,7 +185,7 @@ pub enum ImageError {
         /// The image directory.
         dir: PathBuf,
         /// The empty file name.
-        file: &'static str,
+        file: String,
     },
     /// `image.json` is not a valid manifest.
     #[error("Bad image manifest {path}: {source}")]

@@ -21,6 +21,21 @@ pub(crate) fn has_elf_magic(path: &Path) -> Result<bool, ImageError> {
     }
 }
 
+/// Whether `path` is a bzImage (the x86 boot protocol's `HdrS` magic at
+/// offset 0x202), as distributions ship kernels.
+pub(crate) fn is_bzimage(path: &Path) -> Result<bool, ImageError> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = fs::File::open(path).map_err(io_err("read", path))?;
+    let mut magic = [0u8; 4];
+    f.seek(SeekFrom::Start(0x202))
+        .map_err(io_err("read", path))?;
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(&magic == b"HdrS"),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(io_err("read", path)(e)),
+    }
+}
+
 /// The kernel release of a kernel directory: the name `modules/` resolves to
 /// (`lib/modules/<kver>`), else the resolved directory's own name.
 pub(crate) fn kernel_version(kernel_dir: &Path) -> String {

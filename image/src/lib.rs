@@ -23,10 +23,14 @@ pub mod modules;
 pub mod rootfs;
 
 mod add;
+pub mod apt_sources;
 mod build;
 mod busybox;
+mod debian;
+mod debian_root;
 mod error;
 mod guest_bins;
+mod host_tools;
 mod image_dir;
 mod kernel;
 mod manifest;
@@ -36,10 +40,14 @@ mod tsc;
 
 pub use add::parse_add;
 pub use build::build;
+pub use debian::{
+    build_debian, valid_package_name, DebianOptions, BASE_PACKAGES, DEFAULT_DISK_SIZE,
+    MIN_DISK_SIZE,
+};
 pub use error::ImageError;
 pub use guest_bins::{AGENT_BIN, GLIBC_RUNTIME, GUEST_BINS};
-pub use image_dir::{Image, INITRAMFS, MANIFEST, VMLINUX};
-pub use manifest::{Manifest, DEFAULT_CMDLINE, FORMAT_VERSION};
+pub use image_dir::{Image, DISK, INITRAMFS, INITRD, MANIFEST, VMLINUX, VMLINUZ};
+pub use manifest::{ImageKind, Manifest, DEBIAN_CMDLINE, DEFAULT_CMDLINE, FORMAT_VERSION};
 pub use options::{default_cache_dir, BuildOptions};
 pub use tree::build_tree;
 pub use tsc::host_tsc_khz;

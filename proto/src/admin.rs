@@ -171,12 +171,22 @@ pub struct CloneReport {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
     Status,
+    /// Boots a VM: kernel, initrd and command line from `image` (a
+    /// directory; empty when `kernel` and `initrd` are given), its disk
+    /// from `disk` (the user's own, written in place) or else the image's
+    /// (behind a private overlay).
     VmStart {
         name: String,
         image: String,
         mem_mib: u32,
         vcpus: u32,
         accel: Accel,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kernel: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        initrd: Option<String>,
     },
     VmList,
     VmStop {

@@ -30,13 +30,11 @@ fn fake_image(dir: &std::path::Path) -> PathBuf {
     std::fs::create_dir_all(&img).unwrap();
     std::fs::write(img.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
     std::fs::write(img.join("initramfs.cpio"), b"fake").unwrap();
-    let manifest = snowflock_image::Manifest {
-        format: snowflock_image::FORMAT_VERSION,
-        kernel_version: "fake".into(),
-        created_unix: 0,
-        files: vec![],
-        cmdline: "console=ttyS0".into(),
-    };
+    let manifest = snowflock_image::Manifest::new(
+        snowflock_image::ImageKind::Initramfs,
+        "fake".into(),
+        "console=ttyS0",
+    );
     std::fs::write(
         img.join("image.json"),
         serde_json::to_vec(&manifest).unwrap(),
@@ -110,6 +108,9 @@ impl Harness {
             mem_mib: 64,
             vcpus: 1,
             accel: Accel::Tcg,
+            disk: None,
+            kernel: None,
+            initrd: None,
         };
         let vm = vm_start(&self.d, req).await.expect("vm start");
         let p = self.vmm.proc(name).expect("its process");

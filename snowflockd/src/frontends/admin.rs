@@ -92,6 +92,9 @@ where
             mem_mib,
             vcpus,
             accel,
+            disk,
+            kernel,
+            initrd,
         } => {
             let req = StartRequest {
                 name,
@@ -99,6 +102,9 @@ where
                 mem_mib,
                 vcpus,
                 accel,
+                disk,
+                kernel,
+                initrd,
             };
             match vm_start(&d, req).await {
                 Ok(vm) => AdminResponse::Vm(vm.info(&d.cfg.host)),
@@ -178,6 +184,9 @@ mod tests {
             mem_mib: 64,
             vcpus: 1,
             accel: Accel::Tcg,
+            disk: None,
+            kernel: None,
+            initrd: None,
         }
     }
 

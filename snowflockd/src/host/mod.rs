@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod console;
+pub mod disk;
 #[cfg(test)]
 pub mod fake_vmm;
 pub mod net;

@@ -25,7 +25,12 @@ pub struct QemuSpec {
     pub mac: String,
     /// Start paused, waiting for `migrate-incoming`.
     pub incoming: bool,
+    /// The root disk (`/dev/vda`), if any, and its format.
+    pub disk: Option<(PathBuf, super::disk::Format)>,
 }
+
+/// QEMU node name of a VM's root disk (its top layer).
+pub const DISK_NODE: &str = "disk0";
 
 /// Files of a VM inside its directory.
 pub fn qmp_path(dir: &Path) -> PathBuf {
@@ -99,6 +104,22 @@ impl QemuSpec {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path(&self.dir).display()),
         ];
+        if let Some((path, format)) = &self.disk {
+            // Discards from the guest (fstab `discard`) punch holes: freed
+            // blocks cost a clone nothing.
+            let node = serde_json::json!({
+                "driver": format.as_str(),
+                "node-name": DISK_NODE,
+                "discard": "unmap",
+                "file": {"driver": "file", "filename": path, "discard": "unmap"},
+            });
+            a.extend([
+                "-blockdev".into(),
+                node.to_string(),
+                "-device".into(),
+                format!("virtio-blk-device,drive={DISK_NODE},id=vda"),
+            ]);
+        }
         if self.incoming {
             a.extend(["-S".into(), "-incoming".into(), "defer".into()]);
         }

@@ -60,6 +60,25 @@ impl Daemon {
             dir,
         };
         self.prepare_host(&spec, &placed).await?;
+        if let Some(crate::state::vm::DiskPlan::Overlay { base, format }) = &spec.disk {
+            let (top, base, format) = (
+                placed.dir.join(crate::state::vm::OVERLAY),
+                base.clone(),
+                *format,
+            );
+            let made =
+                blocking(move || Ok(crate::host::disk::create_overlay(&top, &base, format)?)).await;
+            if let Err(e) = made {
+                let (net, tap, dir) = (self.net.clone(), placed.tap.clone(), placed.dir.clone());
+                let _ = blocking(move || {
+                    let _ = net.delete_link(&tap);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    Ok(())
+                })
+                .await;
+                return Err(e);
+            }
+        }
         let qemu = QemuSpec {
             qemu: self.cfg.qemu.clone(),
             accel: spec.accel.clone(),
@@ -74,6 +93,7 @@ impl Daemon {
             tap: placed.tap.clone(),
             mac: placed.mac.clone(),
             incoming: spec.memory.generation_ram().is_some(),
+            disk: spec.disk.as_ref().map(|d| d.top(&placed.dir)),
         };
         let (vm, agent_rx) = Vm::new(spec, placed);
         let vm = Arc::new(vm);

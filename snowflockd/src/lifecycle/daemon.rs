@@ -42,6 +42,8 @@ pub enum DaemonError {
     /// Host networking failed.
     #[error("Network setup failed")]
     Net(#[from] NetError),
+    #[error("Bad disk")]
+    Disk(#[from] crate::host::disk::DiskError),
     /// The VMM could not be started.
     #[error("QEMU failed")]
     Vmm(#[from] VmmError),

@@ -3,7 +3,7 @@
 
 use crate::lifecycle::daemon::{random_hex, DaemonError};
 use crate::lifecycle::Daemon;
-use crate::state::vm::{MemSource, Vm, VmSpec};
+use crate::state::vm::{DiskPlan, Format, MemSource, Vm, VmSpec};
 use snowflock_proto::admin::Accel;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +16,92 @@ pub struct StartRequest {
     pub mem_mib: u32,
     pub vcpus: u32,
     pub accel: Accel,
+    /// The user's own disk.
+    pub disk: Option<String>,
+    /// Kernel and initrd instead of the image's.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+}
+
+/// What a VM boots: kernel, initrd, the command line to start from, the
+/// disk.
+struct Boot {
+    image_dir: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    cmdline: String,
+    disk: Option<DiskPlan>,
+}
+
+/// Resolves the request's image, kernel, initrd and disk; the user's disk
+/// is checked with `qemu-img` (format, backing chain).
+async fn boot_of(req: &StartRequest) -> Result<Boot, DaemonError> {
+    let bad = |m: &str| DaemonError::BadRequest(m.to_string());
+    let img = if req.image.is_empty() {
+        None
+    } else {
+        let dir = PathBuf::from(&req.image);
+        let img = snowflock_image::Image::open(&dir)?;
+        Some(img)
+    };
+    let pick =
+        |given: &Option<String>, from_img: Option<PathBuf>, what: &str| match (given, from_img) {
+            (Some(p), _) => {
+                let p = PathBuf::from(p);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(bad(&format!("The {what} {} is not a file", p.display())))
+                }
+            }
+            (None, Some(p)) => Ok(p),
+            (None, None) => Err(bad(&format!(
+                "No {what}: give an image directory or --{what}"
+            ))),
+        };
+    let kernel = pick(
+        &req.kernel,
+        img.as_ref().map(|i| i.kernel.clone()),
+        "kernel",
+    )?;
+    let initrd = pick(
+        &req.initrd,
+        img.as_ref().map(|i| i.initrd.clone()),
+        "initrd",
+    )?;
+    let disk = match (&req.disk, img.as_ref().and_then(|i| i.disk.clone())) {
+        (Some(path), _) => {
+            let path = PathBuf::from(path);
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            let info = tokio::task::spawn_blocking(move || crate::host::disk::inspect(&path))
+                .await
+                .map_err(|e| DaemonError::BadRequest(format!("Disk check failed: {e}")))??;
+            Some(DiskPlan::Direct {
+                path: info.path,
+                format: info.format,
+            })
+        }
+        (None, Some(base)) => Some(DiskPlan::Overlay {
+            base: std::fs::canonicalize(&base).unwrap_or(base),
+            format: Format::Raw,
+        }),
+        (None, None) => None,
+    };
+    let cmdline = match &img {
+        Some(i) => i.manifest.cmdline.clone(),
+        None => snowflock_image::DEBIAN_CMDLINE.to_string(),
+    };
+    let image_dir = match img {
+        Some(i) => std::fs::canonicalize(&i.dir).unwrap_or(i.dir),
+        None => PathBuf::new(),
+    };
+    Ok(Boot {
+        image_dir,
+        kernel,
+        initrd,
+        cmdline,
+        disk,
+    })
 }
 
 /// Checks the request's values; returns the accelerator to use.
@@ -54,9 +140,7 @@ pub fn check(req: &StartRequest, hw_virt: bool) -> Result<&'static str, DaemonEr
 /// Boots an original VM; returns once its agent answered.
 pub async fn vm_start(d: &Arc<Daemon>, req: StartRequest) -> Result<Arc<Vm>, DaemonError> {
     let accel = check(&req, crate::host::config::host_has_hw_virt())?;
-    let image_dir = PathBuf::from(&req.image);
-    let img = snowflock_image::Image::open(&image_dir)?;
-    let image_dir = std::fs::canonicalize(&image_dir).unwrap_or(image_dir);
+    let boot = boot_of(&req).await?;
     let name = req.name;
     let flock = d.with(|r| {
         if r.vms.contains_key(&name) {
@@ -78,7 +162,7 @@ pub async fn vm_start(d: &Arc<Daemon>, req: StartRequest) -> Result<Arc<Vm>, Dae
         .unwrap_or_default();
     let cmdline = format!(
         "{}{tsc} sf.vm={name} sf.hostname={name} sf.ip={} sf.mac={} sf.machine_id={}",
-        img.manifest.cmdline,
+        boot.cmdline,
         crate::host::net::ip_cidr(flock, 0),
         crate::host::net::mac(flock, 0),
         random_hex(16)
@@ -92,12 +176,13 @@ pub async fn vm_start(d: &Arc<Daemon>, req: StartRequest) -> Result<Arc<Vm>, Dae
         mem_mib: req.mem_mib,
         vcpus: req.vcpus,
         accel: accel.into(),
-        image: image_dir,
-        kernel: img.vmlinux.clone(),
-        initrd: img.initramfs.clone(),
+        image: boot.image_dir,
+        kernel: boot.kernel,
+        initrd: boot.initrd,
         cmdline,
         origin: None,
         memory: MemSource::Own,
+        disk: boot.disk,
     };
     let vm = match d.create_vm(spec).await {
         Ok(vm) => vm,
@@ -139,6 +224,9 @@ mod tests {
             mem_mib,
             vcpus,
             accel: Accel::Auto,
+            disk: None,
+            kernel: None,
+            initrd: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! VM started by a user and for a clone), the names derived from them, its
 //! live state, and its lifecycle ([`Life`], one enum).
 
+pub use crate::host::disk::Format;
 use parking_lot::Mutex;
 use snowflock_proto::admin::{VmInfo, VmState};
 use snowflock_proto::api::ChildState;
@@ -64,6 +65,31 @@ pub struct VmSpec {
     /// For a clone whose parent runs on another host: that host.
     pub origin: Option<String>,
     pub memory: MemSource,
+    /// The root disk, if the VM has one.
+    pub disk: Option<DiskPlan>,
+}
+
+/// A VM's root disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskPlan {
+    /// The user's own disk, written in place.
+    Direct { path: PathBuf, format: Format },
+    /// A private qcow2 overlay in the VM's directory ([`OVERLAY`]) over a
+    /// base that stays read-only (an image's disk).
+    Overlay { base: PathBuf, format: Format },
+}
+
+/// File name of a VM's disk overlay in its directory.
+pub const OVERLAY: &str = "disk.qcow2";
+
+impl DiskPlan {
+    /// The file QEMU opens and its format, for a VM in `dir`.
+    pub fn top(&self, dir: &std::path::Path) -> (PathBuf, Format) {
+        match self {
+            DiskPlan::Direct { path, format } => (path.clone(), *format),
+            DiskPlan::Overlay { .. } => (dir.join(OVERLAY), Format::Qcow2),
+        }
+    }
 }
 
 impl VmSpec {
@@ -386,6 +412,7 @@ pub(crate) mod tests {
             cmdline: String::new(),
             origin: None,
             memory: MemSource::Own,
+            disk: None,
         }
     }
 

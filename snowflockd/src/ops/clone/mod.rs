@@ -152,6 +152,14 @@ pub async fn clone(
             "Nested cloning is not supported: only an original VM (clone ID 0) can clone",
         );
     }
+    if parent.spec.disk.is_some() {
+        // Not until the disk is frozen with the memory: a clone would see a
+        // disk that no longer matches its memory.
+        return ApiResponse::error(
+            E::Failed,
+            "This VM has a disk, and cloning VMs with disks is not available yet in this snowflock version",
+        );
+    }
     let _one_at_a_time = parent.clone_lock.lock().await;
     let begun = d.with(|r| {
         let t = r.owned_ticket(parent.name(), &ticket)?;

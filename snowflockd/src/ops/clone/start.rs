@@ -34,11 +34,13 @@ pub fn clone_spec(desc: &Descriptor, src: &Source<'_>, slot: &CloneSlot) -> VmSp
         vcpus: m.machine.vcpus,
         accel: m.machine.accel.clone(),
         image: PathBuf::from(&m.machine.image),
-        kernel: src.image.vmlinux.clone(),
-        initrd: src.image.initramfs.clone(),
+        kernel: src.image.kernel.clone(),
+        initrd: src.image.initrd.clone(),
         cmdline: m.machine.cmdline.clone(),
         origin: src.origin.clone(),
         memory: src.memory.clone(),
+        // Refused before a clone starts (see `ops::clone`): no disk yet.
+        disk: None,
     }
 }
 
