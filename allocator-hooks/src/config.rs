@@ -9,6 +9,9 @@
 //! [balloon]                   # virtio-balloon free page reporting
 //! free_page_reporting = true  # default; false unbinds the virtio_balloon driver
 //! reporting_order = 0         # optional, 0..=10; unset leaves the kernel's value
+//!
+//! [network]                   # the VM's network interface
+//! interface = "eth0"          # default; gets the VM's MAC and IP at boot and at clone
 //! ```
 //!
 //! Every key is optional. Unknown tables and keys are ignored, so a newer
@@ -21,6 +24,12 @@ use std::path::Path;
 
 /// Default location of the agent configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/snowflock/agent.toml";
+
+/// Default `[network] interface`: the kernel's name for the first NIC.
+pub const DEFAULT_INTERFACE: &str = "eth0";
+
+/// Longest interface name Linux accepts (`IFNAMSIZ` - 1).
+pub const MAX_INTERFACE_LEN: usize = 15;
 
 /// Largest accepted `[balloon] reporting_order`: the kernel accepts
 /// `0..=MAX_PAGE_ORDER`, which is 10 on x86-64 and arm64 with 4 KiB pages.
@@ -71,11 +80,32 @@ impl Default for BalloonConfig {
     }
 }
 
+/// The VM's network interface: the `[network]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NetworkConfig {
+    /// The interface the host's NIC appears as. The agent gives it the
+    /// VM's MAC and address at boot (`snowflock-agent --boot-identity`)
+    /// and the clone's at `sf_clone`. Default [`DEFAULT_INTERFACE`]: with
+    /// systemd's predictable names, boot with `net.ifnames=0` or name the
+    /// interface here (`enp0s2`, ...).
+    pub interface: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            interface: DEFAULT_INTERFACE.to_string(),
+        }
+    }
+}
+
 /// The whole of `agent.toml` as far as this crate knows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub hooks: HookConfig,
     pub balloon: BalloonConfig,
+    pub network: NetworkConfig,
 }
 
 /// Errors reading the configuration.
@@ -107,14 +137,16 @@ pub struct Tables {
     pub found: bool,
     pub hooks: Result<HookConfig, ConfigError>,
     pub balloon: Result<BalloonConfig, ConfigError>,
+    pub network: Result<NetworkConfig, ConfigError>,
 }
 
 impl Tables {
-    /// Both tables, or the first error.
+    /// Every table, or the first error.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         Ok(Config {
             hooks: self.hooks?,
             balloon: self.balloon?,
+            network: self.network?,
         })
     }
 }
@@ -129,6 +161,12 @@ struct HooksFile {
 struct BalloonFile {
     #[serde(default)]
     balloon: BalloonConfig,
+}
+
+#[derive(Deserialize)]
+struct NetworkFile {
+    #[serde(default)]
+    network: NetworkConfig,
 }
 
 fn parse_error(origin: &str) -> impl FnOnce(toml::de::Error) -> ConfigError + '_ {
@@ -210,6 +248,51 @@ impl BalloonConfig {
     }
 }
 
+impl NetworkConfig {
+    /// Parses and checks the `[network]` table of an `agent.toml` text;
+    /// other tables are ignored. `origin` names the text in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<NetworkConfig, ConfigError> {
+        let n = toml::from_str::<NetworkFile>(text)
+            .map(|f| f.network)
+            .map_err(parse_error(origin))?;
+        n.validate(origin)?;
+        Ok(n)
+    }
+
+    /// Reads `path`. A missing file is `Ok(None)`.
+    pub fn try_load(path: impl AsRef<Path>) -> Result<Option<NetworkConfig>, ConfigError> {
+        let path = path.as_ref();
+        match read(path)? {
+            Some(text) => Self::parse(&text, &path.display().to_string()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Checks the interface name the way the kernel does (`dev_valid_name`):
+    /// 1 to [`MAX_INTERFACE_LEN`] bytes, not `.` or `..`, no `/`, `:` or
+    /// white space. `origin` names the text in errors.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let i = &self.interface;
+        let ok = !i.is_empty()
+            && i.len() <= MAX_INTERFACE_LEN
+            && i != "."
+            && i != ".."
+            && !i
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+        if ok {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                message: format!(
+                    "[network] interface = {i:?} is not an interface name (1 to {MAX_INTERFACE_LEN} bytes, no '/', ':' or spaces)"
+                ),
+            })
+        }
+    }
+}
+
 impl Config {
     /// Parses a whole `agent.toml` text: the first error of any table fails.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -222,11 +305,12 @@ impl Config {
             found: true,
             hooks: HookConfig::parse(text, origin),
             balloon: BalloonConfig::parse(text, origin),
+            network: NetworkConfig::parse(text, origin),
         }
     }
 
-    /// Reads `path` table by table. A missing file gives two default
-    /// tables and `found: false`; only an unreadable file is an error.
+    /// Reads `path` table by table. A missing file gives default tables
+    /// and `found: false`; only an unreadable file is an error.
     pub fn load_tables(path: impl AsRef<Path>) -> Result<Tables, ConfigError> {
         let path = path.as_ref();
         Ok(match read(path)? {
@@ -235,6 +319,7 @@ impl Config {
                 found: false,
                 hooks: Ok(HookConfig::default()),
                 balloon: Ok(BalloonConfig::default()),
+                network: Ok(NetworkConfig::default()),
             },
         })
     }
@@ -331,6 +416,7 @@ mod tests {
                     free_page_reporting: false,
                     reporting_order: Some(0)
                 },
+                network: NetworkConfig::default(),
             }
         );
         // Each key on its own; the order's whole range.
@@ -455,5 +541,50 @@ mod tests {
             Config::load_tables(dir.path()),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn parses_and_checks_the_network_table() {
+        assert_eq!(NetworkConfig::default().interface, "eth0");
+        assert_eq!(
+            NetworkConfig::parse("[hooks]\ncompact = true\n", "t").unwrap(),
+            NetworkConfig::default()
+        );
+        assert_eq!(
+            NetworkConfig::parse("[network]\ninterface = \"enp0s2\"\nmtu = 9000\n", "t")
+                .unwrap()
+                .interface,
+            "enp0s2"
+        );
+        assert_eq!(
+            Config::parse("[network]\ninterface = \"ens3\"\n", "t")
+                .unwrap()
+                .network
+                .interface,
+            "ens3"
+        );
+        for bad in ["", ".", "..", "a/b", "eth0:1", "eth 0", "abcdefghijklmnop"] {
+            let e = NetworkConfig::parse(&format!("[network]\ninterface = {bad:?}\n"), "a.toml")
+                .unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { .. }), "{bad:?}: {e:?}");
+            assert!(
+                e.to_string()
+                    .starts_with("Invalid configuration a.toml: [network] interface = "),
+                "{e}"
+            );
+        }
+        assert!(matches!(
+            NetworkConfig::parse("[network]\ninterface = 0\n", "t"),
+            Err(ConfigError::Parse { .. })
+        ));
+        // A bad [network] spoils neither of the other tables.
+        let t = Config::parse_tables(
+            "[hooks]\ncompact = true\n[network]\ninterface = \"\"\n",
+            "t",
+        );
+        assert!(t.hooks.unwrap().compact);
+        assert!(t.balloon.is_ok() && t.network.is_err());
+        let missing = "/nonexistent/snowflock/agent.toml";
+        assert!(NetworkConfig::try_load(missing).unwrap().is_none());
     }
 }

@@ -25,15 +25,16 @@
 //!     forms whole reportable blocks.
 //!
 //! Both tables live in `/etc/snowflock/agent.toml` ([`config`] has the
-//! format; `docs/avoidance.md` is the sysadmin's guide).
+//! format; `docs/avoidance.md` is the sysadmin's guide), next to the
+//! agent's `[network]` table ([`NetworkConfig`]).
 
 pub mod balloon;
 pub mod config;
 
 pub use balloon::{apply_balloon, BalloonReport, BalloonStep, SYSFS};
 pub use config::{
-    BalloonConfig, Config, ConfigError, HookConfig, Tables, DEFAULT_CONFIG_PATH,
-    MAX_REPORTING_ORDER,
+    BalloonConfig, Config, ConfigError, HookConfig, NetworkConfig, Tables, DEFAULT_CONFIG_PATH,
+    DEFAULT_INTERFACE, MAX_INTERFACE_LEN, MAX_REPORTING_ORDER,
 };
 
 use std::fmt;

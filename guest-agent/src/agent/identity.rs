@@ -3,8 +3,9 @@
 //! A fresh clone is a byte-for-byte copy of its parent. On
 //! `BecomeClone{request_id, identity}` the agent makes it distinct, in this
 //! order: reseed (and credit) the kernel RNG, set the clock, set the
-//! hostname and `/etc/hostname`, write `/etc/machine-id`, move eth0 to the
-//! clone's MAC and IP and flush stale neighbours. Then it records the
+//! hostname and `/etc/hostname`, write `/etc/machine-id`, move the VM's
+//! interface (`[network] interface` in `agent.toml`, `eth0` by default) to
+//! the clone's MAC and IP and flush stale neighbours. Then it records the
 //! identity (memory and `identity.json`), sends `Ready` and answers the
 //! pending `sf_clone` with the clone ID; a gratuitous ARP follows, best
 //! effort. `Ready` goes out before the app's answer so that the host sees it
@@ -12,6 +13,9 @@
 //!
 //! Every field is validated before anything is changed, so a bad identity
 //! leaves the VM untouched and is reported with `CloneFailed`.
+//!
+//! The checks and setters here also serve the VM's first identity at boot
+//! ([`super::boot`]).
 
 use super::{lock, sys, Agent, AgentConfig};
 use serde::{Deserialize, Serialize};
@@ -26,7 +30,6 @@ use std::time::{Duration, Instant};
 pub const IDENTITY_FILE: &str = "identity.json";
 /// Largest accepted RNG seed.
 pub const MAX_SEED: usize = 4096;
-const NET_DEV: &str = "eth0";
 
 /// Why an identity is rejected or cannot be applied. The text goes to the
 /// host in `CloneFailed` and to the app, so it says what to fix.
@@ -68,8 +71,8 @@ pub enum IdentityError {
     SetClock(#[source] nix::Error),
     #[error("Cannot set the hostname: {}", .0.desc())]
     SetHostname(#[source] nix::Error),
-    #[error("Cannot reconfigure {NET_DEV}: {0}")]
-    Interface(#[source] std::io::Error),
+    #[error("Cannot reconfigure {dev}: {source}")]
+    Interface { dev: String, source: std::io::Error },
     #[error("Cannot write {}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -132,7 +135,7 @@ impl State {
     }
 }
 
-fn parse_cidr(cidr: &str) -> Result<(std::net::Ipv4Addr, u8), IdentityError> {
+pub(crate) fn parse_cidr(cidr: &str) -> Result<(std::net::Ipv4Addr, u8), IdentityError> {
     let (ip, prefix) = cidr
         .split_once('/')
         .ok_or_else(|| IdentityError::Cidr(cidr.to_string()))?;
@@ -147,7 +150,7 @@ fn parse_cidr(cidr: &str) -> Result<(std::net::Ipv4Addr, u8), IdentityError> {
     Ok((ip, prefix))
 }
 
-fn parse_mac(mac: &str) -> Result<[u8; 6], IdentityError> {
+pub(crate) fn parse_mac(mac: &str) -> Result<[u8; 6], IdentityError> {
     let bad = || IdentityError::Mac(mac.to_string());
     let parts = mac
         .split(':')
@@ -167,6 +170,56 @@ fn ip_of(cidr: &str) -> &str {
     cidr.split('/').next().unwrap_or(cidr)
 }
 
+/// A host name of letters, digits, `-` and `.`, 1 to 64 bytes, not
+/// starting with `-` or `.`.
+pub(crate) fn check_hostname(h: &str) -> Result<(), IdentityError> {
+    let ok = !h.is_empty()
+        && h.len() <= 64
+        && !h.starts_with(['-', '.'])
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::Hostname(h.to_string()))
+    }
+}
+
+/// 32 lowercase hex digits, as `/etc/machine-id` holds.
+pub(crate) fn check_machine_id(m: &str) -> Result<(), IdentityError> {
+    if m.len() == 32 && m.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(IdentityError::MachineId(m.to_string()))
+    }
+}
+
+/// `xx:xx:xx:xx:xx:xx` with the multicast bit clear.
+pub(crate) fn check_unicast_mac(mac: &str) -> Result<(), IdentityError> {
+    let octets: Vec<&str> = mac.split(':').collect();
+    let ok = octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::UnicastMac(mac.to_string()))
+    }
+}
+
+/// Sets the hostname and writes `/etc/hostname`.
+pub(crate) fn set_hostname(h: &str) -> Result<(), IdentityError> {
+    nix::unistd::sethostname(h).map_err(IdentityError::SetHostname)?;
+    write_file("/etc/hostname", &format!("{h}\n"))
+}
+
+/// Writes `/etc/machine-id`.
+pub(crate) fn set_machine_id(m: &str) -> Result<(), IdentityError> {
+    write_file("/etc/machine-id", &format!("{m}\n"))
+}
+
 /// Checks every field before anything is applied.
 pub fn validate(id: &CloneIdentity) -> Result<(), IdentityError> {
     if id.clone_id == 0 {
@@ -181,33 +234,9 @@ pub fn validate(id: &CloneIdentity) -> Result<(), IdentityError> {
     {
         return Err(IdentityError::VmName(id.vm.clone()));
     }
-    let host_ok = !id.hostname.is_empty()
-        && id.hostname.len() <= 64
-        && !id.hostname.starts_with(['-', '.'])
-        && id
-            .hostname
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if !host_ok {
-        return Err(IdentityError::Hostname(id.hostname.clone()));
-    }
-    if id.machine_id.len() != 32
-        || !id
-            .machine_id
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
-        return Err(IdentityError::MachineId(id.machine_id.clone()));
-    }
-    let octets: Vec<&str> = id.mac.split(':').collect();
-    let mac_ok = octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
-        && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0);
-    if !mac_ok {
-        return Err(IdentityError::UnicastMac(id.mac.clone()));
-    }
+    check_hostname(&id.hostname)?;
+    check_machine_id(&id.machine_id)?;
+    check_unicast_mac(&id.mac)?;
     let (addr, prefix) = id
         .ip_cidr
         .split_once('/')
@@ -228,12 +257,12 @@ pub fn validate(id: &CloneIdentity) -> Result<(), IdentityError> {
     Ok(())
 }
 
-/// Applies a validated identity to the system, or only logs the steps
-/// when `dry` (tests).
-pub fn apply(id: &CloneIdentity, dry: bool) -> Result<(), IdentityError> {
+/// Applies a validated identity to the system, network interface `dev`,
+/// or only logs the steps when `dry` (tests).
+pub fn apply(id: &CloneIdentity, dev: &str, dry: bool) -> Result<(), IdentityError> {
     if dry {
         tracing::info!(
-            "Dry identity: would reseed the RNG with {} bytes, set the clock to {} ns, hostname {}, machine-id {}, {NET_DEV} {} {}",
+            "Dry identity: would reseed the RNG with {} bytes, set the clock to {} ns, hostname {}, machine-id {}, {dev} {} {}",
             id.seed.len(),
             id.unix_time_ns,
             id.hostname,
@@ -245,13 +274,14 @@ pub fn apply(id: &CloneIdentity, dry: bool) -> Result<(), IdentityError> {
     }
     reseed(&id.seed)?;
     set_clock(id.unix_time_ns)?;
-    nix::unistd::sethostname(&id.hostname).map_err(IdentityError::SetHostname)?;
-    write_file("/etc/hostname", &format!("{}\n", id.hostname))?;
-    write_file("/etc/machine-id", &format!("{}\n", id.machine_id))?;
+    set_hostname(&id.hostname)?;
+    set_machine_id(&id.machine_id)?;
     let (addr, prefix) = parse_cidr(&id.ip_cidr)?;
     let mac = parse_mac(&id.mac)?;
-    sys::configure_interface(NET_DEV, mac, addr, prefix).map_err(IdentityError::Interface)?;
-    Ok(())
+    sys::configure_interface(dev, mac, addr, prefix).map_err(|source| IdentityError::Interface {
+        dev: dev.to_string(),
+        source,
+    })
 }
 
 fn reseed(seed: &[u8]) -> Result<(), IdentityError> {
@@ -296,9 +326,9 @@ fn tool(name: &str) -> PathBuf {
 }
 
 /// Announces the new MAC/IP pair, best effort, without delaying anything.
-fn gratuitous_arp(ip: String) {
+fn gratuitous_arp(ip: String, dev: &str) {
     let spawned = Command::new(tool("arping"))
-        .args(["-U", "-c", "1", "-I", NET_DEV, &ip])
+        .args(["-U", "-c", "1", "-I", dev, &ip])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -352,7 +382,8 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
         id.ticket,
         id.vm
     );
-    match validate(&id).and_then(|()| apply(&id, agent.cfg.dry_identity)) {
+    let dev = agent.settings().network.interface;
+    match validate(&id).and_then(|()| apply(&id, &dev, agent.cfg.dry_identity)) {
         Ok(()) => {
             let ip = ip_of(&id.ip_cidr).to_string();
             let state = State {
@@ -386,7 +417,7 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
             }
             tracing::info!("Now clone {clone_id} ({}, {})", id.hostname, id.ip_cidr);
             if !agent.cfg.dry_identity {
-                gratuitous_arp(ip);
+                gratuitous_arp(ip, &dev);
             }
         }
         Err(message) => {

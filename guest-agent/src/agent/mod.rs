@@ -147,7 +147,7 @@ impl Agent {
 
     /// The settings last loaded from `agent.toml`.
     pub fn settings(&self) -> allocator_hooks::Config {
-        *lock(&self.settings)
+        lock(&self.settings).clone()
     }
 }
 

@@ -11,6 +11,9 @@
 //!   starts get an empty signal mask: `std::process::Command` resets it.)
 //! * The pre-clone hooks read the `[hooks]` table afresh at every clone
 //!   ([`hooks_for_clone`]), so hook changes need no signal.
+//! * `[network] interface` is the interface a clone's MAC and IP go to;
+//!   it is read at start and on `SIGHUP` like `[balloon]`. (The boot
+//!   identity, [`super::boot`], reads it once before this thread starts.)
 //!
 //! Each table is parsed on its own. A table with a mistake is logged and
 //! the previous good one is kept (for `[balloon]`: nothing is changed); a
@@ -101,6 +104,14 @@ pub fn reload(agent: &Agent, why: &str) {
             Err(e) => tracing::warn!(
                 "[hooks] not loaded ({why}), keeping {:?}: {}",
                 cur.hooks,
+                chain(&e).trim_end()
+            ),
+        }
+        match tables.network {
+            Ok(n) => cur.network = n,
+            Err(e) => tracing::warn!(
+                "[network] not loaded ({why}), keeping interface {}: {}",
+                cur.network.interface,
                 chain(&e).trim_end()
             ),
         }

@@ -1,5 +1,6 @@
-//! The agent's raw system calls: crediting entropy to the kernel RNG, and
-//! making inherited descriptors close-on-exec.
+//! The agent's raw system calls: crediting entropy to the kernel RNG,
+//! reconfiguring a network interface, and making inherited descriptors
+//! close-on-exec.
 
 use std::fs::File;
 use std::io;
@@ -64,82 +65,133 @@ pub fn reseed_crng(f: &File) -> io::Result<()> {
     }
 }
 
-/// Reconfigures a network interface in place with `ioctl`s: down (which
-/// also flushes its neighbour entries), new MAC, new primary IPv4 address
-/// and netmask, up. No `ip` processes: under TCG each one costs ~50 ms and
-/// this runs while the parent waits for its clones.
+/// A network interface, reconfigured in place with `ioctl`s on a datagram
+/// socket. No `ip` processes: under TCG each one costs ~50 ms and a clone
+/// does this while its parent waits.
+pub struct Netdev {
+    sock: std::os::fd::OwnedFd,
+    name: String,
+}
+
+impl Netdev {
+    /// A handle on interface `dev` (which need not exist yet: each call
+    /// fails with `ENODEV` then).
+    pub fn open(dev: &str) -> io::Result<Netdev> {
+        if dev.is_empty() || dev.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: socket() has no memory arguments; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        Ok(Netdev {
+            sock,
+            name: dev.to_string(),
+        })
+    }
+
+    fn req(&self) -> libc::ifreq {
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in r.ifr_name.iter_mut().zip(self.name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        r
+    }
+
+    fn ioctl(&self, cmd: libc::c_ulong, r: &mut libc::ifreq) -> io::Result<()> {
+        // SAFETY: `r` is a valid ifreq for these SIOC* requests, which
+        // read or write only inside it.
+        if unsafe { libc::ioctl(self.sock.as_raw_fd(), cmd as _, r as *mut libc::ifreq) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The interface flags (`IFF_*`).
+    pub fn flags(&self) -> io::Result<libc::c_short> {
+        let mut r = self.req();
+        self.ioctl(libc::SIOCGIFFLAGS, &mut r)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        Ok(unsafe { r.ifr_ifru.ifru_flags })
+    }
+
+    /// Brings the interface up or down, keeping its other flags. Down also
+    /// flushes its neighbour entries.
+    pub fn set_up(&self, up: bool) -> io::Result<()> {
+        let flags = self.flags()?;
+        let up_flag = libc::IFF_UP as libc::c_short;
+        let mut r = self.req();
+        r.ifr_ifru.ifru_flags = if up {
+            flags | up_flag
+        } else {
+            flags & !up_flag
+        };
+        self.ioctl(libc::SIOCSIFFLAGS, &mut r)
+    }
+
+    /// Sets the MAC address; most drivers want the interface down.
+    pub fn set_mac(&self, mac: [u8; 6]) -> io::Result<()> {
+        let mut r = self.req();
+        r.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        // SAFETY: writing the hwaddr member of the union we just selected.
+        for (d, s) in unsafe { r.ifr_ifru.ifru_hwaddr.sa_data.iter_mut() }.zip(mac) {
+            *d = s as libc::c_char;
+        }
+        self.ioctl(libc::SIOCSIFHWADDR, &mut r)
+    }
+
+    /// Sets the primary IPv4 address and its netmask.
+    pub fn set_ipv4(&self, ip: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
+        if prefix > 32 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let inet = |a: std::net::Ipv4Addr| -> libc::sockaddr {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(a).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in and sockaddr have the same size on Linux.
+            unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+        };
+        let mut r = self.req();
+        r.ifr_ifru.ifru_addr = inet(ip);
+        self.ioctl(libc::SIOCSIFADDR, &mut r)?;
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix))
+        };
+        let mut r = self.req();
+        r.ifr_ifru.ifru_netmask = inet(std::net::Ipv4Addr::from(mask));
+        self.ioctl(libc::SIOCSIFNETMASK, &mut r)
+    }
+}
+
+/// Moves interface `dev` to a new MAC and primary IPv4 address: down
+/// (which flushes stale neighbour entries), MAC, address and netmask, up.
 pub fn configure_interface(
     dev: &str,
     mac: [u8; 6],
     ip: std::net::Ipv4Addr,
     prefix: u8,
 ) -> io::Result<()> {
-    if dev.len() >= libc::IFNAMSIZ || prefix > 32 {
+    if prefix > 32 {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    // SAFETY: socket() has no memory arguments; the fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
-    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let req = || {
-        // SAFETY: ifreq is plain old data; all-zero is a valid value.
-        let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in r.ifr_name.iter_mut().zip(dev.bytes()) {
-            *d = s as libc::c_char;
-        }
-        r
-    };
-    let ioctl = |cmd: libc::c_ulong, r: &mut libc::ifreq| -> io::Result<()> {
-        // SAFETY: `r` is a valid ifreq for these SIOC* requests, which
-        // read or write only inside it.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), cmd as _, r as *mut libc::ifreq) } < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
-    let inet = |a: std::net::Ipv4Addr| -> libc::sockaddr {
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(a).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: sockaddr_in and sockaddr have the same size on Linux.
-        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-    };
-    let mut r = req();
-    ioctl(libc::SIOCGIFFLAGS, &mut r)?;
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    let flags = unsafe { r.ifr_ifru.ifru_flags };
-    r.ifr_ifru.ifru_flags = flags & !(libc::IFF_UP as libc::c_short);
-    ioctl(libc::SIOCSIFFLAGS, &mut r)?;
-    let mut r = req();
-    r.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
-    // SAFETY: writing the hwaddr member of the union we just selected.
-    for (d, s) in unsafe { r.ifr_ifru.ifru_hwaddr.sa_data.iter_mut() }.zip(mac) {
-        *d = s as libc::c_char;
-    }
-    ioctl(libc::SIOCSIFHWADDR, &mut r)?;
-    let mut r = req();
-    r.ifr_ifru.ifru_addr = inet(ip);
-    ioctl(libc::SIOCSIFADDR, &mut r)?;
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    };
-    let mut r = req();
-    r.ifr_ifru.ifru_netmask = inet(std::net::Ipv4Addr::from(mask));
-    ioctl(libc::SIOCSIFNETMASK, &mut r)?;
-    let mut r = req();
-    r.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    ioctl(libc::SIOCSIFFLAGS, &mut r)
+    let n = Netdev::open(dev)?;
+    n.set_up(false)?;
+    n.set_mac(mac)?;
+    n.set_ipv4(ip, prefix)?;
+    n.set_up(true)
 }
 
 /// Marks every descriptor above stderr close-on-exec, so that whatever
@@ -179,5 +231,17 @@ mod tests {
             .open("/dev/null")
             .unwrap();
         assert!(add_entropy(&f, &[1, 2, 3, 4, 5]).is_err());
+    }
+
+    #[test]
+    fn netdev_reads_flags_and_refuses_bad_names() {
+        // Reading flags needs no privilege; nothing on the host is changed.
+        let lo = Netdev::open("lo").unwrap().flags().unwrap();
+        assert_ne!(lo & libc::IFF_LOOPBACK as libc::c_short, 0);
+        let e = Netdev::open("sf-no-such-if").unwrap().flags().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
+        assert!(Netdev::open("").is_err());
+        assert!(Netdev::open("abcdefghijklmnop").is_err());
+        assert!(configure_interface("lo", [2, 0, 0, 0, 0, 1], [10, 0, 0, 1].into(), 33).is_err());
     }
 }
