@@ -115,6 +115,7 @@ pub fn start(agent: &Arc<Agent>, exec: u64, argv: Vec<String>, env: Vec<(String,
     }
     let spawned = Command::new(prog)
         .args(&argv[1..])
+        .env_remove(super::service::NOTIFY_ENV)
         .envs(env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -14,6 +14,12 @@
 //! Threads and blocking I/O only: a slow or hostile app blocks only its own
 //! connection thread; the channel reader never blocks on an app.
 //!
+//! Options: `--boot-identity` makes the agent give the VM its identity
+//! from the kernel command line once per boot ([`boot`]), for guests
+//! booted by systemd where no rcS does it (the `snowflock-guest` package's
+//! unit passes it). Under systemd the agent tells systemd when it is ready
+//! ([`service`]).
+//!
 //! Environment (all optional):
 //!
 //! | variable | meaning |
@@ -22,7 +28,7 @@
 //! | `SNOWFLOCK_AGENT_SOCKET` | API socket path (default [`snowflock_proto::AGENT_SOCKET`]). `identity.json` is written next to it. |
 //! | `SNOWFLOCK_AGENT_CONFIG` | config file (default `/etc/snowflock/agent.toml`); see [`settings`]. |
 //! | `SNOWFLOCK_LOG` | log filter (default `info`). |
-//! | `SNOWFLOCK_AGENT_DRY_IDENTITY=1` | **test only**: log the identity changes of `BecomeClone` instead of touching the RNG, clock, hostname, `/etc` and network. |
+//! | `SNOWFLOCK_AGENT_DRY_IDENTITY=1` | **test only**: log the identity changes of `BecomeClone` and `--boot-identity` instead of touching the RNG, clock, hostname, `/etc` and network. |
 //! | `SNOWFLOCK_AGENT_CMDLINE` | **test only**: text used instead of `/proc/cmdline`. |
 //! | `SNOWFLOCK_AGENT_SYSFS` | **test only**: sysfs root the `[balloon]` settings are applied under (default `/sys`). With `SNOWFLOCK_AGENT_DRY_IDENTITY=1` and no `SNOWFLOCK_AGENT_SYSFS`, they are logged, not applied. |
 //!
@@ -31,10 +37,12 @@
 //! ([`settings`]).
 
 pub mod api;
+pub mod boot;
 pub mod exec;
 pub mod host;
 pub mod identity;
 pub mod port;
+pub mod service;
 pub mod settings;
 mod sys;
 
@@ -49,6 +57,17 @@ use std::time::Duration;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Agent version reported in `GuestMsg::Hello`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The `snowflock-agent` command line.
+#[derive(Debug, clap::Parser)]
+#[command(name = "snowflock-agent", version, about = "snowflock guest agent")]
+pub struct Args {
+    /// Once per boot, give the VM the identity on the kernel command line
+    /// (sf.hostname, sf.machine_id, sf.mac, sf.ip), as the initramfs' rcS
+    /// does: for guests booted by systemd.
+    #[arg(long)]
+    pub boot_identity: bool,
+}
 
 /// Where the agent reads its settings from; see the module doc.
 #[derive(Debug, Clone)]
@@ -163,10 +182,14 @@ pub fn main() -> std::process::ExitCode {
     // First, before any thread exists: every thread inherits the mask.
     settings::block_sighup();
     sys::cloexec_inherited_fds();
+    let args = <Args as clap::Parser>::parse();
     init_logging();
     let cfg = AgentConfig::from_env();
     if cfg.dry_identity {
         tracing::warn!("SNOWFLOCK_AGENT_DRY_IDENTITY is set: clone identities will be logged, not applied (test mode)");
+    }
+    if args.boot_identity {
+        boot::run(&cfg, &boot::interface(&cfg));
     }
     let agent = Arc::new(Agent::new(cfg));
     let id = agent.ident();
@@ -188,6 +211,7 @@ pub fn main() -> std::process::ExitCode {
     if let Err(e) = settings::spawn(agent.clone()) {
         tracing::error!("Cannot start the settings thread: {e}");
     }
+    service::notify_ready();
     host::run(agent)
 }
 
