@@ -125,6 +125,28 @@ pub enum ImageError {
         /// The expected agent path.
         path: PathBuf,
     },
+    /// A program the build runs is not installed.
+    #[error("{tool} not found (install {package})")]
+    MissingTool {
+        /// The program.
+        tool: String,
+        /// The Debian package that has it.
+        package: &'static str,
+    },
+    /// `dpkg-deb --build` of the guest package failed.
+    #[error("Cannot build the package {path}: {reason}")]
+    PackageBuild {
+        /// The package that was being built.
+        path: PathBuf,
+        /// Why, with dpkg-deb's message.
+        reason: String,
+    },
+    /// A guest package version dpkg would refuse.
+    #[error("Invalid package version {version:?}: it must start with a digit and hold only letters, digits and . + ~ - (no epoch)")]
+    BadPackageVersion {
+        /// The version given.
+        version: String,
+    },
     /// A file named in the options (library, header, module, `--add` source) is missing.
     #[error("{what} not found: {path} is missing")]
     MissingInput {

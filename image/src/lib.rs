@@ -22,10 +22,15 @@ pub mod cpio;
 pub mod modules;
 pub mod rootfs;
 
+/// Fixed files of the guest package (unit, agent.toml, maintainer scripts).
+pub mod deb_files;
+
 mod add;
 pub mod apt_sources;
 mod build;
 mod busybox;
+/// The guest package, `snowflock-guest_<version>_amd64.deb`.
+mod deb;
 mod debian;
 mod debian_root;
 mod error;
@@ -40,6 +45,7 @@ mod tsc;
 
 pub use add::parse_add;
 pub use build::build;
+pub use deb::{build_guest_deb, deb_file_name, DebOptions, DEB_PACKAGE, DEB_VERSION};
 pub use debian::{
     build_debian, valid_package_name, DebianOptions, BASE_PACKAGES, DEFAULT_DISK_SIZE,
     MIN_DISK_SIZE,
