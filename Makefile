@@ -21,6 +21,13 @@ build:
 image: build
 	$(SNOWFLOCK) image build
 
+# The guest package, target/deb/snowflock-guest_<version>_amd64.deb: the
+# agent, sf, libsnowflock and a systemd unit for a user's own Debian VM
+# (docs/guest-install.md).
+.PHONY: deb
+deb: build
+	$(SNOWFLOCK) image deb --out target/deb
+
 demo: setup build image
 	$(SNOWFLOCK) demo
 

@@ -1,4 +1,4 @@
-//! `snowflock image build`.
+//! `snowflock image build` and `snowflock image deb`.
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -61,4 +61,24 @@ pub fn build(a: BuildArgs) -> Result<PathBuf> {
         m.files.len()
     );
     Ok(out)
+}
+
+/// `snowflock image deb`: builds the guest package alone into `out` (the
+/// current directory by default) and returns its path. Guest binaries are
+/// found as for `image build`; `libsnowflock.so` next to this binary (the
+/// host build, linked against glibc) or else in the guest bin directory.
+pub fn deb(out: Option<PathBuf>, guest_bin_dir: Option<PathBuf>) -> Result<PathBuf> {
+    let bins = guest_bin_dir.unwrap_or_else(default_guest_bin_dir);
+    let mut o = snowflock_image::DebOptions::new(out.unwrap_or_else(|| PathBuf::from(".")), &bins);
+    o.lib_dir = [exe_dir(), bins]
+        .into_iter()
+        .find(|d| d.join("libsnowflock.so").is_file());
+    o.header = repo_file("guest-agent/include/snowflock.h");
+    o.python_module = repo_file("guest-agent/python/snowflock.py");
+    eprintln!(
+        "Building {} ...",
+        snowflock_image::deb_file_name(&o.version)
+    );
+    let p = snowflock_image::build_guest_deb(&o).context("Package build failed")?;
+    Ok(std::fs::canonicalize(&p).unwrap_or(p))
 }

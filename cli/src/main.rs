@@ -171,6 +171,16 @@ enum ImageCmd {
         #[arg(long)]
         guest_bin_dir: Option<PathBuf>,
     },
+    /// Build the guest package snowflock-guest_<version>_amd64.deb (agent, sf,
+    /// libsnowflock, systemd unit; docs/guest-install.md) and print its path.
+    Deb {
+        /// Output directory [default: the current directory].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Directory with the static guest binaries.
+        #[arg(long, visible_alias = "guest-bins")]
+        guest_bin_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -361,6 +371,9 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                 guest_bin_dir,
             })?;
         }
+        Cmd::Image {
+            cmd: ImageCmd::Deb { out, guest_bin_dir },
+        } => println!("{}", image_cmd::deb(out, guest_bin_dir)?.display()),
         Cmd::Vm { cmd } => match cmd {
             VmCmd::Start {
                 name,
