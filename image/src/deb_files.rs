@@ -1,4 +1,5 @@
-//! Fixed files of the guest package `snowflock-guest` (see [`crate::deb`]):
+//! Fixed files of the guest package `snowflock-guest` (see
+//! [`build_guest_deb`](crate::build_guest_deb)):
 //! the systemd unit, the agent's documented `agent.toml`, the
 //! modules-load list, the maintainer scripts and the copyright file.
 //!
