@@ -293,7 +293,7 @@ pub fn build_guest_deb(opts: &DebOptions) -> Result<PathBuf, ImageError> {
         deb_file_name(&opts.version),
         std::process::id()
     ));
-    let res = dpkg_deb_build(&opts.dpkg_deb, &st.root, &part, &out)
+    let res = dpkg_deb_build(&opts.dpkg_deb, &st.root, &part)
         .and_then(|()| fs::rename(&part, &out).map_err(io_err("rename", &part)));
     if res.is_err() {
         let _ = fs::remove_file(&part);
@@ -303,14 +303,13 @@ pub fn build_guest_deb(opts: &DebOptions) -> Result<PathBuf, ImageError> {
     Ok(out)
 }
 
-/// `dpkg-deb --build` of `root` into `part`; `out` names the package in
-/// errors.
-fn dpkg_deb_build(dpkg_deb: &Path, root: &Path, part: &Path, out: &Path) -> Result<(), ImageError> {
-    let res = Command::new(dpkg_deb)
-        .args(["--root-owner-group", "-Zxz", "--build"])
+/// `dpkg-deb --build` of `root` into `part`.
+fn dpkg_deb_build(dpkg_deb: &Path, root: &Path, part: &Path) -> Result<(), ImageError> {
+    let mut cmd = Command::new(dpkg_deb);
+    cmd.args(["--root-owner-group", "-Zxz", "--build"])
         .arg(root)
-        .arg(part)
-        .output();
+        .arg(part);
+    let res = cmd.output();
     let output = match res {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -324,10 +323,15 @@ fn dpkg_deb_build(dpkg_deb: &Path, root: &Path, part: &Path, out: &Path) -> Resu
     if output.status.success() {
         return Ok(());
     }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    Err(ImageError::PackageBuild {
-        path: out.to_path_buf(),
-        reason: format!("dpkg-deb failed ({}): {}", output.status, stderr.trim()),
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    Err(ImageError::Tool {
+        what: "Building the guest package".into(),
+        cmd: format!("{} {}", dpkg_deb.display(), args.join(" ")),
+        status: format!("ended with {}", output.status),
+        tail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
     })
 }
 
@@ -557,8 +561,13 @@ mod tests {
         let mut o2 = o.clone();
         o2.dpkg_deb = fail;
         let e = build_guest_deb(&o2).unwrap_err();
-        assert!(matches!(e, ImageError::PackageBuild { .. }), "{e:?}");
-        assert!(e.to_string().ends_with(": broken control"), "{e}");
+        assert!(matches!(e, ImageError::Tool { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("Building the guest package failed: `"),
+            "{msg}"
+        );
+        assert!(msg.ends_with(":\nbroken control"), "{msg}");
         assert_eq!(fs::read_dir(tmp.path().join("out")).unwrap().count(), 0);
     }
 }

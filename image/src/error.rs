@@ -133,14 +133,6 @@ pub enum ImageError {
         /// The Debian package that has it.
         package: &'static str,
     },
-    /// `dpkg-deb --build` of the guest package failed.
-    #[error("Cannot build the package {path}: {reason}")]
-    PackageBuild {
-        /// The package that was being built.
-        path: PathBuf,
-        /// Why, with dpkg-deb's message.
-        reason: String,
-    },
     /// A guest package version dpkg would refuse.
     #[error("Invalid package version {version:?}: it must start with a digit and hold only letters, digits and . + ~ - (no epoch)")]
     BadPackageVersion {
