@@ -76,6 +76,18 @@ fn start(dir: &Path, notify: &Path, n: usize) -> Agent {
     Agent { child, log }
 }
 
+/// The next notification on `rx` (retrying interrupted reads).
+fn notification(rx: &UnixDatagram) -> String {
+    let mut buf = [0u8; 256];
+    loop {
+        match rx.recv(&mut buf) {
+            Ok(n) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("no notification from the agent: {e}"),
+        }
+    }
+}
+
 fn wait_log(agent: &Agent, what: &str) {
     let deadline = Instant::now() + WAIT;
     while !log_text(&agent.log).contains(what) {
@@ -102,9 +114,7 @@ fn boot_identity_once_per_boot_then_ready() {
     rx.set_read_timeout(Some(WAIT)).unwrap();
 
     let a = start(&dir.0, &notify, 1);
-    let mut buf = [0u8; 64];
-    let n = rx.recv(&mut buf).expect("READY=1 from the agent");
-    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(notification(&rx), "READY=1");
     // READY comes after the boot identity and the API socket.
     let log = log_text(&a.log);
     for step in [
@@ -127,8 +137,7 @@ fn boot_identity_once_per_boot_then_ready() {
 
     // Restarted in the same boot: no second boot identity, still ready.
     let b = start(&dir.0, &notify, 2);
-    let n = rx.recv(&mut buf).expect("READY=1 from the restarted agent");
-    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(notification(&rx), "READY=1");
     let log = log_text(&b.log);
     assert!(log.contains("Boot identity already applied in this boot"));
     assert!(!log.contains("hostname vm1-h"));
