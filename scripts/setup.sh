@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what snowflock needs on a Debian host (idempotent; run as root):
-# QEMU, busybox-static, iproute2, build tools, and the Debian cloud kernel,
+# QEMU (and qemu-img), busybox-static, iproute2, build tools, debootstrap
+# and e2fsprogs for Debian disk images, and the Debian cloud kernel,
 # downloaded and extracted into the cache (never installed on the host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ fi
 
 need=()
 check() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || need+=("$1"); }
-for p in qemu-system-x86 busybox-static fuse3 iproute2 lz4 cpio gcc libc6-dev binutils kmod iputils-ping python3 file; do
+for p in qemu-system-x86 qemu-utils busybox-static fuse3 iproute2 lz4 cpio gcc libc6-dev binutils kmod iputils-ping python3 file debootstrap e2fsprogs; do
     check "$p"
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 /// Where the built tree keeps things, relative to the `snowflock` binary
 /// (`target/release/snowflock`): guest binaries are the static build in
 /// `target/x86_64-unknown-linux-gnu/release`, the repo root is two up.
-fn exe_dir() -> PathBuf {
+pub fn exe_dir() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))

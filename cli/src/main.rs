@@ -9,6 +9,7 @@ mod cluster;
 mod daemon_ctl;
 mod demo;
 mod image_cmd;
+mod image_debian;
 mod sys;
 mod vm_cmd;
 
@@ -157,10 +158,21 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum ImageCmd {
-    /// Build a guest image (kernel + initramfs with busybox, agent, sf, libsnowflock).
+    /// Build a guest image: `initramfs` (kernel + initramfs with busybox,
+    /// agent, sf, libsnowflock; fast to boot) or `debian` (a Debian disk
+    /// with systemd and the snowflock-guest package).
     Build {
+        #[arg(long, value_enum, default_value = "initramfs")]
+        kind: KindArg,
+        /// Output directory (default: <cache>/image, or <cache>/image-debian).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Debian packages to install besides the base set (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+        /// Size of the Debian image's disk (sparse).
+        #[arg(long, default_value = "4G", value_parser = image_debian::parse_size)]
+        size: u64,
         /// Extra file or directory, SRC:DEST (repeatable).
         #[arg(long = "add")]
         add: Vec<String>,
@@ -183,6 +195,12 @@ enum ImageCmd {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Initramfs,
+    Debian,
+}
+
 #[derive(Subcommand)]
 enum VmCmd {
     /// Boot a VM and wait for its agent.
@@ -190,7 +208,7 @@ enum VmCmd {
         name: String,
         /// Image directory: kernel, initrd, command line, and (for a Debian
         /// image) the disk the VM boots from behind a private overlay.
-        #[arg(long, required_unless_present_all = ["kernel", "initrd"], default_value = "")]
+        #[arg(long, default_value = "")]
         image: String,
         /// A raw or qcow2 disk of your own with snowflock-guest installed;
         /// the VM writes to it in place.
@@ -358,12 +376,40 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
         Cmd::Image {
             cmd:
                 ImageCmd::Build {
+                    kind: KindArg::Debian,
                     out,
+                    packages,
+                    size,
+                    add,
+                    guest_bin_dir,
+                    ..
+                },
+        } => {
+            let out =
+                out.unwrap_or_else(|| snowflock_image::default_cache_dir().join("image-debian"));
+            image_debian::build(image_debian::DebianArgs {
+                out,
+                add,
+                packages,
+                size_bytes: size,
+                guest_bin_dir,
+            })?;
+        }
+        Cmd::Image {
+            cmd:
+                ImageCmd::Build {
+                    kind: KindArg::Initramfs,
+                    out,
+                    packages,
                     add,
                     kernel_dir,
                     guest_bin_dir,
+                    ..
                 },
         } => {
+            if !packages.is_empty() {
+                anyhow::bail!("--packages is for --kind debian");
+            }
             image_cmd::build(image_cmd::BuildArgs {
                 out,
                 add,

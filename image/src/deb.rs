@@ -28,6 +28,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// `SOURCE_DATE_EPOCH` of every package build (2026-01-01).
+const REPRODUCIBLE_EPOCH: &str = "1767225600";
 /// The package name.
 pub const DEB_PACKAGE: &str = "snowflock-guest";
 /// The package version by default: the workspace's.
@@ -306,9 +308,13 @@ pub fn build_guest_deb(opts: &DebOptions) -> Result<PathBuf, ImageError> {
 /// `dpkg-deb --build` of `root` into `part`.
 fn dpkg_deb_build(dpkg_deb: &Path, root: &Path, part: &Path) -> Result<(), ImageError> {
     let mut cmd = Command::new(dpkg_deb);
+    // Reproducible: archive member times and file times clamped to a fixed
+    // epoch, so the same files make the same package, byte for byte, and
+    // an image built from it is found up to date.
     cmd.args(["--root-owner-group", "-Zxz", "--build"])
         .arg(root)
-        .arg(part);
+        .arg(part)
+        .env("SOURCE_DATE_EPOCH", REPRODUCIBLE_EPOCH);
     let res = cmd.output();
     let output = match res {
         Ok(o) => o,

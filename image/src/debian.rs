@@ -25,6 +25,7 @@ use std::process::Command;
 pub const BASE_PACKAGES: &[&str] = &[
     "systemd-sysv",
     "udev",
+    "dbus",
     "linux-image-cloud-amd64",
     "iproute2",
     "procps",

@@ -29,6 +29,15 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// The static guest binaries (`target/x86_64-unknown-linux-gnu/release`).
+pub fn guest_bin_dir() -> PathBuf {
+    let d = bin_dir();
+    let profile = d.file_name().map(|s| s.to_os_string()).unwrap_or_default();
+    d.parent()
+        .map(|t| t.join("x86_64-unknown-linux-gnu").join(profile))
+        .unwrap_or_default()
+}
+
 pub fn kernel_dir() -> PathBuf {
     let cache = std::env::var("SNOWFLOCK_CACHE").unwrap_or_else(|_| "/var/cache/snowflock".into());
     PathBuf::from(cache).join("kernel/current")
@@ -70,9 +79,11 @@ pub fn vm_prereqs() -> bool {
     false
 }
 
-/// A guest image built for this test binary, removed on drop.
+/// A guest image: built for this test binary and removed on drop, or the
+/// shared Debian test image (kept in the cache, see [`TestImage::debian`]).
 pub struct TestImage {
-    pub dir: tempfile::TempDir,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl TestImage {
@@ -93,11 +104,46 @@ impl TestImage {
             "image build failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        TestImage { dir }
+        TestImage {
+            dir: dir.path().to_path_buf(),
+            _tmp: Some(dir),
+        }
+    }
+
+    /// The Debian disk image the tests share, with the test tools
+    /// (`sf-memtest`, `sf-swdemo`) in `/usr/local/bin`: built once into
+    /// `<cache>/test-images/debian`; later calls find it up to date (the
+    /// build compares its inputs) in a second or two. VMs boot it behind
+    /// private overlays, so it is never written.
+    pub fn debian() -> TestImage {
+        let cache = std::env::var_os("SNOWFLOCK_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/snowflock"));
+        let dir = cache.join("test-images").join("debian");
+        let mut cmd = Command::new(bin("snowflock"));
+        cmd.args(["image", "build", "--kind", "debian", "--out"])
+            .arg(&dir);
+        let guest = guest_bin_dir();
+        for tool in ["sf-memtest", "sf-swdemo"] {
+            let p = guest.join(tool);
+            if p.exists() {
+                cmd.arg("--add")
+                    .arg(format!("{}:/usr/local/bin/{tool}", p.display()));
+            }
+        }
+        let out = cmd
+            .output()
+            .expect("run snowflock image build --kind debian");
+        assert!(
+            out.status.success(),
+            "Debian image build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestImage { dir, _tmp: None }
     }
 
     pub fn path(&self) -> &str {
-        self.dir.path().to_str().expect("utf-8 path")
+        self.dir.to_str().expect("utf-8 path")
     }
 }
 
