@@ -232,6 +232,9 @@ impl VmmControl for FakeControl {
     fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
         self.log("ignore_shared_ram")
     }
+    fn snapshot_disk(&mut self, _node: &str, _file: &Path, _new: &str) -> Result<(), QmpError> {
+        self.log("snapshot_disk")
+    }
     fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
         self.log("migrate")?;
         let path = uri.strip_prefix("unix:").unwrap_or(uri);

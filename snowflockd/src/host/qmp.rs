@@ -108,6 +108,27 @@ impl Qmp {
         .map(drop)
     }
 
+    /// Puts the existing qcow2 `file` (whose backing is the node's file) on
+    /// top of node `node` as node `new_node`: from now on the VM writes
+    /// there, and the old top is never written again. QEMU drains and
+    /// flushes the node first.
+    pub fn snapshot_disk(
+        &mut self,
+        node: &str,
+        file: &Path,
+        new_node: &str,
+    ) -> Result<(), QmpError> {
+        self.exec(&qmp::blockdev_snapshot_sync(qmp::BlockdevSnapshotSync {
+            device: None,
+            node_name: Some(node.into()),
+            snapshot_file: file.display().to_string(),
+            snapshot_node_name: Some(new_node.into()),
+            format: Some("qcow2".into()),
+            mode: Some(qmp::NewImageMode::existing),
+        }))
+        .map(drop)
+    }
+
     /// Starts an outgoing migration to `uri`.
     pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
         self.exec(&qmp::migrate {

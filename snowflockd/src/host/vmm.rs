@@ -39,6 +39,9 @@ pub trait VmmControl: Send {
     fn quit(&mut self) -> Result<(), QmpError>;
     /// Leaves shared, file-backed RAM out of migration streams.
     fn ignore_shared_ram(&mut self) -> Result<(), QmpError>;
+    /// Freezes the disk node `node`: the prepared overlay `file` becomes
+    /// the VM's top layer, named `new_node`.
+    fn snapshot_disk(&mut self, node: &str, file: &Path, new_node: &str) -> Result<(), QmpError>;
     /// Starts saving the device state to `uri`.
     fn migrate(&mut self, uri: &str) -> Result<(), QmpError>;
     /// Waits until the save completed.
@@ -103,6 +106,9 @@ impl VmmControl for Qmp {
     }
     fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
         Qmp::ignore_shared_ram(self)
+    }
+    fn snapshot_disk(&mut self, node: &str, file: &Path, new_node: &str) -> Result<(), QmpError> {
+        Qmp::snapshot_disk(self, node, file, new_node)
     }
     fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
         Qmp::migrate(self, uri)

@@ -276,6 +276,46 @@ pub struct Vm {
     pub clone_lock: tokio::sync::Mutex<()>,
     /// Bounds the API calls a guest may have in flight.
     pub requests: Arc<tokio::sync::Semaphore>,
+    /// The disk's layers as the VMM has them, if the VM has a disk.
+    pub disk_layers: Mutex<Option<DiskLayers>>,
+}
+
+/// A VM's disk chain: the layer it writes to and the frozen ones below,
+/// which clones read (see `docs/disk.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskLayers {
+    /// QEMU node name of the top layer.
+    pub top_node: String,
+    /// File of the top layer.
+    pub top: PathBuf,
+    /// Layers frozen by clone calls, oldest first (each the backing of the
+    /// next; the last is the top's backing).
+    pub frozen: Vec<PathBuf>,
+}
+
+impl DiskLayers {
+    /// The chain of a VM just started on `plan` in `dir`.
+    pub fn of(plan: &DiskPlan, dir: &std::path::Path) -> DiskLayers {
+        DiskLayers {
+            top_node: crate::host::qemu::DISK_NODE.to_string(),
+            top: plan.top(dir).0,
+            frozen: Vec::new(),
+        }
+    }
+
+    /// The layer file and node name of the next freeze (generation `g`),
+    /// in `dir`.
+    pub fn next(&self, dir: &std::path::Path, g: u64) -> (PathBuf, String) {
+        (dir.join(format!("disk-g{g}.qcow2")), format!("disk0-g{g}"))
+    }
+
+    /// After a freeze: the old top is frozen, the new layer is the top.
+    pub fn frozen_into(&mut self, file: PathBuf, node: String) -> PathBuf {
+        let old = std::mem::replace(&mut self.top, file);
+        self.top_node = node;
+        self.frozen.push(old.clone());
+        old
+    }
 }
 
 impl Vm {
@@ -302,7 +342,13 @@ impl Vm {
             generations: AtomicU64::new(0),
             clone_lock: tokio::sync::Mutex::new(()),
             requests: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_REQUESTS)),
+            disk_layers: Mutex::new(None),
         };
+        *vm.disk_layers.lock() = vm
+            .spec
+            .disk
+            .as_ref()
+            .map(|d| DiskLayers::of(d, &vm.placed.dir));
         (vm, agent_rx)
     }
 

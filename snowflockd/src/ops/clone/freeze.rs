@@ -3,6 +3,7 @@
 
 use super::{CloneError, Timeline};
 use crate::host::vmm::Vmm;
+use crate::state::vm::Vm;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,12 +44,22 @@ fn read_state(listener: std::os::unix::net::UnixListener) -> Result<Vec<u8>, Clo
     Ok(buf)
 }
 
-/// Pauses the parent in `vm_dir`, saves its device state and freezes its
-/// memory, and resumes it whatever happens. Blocking.
+/// The parent's disk to freeze with its memory: its top node, and the
+/// prepared overlay that becomes its new top (node `new_node`).
+pub struct DiskFreeze {
+    pub vm: Arc<Vm>,
+    pub file: PathBuf,
+    pub new_node: String,
+}
+
+/// Pauses the parent in `vm_dir`, freezes its disk (if any), saves its
+/// device state and freezes its memory, and resumes it whatever happens.
+/// Blocking.
 pub fn freeze(
     vmm: &Arc<dyn Vmm>,
     vm_dir: &Path,
     mut precopy: dom0_memtap::Precopy,
+    disk: Option<DiskFreeze>,
     gen_dir: &Path,
     tl: &Timeline,
 ) -> Result<Frozen, CloneError> {
@@ -72,6 +83,18 @@ pub fn freeze(
     q.stop()?;
     tl.mark("parent_paused");
     let work = (|| -> Result<dom0_memtap::Frozen, CloneError> {
+        if let Some(f) = &disk {
+            // Same instant as the memory: the vCPUs are stopped; QEMU drains
+            // and flushes the disk before switching the top layer.
+            let node = f.vm.disk_layers.lock().as_ref().map(|l| l.top_node.clone());
+            let node = node.ok_or(CloneError::TaskFailed)?;
+            q.snapshot_disk(&node, &f.file, &f.new_node)
+                .map_err(CloneError::DiskFreeze)?;
+            if let Some(l) = f.vm.disk_layers.lock().as_mut() {
+                l.frozen_into(f.file.clone(), f.new_node.clone());
+            }
+            tl.mark("disk_frozen");
+        }
         q.migrate(&format!("unix:{}", sock_path.display()))?;
         q.wait_migration(Duration::from_secs(30))?;
         tl.mark("device_state_saved");

@@ -32,7 +32,7 @@ use crate::lifecycle::generations;
 use crate::lifecycle::Daemon;
 use crate::state::metrics::bump;
 use crate::state::placement::hosts_by_clone;
-use crate::state::vm::{MemSource, Vm};
+use crate::state::vm::{DiskPlan, Format, MemSource, Vm};
 use parking_lot::Mutex;
 use snowflock_descriptor::{CloneSlot, Descriptor, FlockNet, MachineShape, MemoryLayout, Meta};
 use snowflock_proto::admin::{CloneReport, VmState};
@@ -64,6 +64,16 @@ pub enum CloneError {
     /// The VMM refused a control command.
     #[error("QEMU")]
     Vmm(#[from] QmpError),
+    /// The parent's disk could not be frozen (the parent keeps writing to
+    /// its old top layer).
+    #[error("freezing the disk")]
+    DiskFreeze(#[source] QmpError),
+    /// The overlay for the parent's next writes could not be made.
+    #[error("preparing the disk freeze")]
+    DiskPrepare(#[source] DaemonError),
+    /// A disk this snowflock cannot clone yet.
+    #[error("{0}")]
+    DiskUnsupported(&'static str),
     /// The parent could not be resumed (it stays paused: stop it).
     #[error("cannot resume the parent")]
     Resume(#[source] QmpError),
@@ -150,14 +160,6 @@ pub async fn clone(
         return ApiResponse::error(
             E::WrongRole,
             "Nested cloning is not supported: only an original VM (clone ID 0) can clone",
-        );
-    }
-    if parent.spec.disk.is_some() {
-        // Not until the disk is frozen with the memory: a clone would see a
-        // disk that no longer matches its memory.
-        return ApiResponse::error(
-            E::Failed,
-            "This VM has a disk, and cloning VMs with disks is not available yet in this snowflock version",
         );
     }
     let _one_at_a_time = parent.clone_lock.lock().await;
@@ -279,6 +281,40 @@ fn descriptor(
     }
 }
 
+/// Checks that the parent's disk can be cloned here and prepares the
+/// overlay its writes go to after the freeze (outside the pause).
+async fn prepare_disk_freeze(
+    parent: &Arc<Vm>,
+    job: &Job<'_>,
+    any_remote: bool,
+) -> Result<Option<freeze::DiskFreeze>, CloneError> {
+    let Some(layers) = parent.disk_layers.lock().clone() else {
+        return Ok(None);
+    };
+    if matches!(parent.spec.disk, Some(DiskPlan::Direct { .. })) {
+        return Err(CloneError::DiskUnsupported(
+            "a VM started on a disk of your own (--disk) cannot be cloned yet; start it from an image, whose disk it gets behind an overlay",
+        ));
+    }
+    if any_remote {
+        return Err(CloneError::DiskUnsupported(
+            "clones of a VM with a disk can only run on the parent's host so far, and this ticket placed some on other hosts",
+        ));
+    }
+    let (file, new_node) = layers.next(&parent.placed.dir, job.generation);
+    let (f, top) = (file.clone(), layers.top.clone());
+    crate::lifecycle::daemon::blocking(move || {
+        Ok(crate::host::disk::create_overlay(&f, &top, Format::Qcow2)?)
+    })
+    .await
+    .map_err(CloneError::DiskPrepare)?;
+    Ok(Some(freeze::DiskFreeze {
+        vm: parent.clone(),
+        file,
+        new_node,
+    }))
+}
+
 async fn do_clone(
     d: &Arc<Daemon>,
     parent: &Arc<Vm>,
@@ -297,6 +333,9 @@ async fn do_clone(
             ip_cidr: crate::host::net::ip_cidr(flock, k),
         })
         .collect();
+    let any_remote = job.placement.iter().skip(1).any(|(_, n)| *n > 0);
+    let disk = prepare_disk_freeze(parent, job, any_remote).await?;
+    let prepared = disk.as_ref().map(|f| f.file.clone());
     let gen_ram = job.gen_dir.join("ram");
     let precopy = {
         let (src, dst) = (parent.placed.ram_path.clone(), gen_ram.clone());
@@ -324,11 +363,18 @@ async fn do_clone(
             job.gen_dir.to_path_buf(),
             tl.clone(),
         );
-        tokio::task::spawn_blocking(move || freeze::freeze(&vmm, &dir, precopy, &g, &tl2))
+        tokio::task::spawn_blocking(move || freeze::freeze(&vmm, &dir, precopy, disk, &g, &tl2))
             .await
             .map_err(|_| CloneError::TaskFailed)
     };
     parent.set_state(VmState::Running);
+    let layers = parent.disk_layers.lock().clone();
+    if let Some(p) = prepared {
+        // Not switched to (the freeze failed before): nobody uses it.
+        if layers.as_ref().is_some_and(|l| l.top != p) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
     let freeze::Frozen {
         pause_ms,
         state,
@@ -383,6 +429,12 @@ async fn do_clone(
             ram: gen_ram.clone(),
         },
         origin: None,
+        disk: layers
+            .and_then(|l| l.frozen.last().cloned())
+            .map(|base| DiskPlan::Overlay {
+                base,
+                format: Format::Qcow2,
+            }),
     };
     let local_run = async {
         let spawned =

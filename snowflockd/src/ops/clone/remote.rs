@@ -197,6 +197,8 @@ async fn try_start_remote(
             ram,
         },
         origin: Some(desc.meta.origin_host.clone()),
+        // The origin refuses to place clones of a VM with a disk here.
+        disk: None,
     };
     let spawned =
         futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;

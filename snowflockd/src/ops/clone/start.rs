@@ -6,6 +6,7 @@ use super::{CloneError, Timeline};
 use crate::lifecycle::daemon::random_hex;
 use crate::lifecycle::Daemon;
 use crate::state::metrics::bump;
+use crate::state::vm::DiskPlan;
 use crate::state::vm::{EndCause, MemSource, Vm, VmSpec};
 use snowflock_descriptor::{CloneSlot, Descriptor};
 use snowflock_proto::admin::VmState;
@@ -19,6 +20,8 @@ pub struct Source<'a> {
     pub image: &'a snowflock_image::Image,
     pub memory: MemSource,
     pub origin: Option<String>,
+    /// The disk the clones get (an overlay over the frozen layer).
+    pub disk: Option<DiskPlan>,
 }
 
 /// The spec of clone `slot` of a descriptor.
@@ -39,8 +42,7 @@ pub fn clone_spec(desc: &Descriptor, src: &Source<'_>, slot: &CloneSlot) -> VmSp
         cmdline: m.machine.cmdline.clone(),
         origin: src.origin.clone(),
         memory: src.memory.clone(),
-        // Refused before a clone starts (see `ops::clone`): no disk yet.
-        disk: None,
+        disk: src.disk.clone(),
     }
 }
 
