@@ -287,6 +287,26 @@ pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
             for (k, v) in rows {
                 println!("  {k:<16} {v}");
             }
+            let g = &s.disk;
+            if *g != Default::default() {
+                println!(
+                    "  disk (read on demand from {})",
+                    s.origin.as_deref().unwrap_or("?")
+                );
+                let rows = [
+                    ("disk_blocks_read", g.disk_blocks_read),
+                    ("disk_bytes_fetched", g.disk_bytes_fetched),
+                    ("disk_blocks_fetched", g.disk_blocks_fetched),
+                    ("disk_zero_blocks", g.disk_zero_blocks),
+                    ("disk_cache_hits", g.disk_cache_hits),
+                    ("disk_fetch_errors", g.disk_fetch_errors),
+                    ("disk_read_p50_us", g.disk_read_p50_us),
+                    ("disk_read_p99_us", g.disk_read_p99_us),
+                ];
+                for (k, v) in rows {
+                    println!("  {k:<20} {v}");
+                }
+            }
             Ok(())
         }
         other => bail!("Unexpected answer: {other:?}"),

@@ -123,6 +123,70 @@ pub struct CloneSlot {
     pub ip_cidr: String,
 }
 
+/// Most layers a disk chain may have.
+pub const MAX_DISK_LAYERS: usize = 64;
+/// Most data extents one disk layer may list.
+pub const MAX_DISK_EXTENTS: usize = 1 << 18;
+
+/// One layer of the parent's frozen disk: a file served on demand by the
+/// origin host's page service (like a memory generation), never written
+/// again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLayer {
+    /// Host-independent reference: `<host>:<layer name>`.
+    pub source: String,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    /// File size in bytes (a multiple of [`PAGE_SIZE`]).
+    pub size: u64,
+    /// Data extents `[start, end)` in bytes, page-aligned, sorted, disjoint;
+    /// everything else in the file reads as zeros and is never fetched.
+    pub data: Vec<(u64, u64)>,
+}
+
+/// The parent's disk at the clone instant: its layers, base first. A
+/// clone's private overlay goes on top of the last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLayout {
+    /// Size of the disk the guest sees (bytes).
+    pub virtual_size: u64,
+    pub layers: Vec<DiskLayer>,
+}
+
+impl DiskLayout {
+    fn validate(&self) -> Result<(), String> {
+        if self.layers.is_empty() || self.layers.len() > MAX_DISK_LAYERS {
+            return Err(format!("disk has {} layers", self.layers.len()));
+        }
+        if self.virtual_size == 0 {
+            return Err("disk size is zero".into());
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            if !matches!(l.format.as_str(), "raw" | "qcow2") || (i > 0 && l.format != "qcow2") {
+                return Err(format!("disk layer {i} has format {:?}", l.format));
+            }
+            if l.size == 0 || !l.size.is_multiple_of(PAGE_SIZE) {
+                return Err(format!(
+                    "disk layer {i} size {} is not a positive multiple of 4 KiB",
+                    l.size
+                ));
+            }
+            if l.data.len() > MAX_DISK_EXTENTS {
+                return Err(format!("disk layer {i} lists {} extents", l.data.len()));
+            }
+            let mut prev_end = 0;
+            for &(a, b) in &l.data {
+                let aligned = a.is_multiple_of(PAGE_SIZE) && b.is_multiple_of(PAGE_SIZE);
+                if !aligned || a >= b || a < prev_end || b > l.size {
+                    return Err(format!("disk layer {i} has a bad extent [{a}, {b})"));
+                }
+                prev_end = b;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Descriptor metadata (the JSON part).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
@@ -135,6 +199,9 @@ pub struct Meta {
     pub machine: MachineShape,
     pub net: FlockNet,
     pub clones: Vec<CloneSlot>,
+    /// The frozen disk, for a parent with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskLayout>,
 }
 
 /// A decoded descriptor.
@@ -189,6 +256,9 @@ impl Descriptor {
         }
         if self.device_state.is_empty() {
             return inv("device state is empty".into());
+        }
+        if let Some(d) = &m.disk {
+            d.validate().map_err(DescriptorError::Invalid)?;
         }
         let mut seen = std::collections::HashSet::new();
         for c in &m.clones {
@@ -322,6 +392,7 @@ mod tests {
                     mac: "x".into(),
                     ip_cidr: "y".into(),
                 }],
+                disk: None,
             },
             device_state: vec![1, 2, 3, 4, 5],
             holes,
@@ -403,5 +474,45 @@ mod tests {
         let mut d = sample();
         d.meta.memory.size += 1;
         assert!(d.encode().is_err());
+    }
+
+    #[test]
+    fn disk_layouts_round_trip_and_bad_ones_are_refused() {
+        let mut d = sample();
+        let layer = |format: &str, data: Vec<(u64, u64)>| DiskLayer {
+            source: "h0:vm1-d0".into(),
+            format: format.into(),
+            size: 1 << 20,
+            data,
+        };
+        d.meta.disk = Some(DiskLayout {
+            virtual_size: 1 << 30,
+            layers: vec![
+                layer("raw", vec![(0, 8192), (65536, 1 << 20)]),
+                layer("qcow2", vec![]),
+            ],
+        });
+        let back = Descriptor::decode(&d.encode().unwrap()).unwrap();
+        assert_eq!(back, d);
+        let bad = [
+            vec![],
+            vec![layer("vmdk", vec![])],
+            vec![layer("raw", vec![]), layer("raw", vec![])],
+            vec![layer("raw", vec![(0, 100)])],
+            vec![layer("raw", vec![(8192, 4096)])],
+            vec![layer("raw", vec![(0, 8192), (4096, 12288)])],
+            vec![layer("raw", vec![(0, 2 << 20)])],
+        ];
+        for layers in bad {
+            let mut d = sample();
+            d.meta.disk = Some(DiskLayout {
+                virtual_size: 1 << 30,
+                layers: layers.clone(),
+            });
+            assert!(
+                matches!(d.encode(), Err(DescriptorError::Invalid(_))),
+                "{layers:?}"
+            );
+        }
     }
 }

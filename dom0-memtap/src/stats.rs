@@ -52,6 +52,14 @@ impl Histogram {
         self.total += n;
     }
 
+    /// Adds another histogram's counts.
+    pub(crate) fn merge(&mut self, o: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+            *a += b;
+        }
+        self.total += o.total;
+    }
+
     /// The `q` quantile (0..=1), as the upper bound of its bucket.
     pub(crate) fn quantile(&self, q: f64) -> u64 {
         if self.total == 0 {
@@ -101,6 +109,19 @@ impl Acc {
         if o.pages > 0 {
             self.hist.record(o.latency_us, o.pages);
         }
+    }
+
+    /// Adds another accumulation (of other generations).
+    pub(crate) fn merge(&mut self, o: &Acc) {
+        let (s, t) = (&mut self.s, &o.s);
+        s.faults += t.faults;
+        s.zero_pages += t.zero_pages;
+        s.cache_hits += t.cache_hits;
+        s.prefetch_hits += t.prefetch_hits;
+        s.pages_fetched += t.pages_fetched;
+        s.bytes_fetched += t.bytes_fetched;
+        s.fetch_errors += t.fetch_errors;
+        self.hist.merge(&o.hist);
     }
 
     pub(crate) fn snapshot(&self) -> FaultStats {

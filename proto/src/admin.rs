@@ -131,6 +131,52 @@ pub struct VmStats {
     /// `faults`, `bytes_fetched`, ... beside `vm`.
     #[serde(flatten)]
     pub fetch: FaultStats,
+    /// The disk read on demand from another host (all zero otherwise).
+    /// Flattened: `disk_bytes_fetched`, ... beside `vm`.
+    #[serde(flatten, default)]
+    pub disk: DiskStats,
+}
+
+/// Disk-on-demand figures of one clone: what its QEMU read from the frozen
+/// disk's layers through memtap (blocks of 4 KiB).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DiskStats {
+    /// Blocks read through memtap (first reads on this host; blocks in the
+    /// host's page cache cost none).
+    #[serde(default)]
+    pub disk_blocks_read: u64,
+    #[serde(default)]
+    pub disk_bytes_fetched: u64,
+    #[serde(default)]
+    pub disk_blocks_fetched: u64,
+    /// Blocks the frozen disk holds as holes: zeros, never fetched.
+    #[serde(default)]
+    pub disk_zero_blocks: u64,
+    /// Blocks found in memtap's cache on this host's disk.
+    #[serde(default)]
+    pub disk_cache_hits: u64,
+    #[serde(default)]
+    pub disk_fetch_errors: u64,
+    #[serde(default)]
+    pub disk_read_p50_us: u64,
+    #[serde(default)]
+    pub disk_read_p99_us: u64,
+}
+
+impl DiskStats {
+    /// The disk figures of memtap statistics over a clone's disk layers.
+    pub fn from_fault_stats(f: &FaultStats) -> DiskStats {
+        DiskStats {
+            disk_blocks_read: f.faults,
+            disk_bytes_fetched: f.bytes_fetched,
+            disk_blocks_fetched: f.pages_fetched,
+            disk_zero_blocks: f.zero_pages,
+            disk_cache_hits: f.cache_hits,
+            disk_fetch_errors: f.fetch_errors,
+            disk_read_p50_us: f.latency_p50_us,
+            disk_read_p99_us: f.latency_p99_us,
+        }
+    }
 }
 
 /// Outcome of starting one clone on a host.

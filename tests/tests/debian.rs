@@ -8,7 +8,7 @@ use snowflock_tests::*;
 use std::path::Path;
 use std::process::Command;
 
-fn sh_in(h: &Host, vm: &str, script: &str) -> String {
+fn sh_in(h: &Daemon, vm: &str, script: &str) -> String {
     h.sh_ok(vm, script).trim().to_string()
 }
 
@@ -269,4 +269,128 @@ fn clones_see_the_disk_as_it_was_at_the_clone() {
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["p"], "the clones are gone");
+}
+
+fn clones_of(vms: &[serde_json::Value], ticket: &str) -> Vec<serde_json::Value> {
+    let mut v: Vec<serde_json::Value> = vms
+        .iter()
+        .filter(|v| v["ticket"] == ticket)
+        .cloned()
+        .collect();
+    v.sort_by_key(|v| v["clone_id"].as_u64());
+    v
+}
+
+fn disk_fetched(c: &Cluster, host: usize, vm: &str) -> u64 {
+    let s: serde_json::Value =
+        serde_json::from_str(&c.host(host).ok(&["stats", vm, "--json"])).unwrap();
+    s["disk_bytes_fetched"]
+        .as_u64()
+        .expect("disk_bytes_fetched")
+}
+
+/// Clones on other hosts read the parent's disk on demand: the instant of
+/// the clone, a small fraction of the image for a few files, a 200 MiB
+/// file for at most 1.05 times its blocks, and nothing more for a second
+/// clone on the same host; their writes stay private.
+#[test]
+fn clones_on_other_hosts_read_the_disk_on_demand() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::debian();
+    let c = Cluster::up(3, &[]);
+    let h0 = c.host(0);
+    h0.start_vm("p", &img, "384M");
+    let sum = sh_in(
+        h0,
+        "p",
+        "head -c 200M /dev/urandom > /root/big && sync && sha256sum /root/big | cut -d' ' -f1",
+    );
+    let t = sh_in(
+        h0,
+        "p",
+        "echo synced > /root/synced && sync && echo unsynced > /root/unsynced && \
+         T=$(sf ticket 4) || exit 1; ID=$(sf clone $T) || exit 1; \
+         if [ \"$ID\" = 0 ]; then echo after > /root/after; sync; echo $T; fi",
+    );
+    let kids = clones_of(&h0.vms(), &t);
+    assert_eq!(kids.len(), 4, "{kids:?}");
+    // A host other than the origin with two clones.
+    let (host, pair) = (1..3)
+        .map(|i| {
+            let on: Vec<String> = kids
+                .iter()
+                .filter(|k| k["host"] == format!("h{i}").as_str())
+                .map(|k| k["name"].as_str().unwrap().to_string())
+                .collect();
+            (i, on)
+        })
+        .find(|(_, on)| on.len() >= 2)
+        .expect("a host with two clones");
+    let (a, b) = (&pair[0], &pair[1]);
+    let hx = c.host(host);
+
+    let before = disk_fetched(&c, host, a);
+    assert_eq!(
+        sh_in(hx, a, "cat /root/synced /root/unsynced"),
+        "synced\nunsynced"
+    );
+    assert_eq!(
+        sh_in(hx, a, "test -e /root/after && echo seen || echo absent"),
+        "absent"
+    );
+    sh_in(
+        hx,
+        a,
+        "cat /etc/os-release /etc/passwd > /dev/null; ls -l /usr/bin > /dev/null",
+    );
+    let few = disk_fetched(&c, host, a);
+    // What the image's disk holds (its allocated blocks).
+    let used = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(img.dir.join("disk.raw"))
+            .unwrap()
+            .blocks()
+            * 512
+    };
+    eprintln!(
+        "clone {a}: {} KiB fetched reading a few files; the image holds {} MiB",
+        few / 1024,
+        used >> 20
+    );
+    assert!(few < used / 10, "fetched {few} of {used} for a few files");
+
+    // The 200 MiB file, read from the disk (not the page cache it inherited).
+    sh_in(hx, a, "sync; echo 3 > /proc/sys/vm/drop_caches");
+    let s0 = disk_fetched(&c, host, a);
+    assert_eq!(sh_in(hx, a, "sha256sum /root/big | cut -d' ' -f1"), sum);
+    let big = disk_fetched(&c, host, a) - s0;
+    eprintln!(
+        "clone {a}: read 200 MiB, fetched {:.1} MiB ({:.3}x)",
+        big as f64 / 1048576.0,
+        big as f64 / (200u64 << 20) as f64
+    );
+    assert!(big as f64 <= 1.05 * (200u64 << 20) as f64, "fetched {big}");
+    assert!(big >= 150 << 20, "the read went to the disk: fetched {big}");
+    // A second clone on the same host fetches nothing more for it.
+    sh_in(hx, b, "sync; echo 3 > /proc/sys/vm/drop_caches");
+    let b0 = disk_fetched(&c, host, b);
+    assert_eq!(sh_in(hx, b, "sha256sum /root/big | cut -d' ' -f1"), sum);
+    let again = disk_fetched(&c, host, b) - b0;
+    eprintln!("clone {b} on the same host: fetched {again} bytes more");
+    assert!(again < 1 << 20, "second clone fetched {again}");
+    assert!(few >= before, "{few} {before}");
+
+    // Private writes.
+    sh_in(hx, a, "echo mine > /root/mine && sync");
+    assert_eq!(
+        sh_in(hx, b, "test -e /root/mine && echo seen || echo absent"),
+        "absent"
+    );
+    assert_eq!(
+        sh_in(h0, "p", "test -e /root/mine && echo seen || echo absent"),
+        "absent"
+    );
+    h0.sh_ok("p", &format!("sf kill {t}"));
 }

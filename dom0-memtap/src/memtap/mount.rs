@@ -202,6 +202,7 @@ impl Memtap {
             events_tx: Mutex::new(etx),
             events_rx: Mutex::new(Some(erx)),
             pid_stats: Mutex::new(HashMap::new()),
+            pid_gen_stats: Mutex::new(HashMap::new()),
             tgids: Mutex::new(HashMap::new()),
         });
         let mut m = Memtap {
@@ -353,9 +354,30 @@ impl Memtap {
             .unwrap_or_default()
     }
 
+    /// Statistics of one process's reads of the named generations
+    /// (those present in the mount), merged.
+    pub fn pid_generations_stats(&self, pid: u32, names: &[String]) -> FaultStats {
+        let inos: Vec<u64> = {
+            let t = self.sh.table.lock();
+            names
+                .iter()
+                .filter_map(|n| t.by_name.get(n).map(|(g, _)| g.ino))
+                .collect()
+        };
+        let m = self.sh.pid_gen_stats.lock();
+        let mut acc = crate::stats::Acc::default();
+        for ino in inos {
+            if let Some(a) = m.get(&(pid, ino)) {
+                acc.merge(a);
+            }
+        }
+        acc.snapshot()
+    }
+
     /// Forgets a process's statistics (call when a clone ends).
     pub fn forget_pid(&self, pid: u32) {
         self.sh.pid_stats.lock().remove(&pid);
+        self.sh.pid_gen_stats.lock().retain(|(p, _), _| *p != pid);
         self.sh.tgids.lock().retain(|_, t| *t != pid);
     }
 

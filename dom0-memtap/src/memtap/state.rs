@@ -76,6 +76,9 @@ pub(super) struct Shared {
     pub(super) events_tx: Mutex<Sender<MemtapEvent>>,
     pub(super) events_rx: Mutex<Option<Receiver<MemtapEvent>>>,
     pub(super) pid_stats: Mutex<HashMap<u32, Acc>>,
+    /// The same per process and generation (inode): a clone's memory and
+    /// its disk layers apart.
+    pub(super) pid_gen_stats: Mutex<HashMap<(u32, u64), Acc>>,
     pub(super) tgids: Mutex<HashMap<u32, u32>>,
 }
 
@@ -83,6 +86,11 @@ impl Shared {
     pub(super) fn account(&self, g: &Gen, pid: u32, o: &ReadOutcome) {
         g.stats.lock().add(o);
         self.pid_stats.lock().entry(pid).or_default().add(o);
+        self.pid_gen_stats
+            .lock()
+            .entry((pid, g.ino))
+            .or_default()
+            .add(o);
     }
 
     /// The process (thread group) of a FUSE request's thread.

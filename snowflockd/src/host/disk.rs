@@ -195,32 +195,35 @@ fn info_of(path: &Path) -> Result<Layer, DiskError> {
 
 /// Creates a qcow2 overlay at `path` over `backing`, which from then on
 /// is only read. 4 KiB clusters: a guest's 4 KiB write replaces a whole
-/// cluster, so nothing is read from the backing to complete it.
+/// cluster, so nothing is read from the backing to complete it. With
+/// `size`, the backing is not opened (it is read on demand from another
+/// host: opening it here would fetch its header for nothing).
 pub fn create_overlay(
     path: &Path,
     backing: &Path,
     backing_format: Format,
+    size: Option<u64>,
 ) -> Result<(), DiskError> {
     let fail = |reason: String| DiskError::Overlay {
         path: path.to_path_buf(),
         reason,
     };
-    let backing =
-        std::fs::canonicalize(backing).map_err(|e| fail(format!("{}: {e}", backing.display())))?;
+    let backing = match size {
+        Some(_) => backing.to_path_buf(),
+        None => std::fs::canonicalize(backing)
+            .map_err(|e| fail(format!("{}: {e}", backing.display())))?,
+    };
     let (p, b) = (path.to_string_lossy(), backing.to_string_lossy());
-    let out = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-F",
-        backing_format.as_str(),
-        "-b",
-        b.as_ref(),
-        p.as_ref(),
-    ])?;
+    let size = size.map(|s| s.to_string());
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"];
+    if size.is_some() {
+        args.push("-u");
+    }
+    args.extend(["-F", backing_format.as_str(), "-b", b.as_ref(), p.as_ref()]);
+    if let Some(s) = &size {
+        args.push(s);
+    }
+    let out = qemu_img(&args)?;
     if out.status.success() {
         Ok(())
     } else {
@@ -255,7 +258,7 @@ mod tests {
         let info = inspect(&raw).unwrap();
         assert_eq!((info.format, info.virtual_size), (Format::Raw, 1 << 20));
         let top = d.path().join("top.qcow2");
-        create_overlay(&top, &raw, Format::Raw).unwrap();
+        create_overlay(&top, &raw, Format::Raw, None).unwrap();
         let info = inspect(&top).unwrap();
         assert_eq!((info.format, info.virtual_size), (Format::Qcow2, 1 << 20));
     }
@@ -270,7 +273,7 @@ mod tests {
         std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
         let d = tempfile::tempdir().unwrap();
         let top = d.path().join("user.qcow2");
-        create_overlay(&top, &raw, Format::Raw).unwrap();
+        create_overlay(&top, &raw, Format::Raw, None).unwrap();
         let e = inspect(&top).unwrap_err();
         assert!(matches!(e, DiskError::BackingOutside { .. }), "{e}");
         assert!(e.to_string().contains("secret.raw"), "{e}");

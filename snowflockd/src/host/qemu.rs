@@ -25,8 +25,9 @@ pub struct QemuSpec {
     pub mac: String,
     /// Start paused, waiting for `migrate-incoming`.
     pub incoming: bool,
-    /// The root disk (`/dev/vda`), if any, and its format.
-    pub disk: Option<(PathBuf, super::disk::Format)>,
+    /// The root disk (`/dev/vda`), if any: its `-blockdev` options
+    /// without node name (driver, file, backing chain).
+    pub disk: Option<serde_json::Value>,
 }
 
 /// QEMU node name of a VM's root disk (its top layer).
@@ -104,15 +105,13 @@ impl QemuSpec {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path(&self.dir).display()),
         ];
-        if let Some((path, format)) = &self.disk {
+        if let Some(disk) = &self.disk {
             // Discards from the guest (fstab `discard`) punch holes: freed
             // blocks cost a clone nothing.
-            let node = serde_json::json!({
-                "driver": format.as_str(),
-                "node-name": DISK_NODE,
-                "discard": "unmap",
-                "file": {"driver": "file", "filename": path, "discard": "unmap"},
-            });
+            let mut node = disk.clone();
+            node["node-name"] = DISK_NODE.into();
+            node["discard"] = "unmap".into();
+            node["file"]["discard"] = "unmap".into();
             a.extend([
                 "-blockdev".into(),
                 node.to_string(),

@@ -60,14 +60,26 @@ impl Daemon {
             dir,
         };
         self.prepare_host(&spec, &placed).await?;
-        if let Some(crate::state::vm::DiskPlan::Overlay { base, format }) = &spec.disk {
-            let (top, base, format) = (
-                placed.dir.join(crate::state::vm::OVERLAY),
-                base.clone(),
-                *format,
-            );
-            let made =
-                blocking(move || Ok(crate::host::disk::create_overlay(&top, &base, format)?)).await;
+        use crate::state::vm::DiskPlan;
+        let overlay = match &spec.disk {
+            Some(DiskPlan::Overlay { base, format }) => Some((base.clone(), *format, None)),
+            Some(DiskPlan::Remote {
+                layers,
+                virtual_size,
+                ..
+            }) => layers
+                .last()
+                .map(|(top, format)| (top.clone(), *format, Some(*virtual_size))),
+            _ => None,
+        };
+        if let Some((base, format, size)) = overlay {
+            let top = placed.dir.join(crate::state::vm::OVERLAY);
+            let made = blocking(move || {
+                Ok(crate::host::disk::create_overlay(
+                    &top, &base, format, size,
+                )?)
+            })
+            .await;
             if let Err(e) = made {
                 let (net, tap, dir) = (self.net.clone(), placed.tap.clone(), placed.dir.clone());
                 let _ = blocking(move || {
@@ -93,7 +105,7 @@ impl Daemon {
             tap: placed.tap.clone(),
             mac: placed.mac.clone(),
             incoming: spec.memory.generation_ram().is_some(),
-            disk: spec.disk.as_ref().map(|d| d.top(&placed.dir)),
+            disk: spec.disk.as_ref().map(|d| d.blockdev(&placed.dir)),
         };
         let (vm, agent_rx) = Vm::new(spec, placed);
         let vm = Arc::new(vm);

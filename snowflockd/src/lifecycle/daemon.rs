@@ -199,10 +199,23 @@ impl Daemon {
             ..Default::default()
         };
         let pid = *vm.pid.lock();
-        if let (crate::state::vm::MemSource::Remote { .. }, Some(m), Some(pid)) =
+        let disk = match &vm.spec.disk {
+            Some(crate::state::vm::DiskPlan::Remote { memtap, .. }) => Some(memtap),
+            _ => None,
+        };
+        if let (crate::state::vm::MemSource::Remote { generation, .. }, Some(m), Some(pid)) =
             (&vm.spec.memory, &self.memtap, pid)
         {
-            s.fetch = m.pid_stats(pid);
+            s.fetch = match disk {
+                // Memory and disk apart: the process reads both through memtap.
+                Some(_) => m.pid_generations_stats(pid, std::slice::from_ref(generation)),
+                None => m.pid_stats(pid),
+            };
+            if let Some(names) = disk {
+                s.disk = snowflock_proto::admin::DiskStats::from_fault_stats(
+                    &m.pid_generations_stats(pid, names),
+                );
+            }
         }
         s
     }

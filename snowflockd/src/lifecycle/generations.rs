@@ -67,6 +67,12 @@ impl Daemon {
         let Ok(rd) = std::fs::read_dir(&gens) else {
             return;
         };
+        // Its disk layers (`<parent>-d<i>`), published for clones elsewhere.
+        if let Some(p) = &self.pages {
+            for i in 0..snowflock_descriptor::MAX_DISK_LAYERS {
+                p.withdraw(&shared_name(&self.cfg.host, &format!("{parent}-d{i}")));
+            }
+        }
         let mut doomed = Vec::new();
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();

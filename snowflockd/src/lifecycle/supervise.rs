@@ -4,7 +4,7 @@
 use super::daemon::{wait_until, Daemon};
 use crate::host::console;
 use crate::state::metrics::bump;
-use crate::state::vm::{outcome, EndCause, MemSource, Vm};
+use crate::state::vm::{outcome, DiskPlan, EndCause, MemSource, Vm};
 use futures::future::BoxFuture;
 use snowflock_proto::admin::VmState;
 use snowflock_proto::api::ChildState;
@@ -66,6 +66,10 @@ impl Daemon {
         if let (Some(origin), Some(ticket)) = (&spec.origin, &spec.ticket) {
             self.notify_child_ended(origin, ticket, spec.clone_id, out.child_state.clone());
         }
+        if let (Some(DiskPlan::Remote { memtap: names, .. }), Some(m)) = (&spec.disk, &self.memtap)
+        {
+            names.iter().for_each(|n| m.release_generation(n));
+        }
         if let (MemSource::Remote { generation, .. }, Some(m)) = (&spec.memory, &self.memtap) {
             m.release_generation(generation);
             if let Some(pid) = pid {
@@ -122,12 +126,19 @@ impl Daemon {
     /// with the reason, so that a clone waiting for a page never waits
     /// forever.
     pub async fn origin_lost(self: &Arc<Self>, generation: &str, origin: &str, reason: &str) {
-        let why =
-            format!("its memory origin {origin} stopped serving generation {generation}: {reason}");
         let victims = self.with(|r| r.vms_of_generation(generation));
-        tracing::warn!(%generation, %origin, %reason, clones = victims.len(), "memory origin lost; stopping its clones");
+        tracing::warn!(%generation, %origin, %reason, clones = victims.len(), "origin lost; stopping its clones");
         let stops = victims.iter().map(|v| {
-            v.begin_stop(EndCause::Lost(why.clone()));
+            let why = if v.reads_disk_layer(generation) {
+                format!(
+                    "its disk origin {origin} stopped serving disk layer {generation}: {reason}"
+                )
+            } else {
+                format!(
+                    "its memory origin {origin} stopped serving generation {generation}: {reason}"
+                )
+            };
+            v.begin_stop(EndCause::Lost(why));
             bump(&self.counters.origin_lost_kills);
             self.stop_vm(v)
         });

@@ -169,6 +169,7 @@ impl Registry {
             .values()
             .filter(|v| {
                 matches!(&v.spec.memory, super::vm::MemSource::Remote { generation: g, .. } if g == generation)
+                    || v.reads_disk_layer(generation)
             })
             .cloned()
             .collect()

@@ -75,8 +75,16 @@ pub enum DiskPlan {
     /// The user's own disk, written in place.
     Direct { path: PathBuf, format: Format },
     /// A private qcow2 overlay in the VM's directory ([`OVERLAY`]) over a
-    /// base that stays read-only (an image's disk).
+    /// base that stays read-only (an image's disk, or a frozen layer).
     Overlay { base: PathBuf, format: Format },
+    /// A private overlay over another host's frozen layers, read through
+    /// memtap: `layers` base first, each the backing of the next, named
+    /// `memtap` there (one reference each, released when the VM ends).
+    Remote {
+        layers: Vec<(PathBuf, Format)>,
+        memtap: Vec<String>,
+        virtual_size: u64,
+    },
 }
 
 /// File name of a VM's disk overlay in its directory.
@@ -87,8 +95,35 @@ impl DiskPlan {
     pub fn top(&self, dir: &std::path::Path) -> (PathBuf, Format) {
         match self {
             DiskPlan::Direct { path, format } => (path.clone(), *format),
-            DiskPlan::Overlay { .. } => (dir.join(OVERLAY), Format::Qcow2),
+            DiskPlan::Overlay { .. } | DiskPlan::Remote { .. } => {
+                (dir.join(OVERLAY), Format::Qcow2)
+            }
         }
+    }
+
+    /// The disk as QEMU `-blockdev` options (without the node name). A
+    /// remote chain is spelled out: the layers' own headers name files
+    /// on the origin host.
+    pub fn blockdev(&self, dir: &std::path::Path) -> serde_json::Value {
+        let file = |p: &std::path::Path| serde_json::json!({"driver": "file", "filename": p});
+        let (top, format) = self.top(dir);
+        let mut node = serde_json::json!({"driver": format.as_str(), "file": file(&top)});
+        if let DiskPlan::Remote { layers, .. } = self {
+            let mut below = serde_json::Value::Null;
+            for (path, format) in layers {
+                let mut l = serde_json::json!({
+                    "driver": format.as_str(),
+                    "read-only": true,
+                    "file": file(path),
+                });
+                if *format == Format::Qcow2 {
+                    l["backing"] = below;
+                }
+                below = l;
+            }
+            node["backing"] = below;
+        }
+        node
     }
 }
 
@@ -288,6 +323,8 @@ pub struct DiskLayers {
     pub top_node: String,
     /// File of the top layer.
     pub top: PathBuf,
+    /// The read-only base under the VM's first overlay (an image's disk).
+    pub base: Option<(PathBuf, Format)>,
     /// Layers frozen by clone calls, oldest first (each the backing of the
     /// next; the last is the top's backing).
     pub frozen: Vec<PathBuf>,
@@ -299,6 +336,10 @@ impl DiskLayers {
         DiskLayers {
             top_node: crate::host::qemu::DISK_NODE.to_string(),
             top: plan.top(dir).0,
+            base: match plan {
+                DiskPlan::Overlay { base, format } => Some((base.clone(), *format)),
+                _ => None,
+            },
             frozen: Vec::new(),
         }
     }
@@ -354,6 +395,11 @@ impl Vm {
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Whether the VM reads memtap generation `name` as a disk layer.
+    pub fn reads_disk_layer(&self, name: &str) -> bool {
+        matches!(&self.spec.disk, Some(DiskPlan::Remote { memtap, .. }) if memtap.iter().any(|n| n == name))
     }
 
     pub fn info(&self, host: &str) -> VmInfo {

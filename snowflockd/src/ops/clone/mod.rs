@@ -22,6 +22,7 @@
 //! [`freeze`] pauses and freezes, [`start`] starts one clone, [`remote`]
 //! starts clones on other hosts.
 
+pub mod disk;
 pub mod freeze;
 pub mod remote;
 pub mod start;
@@ -249,6 +250,7 @@ fn descriptor(
     slots: Vec<CloneSlot>,
     state: Vec<u8>,
     mem: &dom0_memtap::Frozen,
+    disk: Option<snowflock_descriptor::DiskLayout>,
 ) -> Descriptor {
     let s = &parent.spec;
     Descriptor {
@@ -275,6 +277,7 @@ fn descriptor(
                 subnet: crate::host::net::subnet(s.flock),
             },
             clones: slots,
+            disk,
         },
         device_state: state,
         holes: mem.holes.clone(),
@@ -296,15 +299,20 @@ async fn prepare_disk_freeze(
             "a VM started on a disk of your own (--disk) cannot be cloned yet; start it from an image, whose disk it gets behind an overlay",
         ));
     }
-    if any_remote {
+    if any_remote && layers.base.is_none() {
         return Err(CloneError::DiskUnsupported(
-            "clones of a VM with a disk can only run on the parent's host so far, and this ticket placed some on other hosts",
+            "only a disk behind an overlay (a VM started from an image) can be cloned to other hosts",
         ));
     }
     let (file, new_node) = layers.next(&parent.placed.dir, job.generation);
     let (f, top) = (file.clone(), layers.top.clone());
     crate::lifecycle::daemon::blocking(move || {
-        Ok(crate::host::disk::create_overlay(&f, &top, Format::Qcow2)?)
+        Ok(crate::host::disk::create_overlay(
+            &f,
+            &top,
+            Format::Qcow2,
+            None,
+        )?)
     })
     .await
     .map_err(CloneError::DiskPrepare)?;
@@ -381,7 +389,27 @@ async fn do_clone(
         mem,
     } = frozen??;
 
-    let encoded = descriptor(d, parent, job, slots, state, &mem).encode()?;
+    // Clones on other hosts read the frozen disk's layers through the page
+    // server: list them (with their data extents) and publish them.
+    let disk_layout = match (&layers, any_remote) {
+        (Some(l), true) => {
+            let (l, parent_name, me2) = (l.clone(), parent.name().to_string(), me.clone());
+            let (layout, files) =
+                tokio::task::spawn_blocking(move || disk::layout(&parent_name, &me2, &l))
+                    .await
+                    .map_err(|_| CloneError::TaskFailed)??;
+            let pages = d.pages.as_ref().ok_or(CloneError::NoPageServer)?;
+            for (name, path) in files {
+                pages
+                    .publish(&generations::shared_name(&me, &name), &path)
+                    .map_err(CloneError::Publish)?;
+            }
+            tl.mark("disk_published");
+            Some(layout)
+        }
+        _ => None,
+    };
+    let encoded = descriptor(d, parent, job, slots, state, &mem, disk_layout).encode()?;
     std::fs::write(job.gen_dir.join("descriptor"), &encoded).map_err(|err| CloneError::Io {
         what: "write the descriptor".into(),
         err,
@@ -430,6 +458,7 @@ async fn do_clone(
         },
         origin: None,
         disk: layers
+            .as_ref()
             .and_then(|l| l.frozen.last().cloned())
             .map(|base| DiskPlan::Overlay {
                 base,

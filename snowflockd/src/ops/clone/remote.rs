@@ -9,6 +9,7 @@ use crate::lifecycle::daemon::random_hex;
 use crate::lifecycle::generations;
 use crate::lifecycle::Daemon;
 use crate::state::metrics::bump;
+use crate::state::vm::DiskPlan;
 use crate::state::vm::MemSource;
 use snowflock_descriptor::{CloneSlot, Descriptor};
 use snowflock_proto::admin::{AdminErrorCode as C, AdminResponse, CloneStart};
@@ -89,6 +90,8 @@ pub enum RemoteStartError {
     },
     #[error("memtap")]
     Memtap(#[source] dom0_memtap::MemtapError),
+    #[error("the parent's disk")]
+    Disk(#[from] super::disk::AttachError),
     #[error("cannot write device state")]
     State(#[source] std::io::Error),
 }
@@ -97,7 +100,9 @@ impl RemoteStartError {
     fn code(&self) -> C {
         match self {
             RemoteStartError::NoCapacity { .. } => C::Unavailable,
-            RemoteStartError::Memtap(_) | RemoteStartError::State(_) => C::Failed,
+            RemoteStartError::Memtap(_)
+            | RemoteStartError::State(_)
+            | RemoteStartError::Disk(_) => C::Failed,
             _ => C::BadRequest,
         }
     }
@@ -177,6 +182,30 @@ async fn try_start_remote(
     let Some(ram) = ram else {
         return Err(RemoteStartError::Ids);
     };
+    // The disk's layers: one memtap reference per layer per clone VM, like
+    // the memory's.
+    let mut disk = None;
+    if let Some(layout) = &desc.meta.disk {
+        for added in 0..slots.len() {
+            match super::disk::attach(memtap, &desc.meta.origin_host, origin_addr, layout) {
+                Ok(plan) => disk = Some(plan),
+                Err(e) => {
+                    release(slots.len());
+                    if let Some(DiskPlan::Remote { memtap: names, .. }) = &disk {
+                        for _ in 0..added {
+                            names.iter().for_each(|n| memtap.release_generation(n));
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    let release_disk = |plan: &Option<DiskPlan>| {
+        if let Some(DiskPlan::Remote { memtap: names, .. }) = plan {
+            names.iter().for_each(|n| memtap.release_generation(n));
+        }
+    };
     let dir = d
         .cfg
         .state_dir
@@ -187,6 +216,7 @@ async fn try_start_remote(
         std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&state_file, &desc.device_state))
     {
         release(slots.len());
+        (0..slots.len()).for_each(|_| release_disk(&disk));
         let _ = std::fs::remove_dir_all(&dir);
         return Err(RemoteStartError::State(e));
     }
@@ -197,19 +227,19 @@ async fn try_start_remote(
             ram,
         },
         origin: Some(desc.meta.origin_host.clone()),
-        // The origin refuses to place clones of a VM with a disk here.
-        disk: None,
+        disk: disk.clone(),
     };
     let spawned =
         futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
     let starts = spawned.into_iter().zip(&slots).map(|(vm, slot)| {
-        let (state_file, desc, tl) = (&state_file, &desc, &tl);
+        let (state_file, desc, tl, disk) = (&state_file, &desc, &tl, &disk);
         async move {
             match vm {
                 Ok(vm) => resume_clone(d, None, vm, desc, slot, state_file, tl).await,
                 Err(e) => {
-                    // No VM holds this reference.
+                    // No VM holds these references.
                     release(1);
+                    release_disk(disk);
                     Err(e)
                 }
             }
