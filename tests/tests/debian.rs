@@ -7,6 +7,7 @@
 use snowflock_tests::*;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 fn sh_in(h: &Daemon, vm: &str, script: &str) -> String {
     h.sh_ok(vm, script).trim().to_string()
@@ -392,5 +393,62 @@ fn clones_on_other_hosts_read_the_disk_on_demand() {
         sh_in(h0, "p", "test -e /root/mine && echo seen || echo absent"),
         "absent"
     );
-    h0.sh_ok("p", &format!("sf kill {t}"));
+
+    // The origin's page service stops answering while a clone on the other
+    // host reads the file from disk: the clone is stopped with the reason
+    // within the fetch deadline, the parent hears it was lost.
+    let other = 3 - host;
+    let victim = kids
+        .iter()
+        .find(|k| k["host"] == format!("h{other}").as_str())
+        .expect("a clone on the other host")["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hy = c.host(other);
+    // Its tools in its page cache first, so what it misses is mostly disk.
+    sh_in(
+        hy,
+        &victim,
+        "sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum /dev/null >/dev/null",
+    );
+    let origin = h0.daemon_pid().expect("h0 daemon pid");
+    // A daemon this test's cluster started.
+    snowflock_tests::signal(origin, libc::SIGSTOP);
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            snowflock_tests::signal(self.0, libc::SIGCONT);
+        }
+    }
+    let cont = Cont(origin);
+    let _ = hy.sh(&victim, "sha256sum /root/big >/dev/null 2>&1 &");
+    let lost = wait_until(Duration::from_secs(60), || {
+        let st: serde_json::Value =
+            serde_json::from_str(&hy.ok(&["daemon", "status", "--json"])).ok()?;
+        st["recent_losses"]
+            .as_array()?
+            .iter()
+            .find(|l| l["vm"] == victim.as_str())
+            .cloned()
+    })
+    .unwrap_or_else(|| panic!("{victim} must be stopped within the fetch deadline"));
+    let reason = lost["reason"].as_str().unwrap().to_string();
+    eprintln!("{victim} stopped: {reason}");
+    // Memory and disk come from the same page service: whichever miss came
+    // first names it.
+    assert!(
+        (reason.contains("disk origin") || reason.contains("memory origin"))
+            && reason.contains("stopped serving"),
+        "{reason}"
+    );
+    drop(cont);
+    let id = kids.iter().find(|k| k["name"] == victim.as_str()).unwrap()["clone_id"]
+        .as_u64()
+        .unwrap();
+    let out = h0.sh_ok("p", &format!("sf kill {t}"));
+    assert!(
+        out.contains(&format!("{id} lost")),
+        "the parent hears clone {id} was lost: {out}"
+    );
 }

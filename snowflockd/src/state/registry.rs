@@ -200,6 +200,57 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_generation_names_the_vms_that_read_it_as_memory_or_disk() {
+        use crate::state::vm::{tests::spec, DiskPlan, Format, MemSource, Placed, Vm};
+        let mut r = Registry::new(0);
+        let mk = |name: &str, mem: &str, disk: &[&str]| {
+            let mut s = spec(name, 1);
+            s.memory = MemSource::Remote {
+                generation: mem.into(),
+                ram: "/m/ram".into(),
+            };
+            s.disk = (!disk.is_empty()).then(|| DiskPlan::Remote {
+                layers: disk
+                    .iter()
+                    .map(|d| (format!("/m/{d}").into(), Format::Qcow2))
+                    .collect(),
+                memtap: disk.iter().map(|d| d.to_string()).collect(),
+                virtual_size: 1 << 30,
+            });
+            let placed = Placed {
+                index: 1,
+                ram_path: "/m/ram".into(),
+                mac: String::new(),
+                ip: String::new(),
+                tap: String::new(),
+                dir: "/x".into(),
+            };
+            Arc::new(Vm::new(s, placed).0)
+        };
+        r.vms
+            .insert("a".into(), mk("a", "h0.p-g1", &["h0.p-d0", "h0.p-d1"]));
+        r.vms.insert(
+            "b".into(),
+            mk("b", "h0.p-g2", &["h0.p-d0", "h0.p-d1", "h0.p-d2"]),
+        );
+        r.vms.insert("c".into(), mk("c", "h0.q-g1", &[]));
+        let names = |g: &str| {
+            let mut v: Vec<String> = r
+                .vms_of_generation(g)
+                .iter()
+                .map(|v| v.name().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names("h0.p-d0"), ["a", "b"]);
+        assert_eq!(names("h0.p-d2"), ["b"]);
+        assert_eq!(names("h0.p-g1"), ["a"]);
+        assert_eq!(names("h0.q-g1"), ["c"]);
+        assert!(names("h0.p-d9").is_empty());
+    }
+
+    #[test]
     fn names_are_reserved_once() {
         let mut r = with_vms(&[("a", 0)]);
         assert_eq!(r.reserve("a", 0), Err(RegistryError::VmExists("a".into())));
