@@ -270,6 +270,41 @@ fn clones_see_the_disk_as_it_was_at_the_clone() {
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["p"], "the clones are gone");
+
+    // With no clone left, the next clone call first merges the frozen
+    // layer back: the chain does not grow with every clone call. The new
+    // clone sees what the parent wrote since.
+    let files = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("disk"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(files(&vms.join("p")), ["disk-g1.qcow2", "disk.qcow2"]);
+    let t2 = sh_in(
+        &h,
+        "p",
+        "T=$(sf ticket 1) || exit 1; ID=$(sf clone $T) || exit 1; [ \"$ID\" = 0 ] && echo $T",
+    );
+    assert_eq!(
+        files(&vms.join("p")),
+        ["disk-g2.qcow2", "disk.qcow2"],
+        "merged, then frozen again"
+    );
+    assert_eq!(sh_in(&h, "p-g2c1", "cat /root/after"), "after");
+    for vm in ["p", "p-g2c1"] {
+        assert_eq!(
+            sh_in(&h, vm, "sha256sum -c --quiet /root/data.sum && echo intact"),
+            "intact",
+            "{vm}"
+        );
+    }
+    fsck_view(&h, "p", &vms.join("p/disk-g2.qcow2"));
+    h.sh_ok("p", &format!("sf kill {t2}"));
 }
 
 fn clones_of(vms: &[serde_json::Value], ticket: &str) -> Vec<serde_json::Value> {

@@ -235,6 +235,9 @@ impl VmmControl for FakeControl {
     fn snapshot_disk(&mut self, _node: &str, _file: &Path, _new: &str) -> Result<(), QmpError> {
         self.log("snapshot_disk")
     }
+    fn merge_disk(&mut self, _top: &str, _base: &str, _t: Duration) -> Result<(), QmpError> {
+        self.log("merge_disk")
+    }
     fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
         self.log("migrate")?;
         let path = uri.strip_prefix("unix:").unwrap_or(uri);

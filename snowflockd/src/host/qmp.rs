@@ -129,6 +129,66 @@ impl Qmp {
         .map(drop)
     }
 
+    /// Active commit: merges every layer above node `base_node` (the active
+    /// one `top_node` included) into it, which becomes the VM's top layer
+    /// again. Returns once the job has completed.
+    // The schema's deprecated `base`/`top` fields must be named to be left
+    // unset.
+    #[allow(deprecated)]
+    pub fn merge_disk(
+        &mut self,
+        top_node: &str,
+        base_node: &str,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        const JOB: &str = "sf-merge";
+        let fail = |msg: String| QmpError::Command {
+            cmd: "block-commit",
+            msg,
+        };
+        self.exec(&qmp::block_commit {
+            job_id: Some(JOB.into()),
+            device: top_node.into(),
+            base_node: Some(base_node.into()),
+            auto_dismiss: Some(true),
+            auto_finalize: None,
+            backing_file: None,
+            backing_mask_protocol: None,
+            base: None,
+            filter_node_name: None,
+            on_error: None,
+            speed: None,
+            top: None,
+            top_node: None,
+        })?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut completed = false;
+        loop {
+            let jobs = self.exec(&qmp::query_block_jobs {})?;
+            let job = jobs.iter().find_map(|j| match j {
+                qmp::BlockJobInfo::commit(b) if b.device == JOB => Some(b.clone()),
+                _ => None,
+            });
+            match job {
+                None if completed => return Ok(()),
+                None => return Err(fail("the merge job ended before it was ready".into())),
+                Some(b) => {
+                    if let Some(e) = b.error {
+                        return Err(fail(e));
+                    }
+                    if b.ready && !completed {
+                        self.exec(&qmp::block_job_complete { device: JOB.into() })?;
+                        completed = true;
+                    }
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(fail(format!("the merge did not finish within {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts an outgoing migration to `uri`.
     pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
         self.exec(&qmp::migrate {

@@ -42,6 +42,13 @@ pub trait VmmControl: Send {
     /// Freezes the disk node `node`: the prepared overlay `file` becomes
     /// the VM's top layer, named `new_node`.
     fn snapshot_disk(&mut self, node: &str, file: &Path, new_node: &str) -> Result<(), QmpError>;
+    /// Merges the layers above `base_node` into it (the top included).
+    fn merge_disk(
+        &mut self,
+        top_node: &str,
+        base_node: &str,
+        timeout: Duration,
+    ) -> Result<(), QmpError>;
     /// Starts saving the device state to `uri`.
     fn migrate(&mut self, uri: &str) -> Result<(), QmpError>;
     /// Waits until the save completed.
@@ -109,6 +116,14 @@ impl VmmControl for Qmp {
     }
     fn snapshot_disk(&mut self, node: &str, file: &Path, new_node: &str) -> Result<(), QmpError> {
         Qmp::snapshot_disk(self, node, file, new_node)
+    }
+    fn merge_disk(
+        &mut self,
+        top_node: &str,
+        base_node: &str,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        Qmp::merge_disk(self, top_node, base_node, timeout)
     }
     fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
         Qmp::migrate(self, uri)

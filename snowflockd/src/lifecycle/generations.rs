@@ -15,6 +15,12 @@ pub fn shared_name(origin: &str, generation: &str) -> String {
     format!("{origin}.{generation}")
 }
 
+/// Name of layer `i` of `parent`'s disk in merge epoch `epoch` (0 is the
+/// base): `<parent>-e<epoch>d<i>`.
+pub fn disk_layer_name(parent: &str, epoch: u32, i: usize) -> String {
+    format!("{parent}-e{epoch}d{i}")
+}
+
 /// Whether directory name `dir` is a generation of `parent`.
 pub fn is_generation_of(dir: &str, parent: &str) -> bool {
     dir.strip_prefix(parent)
@@ -61,18 +67,26 @@ impl Daemon {
         }
     }
 
+    /// Withdraws the disk layers of `vm`'s current merge epoch from the
+    /// page server (a parent that ended, or one whose chain was merged:
+    /// `epoch` and `layers` give the names).
+    pub fn withdraw_disk_layers(&self, parent: &str, epoch: u32, layers: usize) {
+        if let Some(p) = &self.pages {
+            for i in 0..layers {
+                p.withdraw(&shared_name(
+                    &self.cfg.host,
+                    &disk_layer_name(parent, epoch, i),
+                ));
+            }
+        }
+    }
+
     /// Removes every generation of a parent that is gone or stopped.
     pub async fn cleanup_generations(&self, parent: &str) {
         let gens = self.cfg.state_dir.join("gens");
         let Ok(rd) = std::fs::read_dir(&gens) else {
             return;
         };
-        // Its disk layers (`<parent>-d<i>`), published for clones elsewhere.
-        if let Some(p) = &self.pages {
-            for i in 0..snowflock_descriptor::MAX_DISK_LAYERS {
-                p.withdraw(&shared_name(&self.cfg.host, &format!("{parent}-d{i}")));
-            }
-        }
         let mut doomed = Vec::new();
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();

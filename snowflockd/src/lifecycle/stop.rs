@@ -29,6 +29,9 @@ impl Daemon {
         self.stop_children(vm.name(), "its parent VM was stopped")
             .await;
         self.cleanup_generations(vm.name()).await;
+        if let Some(l) = vm.disk_layers.lock().clone() {
+            self.withdraw_disk_layers(vm.name(), l.epoch, l.frozen.len() + 1);
+        }
     }
 
     /// Discards a parent's tickets and stops its clones, here and on the

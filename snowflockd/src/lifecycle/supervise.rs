@@ -85,6 +85,9 @@ impl Daemon {
         if !spec.is_clone() && !out.requested {
             self.stop_children(vm.name(), "its parent VM ended").await;
             self.cleanup_generations(vm.name()).await;
+            if let Some(l) = vm.disk_layers.lock().clone() {
+                self.withdraw_disk_layers(vm.name(), l.epoch, l.frozen.len() + 1);
+            }
         }
     }
 

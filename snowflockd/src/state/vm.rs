@@ -328,6 +328,9 @@ pub struct DiskLayers {
     /// Layers frozen by clone calls, oldest first (each the backing of the
     /// next; the last is the top's backing).
     pub frozen: Vec<PathBuf>,
+    /// Merges so far: part of the layers' published names, so a name
+    /// never stands for two contents.
+    pub epoch: u32,
 }
 
 impl DiskLayers {
@@ -341,7 +344,24 @@ impl DiskLayers {
                 _ => None,
             },
             frozen: Vec::new(),
+            epoch: 0,
         }
+    }
+
+    /// After a merge into the first layer (node [`DISK_NODE`]): it is the
+    /// top again; returns the files no longer used.
+    ///
+    /// [`DISK_NODE`]: crate::host::qemu::DISK_NODE
+    pub fn merged(&mut self) -> Vec<PathBuf> {
+        if self.frozen.is_empty() {
+            return Vec::new();
+        }
+        let mut gone: Vec<PathBuf> = self.frozen.drain(1..).collect();
+        let first = self.frozen.pop().expect("one frozen layer left");
+        gone.push(std::mem::replace(&mut self.top, first));
+        self.top_node = crate::host::qemu::DISK_NODE.to_string();
+        self.epoch += 1;
+        gone
     }
 
     /// The layer file and node name of the next freeze (generation `g`),
@@ -506,6 +526,37 @@ pub(crate) mod tests {
             memory: MemSource::Own,
             disk: None,
         }
+    }
+
+    #[test]
+    fn a_disk_chain_grows_with_freezes_and_merges_back_to_its_first_layer() {
+        let plan = DiskPlan::Overlay {
+            base: "/img/disk.raw".into(),
+            format: Format::Raw,
+        };
+        let dir = std::path::Path::new("/vms/p");
+        let mut l = DiskLayers::of(&plan, dir);
+        assert_eq!(
+            (l.top.as_path(), l.top_node.as_str()),
+            (dir.join(OVERLAY).as_path(), "disk0")
+        );
+        assert!(l.merged().is_empty(), "nothing to merge");
+        for g in 1..=3 {
+            let (file, node) = l.next(dir, g);
+            let frozen = l.frozen_into(file.clone(), node.clone());
+            assert_eq!(l.top, file);
+            assert_eq!(l.frozen.last(), Some(&frozen));
+        }
+        assert_eq!(l.frozen.len(), 3);
+        assert_eq!(l.frozen[0], dir.join(OVERLAY));
+        let gone = l.merged();
+        assert_eq!(gone.len(), 3, "{gone:?}");
+        assert!(!gone.contains(&dir.join(OVERLAY)));
+        assert_eq!(
+            (l.top.clone(), l.top_node.as_str(), l.epoch),
+            (dir.join(OVERLAY), "disk0", 1)
+        );
+        assert!(l.frozen.is_empty());
     }
 
     pub fn vm(name: &str, clone_id: u32) -> Vm {

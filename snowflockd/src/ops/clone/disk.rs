@@ -11,18 +11,84 @@
 //!   memtap's cache file on the host's disk, and never fetched if the
 //!   layer holds a hole there.
 //!
-//! Layer `i` of parent `p` is named `p-d<i>` (0 is the base). A frozen layer
-//! never changes, so its name is stable across clone calls and clones of
-//! later generations share the cache.
+//! Layer `i` of parent `p` is named `p-e<epoch>d<i>` (0 is the base). A
+//! frozen layer never changes, so its name is stable across clone calls
+//! and clones of later generations share the cache; a merge of the chain
+//! (see [`merge_if_idle`]) starts a new epoch, so a name never stands for
+//! two contents.
 
 use super::CloneError;
-use crate::state::vm::{DiskLayers, DiskPlan, Format};
+use crate::lifecycle::Daemon;
+use crate::state::vm::{DiskLayers, DiskPlan, Format, Vm};
 use snowflock_descriptor::{DiskLayer, DiskLayout, MAX_DISK_LAYERS, PAGE_SIZE};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Name of layer `i` of `parent`'s disk.
-pub fn layer_name(parent: &str, i: usize) -> String {
-    format!("{parent}-d{i}")
+pub use crate::lifecycle::generations::disk_layer_name as layer_name;
+
+/// Time a merge of the parent's chain may take.
+const MERGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Keeps the parent's chain short: when no clone of the parent runs
+/// anywhere (none here, no ticket with a running child), nothing reads its
+/// frozen layers, so they are merged back into its first overlay with a
+/// live active commit (the parent keeps running) and deleted; the chain is
+/// `base <- first overlay` again. Called before each clone call, under the
+/// parent's clone lock. A failed merge is logged and leaves the chain as
+/// it was: the clone goes on with one more layer.
+pub async fn merge_if_idle(d: &Arc<Daemon>, parent: &Arc<Vm>) {
+    let Some(layers) = parent.disk_layers.lock().clone() else {
+        return;
+    };
+    if layers.frozen.is_empty() {
+        return;
+    }
+    let name = parent.name().to_string();
+    let idle = d.with(|r| {
+        r.clones_of(&name).is_empty()
+            && r.tickets
+                .values()
+                .filter(|t| t.owner == name)
+                .all(|t| t.all_done())
+    });
+    if !idle {
+        return;
+    }
+    let (vmm, dir, top_node) = (
+        d.vmm.clone(),
+        parent.placed.dir.clone(),
+        layers.top_node.clone(),
+    );
+    let t0 = std::time::Instant::now();
+    let merged = tokio::task::spawn_blocking(move || {
+        vmm.control(&dir, std::time::Duration::from_secs(2))
+            .and_then(|mut q| q.merge_disk(&top_node, crate::host::qemu::DISK_NODE, MERGE_TIMEOUT))
+    })
+    .await;
+    match merged {
+        Ok(Ok(())) => {
+            let (gone, old_epoch, old_count) = {
+                let mut l = parent.disk_layers.lock();
+                let Some(l) = l.as_mut() else { return };
+                let (e, n) = (l.epoch, l.frozen.len() + 1);
+                (l.merged(), e, n)
+            };
+            d.withdraw_disk_layers(&name, old_epoch, old_count);
+            let files = gone.len();
+            let _ = crate::lifecycle::daemon::blocking(move || {
+                for f in gone {
+                    let _ = std::fs::remove_file(f);
+                }
+                Ok(())
+            })
+            .await;
+            tracing::info!(vm = %name, layers = files, ms = t0.elapsed().as_millis() as u64, "disk layers merged");
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(vm = %name, error = %snowflock_proto::error::chain(&e), "cannot merge the disk's layers; the chain grows by one");
+        }
+        Err(_) => tracing::warn!(vm = %name, "disk merge task failed"),
+    }
 }
 
 /// Data extents of a layer file, widened to whole pages.
@@ -89,7 +155,7 @@ pub fn layout(
         }
         let data =
             extents(&path, size).map_err(io(format!("read the extents of {}", path.display())))?;
-        let name = layer_name(parent, i);
+        let name = layer_name(parent, layers.epoch, i);
         out.push(DiskLayer {
             source: format!("{host}:{name}"),
             format: format.as_str().to_string(),
@@ -203,10 +269,10 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(layer_name("web", 0), "web-d0");
+        assert_eq!(layer_name("web", 0, 0), "web-e0d0");
         assert_eq!(
-            crate::lifecycle::generations::remote_name("h0", "h0:web-d2").unwrap(),
-            "h0.web-d2"
+            crate::lifecycle::generations::remote_name("h0", "h0:web-e3d2").unwrap(),
+            "h0.web-e3d2"
         );
     }
 }

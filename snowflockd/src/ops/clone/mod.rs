@@ -287,23 +287,33 @@ fn descriptor(
 /// Checks that the parent's disk can be cloned here and prepares the
 /// overlay its writes go to after the freeze (outside the pause).
 async fn prepare_disk_freeze(
+    d: &Arc<Daemon>,
     parent: &Arc<Vm>,
     job: &Job<'_>,
     any_remote: bool,
 ) -> Result<Option<freeze::DiskFreeze>, CloneError> {
-    let Some(layers) = parent.disk_layers.lock().clone() else {
+    if parent.disk_layers.lock().is_none() {
         return Ok(None);
-    };
+    }
     if matches!(parent.spec.disk, Some(DiskPlan::Direct { .. })) {
         return Err(CloneError::DiskUnsupported(
             "a VM started on a disk of your own (--disk) cannot be cloned yet; start it from an image, whose disk it gets behind an overlay",
         ));
     }
-    if any_remote && layers.base.is_none() {
+    let has_base = parent
+        .disk_layers
+        .lock()
+        .as_ref()
+        .is_some_and(|l| l.base.is_some());
+    if any_remote && !has_base {
         return Err(CloneError::DiskUnsupported(
             "only a disk behind an overlay (a VM started from an image) can be cloned to other hosts",
         ));
     }
+    disk::merge_if_idle(d, parent).await;
+    let Some(layers) = parent.disk_layers.lock().clone() else {
+        return Ok(None);
+    };
     let (file, new_node) = layers.next(&parent.placed.dir, job.generation);
     let (f, top) = (file.clone(), layers.top.clone());
     crate::lifecycle::daemon::blocking(move || {
@@ -342,7 +352,7 @@ async fn do_clone(
         })
         .collect();
     let any_remote = job.placement.iter().skip(1).any(|(_, n)| *n > 0);
-    let disk = prepare_disk_freeze(parent, job, any_remote).await?;
+    let disk = prepare_disk_freeze(d, parent, job, any_remote).await?;
     let prepared = disk.as_ref().map(|f| f.file.clone());
     let gen_ram = job.gen_dir.join("ram");
     let precopy = {
