@@ -32,6 +32,15 @@ pub struct HostFile {
     pub socket: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::path")]
     pub state_dir: Option<PathBuf>,
+    /// Where memtap keeps the memory pages and disk blocks this host
+    /// fetched from other hosts (default `<state_dir>/memcache`). Put it on
+    /// a disk for clones of VMs with large disks.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser::path"
+    )]
+    pub memcache_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub net_prefix: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::path")]
@@ -134,6 +143,7 @@ mod tests {
             host: Some("h1".into()),
             socket: Some("/run/x/h1.sock".into()),
             state_dir: Some("/dev/shm/x/h1".into()),
+            memcache_dir: Some("/var/cache/snowflock/memtap".into()),
             net_prefix: Some("sx".into()),
             qemu: Some("/usr/bin/qemu-system-x86_64".into()),
             max_vms: Some(8),

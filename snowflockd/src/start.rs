@@ -68,7 +68,7 @@ async fn parts(cfg: &config::Config) -> Result<(Parts, Option<Control>), StartEr
         })?;
     let memtap = dom0_memtap::Memtap::mount(dom0_memtap::MemtapConfig {
         mount: cfg.state_dir.join("memtap"),
-        cache_dir: cfg.state_dir.join("memcache"),
+        cache_dir: cfg.memcache_dir(),
         key: key.clone(),
         fetch_timeout: c.fetch_timeout,
         prefetch_pages: c.prefetch_pages,
@@ -107,7 +107,7 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
         .map_err(setup(cfg.socket.display().to_string()))?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600));
-    let _ = std::fs::remove_dir_all(cfg.state_dir.join("memcache"));
+    // memtap deletes its own stale cache files from the cache directory.
     let (parts, control) = parts(&cfg).await?;
     let d = Daemon::new(cfg, parts);
     let stale = d.net.remove_stale_links(&d.names);

@@ -53,6 +53,9 @@ pub struct Config {
     /// Where VM directories, RAM files and generations live. Should be a
     /// tmpfs (RAM files are guest memory).
     pub state_dir: PathBuf,
+    /// Where memtap caches what it fetched (`None`: `<state_dir>/memcache`,
+    /// see [`Config::memcache_dir`]).
+    pub memcache_dir: Option<PathBuf>,
     /// Prefix of bridge and tap names (keep it short: names max 15 chars).
     pub net_prefix: String,
     /// Most VMs (parents and clones) this host runs at once.
@@ -75,6 +78,7 @@ impl Default for Config {
             host: hostname(),
             socket: PathBuf::from(snowflock_proto::DAEMON_SOCKET),
             state_dir: PathBuf::from("/dev/shm/snowflock"),
+            memcache_dir: None,
             net_prefix: "sf".into(),
             max_vms: 64,
             quota_per_ticket: 32,
@@ -95,6 +99,13 @@ fn valid_host_name(n: &str) -> bool {
 }
 
 impl Config {
+    /// Where memtap caches fetched memory pages and disk blocks.
+    pub fn memcache_dir(&self) -> PathBuf {
+        self.memcache_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("memcache"))
+    }
+
     /// Applies `file` (read from `path`, for messages) over these
     /// settings, checking what only makes sense together.
     pub fn apply_file(&mut self, file: HostFile, path: &str) -> Result<(), ConfigError> {
@@ -121,6 +132,9 @@ fn apply(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), ConfigError
     if let Some(s) = file.state_dir {
         cfg.net_prefix = net_prefix_for(&s);
         cfg.state_dir = s;
+    }
+    if let Some(m) = file.memcache_dir {
+        cfg.memcache_dir = Some(m);
     }
     if let Some(p) = file.net_prefix {
         cfg.net_prefix = p;
@@ -236,6 +250,29 @@ pub fn host_has_hw_virt() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memtap_cache_follows_the_state_dir_unless_set() {
+        let mut c = Config::default();
+        c.apply_file(
+            HostFile {
+                state_dir: Some("/dev/shm/x".into()),
+                ..Default::default()
+            },
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.memcache_dir(), Path::new("/dev/shm/x/memcache"));
+        c.apply_file(
+            HostFile {
+                memcache_dir: Some("/var/cache/sf".into()),
+                ..Default::default()
+            },
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.memcache_dir(), Path::new("/var/cache/sf"));
+    }
 
     #[test]
     fn prefixes_are_short_and_differ_by_state_dir() {

@@ -1,5 +1,5 @@
-//! A parent's frozen disk for clones on other hosts (`blkfront-ondemand`'s
-//! two ends, built on the memory machinery):
+//! A parent's frozen disk for clones on other hosts: the daemon's side of
+//! `blkfront-ondemand` (which knows files, extents and memtap):
 //!
 //! * on the origin host, [`layout`] lists the chain's layers (the image's
 //!   disk, then every layer frozen by a clone call) with their data
@@ -20,8 +20,9 @@
 use super::CloneError;
 use crate::lifecycle::Daemon;
 use crate::state::vm::{DiskLayers, DiskPlan, Format, Vm};
-use snowflock_descriptor::{DiskLayer, DiskLayout, MAX_DISK_LAYERS, PAGE_SIZE};
-use std::path::{Path, PathBuf};
+use blkfront_ondemand::LayerFormat;
+use snowflock_descriptor::DiskLayout;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use crate::lifecycle::generations::disk_layer_name as layer_name;
@@ -91,86 +92,43 @@ pub async fn merge_if_idle(d: &Arc<Daemon>, parent: &Arc<Vm>) {
     }
 }
 
-/// Data extents of a layer file, widened to whole pages.
-fn extents(path: &Path, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let f = std::fs::File::open(path)?;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (a, b) in dom0_memtap::data_extents(&f, size)? {
-        let (a, b) = (a / PAGE_SIZE * PAGE_SIZE, b.div_ceil(PAGE_SIZE) * PAGE_SIZE);
-        match out.last_mut() {
-            Some(last) if last.1 >= a => last.1 = last.1.max(b.min(size)),
-            _ => out.push((a, b.min(size))),
-        }
+fn layer_format(f: Format) -> LayerFormat {
+    match f {
+        Format::Raw => LayerFormat::Raw,
+        Format::Qcow2 => LayerFormat::Qcow2,
     }
-    Ok(out)
 }
 
-/// The layers of `layers` as the descriptor lists them, and the files to
-/// publish under their names. Blocking (reads extents; rounds a frozen
-/// qcow2 layer's size up to whole pages, which qcow2 ignores).
+/// The parent's chain as the descriptor lists it (see
+/// [`blkfront_ondemand::layout`]), and the files to publish under their
+/// names. Blocking.
 pub fn layout(
     parent: &str,
     host: &str,
     layers: &DiskLayers,
 ) -> Result<(DiskLayout, Vec<(String, PathBuf)>), CloneError> {
-    let unsupported = CloneError::DiskUnsupported(
-        "only a disk behind an overlay (a VM started from an image) can be cloned to other hosts",
-    );
     let Some((base, base_format)) = &layers.base else {
-        return Err(unsupported);
+        return Err(CloneError::DiskUnsupported(
+            "only a disk behind an overlay (a VM started from an image) can be cloned to other hosts",
+        ));
     };
-    if *base_format != Format::Raw {
-        return Err(unsupported);
-    }
-    let mut files = vec![(base.clone(), Format::Raw)];
+    let mut files = vec![(base.clone(), *base_format)];
     files.extend(layers.frozen.iter().map(|p| (p.clone(), Format::Qcow2)));
-    if files.len() > MAX_DISK_LAYERS {
-        return Err(CloneError::DiskUnsupported(
-            "this VM's disk has been frozen too many times (layers are not merged yet)",
-        ));
-    }
-    let io = |what: String| move |err| CloneError::Io { what, err };
-    let virtual_size = std::fs::metadata(base)
-        .map_err(io(format!("read {}", base.display())))?
-        .len();
-    if !virtual_size.is_multiple_of(PAGE_SIZE) {
-        return Err(CloneError::DiskUnsupported(
-            "the image's disk size is not a multiple of 4 KiB",
-        ));
-    }
-    let mut out = Vec::new();
-    let mut publish = Vec::new();
-    for (i, (path, format)) in files.into_iter().enumerate() {
-        let mut size = std::fs::metadata(&path)
-            .map_err(io(format!("read {}", path.display())))?
-            .len();
-        if !size.is_multiple_of(PAGE_SIZE) && format == Format::Qcow2 {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(io(format!("open {}", path.display())))?;
-            size = size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-            f.set_len(size)
-                .map_err(io(format!("round up {}", path.display())))?;
-        }
-        let data =
-            extents(&path, size).map_err(io(format!("read the extents of {}", path.display())))?;
-        let name = layer_name(parent, layers.epoch, i);
-        out.push(DiskLayer {
-            source: format!("{host}:{name}"),
-            format: format.as_str().to_string(),
-            size,
-            data,
-        });
-        publish.push((name, path));
-    }
-    Ok((
-        DiskLayout {
-            virtual_size,
-            layers: out,
-        },
-        publish,
-    ))
+    let chain: Vec<(PathBuf, LayerFormat, String)> = files
+        .iter()
+        .enumerate()
+        .map(|(i, (p, f))| {
+            let name = layer_name(parent, layers.epoch, i);
+            (p.clone(), layer_format(*f), format!("{host}:{name}"))
+        })
+        .collect();
+    let layout = blkfront_ondemand::layout(&chain)?;
+    let publish = files
+        .into_iter()
+        .enumerate()
+        .map(|(i, (p, _))| (layer_name(parent, layers.epoch, i), p))
+        .collect();
+    Ok((layout, publish))
 }
 
 /// Errors attaching another host's disk layers.
@@ -178,65 +136,40 @@ pub fn layout(
 pub enum AttachError {
     #[error("malformed disk layer source {0:?}")]
     Source(String),
-    #[error("memtap refused disk layer {name}")]
-    Memtap {
-        name: String,
-        #[source]
-        err: dom0_memtap::MemtapError,
-    },
+    #[error("the parent's frozen disk")]
+    Disk(#[from] blkfront_ondemand::DiskError),
 }
 
 /// Adds the descriptor's disk layers to memtap (one reference each, for
-/// one clone VM) and returns the clone's disk plan. On error, the
-/// references taken are dropped again.
+/// one clone VM) and returns the clone's disk plan.
 pub fn attach(
     memtap: &dom0_memtap::Memtap,
     origin_host: &str,
     origin: std::net::SocketAddr,
     disk: &DiskLayout,
 ) -> Result<DiskPlan, AttachError> {
-    let mut layers = Vec::new();
-    let mut names: Vec<String> = Vec::new();
-    let res = (|| {
-        for l in &disk.layers {
-            let name = crate::lifecycle::generations::remote_name(origin_host, &l.source)
-                .map_err(|_| AttachError::Source(l.source.clone()))?;
-            let pages = (l.size / PAGE_SIZE) as usize;
-            let mut holes = bitvec::bitvec![u64, bitvec::order::Lsb0; 1; pages];
-            for &(a, b) in &l.data {
-                holes[(a / PAGE_SIZE) as usize..(b / PAGE_SIZE) as usize].fill(false);
-            }
-            let spec = dom0_memtap::GenerationSpec {
-                name: name.clone(),
-                size: l.size,
-                holes,
-                origin,
-            };
-            let path = memtap
-                .add_generation(spec)
-                .map_err(|err| AttachError::Memtap {
-                    name: name.clone(),
-                    err,
-                })?;
-            names.push(name);
-            let format = if l.format == "raw" {
-                Format::Raw
-            } else {
-                Format::Qcow2
-            };
-            layers.push((path, format));
-        }
-        Ok(())
-    })();
-    if let Err(e) = res {
-        for n in &names {
-            memtap.release_generation(n);
-        }
-        return Err(e);
-    }
+    let names = disk
+        .layers
+        .iter()
+        .map(|l| {
+            crate::lifecycle::generations::remote_name(origin_host, &l.source)
+                .map_err(|_| AttachError::Source(l.source.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let a = blkfront_ondemand::attach(memtap, origin, disk, &names)?;
     Ok(DiskPlan::Remote {
-        layers,
-        memtap: names,
+        layers: a
+            .layers
+            .into_iter()
+            .map(|(p, f)| {
+                let f = match f {
+                    LayerFormat::Raw => Format::Raw,
+                    LayerFormat::Qcow2 => Format::Qcow2,
+                };
+                (p, f)
+            })
+            .collect(),
+        memtap: a.names,
         virtual_size: disk.virtual_size,
     })
 }
@@ -244,28 +177,6 @@ pub fn attach(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn extents_are_whole_pages_and_merged() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("layer");
-        let f = std::fs::File::create(&p).unwrap();
-        f.set_len(1 << 20).unwrap();
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(b"x", 5000).unwrap();
-        f.write_all_at(b"y", 512 << 10).unwrap();
-        let e = extents(&p, 1 << 20).unwrap();
-        assert!(!e.is_empty());
-        for &(a, b) in &e {
-            assert!(a % PAGE_SIZE == 0 && b % PAGE_SIZE == 0 && a < b && b <= 1 << 20);
-        }
-        assert!(e.iter().any(|&(a, b)| a <= 4096 && b >= 8192));
-        assert!(e.iter().any(|&(a, b)| a <= 512 << 10 && b > 512 << 10));
-        // A whole-file read of the holes would be zeros: the extents cover
-        // far less than the file.
-        let covered: u64 = e.iter().map(|(a, b)| b - a).sum();
-        assert!(covered < 1 << 20, "{covered}");
-    }
 
     #[test]
     fn names() {

@@ -75,6 +75,9 @@ pub enum CloneError {
     /// A disk this snowflock cannot clone yet.
     #[error("{0}")]
     DiskUnsupported(&'static str),
+    /// The frozen disk cannot be listed for other hosts.
+    #[error("the frozen disk")]
+    DiskLayout(#[from] blkfront_ondemand::DiskError),
     /// The parent could not be resumed (it stays paused: stop it).
     #[error("cannot resume the parent")]
     Resume(#[source] QmpError),
