@@ -28,6 +28,7 @@ pub const BASE_PACKAGES: &[&str] = &[
     "dbus",
     "linux-image-cloud-amd64",
     "iproute2",
+    "iputils-ping",
     "procps",
     "kmod",
     "e2fsprogs",

@@ -487,3 +487,93 @@ fn clones_on_other_hosts_read_the_disk_on_demand() {
         "the parent hears clone {id} was lost: {out}"
     );
 }
+
+/// The behaviours the initramfs image's tests check, once on the Debian
+/// image (they are slow under TCG): a clone on another host resumes with
+/// the parent's memory intact (fetched on demand, holes answered locally)
+/// and its own identity, reaches the parent and its sibling over the flock
+/// network, keeps its writes private, and its exit status reaches the
+/// parent's `sf join`.
+#[test]
+fn initramfs_behaviours_hold_on_the_debian_image() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::debian();
+    let c = Cluster::up(2, &[]);
+    let (h0, h1) = (c.host(0), c.host(1));
+    let p = h0.start_vm("p", &img, "384M");
+    let t = sh_in(
+        h0,
+        "p",
+        r#"echo from-parent > /tmp/state.txt
+sf-memtest hold --mib 32 --seed 7 --sock /run/mt.sock </dev/null >/dev/null 2>&1 &
+i=0; while [ ! -S /run/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+T=$(sf ticket 2) || exit 10
+ID=$(sf clone $T) || exit 11
+{ cat /tmp/state.txt; sf-memtest ctl --sock /run/mt.sock verify; echo $ID; } > /tmp/verify.tmp 2>&1
+echo "written-by-$ID" > /tmp/state.txt
+mv /tmp/verify.tmp /tmp/verify.txt
+echo $T"#,
+    );
+    let kids = clones_of(&h0.vms(), &t);
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    let subnet = p["ip"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches(".1/24")
+        .to_string();
+    for k in &kids {
+        let (name, id) = (k["name"].as_str().unwrap(), k["clone_id"].as_u64().unwrap());
+        let v = wait_until(Duration::from_secs(60), || {
+            let (c, o, _) = h0.sh(name, "cat /tmp/verify.txt");
+            (c == 0).then_some(o)
+        })
+        .unwrap_or_else(|| panic!("{name} never finished its script"));
+        let l: Vec<&str> = v.lines().collect();
+        assert_eq!(l[0], "from-parent", "{name}: {v}");
+        assert!(l[1].starts_with("ok 7 "), "{name}: memory intact: {v}");
+        assert_eq!(l[2], id.to_string());
+        assert_eq!(
+            sh_in(h1, name, "cat /tmp/state.txt"),
+            format!("written-by-{id}")
+        );
+        assert_eq!(sh_in(h1, name, "hostname"), name);
+        let sf_id = sh_in(h1, name, "sf id");
+        assert!(sf_id.contains(&format!("clone_id={id} ")), "{sf_id}");
+        let ip = sh_in(h1, name, "ip -4 -o addr show dev eth0 | awk '{print $4}'");
+        assert_eq!(ip, format!("{subnet}.{}/24", id + 1));
+        for j in 1..=3 {
+            h0.sh_ok(name, &format!("ping -c 1 -W 3 {subnet}.{j} >/dev/null"));
+        }
+        let s: serde_json::Value =
+            serde_json::from_str(&h0.ok(&["stats", name, "--json"])).unwrap();
+        assert_eq!(
+            (s["memory"].as_str(), s["origin"].as_str()),
+            (Some("remote"), Some("h0")),
+            "{s}"
+        );
+        assert!(
+            s["bytes_fetched"].as_u64().unwrap() > 0 && s["zero_pages"].as_u64().unwrap() > 0,
+            "{s}"
+        );
+    }
+    assert_eq!(sh_in(h0, "p", "cat /tmp/state.txt"), "written-by-0");
+    let ids: Vec<u64> = kids
+        .iter()
+        .map(|k| k["clone_id"].as_u64().unwrap())
+        .collect();
+    for (k, code) in kids.iter().zip([3, 0]) {
+        let _ = h0.sh(
+            k["name"].as_str().unwrap(),
+            &format!("(sleep 0.3; sf exit {code}) >/dev/null 2>&1 &"),
+        );
+    }
+    let out = h0.sh_ok("p", &format!("sf join {t}"));
+    assert!(out.contains(&format!("{} exited 3", ids[0])), "{out}");
+    assert!(out.contains(&format!("{} exited 0", ids[1])), "{out}");
+    let gone = wait_until(Duration::from_secs(30), || {
+        clones_of(&h0.vms(), &t).is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "the clones are gone after sf_exit");
+}
