@@ -3,6 +3,7 @@
 //! exits with the guest command's code.
 
 mod bench;
+mod bench_disk;
 mod bench_hosts;
 mod client;
 mod cluster;
@@ -270,6 +271,10 @@ enum BenchCmd {
         /// parent filled and freed before the clone).
         #[arg(long, default_value_t = 32)]
         fill_mib: u32,
+        /// With `--image debian`: MiB of a file the parent writes and a clone
+        /// on another host reads from disk.
+        #[arg(long, default_value_t = 64)]
+        read_mib: u32,
         /// With --hosts: avoidance heuristics on, off, or both side by side.
         #[arg(long, value_enum, default_value = "both")]
         avoidance: AvoidArg,
@@ -479,11 +484,31 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                     hosts,
                     fill_mib,
                     avoidance,
+                    read_mib,
                     json,
                 },
         } => {
             if runs == 0 || clones.is_empty() || clones.contains(&0) {
                 anyhow::bail!("--runs and every --clones value must be at least 1");
+            }
+            // `--image debian`: the Debian disk image (built if missing).
+            if image.as_deref() == Some(std::path::Path::new("debian")) {
+                let out = snowflock_image::default_cache_dir().join("image-debian");
+                image_debian::build(image_debian::DebianArgs {
+                    out: out.clone(),
+                    add: Vec::new(),
+                    packages: Vec::new(),
+                    size_bytes: snowflock_image::DEFAULT_DISK_SIZE,
+                    guest_bin_dir: None,
+                })?;
+                bench_disk::run(bench_disk::DiskBenchArgs {
+                    image: out.display().to_string(),
+                    runs,
+                    mem_mib: mem,
+                    read_mib,
+                    json,
+                })?;
+                return Ok(ExitCode::SUCCESS);
             }
             let image = image
                 .unwrap_or_else(image_cmd::default_out)
