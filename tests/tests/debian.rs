@@ -166,6 +166,41 @@ fn a_users_own_disk_boots_and_is_written_in_place() {
     }
     assert!(h.vms().is_empty(), "nothing was started");
     assert!(Path::new(&own).exists());
+
+    // The same disk without the agent's unit enabled: it boots to a login
+    // prompt and is reported at once, not after the whole boot timeout.
+    let rm = Command::new("debugfs")
+        .args([
+            "-w",
+            "-R",
+            "rm /etc/systemd/system/multi-user.target.wants/snowflock-agent.service",
+        ])
+        .arg(&own)
+        .output()
+        .unwrap();
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    let o = h.run(&[
+        "vm",
+        "start",
+        "noagent",
+        "--image",
+        img.path(),
+        "--disk",
+        own_s,
+        "--mem",
+        "384M",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a VM without the agent is refused");
+    assert!(
+        err.contains("no snowflock agent answered") && err.contains("login:"),
+        "{err}"
+    );
+    assert!(h.vms().is_empty(), "the VM without an agent was stopped");
 }
 
 /// A raw copy of a running VM's disk view, taken with its root file system

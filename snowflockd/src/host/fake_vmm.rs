@@ -232,6 +232,13 @@ impl VmmControl for FakeControl {
     fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
         self.log("ignore_shared_ram")
     }
+    fn powerdown(&mut self) -> Result<(), QmpError> {
+        self.log("powerdown")?;
+        if !self.0.ignore_quit.load(Ordering::Relaxed) {
+            self.0.end(0);
+        }
+        Ok(())
+    }
     fn snapshot_disk(&mut self, _node: &str, _file: &Path, _new: &str) -> Result<(), QmpError> {
         self.log("snapshot_disk")
     }

@@ -91,6 +91,12 @@ impl Qmp {
         self.exec(&qmp::cont {}).map(drop)
     }
 
+    /// Presses the guest's power button (ACPI): a guest with systemd shuts
+    /// down cleanly and QEMU exits.
+    pub fn powerdown(&mut self) -> Result<(), QmpError> {
+        self.exec(&qmp::system_powerdown {}).map(drop)
+    }
+
     /// Asks QEMU to exit.
     pub fn quit(&mut self) -> Result<(), QmpError> {
         self.exec(&qmp::quit {}).map(drop)

@@ -37,6 +37,8 @@ pub trait VmmControl: Send {
     fn cont(&mut self) -> Result<(), QmpError>;
     /// Asks the VMM to exit.
     fn quit(&mut self) -> Result<(), QmpError>;
+    /// Asks the guest to shut down (ACPI power button).
+    fn powerdown(&mut self) -> Result<(), QmpError>;
     /// Leaves shared, file-backed RAM out of migration streams.
     fn ignore_shared_ram(&mut self) -> Result<(), QmpError>;
     /// Freezes the disk node `node`: the prepared overlay `file` becomes
@@ -110,6 +112,9 @@ impl VmmControl for Qmp {
     }
     fn quit(&mut self) -> Result<(), QmpError> {
         Qmp::quit(self)
+    }
+    fn powerdown(&mut self) -> Result<(), QmpError> {
+        Qmp::powerdown(self)
     }
     fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
         Qmp::ignore_shared_ram(self)

@@ -235,6 +235,11 @@ impl Daemon {
                     "VM {} did not start its agent within {} s; console ends with:\n{}",
                     vm.name(), timeout.as_secs(), super::console_tail(vm)))),
             },
+            _ = login_without_agent(vm) => Err(DaemonError::Failed(format!(
+                "VM {} booted to its login prompt, but no snowflock agent answered within {} s of it: \
+                 is the snowflock-guest package installed and snowflock-agent.service enabled \
+                 (docs/guest-install.md)? Console ends with:\n{}",
+                vm.name(), AGENT_AFTER_LOGIN.as_secs(), super::console_tail(vm)))),
             _ = wait_until(&mut life, |l| l.is_ended()) => {
                 let why = match vm.life() {
                     crate::state::vm::Life::Ended(crate::state::vm::Ended::Lost(r)) => r,
@@ -245,6 +250,31 @@ impl Daemon {
             }
         }
     }
+}
+
+/// How long the agent may take to answer once a guest shows a login
+/// prompt (systemd starts the agent's unit well before getty).
+pub const AGENT_AFTER_LOGIN: Duration = Duration::from_secs(20);
+
+/// Resolves once the guest's console has shown a login prompt and
+/// [`AGENT_AFTER_LOGIN`] has passed since: a booted guest without the
+/// agent, reported at once instead of after the whole boot timeout.
+async fn login_without_agent(vm: &Vm) {
+    let console = crate::host::qemu::console_path(&vm.placed.dir);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let c = console.clone();
+        let seen = tokio::task::spawn_blocking(move || {
+            let tail = crate::host::console::read_tail(&c, 4096);
+            String::from_utf8_lossy(&tail).contains(" login: ")
+        })
+        .await
+        .unwrap_or(false);
+        if seen {
+            break;
+        }
+    }
+    tokio::time::sleep(AGENT_AFTER_LOGIN).await;
 }
 
 /// Runs blocking work (processes, file trees) on the blocking pool.

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 /// Time a VMM gets to quit before it is killed.
 pub const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// Time a guest on a disk of the user's own gets to shut down cleanly
+/// (its file system is theirs to keep) before QEMU is told to quit.
+pub const POWERDOWN_GRACE: Duration = Duration::from_secs(60);
 
 impl Daemon {
     /// Stops a VM and returns once its process has exited and it is
@@ -73,12 +76,45 @@ impl Daemon {
         futures::future::join_all(kids.iter().map(|k| self.stop_vm(k))).await;
     }
 
-    /// Ends one VM's process: quit, then kill after [`QUIT_GRACE`].
+    /// Ends one VM's process: a VM on a disk of the user's own is asked to
+    /// shut down first ([`POWERDOWN_GRACE`]); then quit, then kill after
+    /// [`QUIT_GRACE`].
     async fn stop_one(self: &Arc<Self>, vm: &Arc<Vm>) {
         if !vm.begin_stop(EndCause::Requested) {
             return;
         }
         vm.set_state(VmState::Stopping);
+        if matches!(
+            vm.spec.disk,
+            Some(crate::state::vm::DiskPlan::Direct { .. })
+        ) {
+            // Through the agent (`systemctl poweroff`; its output is
+            // dropped), and the ACPI power button for a guest without one.
+            if *vm.agent_up.borrow() {
+                let exec = self.with(|r| r.exec_id());
+                vm.send(snowflock_proto::channel::HostMsg::ExecStart {
+                    exec,
+                    argv: vec!["systemctl".into(), "poweroff".into()],
+                    env: vec![],
+                });
+            }
+            let (vmm, dir) = (self.vmm.clone(), vm.placed.dir.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                vmm.control(&dir, Duration::from_millis(500))
+                    .and_then(|mut c| c.powerdown())
+            })
+            .await;
+            let mut life = vm.life.subscribe();
+            let down = tokio::time::timeout(
+                POWERDOWN_GRACE,
+                super::daemon::wait_until(&mut life, |l| l.is_ended()),
+            )
+            .await;
+            if down.is_ok() {
+                return;
+            }
+            tracing::warn!(vm = %vm.name(), "the guest did not shut down in time; quitting QEMU");
+        }
         let (vmm, dir) = (self.vmm.clone(), vm.placed.dir.clone());
         let _ = tokio::task::spawn_blocking(move || {
             vmm.control(&dir, Duration::from_millis(500))
