@@ -99,16 +99,52 @@ fn a_users_own_disk_boots_and_is_written_in_place() {
         "384M",
     ]);
     sh_in(&h, "mine", "echo written-in-place > /root/marker && sync");
-    h.ok(&["vm", "stop", "mine"]);
-    let out = Command::new("debugfs")
-        .args(["-R", "cat /root/marker"])
-        .arg(&own)
-        .output()
-        .unwrap();
+    // Cloned: the clone sees the disk of the clone instant; the parent's
+    // later writes go to a layer beside the disk and are committed into it
+    // when the VM stops.
+    let t = sh_in(
+        &h,
+        "mine",
+        "T=$(sf ticket 1) || exit 1; ID=$(sf clone $T) || exit 1; [ \"$ID\" = 0 ] && echo $T",
+    );
+    sh_in(&h, "mine", "echo after-clone > /root/after && sync");
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        sh_in(&h, "mine-g1c1", "cat /root/marker"),
         "written-in-place"
     );
+    assert_eq!(
+        sh_in(
+            &h,
+            "mine-g1c1",
+            "test -e /root/after && echo seen || echo absent"
+        ),
+        "absent"
+    );
+    let beside = |d: &Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".snowflock-"))
+            .count()
+    };
+    assert_eq!(
+        beside(mine.path()),
+        1,
+        "the parent's new layer is beside its disk"
+    );
+    h.sh_ok("mine", &format!("sf kill {t}"));
+    h.ok(&["vm", "stop", "mine"]);
+    assert_eq!(beside(mine.path()), 0, "merged into the disk and removed");
+    let cat = |f: &str| {
+        let out = Command::new("debugfs")
+            .args(["-R", &format!("cat {f}")])
+            .arg(&own)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cat("/root/marker"), "written-in-place");
+    assert_eq!(cat("/root/after"), "after-clone");
     let fsck = Command::new("e2fsck")
         .args(["-fn"])
         .arg(&own)

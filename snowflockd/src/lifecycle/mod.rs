@@ -1,6 +1,7 @@
 //! The VM lifecycle: the daemon's context ([`daemon`]), creating VMs
 //! ([`create`]), supervising their exit ([`supervise`]), stopping them
-//! ([`stop`]) and their generations ([`generations`]).
+//! ([`stop`]), their generations ([`generations`]) and the merge of their
+//! frozen disk layers ([`disk_layers`]).
 //!
 //! May import: `host`, `state`, `cluster` (client side). Never `ops` or
 //! `frontends`: the guest channel is started through
@@ -8,6 +9,7 @@
 
 pub mod create;
 pub mod daemon;
+pub mod disk_layers;
 pub mod generations;
 pub mod stop;
 pub mod supervise;

@@ -88,6 +88,11 @@ impl Daemon {
             vm.spec.disk,
             Some(crate::state::vm::DiskPlan::Direct { .. })
         ) {
+            // Whatever it wrote since a clone went to layers beside the
+            // user's disk: commit them into it first (the VM runs on).
+            if !self.merge_disk_layers(vm).await {
+                tracing::warn!(vm = %vm.name(), "the disk's layers stay beside it; merge them with `qemu-img commit`");
+            }
             // Through the agent (`systemctl poweroff`; its output is
             // dropped), and the ACPI power button for a guest without one.
             if *vm.agent_up.borrow() {

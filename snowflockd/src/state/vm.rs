@@ -325,6 +325,14 @@ pub struct DiskLayers {
     pub top: PathBuf,
     /// The read-only base under the VM's first overlay (an image's disk).
     pub base: Option<(PathBuf, Format)>,
+    /// Format of the first layer (node `disk0`): qcow2 for an overlay, the
+    /// user's disk's own for a disk of their own.
+    pub first_format: Format,
+    /// Where layers made by freezes go: the VM's directory, or beside a
+    /// disk of the user's own (so that a crash of the daemon, which clears
+    /// its state directory, leaves them next to the disk for `qemu-img
+    /// commit`).
+    pub layer_dir: PathBuf,
     /// Layers frozen by clone calls, oldest first (each the backing of the
     /// next; the last is the top's backing).
     pub frozen: Vec<PathBuf>,
@@ -336,13 +344,23 @@ pub struct DiskLayers {
 impl DiskLayers {
     /// The chain of a VM just started on `plan` in `dir`.
     pub fn of(plan: &DiskPlan, dir: &std::path::Path) -> DiskLayers {
+        let (top, first_format) = plan.top(dir);
+        let layer_dir = match plan {
+            DiskPlan::Direct { path, .. } => path
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_else(|| dir.to_path_buf()),
+            _ => dir.to_path_buf(),
+        };
         DiskLayers {
             top_node: crate::host::qemu::DISK_NODE.to_string(),
-            top: plan.top(dir).0,
+            top,
             base: match plan {
                 DiskPlan::Overlay { base, format } => Some((base.clone(), *format)),
                 _ => None,
             },
+            first_format,
+            layer_dir,
             frozen: Vec::new(),
             epoch: 0,
         }
@@ -364,10 +382,38 @@ impl DiskLayers {
         gone
     }
 
-    /// The layer file and node name of the next freeze (generation `g`),
-    /// in `dir`.
-    pub fn next(&self, dir: &std::path::Path, g: u64) -> (PathBuf, String) {
-        (dir.join(format!("disk-g{g}.qcow2")), format!("disk0-g{g}"))
+    /// The layer file and node name of the next freeze (generation `g`)
+    /// of VM `vm`.
+    pub fn next(&self, vm: &str, g: u64) -> (PathBuf, String) {
+        let file = if self.base.is_some() {
+            format!("disk-g{g}.qcow2")
+        } else {
+            let disk = self.frozen.first().unwrap_or(&self.top);
+            let name = disk
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!("{name}.snowflock-{vm}-g{g}.qcow2")
+        };
+        (self.layer_dir.join(file), format!("disk0-g{g}"))
+    }
+
+    /// Format of the top layer.
+    pub fn top_format(&self) -> Format {
+        if self.frozen.is_empty() {
+            self.first_format
+        } else {
+            Format::Qcow2
+        }
+    }
+
+    /// Format of frozen layer `i`.
+    pub fn frozen_format(&self, i: usize) -> Format {
+        if i == 0 {
+            self.first_format
+        } else {
+            Format::Qcow2
+        }
     }
 
     /// After a freeze: the old top is frozen, the new layer is the top.
@@ -542,7 +588,7 @@ pub(crate) mod tests {
         );
         assert!(l.merged().is_empty(), "nothing to merge");
         for g in 1..=3 {
-            let (file, node) = l.next(dir, g);
+            let (file, node) = l.next("p", g);
             let frozen = l.frozen_into(file.clone(), node.clone());
             assert_eq!(l.top, file);
             assert_eq!(l.frozen.last(), Some(&frozen));

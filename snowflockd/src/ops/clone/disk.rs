@@ -27,21 +27,20 @@ use std::sync::Arc;
 
 pub use crate::lifecycle::generations::disk_layer_name as layer_name;
 
-/// Time a merge of the parent's chain may take.
-const MERGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
-
 /// Keeps the parent's chain short: when no clone of the parent runs
 /// anywhere (none here, no ticket with a running child), nothing reads its
-/// frozen layers, so they are merged back into its first overlay with a
-/// live active commit (the parent keeps running) and deleted; the chain is
-/// `base <- first overlay` again. Called before each clone call, under the
-/// parent's clone lock. A failed merge is logged and leaves the chain as
-/// it was: the clone goes on with one more layer.
+/// frozen layers, so they are merged back into its first layer with a live
+/// active commit (the parent keeps running) and deleted
+/// ([`Daemon::merge_disk_layers`]). Called before each clone call, under
+/// the parent's clone lock. A failed merge is logged and leaves the chain
+/// as it was: the clone goes on with one more layer.
 pub async fn merge_if_idle(d: &Arc<Daemon>, parent: &Arc<Vm>) {
-    let Some(layers) = parent.disk_layers.lock().clone() else {
-        return;
-    };
-    if layers.frozen.is_empty() {
+    let frozen = parent
+        .disk_layers
+        .lock()
+        .as_ref()
+        .is_some_and(|l| !l.frozen.is_empty());
+    if !frozen {
         return;
     }
     let name = parent.name().to_string();
@@ -52,43 +51,8 @@ pub async fn merge_if_idle(d: &Arc<Daemon>, parent: &Arc<Vm>) {
                 .filter(|t| t.owner == name)
                 .all(|t| t.all_done())
     });
-    if !idle {
-        return;
-    }
-    let (vmm, dir, top_node) = (
-        d.vmm.clone(),
-        parent.placed.dir.clone(),
-        layers.top_node.clone(),
-    );
-    let t0 = std::time::Instant::now();
-    let merged = tokio::task::spawn_blocking(move || {
-        vmm.control(&dir, std::time::Duration::from_secs(2))
-            .and_then(|mut q| q.merge_disk(&top_node, crate::host::qemu::DISK_NODE, MERGE_TIMEOUT))
-    })
-    .await;
-    match merged {
-        Ok(Ok(())) => {
-            let (gone, old_epoch, old_count) = {
-                let mut l = parent.disk_layers.lock();
-                let Some(l) = l.as_mut() else { return };
-                let (e, n) = (l.epoch, l.frozen.len() + 1);
-                (l.merged(), e, n)
-            };
-            d.withdraw_disk_layers(&name, old_epoch, old_count);
-            let files = gone.len();
-            let _ = crate::lifecycle::daemon::blocking(move || {
-                for f in gone {
-                    let _ = std::fs::remove_file(f);
-                }
-                Ok(())
-            })
-            .await;
-            tracing::info!(vm = %name, layers = files, ms = t0.elapsed().as_millis() as u64, "disk layers merged");
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(vm = %name, error = %snowflock_proto::error::chain(&e), "cannot merge the disk's layers; the chain grows by one");
-        }
-        Err(_) => tracing::warn!(vm = %name, "disk merge task failed"),
+    if idle {
+        d.merge_disk_layers(parent).await;
     }
 }
 
@@ -107,13 +71,16 @@ pub fn layout(
     host: &str,
     layers: &DiskLayers,
 ) -> Result<(DiskLayout, Vec<(String, PathBuf)>), CloneError> {
-    let Some((base, base_format)) = &layers.base else {
-        return Err(CloneError::DiskUnsupported(
-            "only a disk behind an overlay (a VM started from an image) can be cloned to other hosts",
-        ));
-    };
-    let mut files = vec![(base.clone(), *base_format)];
-    files.extend(layers.frozen.iter().map(|p| (p.clone(), Format::Qcow2)));
+    // The image's disk under the first overlay, or (a disk of the user's
+    // own) the first frozen layer is the disk itself.
+    let mut files: Vec<(PathBuf, Format)> = layers.base.iter().cloned().collect();
+    files.extend(
+        layers
+            .frozen
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), layers.frozen_format(i))),
+    );
     let chain: Vec<(PathBuf, LayerFormat, String)> = files
         .iter()
         .enumerate()

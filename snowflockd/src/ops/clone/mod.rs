@@ -298,33 +298,20 @@ async fn prepare_disk_freeze(
     if parent.disk_layers.lock().is_none() {
         return Ok(None);
     }
-    if matches!(parent.spec.disk, Some(DiskPlan::Direct { .. })) {
-        return Err(CloneError::DiskUnsupported(
-            "a VM started on a disk of your own (--disk) cannot be cloned yet; start it from an image, whose disk it gets behind an overlay",
-        ));
-    }
-    let has_base = parent
-        .disk_layers
-        .lock()
-        .as_ref()
-        .is_some_and(|l| l.base.is_some());
-    if any_remote && !has_base {
-        return Err(CloneError::DiskUnsupported(
-            "only a disk behind an overlay (a VM started from an image) can be cloned to other hosts",
-        ));
-    }
     disk::merge_if_idle(d, parent).await;
     let Some(layers) = parent.disk_layers.lock().clone() else {
         return Ok(None);
     };
-    let (file, new_node) = layers.next(&parent.placed.dir, job.generation);
-    let (f, top) = (file.clone(), layers.top.clone());
+    if any_remote && layers.base.is_none() && layers.first_format != Format::Raw {
+        return Err(CloneError::DiskUnsupported(
+            "clones on other hosts need a raw disk, or an image's disk behind an overlay; this VM runs on a qcow2 disk of your own",
+        ));
+    }
+    let (file, new_node) = layers.next(parent.name(), job.generation);
+    let (f, top, top_format) = (file.clone(), layers.top.clone(), layers.top_format());
     crate::lifecycle::daemon::blocking(move || {
         Ok(crate::host::disk::create_overlay(
-            &f,
-            &top,
-            Format::Qcow2,
-            None,
+            &f, &top, top_format, None,
         )?)
     })
     .await
@@ -470,13 +457,13 @@ async fn do_clone(
             ram: gen_ram.clone(),
         },
         origin: None,
-        disk: layers
-            .as_ref()
-            .and_then(|l| l.frozen.last().cloned())
-            .map(|base| DiskPlan::Overlay {
-                base,
-                format: Format::Qcow2,
-            }),
+        disk: layers.as_ref().and_then(|l| {
+            let i = l.frozen.len().checked_sub(1)?;
+            Some(DiskPlan::Overlay {
+                base: l.frozen[i].clone(),
+                format: l.frozen_format(i),
+            })
+        }),
     };
     let local_run = async {
         let spawned =
