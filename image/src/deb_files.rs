@@ -20,8 +20,10 @@ pub const UNIT_NAME: &str = "snowflock-agent.service";
 /// `Type=notify`: the agent tells systemd it is ready once its boot
 /// identity is applied and its API socket listens, so `network.target`
 /// (it configures the NIC) and whatever is ordered after it see the VM's
-/// name and address. It starts early (no default dependencies, after the
-/// local file systems and the module list) and is restarted forever: its
+/// name and address. It starts after `sysinit.target` (local file
+/// systems, modules, udev, and `systemd-tmpfiles-setup`, which empties
+/// `/tmp` at boot: a job started by `vm exec` as soon as the agent answers
+/// must not lose its files to it) and is restarted forever: its
 /// channel to the host is the VM's only link to snowflock. Reload sends
 /// `SIGHUP` with the shell's `kill` (procps may not be installed). No
 /// sandboxing:
@@ -32,7 +34,7 @@ pub const UNIT: &str = "\
 Description=snowflock guest agent (VM fork API)
 Documentation=file:/usr/share/doc/snowflock-guest/README.Debian
 DefaultDependencies=no
-After=local-fs.target systemd-modules-load.service systemd-udev-trigger.service
+After=sysinit.target
 Wants=network.target
 Before=network.target shutdown.target
 Conflicts=shutdown.target

@@ -203,8 +203,11 @@ fn a_users_own_disk_boots_and_is_written_in_place() {
     assert!(h.vms().is_empty(), "nothing was started");
     assert!(Path::new(&own).exists());
 
-    // The same disk without the agent's unit enabled: it boots to a login
-    // prompt and is reported at once, not after the whole boot timeout.
+    // The same disk without the agent's unit enabled, booted with a kernel
+    // and initrd given by hand (no image): it boots to a login prompt and is
+    // reported at once, not after the whole boot timeout.
+    let kernel = img.dir.join("vmlinuz").display().to_string();
+    let initrd = img.dir.join("initrd.img").display().to_string();
     let rm = Command::new("debugfs")
         .args([
             "-w",
@@ -220,15 +223,8 @@ fn a_users_own_disk_boots_and_is_written_in_place() {
         String::from_utf8_lossy(&rm.stderr)
     );
     let o = h.run(&[
-        "vm",
-        "start",
-        "noagent",
-        "--image",
-        img.path(),
-        "--disk",
-        own_s,
-        "--mem",
-        "384M",
+        "vm", "start", "noagent", "--kernel", &kernel, "--initrd", &initrd, "--disk", own_s,
+        "--mem", "384M",
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a VM without the agent is refused");
@@ -241,14 +237,28 @@ fn a_users_own_disk_boots_and_is_written_in_place() {
 
 /// A raw copy of a running VM's disk view, taken with its root file system
 /// frozen (consistent, journal clean), checked with `e2fsck -fn`.
-fn fsck_view(h: &Host, vm: &str, top: &Path) {
+fn fsck_view(h: &Daemon, vm: &str, top: &Path) {
+    fsck_view_in(h, vm, top, None)
+}
+
+/// [`fsck_view`] run in the mount namespace of process `ns` (a clone
+/// host's daemon, whose memtap mount holds the remote clone's layers).
+fn fsck_view_in(h: &Daemon, vm: &str, top: &Path, ns: Option<u32>) {
     let out = tempfile::Builder::new()
         .prefix("sf-fsck")
         .tempdir_in("/var/tmp")
         .unwrap();
     let raw = out.path().join("view.raw");
     sh_in(h, vm, "sync && fsfreeze -f /");
-    let conv = Command::new("qemu-img")
+    let mut cmd = match ns {
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.args(["-m", "-t", &pid.to_string(), "qemu-img"]);
+            c
+        }
+        None => Command::new("qemu-img"),
+    };
+    let conv = cmd
         .args(["convert", "-U", "-O", "raw"])
         .arg(top)
         .arg(&raw)
@@ -499,6 +509,16 @@ fn clones_on_other_hosts_read_the_disk_on_demand() {
         sh_in(h0, "p", "test -e /root/mine && echo seen || echo absent"),
         "absent"
     );
+    // The remote clone's disk view (its overlay over memtap's layers, read
+    // in its host daemon's mount namespace) and the parent's are clean.
+    let state = c.state_root();
+    fsck_view_in(
+        hx,
+        a,
+        &state.join(format!("h{host}/vms/{a}/disk.qcow2")),
+        hx.daemon_pid(),
+    );
+    fsck_view(h0, "p", &state.join("h0/vms/p/disk-g1.qcow2"));
 
     // The origin's page service stops answering while a clone on the other
     // host reads the file from disk: the clone is stopped with the reason
