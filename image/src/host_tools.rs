@@ -7,7 +7,7 @@
 use crate::ImageError;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Lines of a failed command's output shown in its error.
@@ -76,23 +76,28 @@ pub(crate) fn run(what: &str, cmd: Command) -> Result<(), ImageError> {
     run_lines(what, cmd, &mut |_| {})
 }
 
-/// Mount points at or below `dir`, deepest first (from
-/// `/proc/self/mountinfo`; octal escapes as the kernel writes them).
-fn mounts_below(dir: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let dir = dir.to_string_lossy().trim_end_matches('/').to_string();
-    let mut found: Vec<String> = text
+/// Mount points at or below any of `roots` in a `/proc/self/mountinfo`
+/// text (octal escapes as the kernel writes them undone), deepest first.
+/// Shared with `snowflock cluster down`.
+pub fn mounts_under(mountinfo: &str, roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
+        .map(|m| PathBuf::from(unescape(m)))
+        .filter(|m| roots.iter().any(|r| m.starts_with(r)))
         .collect();
-    found.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    found
+    v.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    v.dedup();
+    v
 }
 
+/// Mount points at or below `dir` now, deepest first.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts_under(&text, &[dir.to_path_buf()])
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -131,7 +136,11 @@ pub(crate) fn remove_build_dir(dir: &Path) -> Result<(), ImageError> {
             what: format!("Removing {}", dir.display()),
             cmd: "umount".into(),
             status: "left file systems mounted".into(),
-            tail: left.join("\n"),
+            tail: left
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
         });
     }
     std::fs::remove_dir_all(dir).map_err(crate::error::io_err("remove", dir))

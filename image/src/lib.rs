@@ -36,6 +36,7 @@ mod debian_root;
 mod error;
 mod guest_bins;
 mod host_tools;
+pub use host_tools::mounts_under;
 mod image_dir;
 mod kernel;
 mod manifest;

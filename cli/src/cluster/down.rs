@@ -5,7 +5,7 @@
 use super::layout::{load, ClusterInfo, HostInfo, Layout};
 use super::{daemon, fabric};
 use anyhow::{bail, Result};
-use std::path::PathBuf;
+use snowflock_image::mounts_under;
 
 /// `snowflock cluster down`: idempotent, also for half-built or crashed clusters.
 pub fn down(name: &str) -> Result<()> {
@@ -105,42 +105,10 @@ pub(super) fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> 
     Ok(())
 }
 
-/// Mount points under any of `roots` in a mountinfo text, deepest first.
-fn mounts_under(mountinfo: &str, roots: &[PathBuf]) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape_mount(m)))
-        .filter(|m| roots.iter().any(|r| m.starts_with(r)))
-        .collect();
-    v.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    v.dedup();
-    v
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn mountinfo_filter() {
