@@ -4,9 +4,7 @@
 use crate::error::io_err;
 use crate::kernel::{has_elf_magic, kernel_version};
 use crate::tree::build_tree;
-use crate::{
-    BuildOptions, ImageError, ImageKind, Manifest, DEFAULT_CMDLINE, INITRAMFS, MANIFEST, VMLINUX,
-};
+use crate::{BuildOptions, ImageError, ImageKind, Manifest, DEFAULT_CMDLINE, INITRAMFS, VMLINUX};
 use std::fs;
 use std::io::BufWriter;
 
@@ -24,15 +22,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, ImageError> {
     let tree = build_tree(opts)?;
 
     let out = &opts.out_dir;
-    fs::create_dir_all(out).map_err(io_err("create", out))?;
-    // An old manifest must not vouch for half-written files.
-    let manifest_path = out.join(MANIFEST);
-    match fs::remove_file(&manifest_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io_err("remove", &manifest_path)(e))
-        }
-        _ => {}
-    }
+    crate::manifest::begin_build(out)?;
 
     let tmp = out.join(".vmlinux.tmp");
     fs::copy(&src_vmlinux, &tmp).map_err(io_err("copy", &src_vmlinux))?;
@@ -49,10 +39,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, ImageError> {
 
     let mut manifest = Manifest::new(ImageKind::Initramfs, kernel_version, DEFAULT_CMDLINE);
     manifest.files = tree.paths();
-    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-    let tmp = out.join(".image.json.tmp");
-    fs::write(&tmp, json).map_err(io_err("write", &tmp))?;
-    fs::rename(&tmp, &manifest_path).map_err(io_err("write", &manifest_path))?;
+    manifest.write_to(out)?;
     tracing::info!(dir = %out.display(), kernel = %manifest.kernel_version, files = manifest.files.len(), "image built");
     Ok(manifest)
 }

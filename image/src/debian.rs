@@ -15,7 +15,7 @@
 use crate::apt_sources::{find_source, host_codename, AptSource};
 use crate::error::io_err;
 use crate::host_tools::{remove_build_dir, run, run_lines};
-use crate::{ImageError, ImageKind, Manifest, DEBIAN_CMDLINE, DISK, INITRD, MANIFEST, VMLINUZ};
+use crate::{ImageError, ImageKind, Manifest, DEBIAN_CMDLINE, DISK, INITRD, VMLINUZ};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -204,15 +204,7 @@ pub fn build_debian(
             return Ok(img.manifest);
         }
     }
-    fs::create_dir_all(out).map_err(io_err("create", out))?;
-    // An old manifest must not vouch for half-written files.
-    let manifest_path = out.join(MANIFEST);
-    match fs::remove_file(&manifest_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io_err("remove", &manifest_path)(e))
-        }
-        _ => {}
-    }
+    crate::manifest::begin_build(out)?;
     let tar = base_tree(opts, &source, &packages, &key, progress)?;
     let staging = out.join(".staging");
     let res = (|| {
@@ -262,10 +254,7 @@ pub fn build_debian(
     (m.kernel, m.initrd, m.disk) = (VMLINUZ.into(), INITRD.into(), Some(DISK.into()));
     m.files = packages;
     m.inputs = Some(inputs);
-    let json = serde_json::to_vec_pretty(&m).expect("manifest serialises");
-    let tmp = out.join(".image.json.tmp");
-    fs::write(&tmp, json).map_err(io_err("write", &tmp))?;
-    fs::rename(&tmp, &manifest_path).map_err(io_err("write", &manifest_path))?;
+    m.write_to(out)?;
     tracing::info!(dir = %out.display(), kernel = %m.kernel_version, "Debian image built");
     Ok(m)
 }

@@ -96,6 +96,30 @@ impl Manifest {
     }
 }
 
+/// Makes `out` (created if missing) ready for a new build: its old
+/// manifest goes first, so it cannot vouch for half-written files.
+pub(crate) fn begin_build(out: &std::path::Path) -> Result<(), crate::ImageError> {
+    use crate::error::io_err;
+    std::fs::create_dir_all(out).map_err(io_err("create", out))?;
+    let path = out.join(crate::MANIFEST);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", &path)(e)),
+        _ => Ok(()),
+    }
+}
+
+impl Manifest {
+    /// Writes `out/image.json` (under a temporary name, renamed into
+    /// place): the last step of a build.
+    pub(crate) fn write_to(&self, out: &std::path::Path) -> Result<(), crate::ImageError> {
+        use crate::error::io_err;
+        let json = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        let (tmp, path) = (out.join(".image.json.tmp"), out.join(crate::MANIFEST));
+        std::fs::write(&tmp, json).map_err(io_err("write", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err("write", &path))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
