@@ -13,11 +13,12 @@
 //! Figures, not tests: medians over `--runs`.
 
 use crate::bench::{median, report_for};
+use crate::bench_hosts::{sh, stats};
 use crate::client::Client;
 use crate::{cluster, vm_cmd};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse, VmStats};
+use snowflock_proto::admin::{Accel, VmStats};
 use std::time::{Duration, Instant};
 
 pub struct DiskBenchArgs {
@@ -42,25 +43,6 @@ pub struct DiskRow {
     pub disk_read_p99_us: f64,
 }
 
-fn sh(c: &Client, vm: &str, script: &str) -> Result<String> {
-    let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script.into()], true)?;
-    if out.code != 0 {
-        bail!(
-            "in {vm}: `{script}` failed ({}): {}",
-            out.code,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn stats(c: &Client, vm: &str) -> Result<VmStats> {
-    match c.call(&AdminRequest::Stats { name: vm.into() })? {
-        AdminResponse::Stats(s) => Ok(s),
-        other => bail!("Unexpected answer: {other:?}"),
-    }
-}
-
 /// Milliseconds between two marks of a clone's timeline.
 fn between(timeline: &[(String, f64)], from: &str, to: &str) -> Option<f64> {
     let at = |m: &str| timeline.iter().find(|(n, _)| n == m).map(|(_, t)| *t);
@@ -75,11 +57,11 @@ fn one_run(c: &Client, vm: &str) -> Result<(f64, f64, f64, VmStats)> {
          if [ \"$ID\" != 0 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; \
          cat /root/bench.dat > /dev/null; touch /run/read-done; \
          while [ ! -e /run/go ]; do sleep 0.1; done; sf exit 0; fi; echo $T";
-    let t = sh(c, vm, script)?;
+    let t = sh(c, vm, script)?.trim().to_string();
     let report = report_for(c, &t)?;
     let kid = clone_of(c, &t)?;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while sh(c, &kid, "test -e /run/read-done && echo y || echo n")? != "y" {
+    while sh(c, &kid, "test -e /run/read-done && echo y || echo n")?.trim() != "y" {
         if Instant::now() > deadline {
             bail!("{kid} did not finish reading");
         }

@@ -50,7 +50,9 @@ pub struct HostsRow {
     pub zero_pages_per_clone: f64,
 }
 
-fn sh(c: &Client, vm: &str, script: &str) -> Result<String> {
+/// Runs `script` with `sh -c` in `vm`; its stdout, or an error with its
+/// stderr. Shared by the benches.
+pub(crate) fn sh(c: &Client, vm: &str, script: &str) -> Result<String> {
     let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script.into()], true)?;
     if out.code != 0 {
         bail!(
@@ -62,7 +64,8 @@ fn sh(c: &Client, vm: &str, script: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn stats(c: &Client, vm: &str) -> Result<VmStats> {
+/// `snowflock stats VM`.
+pub(crate) fn stats(c: &Client, vm: &str) -> Result<VmStats> {
     match c.call(&AdminRequest::Stats { name: vm.into() })? {
         AdminResponse::Stats(s) => Ok(s),
         other => bail!("Unexpected answer: {other:?}"),
