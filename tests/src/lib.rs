@@ -548,6 +548,31 @@ impl Drop for Cluster {
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
+/// The clones of `ticket` in a VM list, by clone ID.
+pub fn clones_of(vms: &[Value], ticket: &str) -> Vec<Value> {
+    let mut v: Vec<Value> = vms
+        .iter()
+        .filter(|v| v["ticket"] == ticket)
+        .cloned()
+        .collect();
+    v.sort_by_key(|v| v["clone_id"].as_u64());
+    v
+}
+
+/// Waits (bounded) until `h` lists `vm` among the VMs that ended on their
+/// own; returns that entry (with the reason).
+pub fn wait_for_loss(h: &Daemon, vm: &str, timeout: Duration) -> Value {
+    wait_until(timeout, || {
+        let st: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).ok()?;
+        st["recent_losses"]
+            .as_array()?
+            .iter()
+            .find(|l| l["vm"] == vm)
+            .cloned()
+    })
+    .unwrap_or_else(|| panic!("{vm} must be stopped within {timeout:?}"))
+}
+
 pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {

@@ -6,16 +6,6 @@ use serde_json::Value;
 use snowflock_tests::*;
 use std::time::Duration;
 
-fn clones_of(vms: &[Value], ticket: &str) -> Vec<Value> {
-    let mut v: Vec<Value> = vms
-        .iter()
-        .filter(|v| v["ticket"] == ticket)
-        .cloned()
-        .collect();
-    v.sort_by_key(|v| v["clone_id"].as_u64());
-    v
-}
-
 fn stats(h: &ClusterHost, vm: &str) -> Value {
     serde_json::from_str(&h.ok(&["stats", vm, "--json"])).expect("stats --json")
 }
@@ -424,20 +414,6 @@ impl Origin {
     }
 }
 
-/// Waits (bounded) until `h` lists `vm` among the VMs that ended on their
-/// own; returns that entry (with the reason).
-fn wait_for_loss(h: &ClusterHost, vm: &str) -> Value {
-    wait_until(Duration::from_secs(30), || {
-        let st: Value = serde_json::from_str(&h.ok(&["daemon", "status", "--json"])).ok()?;
-        st["recent_losses"]
-            .as_array()?
-            .iter()
-            .find(|l| l["vm"] == vm)
-            .cloned()
-    })
-    .unwrap_or_else(|| panic!("{vm} must be stopped within the fetch timeout"))
-}
-
 /// The origin's page server stops answering: a clone blocked on a missing
 /// page is stopped within the fetch timeout with a clear reason, the parent
 /// hears it was lost, and nothing hangs.
@@ -467,7 +443,7 @@ fn origin_failure_stops_blocked_clones_with_a_reason() {
         blocked,
         "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &",
     );
-    let lost = wait_for_loss(h1, blocked);
+    let lost = wait_for_loss(h1, blocked, Duration::from_secs(30));
     let reason = lost["reason"].as_str().unwrap();
     assert!(reason.contains("memory origin"), "{reason}");
     drop(cont);
@@ -523,7 +499,7 @@ fn origin_daemon_death_stops_clones_that_need_its_memory() {
         on_h1,
         "sf-memtest ctl --sock /tmp/mt.sock verify >/dev/null 2>&1 &",
     );
-    let lost = wait_for_loss(h1, on_h1);
+    let lost = wait_for_loss(h1, on_h1, Duration::from_secs(30));
     assert!(
         lost["reason"].as_str().unwrap().contains("memory origin"),
         "{lost}"

@@ -388,16 +388,6 @@ fn clones_see_the_disk_as_it_was_at_the_clone() {
     h.sh_ok("p", &format!("sf kill {t2}"));
 }
 
-fn clones_of(vms: &[serde_json::Value], ticket: &str) -> Vec<serde_json::Value> {
-    let mut v: Vec<serde_json::Value> = vms
-        .iter()
-        .filter(|v| v["ticket"] == ticket)
-        .cloned()
-        .collect();
-    v.sort_by_key(|v| v["clone_id"].as_u64());
-    v
-}
-
 fn disk_fetched(c: &Cluster, host: usize, vm: &str) -> u64 {
     let s: serde_json::Value =
         serde_json::from_str(&c.host(host).ok(&["stats", vm, "--json"])).unwrap();
@@ -549,16 +539,7 @@ fn clones_on_other_hosts_read_the_disk_on_demand() {
     }
     let cont = Cont(origin);
     let _ = hy.sh(&victim, "sha256sum /root/big >/dev/null 2>&1 &");
-    let lost = wait_until(Duration::from_secs(60), || {
-        let st: serde_json::Value =
-            serde_json::from_str(&hy.ok(&["daemon", "status", "--json"])).ok()?;
-        st["recent_losses"]
-            .as_array()?
-            .iter()
-            .find(|l| l["vm"] == victim.as_str())
-            .cloned()
-    })
-    .unwrap_or_else(|| panic!("{victim} must be stopped within the fetch deadline"));
+    let lost = wait_for_loss(hy, &victim, Duration::from_secs(60));
     let reason = lost["reason"].as_str().unwrap().to_string();
     eprintln!("{victim} stopped: {reason}");
     // Memory and disk come from the same page service: whichever miss came

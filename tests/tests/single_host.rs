@@ -48,16 +48,6 @@ fn image() -> (TestImage, tempfile::TempDir) {
     (img, progs)
 }
 
-fn clones_of(h: &Daemon, ticket: &str) -> Vec<Value> {
-    let mut v: Vec<Value> = h
-        .vms()
-        .into_iter()
-        .filter(|v| v["ticket"] == ticket)
-        .collect();
-    v.sort_by_key(|v| v["clone_id"].as_u64());
-    v
-}
-
 fn vm_gone(h: &Daemon, name: &str, pid: u32) -> bool {
     wait_until(Duration::from_secs(20), || {
         (!h.vms().iter().any(|v| v["name"] == name) && !pid_alive(pid)).then_some(())
@@ -123,7 +113,7 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
     // The script continues in every VM from the line after `sf clone`.
     let ticket = h.sh_ok("p", STATEFUL).trim().to_string();
     assert!(ticket.starts_with("t-"), "{ticket}");
-    let clones = clones_of(h, &ticket);
+    let clones = clones_of(&h.vms(), &ticket);
     assert_eq!(clones.len(), 2, "{clones:?}");
     let names: Vec<String> = clones
         .iter()
@@ -319,7 +309,7 @@ fn stateful_private_networked_and_distinct(h: &Daemon, img: &TestImage, remote: 
         .sh_ok("p", "T=$(sf ticket 2); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
         .trim()
         .to_string();
-    assert_eq!(clones_of(h, &t).len(), 2);
+    assert_eq!(clones_of(&h.vms(), &t).len(), 2);
     h.ok(&["vm", "stop", "p"]);
     let names: Vec<Value> = h.vms().iter().map(|v| v["name"].clone()).collect();
     assert_eq!(names, vec![Value::from("q")]);
@@ -365,7 +355,7 @@ fn join_exits_lost_and_bad_tickets(h: &Daemon, img: &TestImage) {
         .sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
         .trim()
         .to_string();
-    let c = clones_of(h, &t3);
+    let c = clones_of(&h.vms(), &t3);
     assert_eq!(c.len(), 1);
     // A used ticket cannot clone again.
     let (code, _, err) = h.sh("p", &format!("sf clone {t3}"));
@@ -443,7 +433,7 @@ setsid sh /tmp/junk.sh </dev/null >/dev/null 2>&1 &"#,
         .sh_ok("p", "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 1000; fi; echo $T")
         .trim()
         .to_string();
-    assert_eq!(clones_of(h, &t).len(), 1);
+    assert_eq!(clones_of(&h.vms(), &t).len(), 1);
     let ppid = h.vms().iter().find(|v| v["name"] == "p").unwrap()["pid"]
         .as_u64()
         .unwrap() as i32;
