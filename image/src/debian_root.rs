@@ -42,10 +42,10 @@ pub(crate) fn configure(root: &Path) -> Result<(), ImageError> {
     let mut c = Command::new("chroot");
     c.arg(root).args(["passwd", "-d", "root"]);
     run("Unlocking root's console login", c)?;
-    let mut c = Command::new("systemctl");
-    c.arg(format!("--root={}", root.display()))
-        .arg("mask")
-        .args(MASKED);
+    // The image's own systemctl (the host may have none): offline, it
+    // only writes the mask links.
+    let mut c = Command::new("chroot");
+    c.arg(root).args(["systemctl", "mask"]).args(MASKED);
     run("Masking units", c)?;
     Ok(())
 }
