@@ -411,6 +411,7 @@ mod tests {
                 .map(|k| ChildStatus {
                     clone_id: k,
                     vm: format!("vm-c{k}"),
+                    ip: None,
                     state: ChildState::Exited { code: 0 },
                 })
                 .collect();

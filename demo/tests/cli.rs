@@ -35,6 +35,7 @@ fn fake_agent(sock: &PathBuf, granted: u32) -> Arc<Mutex<Vec<ApiRequest>>> {
                 .map(|k| ChildStatus {
                     clone_id: k,
                     vm: format!("vm-c{k}"),
+                    ip: None,
                     state: state.clone(),
                 })
                 .collect()
@@ -68,6 +69,12 @@ fn fake_agent(sock: &PathBuf, granted: u32) -> Arc<Mutex<Vec<ApiRequest>>> {
                     code: snowflock_proto::api::ApiErrorCode::WrongRole,
                     message: "not a clone".into(),
                 },
+                ApiRequest::Status { .. } | ApiRequest::SiblingExec { .. } => {
+                    ApiResponse::Error {
+                        code: snowflock_proto::api::ApiErrorCode::BadRequest,
+                        message: "not used by the demo".into(),
+                    }
+                }
             };
             frame::write_frame(&mut c, &resp).unwrap();
         }

@@ -112,6 +112,17 @@ fn unexpected(what: &str, got: &ApiResponse) -> SfError {
     SfError::Protocol(format!("Expected a {what} answer, got {tag:?}"))
 }
 
+/// The children of `ticket` now, without waiting: the ticket's state
+/// (`granted`, `cloning`, `active`, `discarded`) and each child.
+pub fn status(ticket: &str) -> Result<(String, Vec<ChildStatus>), SfError> {
+    match call_ok(&ApiRequest::Status {
+        ticket: ticket.into(),
+    })? {
+        ApiResponse::Status { state, children } => Ok((state, children)),
+        other => Err(unexpected("status", &other)),
+    }
+}
+
 /// `sf_request_ticket(n)`: asks for an allocation of `n` clones.
 pub fn request_ticket(n: u32) -> Result<Ticket, SfError> {
     match call_ok(&ApiRequest::RequestTicket { n })? {
@@ -239,6 +250,7 @@ mod tests {
         let child = ChildStatus {
             clone_id: 1,
             vm: "v-c1".into(),
+            ip: None,
             state: ChildState::Exited { code: 3 },
         };
         let h = fake_agent(
@@ -310,6 +322,7 @@ mod tests {
         let c = |state| ChildStatus {
             clone_id: 2,
             vm: "v".into(),
+            ip: None,
             state,
         };
         assert_eq!(

@@ -9,6 +9,8 @@
 //!   forwards calls to the host daemon over the virtio-serial channel
 //!   ([`snowflock_proto::channel`]), applies a clone's identity and runs
 //!   `snowflock vm exec` commands.
+//! * [`sibling_exec`]: `sf-exec HOST COMMAND`, the rsh that MPI launchers
+//!   use to start their daemons in sibling VMs.
 //! * [`memtest`]: `sf-memtest`, a helper that holds a patterned buffer across
 //!   a clone so tests can check that process memory survived.
 //!
@@ -18,3 +20,4 @@ pub mod agent;
 pub mod capi;
 pub mod client;
 pub mod memtest;
+pub mod sibling_exec;

@@ -189,6 +189,7 @@ impl Env {
             .env("SNOWFLOCK_AGENT_SOCKET", dir.0.join("agent.sock"))
             .env("SNOWFLOCK_AGENT_CONFIG", dir.0.join("agent.toml"))
             .env("SNOWFLOCK_AGENT_DRY_IDENTITY", "1")
+            .env("SNOWFLOCK_AGENT_SIBLING_PORT", "0")
             .env(
                 "SNOWFLOCK_AGENT_CMDLINE",
                 "console=ttyS0 sf.vm=vm1 sf.ip=10.250.0.1/24",
@@ -343,11 +344,13 @@ fn api_calls_are_forwarded_and_answered() {
         ChildStatus {
             clone_id: 1,
             vm: "c1".into(),
+            ip: None,
             state: ChildState::Exited { code: 0 },
         },
         ChildStatus {
             clone_id: 2,
             vm: "c2".into(),
+            ip: None,
             state: ChildState::Lost {
                 reason: "clone QEMU process died".into(),
             },
@@ -378,6 +381,7 @@ fn api_calls_are_forwarded_and_answered() {
     let killed = vec![ChildStatus {
         clone_id: 1,
         vm: "c1".into(),
+        ip: None,
         state: ChildState::Killed,
     }];
     host.respond(id, ApiResponse::Killed { children: killed });
@@ -890,11 +894,13 @@ fn serve_client_script(host: &mut Host) {
         ChildStatus {
             clone_id: 1,
             vm: "c1".into(),
+            ip: None,
             state: ChildState::Exited { code: 5 },
         },
         ChildStatus {
             clone_id: 2,
             vm: "c2".into(),
+            ip: None,
             state: ChildState::Killed,
         },
     ];

@@ -62,6 +62,7 @@ fn start(dir: &Path, notify: &Path, n: usize) -> Agent {
             format!("unix:{}", dir.join("port.sock").display()),
         )
         .env("SNOWFLOCK_AGENT_SOCKET", dir.join("run").join("agent.sock"))
+        .env("SNOWFLOCK_AGENT_SIBLING_PORT", "0")
         .env("SNOWFLOCK_AGENT_CONFIG", dir.join("agent.toml"))
         .env("SNOWFLOCK_AGENT_SYSFS", dir.join("sys"))
         .env("SNOWFLOCK_AGENT_DRY_IDENTITY", "1")

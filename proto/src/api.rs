@@ -33,6 +33,16 @@ pub enum ApiRequest {
     Kill { ticket: String },
     /// Who am I: clone ID, ticket and VM name.
     Id,
+    /// The children of `ticket` now, without waiting (`sf status`).
+    Status { ticket: String },
+    /// `sf-exec`: run `command` in the sibling `host` of this VM's flock.
+    /// Answered by the agent itself, never by the host; after it the
+    /// connection carries [`crate::sibling`] frames.
+    SiblingExec {
+        host: String,
+        command: String,
+        cwd: String,
+    },
 }
 
 /// How one child of a ticket ended (or is).
@@ -54,6 +64,9 @@ pub enum ChildState {
 pub struct ChildStatus {
     pub clone_id: u32,
     pub vm: String,
+    /// The child's address on the flock network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     #[serde(flatten)]
     pub state: ChildState,
 }
@@ -88,7 +101,9 @@ pub enum ApiErrorCode {
 pub enum ApiResponse {
     /// A ticket for `granted` (<= requested) clones.
     Ticket { ticket: String, granted: u32 },
-    /// The clone call returned: 0 in the parent, 1..=m in clones.
+    /// The clone call returned: 0 in the parent, the clone's ID in each
+    /// clone (IDs are unique among the parent's running clones: a second
+    /// ticket's clones follow the first's).
     Cloned { clone_id: u32, ticket: String },
     /// `sf_exit` accepted; the VM is being torn down.
     Exiting,
@@ -96,6 +111,12 @@ pub enum ApiResponse {
     Joined { children: Vec<ChildStatus> },
     /// The children of the ticket were ended.
     Killed { children: Vec<ChildStatus> },
+    /// The ticket's state (`granted`, `cloning`, `active`, `discarded`)
+    /// and its children now.
+    Status {
+        state: String,
+        children: Vec<ChildStatus>,
+    },
     /// Identity of this VM.
     Identity {
         vm: String,
@@ -126,6 +147,9 @@ pub enum InvalidRequest {
     /// A ticket that is not `t-` and hex digits.
     #[error("Malformed ticket {0:?}")]
     Ticket(String),
+    /// An `sf-exec` command line above [`crate::sibling::MAX_COMMAND`].
+    #[error("Command of {0} bytes is longer than the limit of {max} bytes", max = crate::sibling::MAX_COMMAND)]
+    CommandTooLong(usize),
 }
 
 impl ApiRequest {
@@ -138,9 +162,15 @@ impl ApiRequest {
             ApiRequest::Clone { ticket }
             | ApiRequest::Join { ticket }
             | ApiRequest::Kill { ticket }
+            | ApiRequest::Status { ticket }
                 if !valid_ticket_syntax(ticket) =>
             {
                 Err(InvalidRequest::Ticket(ticket.clone()))
+            }
+            ApiRequest::SiblingExec { command, .. }
+                if command.len() > crate::sibling::MAX_COMMAND =>
+            {
+                Err(InvalidRequest::CommandTooLong(command.len()))
             }
             _ => Ok(()),
         }
@@ -167,6 +197,7 @@ mod tests {
         let s = ChildStatus {
             clone_id: 2,
             vm: "a-c2".into(),
+            ip: None,
             state: ChildState::Exited { code: 7 },
         };
         assert_eq!(

@@ -15,6 +15,9 @@
 //!
 //! [`host_config`] is the shape of `host.toml`: the daemon reads it, the CLI writes it.
 //!
+//! [`sibling`] is what `sf-exec` and the agents speak to run a command in
+//! a sibling VM (MPI's remote start).
+//!
 //! [`auth`] holds the cluster-key handshake that host-to-host TCP
 //! connections (page server, daemon control channel) start with.
 
@@ -26,6 +29,7 @@ pub mod error;
 pub mod frame;
 pub mod host_config;
 pub mod peer;
+pub mod sibling;
 
 /// Version of the guest channel protocol. Both sides accept N and N-1.
 pub const CHANNEL_VERSION: u32 = 1;

@@ -158,7 +158,13 @@ fn serve_connection(agent: &Agent, mut s: UnixStream) {
         let resp = match read_payload(&mut s) {
             Ok(payload) => match serde_json::from_slice::<ApiRequest>(&payload) {
                 Ok(req) => match req.validate() {
-                    Ok(()) => handle(agent, req),
+                    // The connection becomes the command's stream.
+                    Ok(()) => match req {
+                        ApiRequest::SiblingExec { host, command, cwd } => {
+                            return super::relay::run(agent, s, host, command, cwd)
+                        }
+                        req => handle(agent, req),
+                    },
                     Err(e) => bad_request(e.to_string()),
                 },
                 Err(e) => bad_request(format!("Malformed request: {e}")),

@@ -389,6 +389,8 @@ mod tests {
             dry_identity: true,
             cmdline: CMDLINE.into(),
             sysfs: None,
+            sibling_port: 0,
+            sibling_listen: std::net::Ipv4Addr::LOCALHOST.into(),
         };
         assert_eq!(interface(&cfg), "eth0");
         std::fs::write(&cfg.config_file, "[network]\ninterface = \"ens3\"\n").unwrap();

@@ -89,6 +89,20 @@ pub struct State {
     pub clone_id: u32,
     pub ticket: Option<String>,
     pub ip: Option<String>,
+    /// Prefix length of the flock network `ip` is in.
+    #[serde(default = "flock_prefix")]
+    pub prefix: u8,
+}
+
+fn flock_prefix() -> u8 {
+    24
+}
+
+impl State {
+    /// `IP/PREFIX` on the flock network, if the VM has an address.
+    pub fn ip_cidr(&self) -> Option<String> {
+        self.ip.as_ref().map(|ip| format!("{ip}/{}", self.prefix))
+    }
 }
 
 /// Contents of `identity.json`.
@@ -123,12 +137,16 @@ impl State {
             clone_id: 0,
             ticket: None,
             ip: None,
+            prefix: flock_prefix(),
         };
         for word in cmdline.split_whitespace() {
             if let Some(v) = word.strip_prefix("sf.vm=") {
                 s.vm = v.to_string();
             } else if let Some(v) = word.strip_prefix("sf.ip=") {
                 s.ip = Some(ip_of(v).to_string()).filter(|v| !v.is_empty());
+                if let Ok((_, p)) = parse_cidr(v) {
+                    s.prefix = p;
+                }
             }
         }
         s
@@ -391,6 +409,7 @@ pub fn become_clone(agent: &Agent, request_id: u64, id: CloneIdentity, orphans: 
                 clone_id,
                 ticket: Some(id.ticket.clone()),
                 ip: Some(ip.clone()),
+                prefix: parse_cidr(&id.ip_cidr).map_or(flock_prefix(), |(_, p)| p),
             };
             *lock(&agent.identity) = state.clone();
             if let Err(e) = write_identity_file(&agent.cfg.state_dir(), &id, &state) {
@@ -513,7 +532,8 @@ mod tests {
                 vm: "vm1".into(),
                 clone_id: 0,
                 ticket: None,
-                ip: Some("10.250.3.1".into())
+                ip: Some("10.250.3.1".into()),
+                prefix: 24,
             }
         );
         let s = State::from_cmdline("console=ttyS0");
@@ -523,7 +543,8 @@ mod tests {
                 vm: String::new(),
                 clone_id: 0,
                 ticket: None,
-                ip: None
+                ip: None,
+                prefix: 24,
             }
         );
     }
@@ -538,6 +559,7 @@ mod tests {
             clone_id: 2,
             ticket: Some(id.ticket.clone()),
             ip: Some("10.250.3.12".into()),
+            prefix: 24,
         };
         write_identity_file(&dir, &id, &st).unwrap();
         let cfg = AgentConfig {
@@ -547,6 +569,8 @@ mod tests {
             dry_identity: true,
             cmdline: "sf.vm=other".into(),
             sysfs: None,
+            sibling_port: 0,
+            sibling_listen: std::net::Ipv4Addr::LOCALHOST.into(),
         };
         assert_eq!(State::initial(&cfg), st);
         std::fs::write(dir.join(IDENTITY_FILE), "{").unwrap();

@@ -6,6 +6,7 @@
 //!        v                                        v
 //!   [api] one thread per connection  <---->  [host] reader thread + shared writer
 //!        |   Id: answered locally                 |  Hello/Ping: answered at once
+//!        |   SiblingExec: [relay] to a sibling    |
 //!        |   others: Request{id} -> pending map <-|  Response{id}
 //!        |                                        |  BecomeClone -> [identity] thread
 //!        |                                        |  Exec* -> [exec] threads per process
@@ -27,6 +28,8 @@
 //! | `SNOWFLOCK_AGENT_PORT` | the channel: a device/file path, or `unix:/path` to connect to a Unix socket (tests). Default: the virtio-serial port named [`snowflock_proto::AGENT_PORT_NAME`]. |
 //! | `SNOWFLOCK_AGENT_SOCKET` | API socket path (default [`snowflock_proto::AGENT_SOCKET`]). `identity.json` is written next to it. |
 //! | `SNOWFLOCK_AGENT_CONFIG` | config file (default `/etc/snowflock/agent.toml`); see [`settings`]. |
+//! | `SNOWFLOCK_AGENT_SIBLING_PORT` | TCP port of the sibling runner ([`sibling`], `sf-exec`); default [`snowflock_proto::sibling::SIBLING_PORT`], `0` turns it off. |
+//! | `SNOWFLOCK_AGENT_SIBLING_LISTEN` | **test only**: the address the sibling runner listens on (default all). |
 //! | `SNOWFLOCK_LOG` | log filter (default `info`). |
 //! | `SNOWFLOCK_AGENT_DRY_IDENTITY=1` | **test only**: log the identity changes of `BecomeClone` and `--boot-identity` instead of touching the RNG, clock, hostname, `/etc` and network. |
 //! | `SNOWFLOCK_AGENT_CMDLINE` | **test only**: text used instead of `/proc/cmdline`. |
@@ -39,11 +42,14 @@
 pub mod api;
 pub mod boot;
 pub mod exec;
+pub mod flock_key;
 pub mod host;
 pub mod identity;
 pub mod port;
+pub mod relay;
 pub mod service;
 pub mod settings;
+pub mod sibling;
 mod sys;
 
 use snowflock_proto::api::ApiResponse;
@@ -80,6 +86,11 @@ pub struct AgentConfig {
     /// Where `[balloon]` is applied: `/sys`, a fake tree (tests), or
     /// nowhere (dry test mode).
     pub sysfs: Option<PathBuf>,
+    /// TCP port of the sibling runner (`sf-exec`); 0 turns it off.
+    pub sibling_port: u16,
+    /// Address the runner listens on: all (the flock address changes when
+    /// a VM becomes a clone), or one loopback address in tests.
+    pub sibling_listen: std::net::IpAddr,
 }
 
 impl AgentConfig {
@@ -104,6 +115,12 @@ impl AgentConfig {
             cmdline: var("SNOWFLOCK_AGENT_CMDLINE")
                 .unwrap_or_else(|| std::fs::read_to_string("/proc/cmdline").unwrap_or_default()),
             sysfs,
+            sibling_port: var("SNOWFLOCK_AGENT_SIBLING_PORT")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(snowflock_proto::sibling::SIBLING_PORT),
+            sibling_listen: var("SNOWFLOCK_AGENT_SIBLING_LISTEN")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
         }
     }
 
@@ -130,12 +147,26 @@ pub struct Agent {
     clone_lock: Mutex<()>,
     /// The last good `agent.toml` tables ([`settings`]).
     settings: Mutex<allocator_hooks::Config>,
+    /// The secret shared by this VM's flock ([`flock_key`]), if it could
+    /// be had; without it `sf-exec` is refused both ways.
+    pub flock_key: Option<snowflock_proto::auth::ClusterKey>,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Agent {
         let ident = identity::State::initial(&cfg);
+        let flock_key = match flock_key::load_or_create(&cfg.state_dir()) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::error!(
+                    "sf-exec is off: {}",
+                    snowflock_proto::error::chain(&e).trim_end()
+                );
+                None
+            }
+        };
         Agent {
+            flock_key,
             cfg,
             chan: host::Channel::new(),
             pending: Mutex::new(HashMap::new()),
@@ -207,6 +238,11 @@ pub fn main() -> std::process::ExitCode {
     match settings::write_pid_file(&agent.cfg.state_dir()) {
         Ok(p) => tracing::info!("Pid {} written to {}", std::process::id(), p.display()),
         Err(e) => tracing::warn!("Cannot write the pid file: {e}"),
+    }
+    if let Some(key) = agent.flock_key.clone() {
+        if let Err(e) = sibling::spawn(agent.clone(), key) {
+            tracing::error!("Cannot start the sibling runner (sf-exec to this VM will fail): {e}");
+        }
     }
     if let Err(e) = settings::spawn(agent.clone()) {
         tracing::error!("Cannot start the settings thread: {e}");

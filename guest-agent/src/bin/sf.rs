@@ -29,6 +29,9 @@ enum Cmd {
     Kill { ticket: String },
     /// Print `clone_id=K ticket=T vm=NAME ip=IP` (`-` when unset).
     Id,
+    /// Print TICKET's state, then its children like `join`, with each
+    /// child's flock address; does not wait.
+    Status { ticket: String },
 }
 
 fn run(cmd: Cmd) -> Result<(), client::SfError> {
@@ -47,6 +50,14 @@ fn run(cmd: Cmd) -> Result<(), client::SfError> {
             .iter()
             .for_each(|c| println!("{}", client::format_child(c))),
         Cmd::Id => println!("{}", client::format_identity(&client::id()?)),
+        Cmd::Status { ticket } => {
+            let (state, children) = client::status(&ticket)?;
+            println!("{state}");
+            for c in &children {
+                let ip = c.ip.as_deref().unwrap_or("-");
+                println!("{} {ip}", client::format_child(c));
+            }
+        }
     }
     Ok(())
 }

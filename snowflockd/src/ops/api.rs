@@ -51,6 +51,17 @@ pub async fn answer(d: &Arc<Daemon>, vm: &Arc<Vm>, id: u64, req: ApiRequest) -> 
         ApiRequest::Exit { status } => exit(d, vm, status),
         ApiRequest::Join { ticket } => join(d, vm, &ticket).await,
         ApiRequest::Kill { ticket } => kill(d, vm, &ticket).await,
+        ApiRequest::Status { ticket } => match d.with(|r| r.ticket_status(vm.name(), &ticket)) {
+            Ok((state, children)) => ApiResponse::Status {
+                state: state.to_string(),
+                children,
+            },
+            Err(e) => ticket_error(e),
+        },
+        ApiRequest::SiblingExec { .. } => ApiResponse::error(
+            E::BadRequest,
+            "sf-exec is answered by the guest's own agent, not by the host",
+        ),
         ApiRequest::Id => ApiResponse::Identity {
             vm: vm.name().to_string(),
             clone_id: vm.spec.clone_id,
@@ -100,10 +111,18 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
                 format!("This VM already holds {held} unused clone slots; use or let its tickets expire first"),
             ));
         }
-        let granted = n
-            .min(allowed)
-            .min(free + remote_free)
-            .min(crate::host::net::MAX_CLONE_ID);
+        let first_id = r.next_clone_id(vm.name());
+        let ids_left = (crate::host::net::MAX_CLONE_ID + 1).saturating_sub(first_id);
+        if ids_left == 0 {
+            return Err(ApiResponse::error(
+                E::NoCapacity,
+                format!(
+                    "This VM's flock has no clone IDs left: its live tickets hold IDs 1 to {}; join or kill one first",
+                    first_id - 1
+                ),
+            ));
+        }
+        let granted = n.min(allowed).min(free + remote_free).min(ids_left);
         if granted == 0 {
             return Err(ApiResponse::error(
                 E::NoCapacity,
@@ -118,9 +137,11 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
         free_by_host.extend(remote);
         let placement = place(me, &free_by_host, granted);
         let id = format!("t-{}", random_hex(8));
-        tracing::info!(vm = %vm.name(), ticket = %id, requested = n, granted, ?placement, "ticket granted");
-        r.tickets
-            .insert(id.clone(), Ticket::grant(id.clone(), vm.name(), granted, placement));
+        tracing::info!(vm = %vm.name(), ticket = %id, requested = n, granted, first_id, ?placement, "ticket granted");
+        r.tickets.insert(
+            id.clone(),
+            Ticket::grant(id.clone(), vm.name(), first_id, granted, placement),
+        );
         Ok((id, granted))
     });
     match granted {

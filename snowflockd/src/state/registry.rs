@@ -5,6 +5,7 @@
 use super::ticket::{Ticket, TicketError, TICKET_TTL};
 use super::vm::Vm;
 use snowflock_proto::admin::CloneReport;
+use snowflock_proto::api::ChildStatus;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
@@ -121,6 +122,34 @@ impl Registry {
                 self.tickets.remove(&id);
             }
         }
+    }
+
+    /// The first clone ID free for a new ticket of `owner`: after every ID
+    /// its live tickets hold (a ticket holds its IDs until it is discarded
+    /// and all its children have ended).
+    pub fn next_clone_id(&self, owner: &str) -> u32 {
+        self.tickets
+            .values()
+            .filter(|t| t.owner == owner && t.holds_ids())
+            .map(|t| t.clone_ids().end() + 1)
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// The state and children of ticket `id` of `owner`, discarded or not.
+    pub fn ticket_status(
+        &self,
+        owner: &str,
+        id: &str,
+    ) -> Result<(&'static str, Vec<ChildStatus>), TicketError> {
+        let t = self
+            .tickets
+            .get(id)
+            .ok_or_else(|| TicketError::Unknown(id.to_string()))?;
+        if t.owner != owner {
+            return Err(TicketError::NotYours(id.to_string()));
+        }
+        Ok((t.state_name(), t.statuses()))
     }
 
     /// The ticket `id` if VM `owner` may use it.
@@ -281,11 +310,12 @@ mod tests {
         let mut t = Ticket::grant(
             "t-9".into(),
             "a",
+            1,
             5,
             vec![("h0".into(), 1), ("h1".into(), 4)],
         );
         r.tickets
-            .insert("t-8".into(), Ticket::grant("t-8".into(), "a", 1, vec![]));
+            .insert("t-8".into(), Ticket::grant("t-8".into(), "a", 6, 1, vec![]));
         t.begin_clone().unwrap();
         r.tickets.insert(t.id.clone(), t);
         assert_eq!(r.unused_slots_of("a"), 6);
@@ -293,6 +323,36 @@ mod tests {
             r.free_slots(10),
             10 - 1 - 1,
             "only the local slots hold this host"
+        );
+    }
+
+    #[test]
+    fn a_second_ticket_numbers_its_clones_after_the_live_ones() {
+        let mut r = Registry::new(0);
+        assert_eq!(r.next_clone_id("a"), 1);
+        let mut t = Ticket::grant("t-1".into(), "a", 1, 3, vec![("h0".into(), 3)]);
+        t.begin_clone().unwrap();
+        t.set_running((1..=3).map(|i| (i, format!("c{i}"), "h0".to_string())));
+        t.clone_done("/g".into());
+        r.tickets.insert(t.id.clone(), t);
+        assert_eq!(r.next_clone_id("a"), 4);
+        assert_eq!(r.next_clone_id("b"), 1, "other parents have their own IDs");
+        r.tickets.insert(
+            "t-2".into(),
+            Ticket::grant("t-2".into(), "a", 4, 2, vec![("h0".into(), 2)]),
+        );
+        assert_eq!(r.next_clone_id("a"), 6, "a granted ticket holds its IDs");
+        // The first ticket is killed: its IDs stay held while the second's
+        // are live, and the highest live ID decides.
+        r.tickets.get_mut("t-1").unwrap().kill("h0").unwrap();
+        assert_eq!(r.next_clone_id("a"), 6);
+        r.tickets.get_mut("t-2").unwrap().kill("h0").unwrap();
+        assert_eq!(r.next_clone_id("a"), 1, "all ended: IDs are free again");
+        let (state, kids) = r.ticket_status("a", "t-1").unwrap();
+        assert_eq!((state, kids.len()), ("discarded", 3));
+        assert_eq!(
+            r.ticket_status("b", "t-1").unwrap_err(),
+            TicketError::NotYours("t-1".into())
         );
     }
 

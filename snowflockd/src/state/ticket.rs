@@ -68,6 +68,8 @@ pub struct Child {
     pub vm: String,
     /// Host the clone runs on.
     pub host: String,
+    /// Address on the flock network.
+    pub ip: String,
     pub state: ChildState,
 }
 
@@ -111,6 +113,10 @@ pub struct Ticket {
     pub id: String,
     pub owner: String,
     pub granted: u32,
+    /// Clone ID of the first child; the others follow. A parent's second
+    /// ticket starts after the IDs its live tickets hold, so clones of
+    /// both share the flock without colliding (resizing).
+    pub first_id: u32,
     pub state: TicketState,
     pub children: BTreeMap<u32, Child>,
     pub generation: Option<PathBuf>,
@@ -122,12 +128,20 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// A new grant of `granted` clones for VM `owner`.
-    pub fn grant(id: String, owner: &str, granted: u32, placement: Vec<(String, u32)>) -> Ticket {
+    /// A new grant of `granted` clones for VM `owner`, numbered from
+    /// `first_id`.
+    pub fn grant(
+        id: String,
+        owner: &str,
+        first_id: u32,
+        granted: u32,
+        placement: Vec<(String, u32)>,
+    ) -> Ticket {
         Ticket {
             id,
             owner: owner.to_string(),
             granted,
+            first_id,
             state: TicketState::Granted,
             children: BTreeMap::new(),
             generation: None,
@@ -162,20 +176,47 @@ impl Ticket {
 
     /// The clone's children, all running, once they are about to exist (so
     /// one that exits at once is recorded as exited).
-    pub fn set_children(&mut self, children: impl IntoIterator<Item = (u32, String, String)>) {
-        self.children = children
-            .into_iter()
-            .map(|(id, vm, host)| {
-                (
-                    id,
-                    Child {
-                        vm,
-                        host,
-                        state: ChildState::Running,
-                    },
-                )
-            })
-            .collect();
+    pub fn set_children(&mut self, children: impl IntoIterator<Item = (u32, Child)>) {
+        self.children = children.into_iter().collect();
+    }
+
+    /// The clone IDs this ticket numbers its children with.
+    pub fn clone_ids(&self) -> std::ops::RangeInclusive<u32> {
+        self.first_id..=self.first_id + self.granted.saturating_sub(1)
+    }
+
+    /// Whether this ticket still holds its clone IDs: until it is discarded
+    /// and every child has ended.
+    pub fn holds_ids(&self) -> bool {
+        !self.is_discarded() || !self.all_done()
+    }
+
+    /// The state's name in the guest API's `Status` answer.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            TicketState::Granted => "granted",
+            TicketState::Cloning => "cloning",
+            TicketState::Active => "active",
+            TicketState::Discarded(_) => "discarded",
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_running(
+        &mut self,
+        children: impl IntoIterator<Item = (u32, String, String)>,
+    ) {
+        self.set_children(children.into_iter().map(|(id, vm, host)| {
+            (
+                id,
+                Child {
+                    vm,
+                    host,
+                    ip: String::new(),
+                    state: ChildState::Running,
+                },
+            )
+        }));
     }
 
     /// The clone succeeded: Cloning -> Active, holding `generation`.
@@ -296,6 +337,7 @@ impl Ticket {
             .map(|(id, c)| ChildStatus {
                 clone_id: *id,
                 vm: c.vm.clone(),
+                ip: (!c.ip.is_empty()).then(|| c.ip.clone()),
                 state: c.state.clone(),
             })
             .collect()
@@ -356,13 +398,13 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     pub fn ticket(n: u32) -> Ticket {
-        Ticket::grant("t-1".into(), "p", n, vec![("h0".into(), n)])
+        Ticket::grant("t-1".into(), "p", 1, n, vec![("h0".into(), n)])
     }
 
     fn cloned(hosts: &[&str]) -> Ticket {
         let mut t = ticket(hosts.len() as u32);
         t.begin_clone().unwrap();
-        t.set_children(
+        t.set_running(
             hosts
                 .iter()
                 .enumerate()
@@ -445,7 +487,7 @@ pub(crate) mod tests {
         assert_eq!(t.join(), Err(TicketError::NotCloned("t-1".into())));
         t.begin_clone().unwrap();
         assert_eq!(t.join(), Ok(JoinStep::Wait), "clone in progress");
-        t.set_children([(1, "p-g1c1".into(), "h0".into())]);
+        t.set_running([(1, "p-g1c1".into(), "h0".into())]);
         t.clone_done("/g".into());
         assert_eq!(t.join(), Ok(JoinStep::Wait));
         t.child_ended(1, ChildState::Exited { code: 0 });
@@ -541,7 +583,7 @@ pub(crate) mod tests {
                     .filter(|(_, c)| c.state != ChildState::Running).map(|(i, _)| *i).collect();
                 match o {
                     Op::Clone => if t.begin_clone().is_ok() {
-                        t.set_children((1..=4).map(|i| (i, format!("c{i}"), "h0".to_string())));
+                        t.set_running((1..=4).map(|i| (i, format!("c{i}"), "h0".to_string())));
                     },
                     Op::Done => if t.state == TicketState::Cloning { t.clone_done("/g".into()) },
                     Op::Fail => if t.state == TicketState::Cloning { t.clone_failed() },

@@ -170,9 +170,9 @@ pub async fn clone(
     let begun = d.with(|r| {
         let t = r.owned_ticket(parent.name(), &ticket)?;
         t.begin_clone()?;
-        Ok::<_, crate::state::ticket::TicketError>((t.granted, t.placement.clone()))
+        Ok::<_, crate::state::ticket::TicketError>((t.clone_ids(), t.placement.clone()))
     });
-    let (granted, placement) = match begun {
+    let (ids, placement) = match begun {
         Ok(b) => b,
         Err(e) => return ApiResponse::error(e.code(), e.to_string()),
     };
@@ -183,7 +183,8 @@ pub async fn clone(
     let job = Job {
         request_id,
         ticket: &ticket,
-        granted,
+        granted: ids.clone().count() as u32,
+        ids,
         placement: &placement,
         generation,
         gen_name: &gen_name,
@@ -238,6 +239,8 @@ struct Job<'a> {
     request_id: u64,
     ticket: &'a str,
     granted: u32,
+    /// The clone IDs of the children, `granted` of them.
+    ids: std::ops::RangeInclusive<u32>,
     /// (host, clones), this host first.
     placement: &'a [(String, u32)],
     generation: u64,
@@ -333,7 +336,9 @@ async fn do_clone(
     let hosts = hosts_by_clone(job.placement, job.granted, &me);
     let image = snowflock_image::Image::open(&parent.spec.image)?;
     let flock = parent.spec.flock;
-    let slots: Vec<CloneSlot> = (1..=job.granted)
+    let slots: Vec<CloneSlot> = job
+        .ids
+        .clone()
         .map(|k| CloneSlot {
             clone_id: k,
             vm: format!("{}c{k}", job.gen_name),
@@ -355,12 +360,15 @@ async fn do_clone(
     // recorded as exited, not overwritten later.
     d.with(|r| {
         if let Some(t) = r.tickets.get_mut(job.ticket) {
-            t.set_children(
-                slots
-                    .iter()
-                    .zip(&hosts)
-                    .map(|(s, h)| (s.clone_id, s.vm.clone(), h.clone())),
-            );
+            t.set_children(slots.iter().zip(&hosts).map(|(s, h)| {
+                let child = crate::state::ticket::Child {
+                    vm: s.vm.clone(),
+                    host: h.clone(),
+                    ip: s.ip_cidr.split('/').next().unwrap_or_default().to_string(),
+                    state: ChildState::Running,
+                };
+                (s.clone_id, child)
+            }));
         }
     });
     parent.set_state(VmState::Cloning);
