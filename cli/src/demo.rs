@@ -18,6 +18,8 @@ pub struct DemoArgs {
     pub image: Option<PathBuf>,
     pub mem_mib: u32,
     pub json: bool,
+    /// The MPI version: `sfmpirun -np clones+1` on a Debian VM.
+    pub mpi: bool,
 }
 
 /// Stops what the demo started, also on error.
@@ -48,7 +50,16 @@ impl Drop for Cleanup {
 }
 
 pub fn run(c: Client, a: DemoArgs) -> Result<()> {
-    let image = a.image.unwrap_or_else(crate::image_cmd::default_out);
+    let image = match (&a.image, a.mpi) {
+        (Some(i), _) => i.clone(),
+        (None, false) => crate::image_cmd::default_out(),
+        (None, true) => {
+            eprintln!(
+                "demo: the MPI demo runs in a Debian VM with MPICH (built once, then cached)"
+            );
+            crate::demo_mpi::image()?
+        }
+    };
     if snowflock_image::Image::open(&image).is_err() {
         eprintln!("demo: no usable image at {}, building one", image.display());
         crate::image_cmd::build(crate::image_cmd::BuildArgs {
@@ -110,6 +121,9 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
         false,
     )?;
     guard.vm = Some(vm.clone());
+    if a.mpi {
+        return mpi_job(c, &vm, &a);
+    }
     eprintln!(
         "demo: running sf-swdemo in {vm}; it will clone the VM {} time(s)",
         a.clones
@@ -153,6 +167,44 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
         "\nTop hits (merged from {} workers):",
         result["workers"].as_array().map_or(0, |w| w.len())
     );
+    print_hits(&result);
+    print_report(report.as_ref());
+    Ok(())
+}
+
+/// The MPI version of the job, in `vm`.
+fn mpi_job(c: &Client, vm: &str, a: &DemoArgs) -> Result<()> {
+    let ranks = a.clones + 1;
+    eprintln!("demo: compiling the MPI search in {vm} and running it with sfmpirun -np {ranks}");
+    let job = crate::demo_mpi::run_job(c, vm, ranks)?;
+    let report = match c.call(&AdminRequest::CloneReports)? {
+        AdminResponse::CloneReports { reports } => {
+            reports.into_iter().rev().find(|r| r.parent == vm)
+        }
+        _ => None,
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "result": job.result,
+                "phases": job.phases,
+                "clone": report,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("\nTop hits (MPI, {ranks} ranks, one per VM):");
+    print_hits(&job.result);
+    println!("\nsfmpirun timeline:");
+    for (t, what) in &job.phases {
+        println!("  {:>9.1} ms  {what}", t * 1000.0);
+    }
+    print_report(report.as_ref());
+    Ok(())
+}
+
+fn print_hits(result: &serde_json::Value) {
     for h in result["hits"].as_array().into_iter().flatten() {
         println!(
             "  {:>6}  {:<16} score {}",
@@ -161,6 +213,9 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
             h["score"]
         );
     }
+}
+
+fn print_report(report: Option<&snowflock_proto::admin::CloneReport>) {
     if let Some(r) = report {
         println!(
             "\nClone timeline ({} clones, ticket {}):",
@@ -186,5 +241,4 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
             r.all_ready_ms
         );
     }
-    Ok(())
 }

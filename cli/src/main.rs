@@ -9,6 +9,7 @@ mod client;
 mod cluster;
 mod daemon_ctl;
 mod demo;
+mod demo_mpi;
 mod image_cmd;
 mod image_debian;
 mod sys;
@@ -80,10 +81,16 @@ enum Cmd {
         /// Image directory (built if missing).
         #[arg(long)]
         image: Option<PathBuf>,
+        /// Guest memory (the MPI demo's Debian VM takes at least 512M).
         #[arg(long, default_value = "256M", value_parser = vm_cmd::parse_mem)]
         mem: u32,
         #[arg(long)]
         json: bool,
+        /// The MPI version: the search as an MPI program run with
+        /// `sfmpirun -np CLONES+1` in a Debian VM with MPICH (the image is
+        /// built the first time, a few minutes).
+        #[arg(long)]
+        mpi: bool,
     },
     /// Benchmarks (figures, not tests).
     Bench {
@@ -463,14 +470,16 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
             image,
             mem,
             json,
+            mpi,
         } => demo::run(
             c,
             demo::DemoArgs {
                 clones,
                 hosts,
                 image,
-                mem_mib: mem,
+                mem_mib: if mpi { mem.max(512) } else { mem },
                 json,
+                mpi,
             },
         )?,
         Cmd::Bench {

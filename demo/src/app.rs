@@ -379,6 +379,60 @@ pub fn run_main(api: &dyn Flock, args: &RunArgs) -> i32 {
     }
 }
 
+/// `sf-swdemo share`: the top hits of one share, `{"hits":[...]}`.
+pub fn share_main(a: &crate::cli::ShareArgs) -> i32 {
+    let total = a.of as usize;
+    if a.index >= total {
+        eprintln!(
+            "sf-swdemo: error: share {} of {total} does not exist",
+            a.index
+        );
+        return 2;
+    }
+    let log = Log::new();
+    let data = Dataset::generate(&a.data);
+    let w = work(&data, (a.index, total), a.data.top);
+    log.line(format_args!(
+        "share {} of {total}: {} cells in {} ms",
+        a.index, w.cells, w.ms
+    ));
+    let out = LocalOutput { hits: w.hits };
+    println!("{}", serde_json::to_string(&out).expect("hits serialise"));
+    0
+}
+
+/// `sf-swdemo merge`: `{"hits":[...]}` lines in, their top `top` out.
+pub fn merge_main(input: impl std::io::BufRead, top: usize) -> i32 {
+    let mut all = Vec::new();
+    for (i, line) in input.lines().enumerate() {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("sf-swdemo: error: reading input: {e}");
+                return 1;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<LocalOutput>(&line) {
+            Ok(o) => all.extend(o.hits),
+            Err(e) => {
+                eprintln!(
+                    "sf-swdemo: error: line {} is not a share's hits: {e}",
+                    i + 1
+                );
+                return 1;
+            }
+        }
+    }
+    let out = LocalOutput {
+        hits: merge_top(all, top),
+    };
+    println!("{}", serde_json::to_string(&out).expect("hits serialise"));
+    0
+}
+
 /// `sf-swdemo local` with its output: `{"hits":[...]}` on stdout.
 pub fn local_main(d: &DataArgs) -> i32 {
     let log = Log::new();
@@ -677,5 +731,27 @@ mod tests {
             serde_json::to_string(&out).unwrap(),
             r#"{"hits":[{"id":4,"name":"SFP00004","score":77}]}"#
         );
+    }
+
+    #[test]
+    fn shares_merged_agree_with_local() {
+        let a = args(5, 0, 30);
+        let expected = local(&a.data, &Log::new()).hits;
+        let data = Dataset::generate(&a.data);
+        let lines: String = (0..3)
+            .map(|i| {
+                let w = work(&data, (i, 3), a.data.top);
+                serde_json::to_string(&LocalOutput { hits: w.hits }).unwrap() + "\n"
+            })
+            .collect();
+        assert_eq!(merge_main(lines.as_bytes(), a.data.top), 0);
+        let merged = merge_top(
+            lines
+                .lines()
+                .flat_map(|l| serde_json::from_str::<LocalOutput>(l).unwrap().hits),
+            a.data.top,
+        );
+        assert_eq!(merged, expected);
+        assert_eq!(merge_main("not json\n".as_bytes(), 3), 1);
     }
 }

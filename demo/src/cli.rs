@@ -24,6 +24,28 @@ pub enum Command {
     Local(DataArgs),
     /// Clone this VM and search in parallel (inside a SnowFlock VM).
     Run(RunArgs),
+    /// Search share INDEX of OF shares and print its top hits,
+    /// {"hits":[...]}: one rank's work in the MPI version of the demo.
+    Share(ShareArgs),
+    /// Read {"hits":[...]} lines on stdin and print the top hits of them
+    /// all, {"hits":[...]}.
+    Merge {
+        /// Number of hits to report.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct ShareArgs {
+    /// This share, 0-based.
+    #[arg(long)]
+    pub index: usize,
+    /// Number of shares (1 or more, above INDEX).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub of: u64,
+    #[command(flatten)]
+    pub data: DataArgs,
 }
 
 /// The data set and how many hits to report. Every worker derives the same

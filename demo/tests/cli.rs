@@ -69,12 +69,10 @@ fn fake_agent(sock: &PathBuf, granted: u32) -> Arc<Mutex<Vec<ApiRequest>>> {
                     code: snowflock_proto::api::ApiErrorCode::WrongRole,
                     message: "not a clone".into(),
                 },
-                ApiRequest::Status { .. } | ApiRequest::SiblingExec { .. } => {
-                    ApiResponse::Error {
-                        code: snowflock_proto::api::ApiErrorCode::BadRequest,
-                        message: "not used by the demo".into(),
-                    }
-                }
+                ApiRequest::Status { .. } | ApiRequest::SiblingExec { .. } => ApiResponse::Error {
+                    code: snowflock_proto::api::ApiErrorCode::BadRequest,
+                    message: "not used by the demo".into(),
+                },
             };
             frame::write_frame(&mut c, &resp).unwrap();
         }

@@ -11,6 +11,8 @@
 //!   `snowflock vm exec` commands.
 //! * [`sibling_exec`]: `sf-exec HOST COMMAND`, the rsh that MPI launchers
 //!   use to start their daemons in sibling VMs.
+//! * [`mpirun`]: `sfmpirun -np N PROGRAM`, an MPI job on clones made for
+//!   it, started by the stock MPICH or Open MPI launcher over `sf-exec`.
 //! * [`memtest`]: `sf-memtest`, a helper that holds a patterned buffer across
 //!   a clone so tests can check that process memory survived.
 //!
@@ -20,4 +22,5 @@ pub mod agent;
 pub mod capi;
 pub mod client;
 pub mod memtest;
+pub mod mpirun;
 pub mod sibling_exec;

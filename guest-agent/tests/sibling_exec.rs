@@ -52,6 +52,7 @@ fn agent(tag: &str, ip: &str, key: &str, port: u16) -> Agent {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(true)
             .mode(0o600)
             .open(dir.join("run").join("flock.key"))
             .unwrap();

@@ -4,7 +4,7 @@
 //!
 //! | path | from |
 //! |---|---|
-//! | `/usr/sbin/snowflock-agent`, `/usr/bin/sf` | the static guest binaries ([`DebOptions::guest_bin_dir`]), without debug information |
+//! | `/usr/sbin/snowflock-agent`, `/usr/bin/{sf,sf-exec,sfmpirun}` | the static guest binaries ([`DebOptions::guest_bin_dir`]), without debug information |
 //! | `/usr/lib/x86_64-linux-gnu/libsnowflock.so` | [`DebOptions::lib_dir`], when it has one (it needs glibc: `Depends: libc6`) |
 //! | `/usr/include/snowflock.h`, `/usr/lib/python3/dist-packages/snowflock.py` | the given files, or the copies built into this crate |
 //! | `/lib/systemd/system/snowflock-agent.service` | [`deb_files::UNIT`] |
@@ -37,6 +37,8 @@ pub const DEB_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// `libsnowflock.so` is built against glibc 2.34 or later symbols.
 const LIBC_DEPENDS: &str = "libc6 (>= 2.34)";
 const SF_BIN: &str = "sf";
+/// `sf-exec` and `sfmpirun`, MPI on clones (docs/mpi.md).
+const MPI_BINS: [&str; 2] = ["sf-exec", "sfmpirun"];
 const LIB: &str = "libsnowflock.so";
 const HEADER: &str = include_str!("../../guest-agent/include/snowflock.h");
 const PYTHON_MODULE: &str = include_str!("../../guest-agent/python/snowflock.py");
@@ -211,6 +213,9 @@ pub fn build_guest_deb(opts: &DebOptions) -> Result<PathBuf, ImageError> {
     }
     let sf = opts.guest_bin_dir.join(SF_BIN);
     input_file("sf binary", &sf)?;
+    for b in MPI_BINS {
+        input_file("guest binary", &opts.guest_bin_dir.join(b))?;
+    }
     let lib = opts
         .lib_dir
         .as_ref()
@@ -237,6 +242,13 @@ pub fn build_guest_deb(opts: &DebOptions) -> Result<PathBuf, ImageError> {
     set_mode(&st.root, 0o755)?;
     st.file("/usr/sbin/snowflock-agent", 0o755, stripped(agent))?;
     st.file("/usr/bin/sf", 0o755, stripped(sf))?;
+    for b in MPI_BINS {
+        st.file(
+            &format!("/usr/bin/{b}"),
+            0o755,
+            stripped(opts.guest_bin_dir.join(b)),
+        )?;
+    }
     if let Some(l) = &lib {
         st.file(
             "/usr/lib/x86_64-linux-gnu/libsnowflock.so",
@@ -356,6 +368,8 @@ mod tests {
         for (name, text) in [
             (AGENT_BIN, "#!/bin/sh\necho agent\n"),
             (SF_BIN, "#!/bin/sh\necho sf\n"),
+            ("sf-exec", "#!/bin/sh\necho sf-exec\n"),
+            ("sfmpirun", "#!/bin/sh\necho sfmpirun\n"),
             (LIB, "not really a library\n"),
         ] {
             fs::write(dir.join(name), text).unwrap();
@@ -454,6 +468,8 @@ mod tests {
         for (path, mode) in [
             ("/usr/sbin/snowflock-agent", "-rwxr-xr-x"),
             ("/usr/bin/sf", "-rwxr-xr-x"),
+            ("/usr/bin/sf-exec", "-rwxr-xr-x"),
+            ("/usr/bin/sfmpirun", "-rwxr-xr-x"),
             ("/usr/lib/x86_64-linux-gnu/libsnowflock.so", "-rw-r--r--"),
             ("/usr/include/snowflock.h", "-rw-r--r--"),
             ("/usr/lib/python3/dist-packages/snowflock.py", "-rw-r--r--"),

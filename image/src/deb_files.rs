@@ -237,6 +237,8 @@ This package makes a VM clonable by snowflock (VM fork for clusters).
 
   /usr/sbin/snowflock-agent      the agent, run by snowflock-agent.service
   /usr/bin/sf                    the API from the shell (sf id, sf ticket, ...)
+  /usr/bin/sfmpirun              MPI jobs on clones: sfmpirun -np N prog
+  /usr/bin/sf-exec               run a command in a sibling VM (MPI's rsh)
   /usr/lib/x86_64-linux-gnu/libsnowflock.so, /usr/include/snowflock.h
                                  the API for C (-lsnowflock)
   /usr/lib/python3/dist-packages/snowflock.py

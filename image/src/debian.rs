@@ -287,7 +287,7 @@ fn base_tree(
         let mut c = Command::new("debootstrap");
         c.arg("--variant=minbase")
             .arg(format!("--cache-dir={}", debs.display()))
-            .arg(format!("--include={}", packages.join(",")))
+            .arg(format!("--include={}", BASE_PACKAGES.join(",")))
             .arg(&src.suite)
             .arg(&target)
             .arg(&src.uri);
@@ -304,6 +304,13 @@ fn base_tree(
                 last_step = step;
             }
         })?;
+        let extra: Vec<&String> = packages
+            .iter()
+            .filter(|p| !BASE_PACKAGES.contains(&p.as_str()))
+            .collect();
+        if !extra.is_empty() {
+            apt_install(&target, &debs, &extra, progress)?;
+        }
         progress("saving the base system in the cache");
         let tmp = cache.join(format!(".rootfs-{key}.tar.tmp"));
         let mut c = Command::new("tar");
@@ -319,6 +326,54 @@ fn base_tree(
     res?;
     cleaned?;
     Ok(tar)
+}
+
+/// Installs `extra` in the tree with the tree's own apt, which resolves
+/// dependencies the way a sysadmin's `apt-get install` does (debootstrap's
+/// `--include` does not: it fails on packages such as `libopenmpi-dev`).
+/// The sources are the ones debootstrap wrote (the host's archive); the
+/// downloaded packages go to the same cache as debootstrap's.
+fn apt_install(
+    root: &Path,
+    debs: &Path,
+    extra: &[&String],
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    let archives = root.join("var/cache/apt/archives");
+    fs::create_dir_all(archives.join("partial")).map_err(io_err("create", &archives))?;
+    fs::create_dir_all(debs.join("partial")).map_err(io_err("create", debs))?;
+    let mut c = Command::new("mount");
+    c.arg("--bind").arg(debs).arg(&archives);
+    run("Mounting the package cache", c)?;
+    let mut c = Command::new("mount");
+    c.args(["-t", "proc", "proc"]).arg(root.join("proc"));
+    run("Mounting /proc", c)?;
+    let chroot = |args: &[&str]| {
+        let mut c = Command::new("chroot");
+        c.arg(root)
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LC_ALL", "C");
+        c
+    };
+    progress(&format!("apt-get install of {} more packages", extra.len()));
+    let res = run("apt-get update", chroot(&["apt-get", "-q", "update"])).and_then(|_| {
+        let mut args = vec!["apt-get", "-q", "-y", "--no-install-recommends", "install"];
+        args.extend(extra.iter().map(|p| p.as_str()));
+        let mut n = 0u32;
+        run_lines("apt-get install", chroot(&args), &mut |l| {
+            n += 1;
+            if l.starts_with("Setting up") && n.is_multiple_of(10) || l.starts_with("Need to get") {
+                progress(&format!("apt: {l}"));
+            }
+        })
+    });
+    for m in [root.join("proc"), archives] {
+        let mut c = Command::new("umount");
+        c.arg(&m);
+        let _ = run("Unmounting a build mount", c);
+    }
+    res
 }
 
 /// `dpkg -i` of the guest package inside the tree; its postinst enables

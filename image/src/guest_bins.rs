@@ -11,7 +11,7 @@ use std::process::Command;
 /// The guest agent's file name in `guest_bin_dir` (required).
 pub const AGENT_BIN: &str = "snowflock-agent";
 /// Other guest binaries copied to `/bin` when `guest_bin_dir` has them.
-pub const GUEST_BINS: &[&str] = &["sf", "sf-memtest", "sf-swdemo"];
+pub const GUEST_BINS: &[&str] = &["sf", "sf-exec", "sf-memtest", "sf-swdemo"];
 /// glibc runtime files always copied with `libsnowflock.so` when the host has them.
 pub const GLIBC_RUNTIME: &[&str] = &[
     "/lib64/ld-linux-x86-64.so.2",

@@ -114,7 +114,9 @@ impl TestImage {
     /// (`sf-memtest`, `sf-swdemo`) in `/usr/local/bin`: built once into
     /// `<cache>/test-images/debian`; later calls find it up to date (the
     /// build compares its inputs) in a second or two. VMs boot it behind
-    /// private overlays, so it is never written.
+    /// private overlays, so it is never written. Besides the base set it
+    /// holds both MPIs and a compiler ([`MPI_PACKAGES`]): one image serves
+    /// the Debian and the MPI tests.
     pub fn debian() -> TestImage {
         let cache = std::env::var_os("SNOWFLOCK_CACHE")
             .map(PathBuf::from)
@@ -122,7 +124,8 @@ impl TestImage {
         let dir = cache.join("test-images").join("debian");
         let mut cmd = Command::new(bin("snowflock"));
         cmd.args(["image", "build", "--kind", "debian", "--out"])
-            .arg(&dir);
+            .arg(&dir)
+            .args(["--packages", MPI_PACKAGES]);
         let guest = guest_bin_dir();
         for tool in ["sf-memtest", "sf-swdemo"] {
             let p = guest.join(tool);
@@ -146,6 +149,12 @@ impl TestImage {
         self.dir.to_str().expect("utf-8 path")
     }
 }
+
+/// What the Debian test image adds to the base set: MPICH and Open MPI
+/// with their compilers' wrappers, gcc for `mpicc`, and `mpich-doc` for
+/// the stock example `cpi.c`.
+pub const MPI_PACKAGES: &str =
+    "mpich,libmpich-dev,mpich-doc,openmpi-bin,libopenmpi-dev,gcc,libc6-dev";
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

@@ -9,5 +9,7 @@ fn main() {
     std::process::exit(match &cli.command {
         Command::Local(d) => app::local_main(d),
         Command::Run(r) => app::run_main(&app::Agent, r),
+        Command::Share(a) => app::share_main(a),
+        Command::Merge { top } => app::merge_main(std::io::stdin().lock(), *top),
     })
 }
