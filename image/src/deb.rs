@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `/usr/sbin/snowflock-agent`, `/usr/bin/{sf,sf-exec,sfmpirun}` | the static guest binaries ([`DebOptions::guest_bin_dir`]), without debug information |
 //! | `/usr/lib/x86_64-linux-gnu/libsnowflock.so` | [`DebOptions::lib_dir`], when it has one (it needs glibc: `Depends: libc6`) |
+//! | `/usr/lib/x86_64-linux-gnu/snowflock/libsnowflock_mpi_shim.so` | [`DebOptions::lib_dir`], when it has one: what `sfmpirun` preloads into MPICH jobs (`mpi-shim/`) |
 //! | `/usr/include/snowflock.h`, `/usr/lib/python3/dist-packages/snowflock.py` | the given files, or the copies built into this crate |
 //! | `/lib/systemd/system/snowflock-agent.service` | [`deb_files::UNIT`] |
 //! | `/etc/snowflock/agent.toml` (conffile) | [`deb_files::agent_toml`] |
@@ -40,6 +41,10 @@ const SF_BIN: &str = "sf";
 /// `sf-exec` and `sfmpirun`, MPI on clones (docs/mpi.md).
 const MPI_BINS: [&str; 2] = ["sf-exec", "sfmpirun"];
 const LIB: &str = "libsnowflock.so";
+/// The shim `sfmpirun` preloads into MPICH jobs (`mpi-shim/`).
+const MPI_SHIM: &str = "libsnowflock_mpi_shim.so";
+/// Where the package puts it; `sfmpirun` looks there.
+pub const MPI_SHIM_PATH: &str = "/usr/lib/x86_64-linux-gnu/snowflock/libsnowflock_mpi_shim.so";
 const HEADER: &str = include_str!("../../guest-agent/include/snowflock.h");
 const PYTHON_MODULE: &str = include_str!("../../guest-agent/python/snowflock.py");
 
@@ -224,6 +229,14 @@ pub fn build_guest_deb(opts: &DebOptions) -> Result<PathBuf, ImageError> {
     if lib.is_none() {
         tracing::warn!("No {LIB} given: the package has no C library");
     }
+    let shim = opts
+        .lib_dir
+        .as_ref()
+        .map(|d| d.join(MPI_SHIM))
+        .filter(|l| l.is_file());
+    if shim.is_none() {
+        tracing::warn!("No {MPI_SHIM} given: MPICH jobs under sfmpirun may hang in MPI_Finalize");
+    }
     for (what, p) in [
         ("Header", &opts.header),
         ("Python module", &opts.python_module),
@@ -255,6 +268,9 @@ pub fn build_guest_deb(opts: &DebOptions) -> Result<PathBuf, ImageError> {
             0o644,
             stripped(l.clone()),
         )?;
+    }
+    if let Some(l) = &shim {
+        st.file(MPI_SHIM_PATH, 0o644, stripped(l.clone()))?;
     }
     let given = |p: &Option<PathBuf>, builtin: &str| match p {
         Some(p) => Source::Path(p.clone()),
@@ -371,6 +387,7 @@ mod tests {
             ("sf-exec", "#!/bin/sh\necho sf-exec\n"),
             ("sfmpirun", "#!/bin/sh\necho sfmpirun\n"),
             (LIB, "not really a library\n"),
+            (MPI_SHIM, "not really a shim\n"),
         ] {
             fs::write(dir.join(name), text).unwrap();
             set_mode(&dir.join(name), 0o700).unwrap();
@@ -471,6 +488,7 @@ mod tests {
             ("/usr/bin/sf-exec", "-rwxr-xr-x"),
             ("/usr/bin/sfmpirun", "-rwxr-xr-x"),
             ("/usr/lib/x86_64-linux-gnu/libsnowflock.so", "-rw-r--r--"),
+            (MPI_SHIM_PATH, "-rw-r--r--"),
             ("/usr/include/snowflock.h", "-rw-r--r--"),
             ("/usr/lib/python3/dist-packages/snowflock.py", "-rw-r--r--"),
             ("/lib/systemd/system/snowflock-agent.service", "-rw-r--r--"),

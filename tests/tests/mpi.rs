@@ -9,17 +9,19 @@ use serde_json::Value;
 use snowflock_tests::*;
 use std::time::{Duration, Instant};
 
-/// Ring + allreduce + a rank-dependent line per rank. `ring FAIL SECS`:
-/// after SECS seconds of barriers, the last rank exits FAIL (0: all
-/// finalize).
+/// Ring + allreduce + a rank-dependent line per rank. `ring STATUS SECS`:
+/// SECS seconds of barriers, then every rank finalizes and the last one
+/// exits with STATUS; STATUS -1: the last rank kills itself (SIGKILL)
+/// before finalizing, a crash.
 const RING_C: &str = r#"
 #include <mpi.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 int main(int argc, char **argv) {
     int rank, size, token, sum, v, i;
-    int fail = argc > 1 ? atoi(argv[1]) : 0;
+    int status = argc > 1 ? atoi(argv[1]) : 0;
     int secs = argc > 2 ? atoi(argv[2]) : 0;
     char host[256];
     MPI_Init(&argc, &argv);
@@ -40,11 +42,17 @@ int main(int argc, char **argv) {
     printf("rank %d of %d on %s: token %d sum %d\n", rank, size, host, token, sum);
     fflush(stdout);
     for (i = 0; i < secs; i++) { sleep(1); MPI_Barrier(MPI_COMM_WORLD); }
-    if (fail && rank == size - 1) exit(fail);
+    if (status < 0 && rank == size - 1) raise(SIGKILL);
     MPI_Finalize();
-    return 0;
+    return rank == size - 1 ? status : 0;
 }
 "#;
+
+/// Counts the job's processes still running in a VM (by name, so the
+/// shell running the count is not one of them).
+const LEFTOVERS: &str = "ps -eo comm= | grep -cxE \
+    'sf-exec|sfmpirun|mpiexec.hydra|hydra_pmi_proxy|mpirun.openmpi|orterun|orted|ring-mpich|ring-openmpi' \
+    || true";
 
 fn sh_in(h: &Daemon, vm: &str, script: &str) -> String {
     h.sh_ok(vm, script).trim().to_string()
@@ -142,6 +150,19 @@ fn sfmpirun_runs_mpi_jobs_on_clones_with_mpich_and_open_mpi() {
         );
         assert_eq!(code, 3, "{mpi}: {out}{err}");
         no_clones_left(h0);
+        // A rank that crashes: the job stops, sfmpirun fails, nothing is
+        // left in the parent either.
+        let (code, out, err) = h0.sh(
+            "p",
+            &format!("cd /root/mpi && sfmpirun --mpi {mpi} -np 4 ./ring-{mpi} -1"),
+        );
+        assert_ne!(code, 0, "{mpi}: {out}{err}");
+        no_clones_left(h0);
+        assert_eq!(
+            sh_in(h0, "p", LEFTOVERS),
+            "0",
+            "{mpi}: processes left in the parent"
+        );
 
         // The stock example: the same answer as on one VM.
         let one = sh_in(

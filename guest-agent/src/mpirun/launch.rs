@@ -13,6 +13,8 @@
 //!   shared memory between VMs. `UCX_TLS=tcp,self` (ranks in one VM still
 //!   use MPICH's own shared memory) and `UCX_NET_DEVICES=IFACE` keep UCX on
 //!   the flock network. Hydra passes the environment on to every rank.
+//!   `LD_PRELOAD` of `libsnowflock_mpi_shim.so` keeps `MPI_Finalize` from
+//!   deadlocking over UCX's TCP transport (see `mpi-shim/src/lib.rs`).
 //! * **Open MPI**: `--mca plm_rsh_agent sf-exec` starts `orted` on each
 //!   other VM; `--hostfile` (`IP slots=N`). `btl_tcp_if_include` and
 //!   `oob_tcp_if_include` keep both the job's messages and ORTE's own on
@@ -77,16 +79,30 @@ pub fn network_of(cidr: &str) -> String {
     format!("{}/{p}", std::net::Ipv4Addr::from(u32::from(ip) & mask))
 }
 
-/// The launcher command for `np` ranks of `program` over `flock`.
-pub fn command(
-    mpi: Mpi,
-    sf_exec: &Path,
-    hostfile: &Path,
-    np: u32,
-    flock: &Flock,
-    as_root: bool,
-    program: &[OsString],
-) -> Launch {
+/// What the user's job needs from the launcher.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    pub mpi: Mpi,
+    pub sf_exec: &'a Path,
+    pub hostfile: &'a Path,
+    pub np: u32,
+    pub as_root: bool,
+    /// The MPICH shim to preload, when installed.
+    pub mpi_shim: Option<&'a Path>,
+    pub program: &'a [OsString],
+}
+
+/// The launcher command for `job` over `flock`.
+pub fn command(job: &Job<'_>, flock: &Flock) -> Launch {
+    let Job {
+        mpi,
+        sf_exec,
+        hostfile,
+        np,
+        as_root,
+        mpi_shim,
+        program,
+    } = *job;
     let s = |x: &str| OsString::from(x);
     let mut args: Vec<OsString> = Vec::new();
     let mut env = Vec::new();
@@ -99,6 +115,13 @@ pub fn command(
             args.extend([s("-n"), s(&np.to_string())]);
             env.push(("UCX_TLS".into(), "tcp,self".into()));
             env.push(("UCX_NET_DEVICES".into(), flock.iface.clone()));
+            if let Some(shim) = mpi_shim {
+                let preload = match std::env::var("LD_PRELOAD") {
+                    Ok(p) if !p.is_empty() => format!("{} {p}", shim.display()),
+                    _ => shim.display().to_string(),
+                };
+                env.push(("LD_PRELOAD".into(), preload));
+            }
             "mpiexec.hydra"
         }
         Mpi::OpenMpi => {
@@ -180,28 +203,38 @@ mod tests {
     fn launcher_commands_use_sf_exec_and_the_flock_network() {
         let prog = [OsString::from("./ring"), OsString::from("7")];
         let l = command(
-            Mpi::Mpich,
-            Path::new("/usr/bin/sf-exec"),
-            Path::new("/tmp/h"),
-            4,
+            &Job {
+                mpi: Mpi::Mpich,
+                sf_exec: Path::new("/usr/bin/sf-exec"),
+                hostfile: Path::new("/tmp/h"),
+                np: 4,
+                as_root: true,
+                mpi_shim: Some(Path::new("/usr/lib/shim.so")),
+                program: &prog,
+            },
             &flock(),
-            true,
-            &prog,
         );
         assert_eq!(l.program, "mpiexec.hydra");
+        assert!(l
+            .env
+            .iter()
+            .any(|(k, v)| k == "LD_PRELOAD" && v.starts_with("/usr/lib/shim.so")));
         assert_eq!(
             words(&l),
             "-launcher rsh -launcher-exec /usr/bin/sf-exec -f /tmp/h -iface eth0 -n 4 ./ring 7"
         );
         assert!(l.env.contains(&("UCX_TLS".into(), "tcp,self".into())));
         let l = command(
-            Mpi::OpenMpi,
-            Path::new("/usr/bin/sf-exec"),
-            Path::new("/tmp/h"),
-            4,
+            &Job {
+                mpi: Mpi::OpenMpi,
+                sf_exec: Path::new("/usr/bin/sf-exec"),
+                hostfile: Path::new("/tmp/h"),
+                np: 4,
+                as_root: true,
+                mpi_shim: None,
+                program: &prog,
+            },
             &flock(),
-            true,
-            &prog,
         );
         assert_eq!(l.program, "mpirun.openmpi");
         let w = words(&l);
@@ -213,13 +246,16 @@ mod tests {
             "{w}"
         );
         let l = command(
-            Mpi::OpenMpi,
-            Path::new("/x"),
-            Path::new("/h"),
-            1,
+            &Job {
+                mpi: Mpi::OpenMpi,
+                sf_exec: Path::new("/x"),
+                hostfile: Path::new("/h"),
+                np: 1,
+                as_root: false,
+                mpi_shim: None,
+                program: &prog,
+            },
             &flock(),
-            false,
-            &prog,
         );
         assert!(!words(&l).contains("allow-run-as-root"));
     }

@@ -119,6 +119,9 @@ pub fn run(a: &Args) -> Result<i32, MpiRunError> {
         sigs.add(s);
     }
     let _ = sigs.thread_block();
+    // Processes the launcher leaves behind (its sf-exec children run in
+    // process groups of their own) become ours, so none outlives the job.
+    let _ = nix::sys::prctl::set_child_subreaper(true);
 
     let mpi = match a.mpi {
         Some(m) => m,
@@ -222,14 +225,18 @@ pub fn run(a: &Args) -> Result<i32, MpiRunError> {
     std::fs::write(&hostfile, launch::hostfile(mpi, &flock))
         .map_err(|e| MpiRunError::Setup(format!("cannot write the host file: {e}")))?;
     let sf_exec = sf_exec_path();
+    let shim = if mpi == Mpi::Mpich { mpi_shim() } else { None };
     let l = launch::command(
-        mpi,
-        &sf_exec,
-        &hostfile,
-        a.np,
+        &launch::Job {
+            mpi,
+            sf_exec: &sf_exec,
+            hostfile: &hostfile,
+            np: a.np,
+            as_root: nix::unistd::getuid().is_root(),
+            mpi_shim: shim.as_deref(),
+            program: &a.program,
+        },
         &flock,
-        nix::unistd::getuid().is_root(),
-        &a.program,
     );
     let mut cmd = Command::new(&l.program);
     cmd.args(&l.args)
@@ -289,6 +296,7 @@ pub fn run(a: &Args) -> Result<i32, MpiRunError> {
         }
         Err(_) => 1,
     };
+    kill_leftovers();
     drop(guard);
     p.say("clones ended");
     Ok(code)
@@ -333,6 +341,30 @@ fn stop(pgid: Pid, sig: Signal, rx: &mpsc::Receiver<Event>) {
 
 fn status_code(st: std::process::ExitStatus) -> i32 {
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+/// SIGKILLs the processes still parented to this one: what the launcher
+/// left behind (as subreaper, this process inherited them).
+fn kill_leftovers() {
+    let me = std::process::id().to_string();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid == Some(me.as_str()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
 }
 
 /// Reports the first child of `ticket` that is no longer running.
@@ -393,6 +425,28 @@ fn wait_for_answers(hosts: &[String]) -> Result<(), MpiRunError> {
             .map_err(MpiRunError::Setup)?;
     }
     Ok(())
+}
+
+/// Where the guest package puts the MPICH shim (`mpi-shim/`).
+pub const MPI_SHIM: &str = "/usr/lib/x86_64-linux-gnu/snowflock/libsnowflock_mpi_shim.so";
+
+/// The MPICH shim, if installed (`SNOWFLOCK_MPI_SHIM` overrides the path;
+/// empty turns it off).
+fn mpi_shim() -> Option<PathBuf> {
+    let p = std::env::var_os("SNOWFLOCK_MPI_SHIM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(MPI_SHIM));
+    if p.as_os_str().is_empty() {
+        return None;
+    }
+    if !p.is_file() {
+        eprintln!(
+            "sfmpirun: warning: {} is missing: MPICH jobs may hang in MPI_Finalize (reinstall snowflock-guest)",
+            p.display()
+        );
+        return None;
+    }
+    Some(p)
 }
 
 /// `sf-exec` next to this program, else from `PATH`.
