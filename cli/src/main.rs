@@ -5,6 +5,7 @@
 mod bench;
 mod bench_disk;
 mod bench_hosts;
+mod bench_mpi;
 mod client;
 mod cluster;
 mod daemon_ctl;
@@ -288,6 +289,25 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// One MPI job three ways: sfmpirun, VMs already idle, VMs booted first.
+    Mpi {
+        /// Ranks (one per VM).
+        #[arg(long, default_value_t = 4)]
+        ranks: u32,
+        /// Hosts of the local cluster `sfbench`.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=cluster::MAX_HOSTS as i64))]
+        hosts: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// A Debian image with MPICH (default: the MPI demo's, built if missing).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Intervals of the pi integration the job computes.
+        #[arg(long, default_value_t = 20_000_000)]
+        work: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -482,6 +502,29 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                 mpi,
             },
         )?,
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Mpi {
+                    ranks,
+                    hosts,
+                    runs,
+                    image,
+                    work,
+                    json,
+                },
+        } => {
+            if runs == 0 {
+                anyhow::bail!("--runs must be at least 1");
+            }
+            bench_mpi::run(bench_mpi::MpiBenchArgs {
+                ranks,
+                hosts,
+                runs,
+                image,
+                work,
+                json,
+            })?
+        }
         Cmd::Bench {
             cmd:
                 BenchCmd::Clone {

@@ -31,12 +31,15 @@ pub struct Args {
     pub oversubscribe: bool,
     /// Print each phase and its time to stderr.
     pub verbose: bool,
+    /// Run on the running clones of this ticket instead of cloning, and
+    /// leave them running.
+    pub ticket: Option<String>,
     /// The program and its arguments.
     pub program: Vec<OsString>,
 }
 
 pub const USAGE: &str =
-    "usage: sfmpirun -np N [--mpi mpich|openmpi] [--oversubscribe] [-v] [--] PROGRAM [ARGS...]";
+    "usage: sfmpirun -np N [--mpi mpich|openmpi] [--oversubscribe] [--ticket T] [-v] [--] PROGRAM [ARGS...]";
 
 /// Parses the arguments after the program name.
 pub fn parse(args: &[OsString]) -> Result<Args, String> {
@@ -44,6 +47,7 @@ pub fn parse(args: &[OsString]) -> Result<Args, String> {
     let mut mpi = None;
     let mut oversubscribe = false;
     let mut verbose = false;
+    let mut ticket = None;
     let mut i = 0;
     let value = |i: usize, opt: &str| -> Result<String, String> {
         args.get(i + 1)
@@ -79,6 +83,14 @@ pub fn parse(args: &[OsString]) -> Result<Args, String> {
                 oversubscribe = true;
                 i += 1;
             }
+            "--ticket" => {
+                let v = value(i, "--ticket")?;
+                if !snowflock_proto::api::valid_ticket_syntax(&v) {
+                    return Err(format!("--ticket: {v:?} is not a ticket (t-HEX)"));
+                }
+                ticket = Some(v);
+                i += 2;
+            }
             "-v" | "--verbose" => {
                 verbose = true;
                 i += 1;
@@ -102,6 +114,7 @@ pub fn parse(args: &[OsString]) -> Result<Args, String> {
         mpi,
         oversubscribe,
         verbose,
+        ticket,
         program,
     })
 }
@@ -150,5 +163,10 @@ mod tests {
         assert!(p(&["--frobnicate", "x"])
             .unwrap_err()
             .contains("unknown option"));
+        assert!(p(&["--ticket", "nope", "-np", "2", "x"])
+            .unwrap_err()
+            .contains("not a ticket"));
+        let a = p(&["--ticket", "t-12ab", "-np", "2", "x"]).unwrap();
+        assert_eq!(a.ticket.as_deref(), Some("t-12ab"));
     }
 }

@@ -153,6 +153,17 @@ pub fn command(job: &Job<'_>, flock: &Flock) -> Launch {
     }
 }
 
+/// Which MPI a program's `ldd` output shows it linked with.
+pub fn mpi_of_libraries(ldd: &str) -> Option<Mpi> {
+    if ldd.contains("libmpich.so") {
+        Some(Mpi::Mpich)
+    } else if ldd.contains("libmpi.so") {
+        Some(Mpi::OpenMpi)
+    } else {
+        None
+    }
+}
+
 /// Which MPI `mpiexec --version` describes.
 pub fn detect(version_output: &str) -> Option<Mpi> {
     if version_output.contains("HYDRA") || version_output.contains("MPICH") {
@@ -268,5 +279,10 @@ mod tests {
         );
         assert_eq!(detect("mpiexec (OpenRTE) 4.1.4\n"), Some(Mpi::OpenMpi));
         assert_eq!(detect("something else"), None);
+        let mpich = "\tlibmpich.so.12 => /lib/x86_64-linux-gnu/libmpich.so.12 (0x7f)\n";
+        let ompi = "\tlibmpi.so.40 => /lib/x86_64-linux-gnu/libmpi.so.40 (0x7f)\n";
+        assert_eq!(mpi_of_libraries(mpich), Some(Mpi::Mpich));
+        assert_eq!(mpi_of_libraries(ompi), Some(Mpi::OpenMpi));
+        assert_eq!(mpi_of_libraries("\tlibc.so.6 => /lib/libc.so.6\n"), None);
     }
 }

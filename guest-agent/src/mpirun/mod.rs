@@ -125,7 +125,10 @@ pub fn run(a: &Args) -> Result<i32, MpiRunError> {
 
     let mpi = match a.mpi {
         Some(m) => m,
-        None => detect_mpi()?,
+        None => match mpi_of_program(&a.program[0]) {
+            Some(m) => m,
+            None => detect_mpi()?,
+        },
     };
     let exe = match mpi {
         Mpi::Mpich => "mpiexec.hydra",
@@ -165,7 +168,24 @@ pub fn run(a: &Args) -> Result<i32, MpiRunError> {
     let mut guard = TicketGuard(None);
     let mut hosts = vec![ip.clone()];
     let mut slots = vcpus;
-    if want > 0 {
+    if let Some(t) = &a.ticket {
+        // Clones that already run (a second job on the same flock, or the
+        // benchmark's baseline): used as they are and left running.
+        let (state, children) = client::status(t).map_err(api("cannot list the clones"))?;
+        for c in &children {
+            if let (ChildState::Running, Some(ip)) = (&c.state, &c.ip) {
+                hosts.push(ip.clone());
+            }
+        }
+        if state != "active" || hosts.len() == 1 {
+            return Err(MpiRunError::Setup(format!(
+                "ticket {t} has no running clones (it is {state})"
+            )));
+        }
+        slots = a.np.div_ceil(hosts.len() as u32).max(vcpus);
+        ticket = Some(t.clone());
+        p.say(&format!("{} running clones of {t}", hosts.len() - 1));
+    } else if want > 0 {
         let t = client::request_ticket(want).map_err(api("cannot get clones"))?;
         p.say(&format!("ticket {} grants {} of {want}", t.id, t.granted));
         if t.granted < want {
@@ -466,6 +486,18 @@ fn which(name: &str) -> Option<PathBuf> {
         .into_iter()
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// The MPI a program is linked with, from `ldd`: a program built with
+/// `mpicc.mpich` needs MPICH's launcher whatever `mpiexec` points to.
+fn mpi_of_program(program: &std::ffi::OsStr) -> Option<Mpi> {
+    let path = if program.to_string_lossy().contains('/') {
+        PathBuf::from(program)
+    } else {
+        which(&program.to_string_lossy())?
+    };
+    let out = Command::new("ldd").arg(&path).output().ok()?;
+    launch::mpi_of_libraries(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// The MPI `mpiexec` points to.
