@@ -316,7 +316,7 @@ pub fn run(a: &Args) -> Result<i32, MpiRunError> {
         }
         Err(_) => 1,
     };
-    kill_leftovers();
+    kill_leftovers(pgid);
     drop(guard);
     p.say("clones ended");
     Ok(code)
@@ -363,27 +363,47 @@ fn status_code(st: std::process::ExitStatus) -> i32 {
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
-/// SIGKILLs the processes still parented to this one: what the launcher
-/// left behind (as subreaper, this process inherited them).
-fn kill_leftovers() {
+/// SIGKILLs the processes still parented to this one, and reaps them:
+/// what the launcher left behind (as subreaper, this process inherits
+/// them). Rounds until none is left, since killing one (a proxy) hands
+/// its own children (ranks) to this process. `launcher` is reaped by its
+/// waiter thread, not here.
+fn kill_leftovers(launcher: Pid) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
     let me = std::process::id().to_string();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
+    for _ in 0..50 {
+        let mut alive = 0;
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return;
         };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-        if ppid == Some(me.as_str()) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces.
+            let mut f = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace())
+                .into_iter()
+                .flatten();
+            let (state, ppid) = (f.next(), f.next());
+            if ppid != Some(me.as_str()) || pid == launcher.as_raw() {
+                continue;
+            }
+            let pid = Pid::from_raw(pid);
+            if state != Some("Z") {
+                alive += 1;
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            }
+            let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
         }
+        if alive == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
