@@ -12,9 +12,6 @@ use crate::vm_cmd;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
-/// Packages of the demo's Debian image besides the base set.
-pub const MPI_DEMO_PACKAGES: &[&str] = &["mpich", "libmpich-dev", "gcc", "libc6-dev"];
-
 /// The MPI program: `swdemo-mpi [SF-SWDEMO DATA ARGS]`.
 pub const SWDEMO_MPI_C: &str = r#"
 #include <mpi.h>
@@ -77,7 +74,10 @@ pub fn image() -> Result<PathBuf> {
     crate::image_debian::build(crate::image_debian::DebianArgs {
         out,
         add: vec![format!("{}:/usr/local/bin/sf-swdemo", swdemo.display())],
-        packages: MPI_DEMO_PACKAGES.iter().map(|s| s.to_string()).collect(),
+        packages: snowflock_image::MPI_PACKAGES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         size_bytes: snowflock_image::DEFAULT_DISK_SIZE,
         guest_bin_dir: None,
     })

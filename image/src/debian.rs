@@ -34,6 +34,19 @@ pub const BASE_PACKAGES: &[&str] = &[
     "e2fsprogs",
     "python3",
 ];
+/// What an image for MPI jobs adds to [`BASE_PACKAGES`]: both MPIs with
+/// their compiler wrappers, gcc for `mpicc`, and `mpich-doc` for the stock
+/// example `cpi.c`. The MPI demo, the MPI benchmark and the tests use this
+/// one list, so they share one cached base system.
+pub const MPI_PACKAGES: &[&str] = &[
+    "mpich",
+    "libmpich-dev",
+    "mpich-doc",
+    "openmpi-bin",
+    "libopenmpi-dev",
+    "gcc",
+    "libc6-dev",
+];
 /// Disk size when none is given.
 pub const DEFAULT_DISK_SIZE: u64 = 4 << 30;
 /// Smallest disk accepted (the base system alone takes ~500 MiB).

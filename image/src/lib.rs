@@ -49,7 +49,7 @@ pub use build::build;
 pub use deb::{build_guest_deb, deb_file_name, DebOptions, DEB_PACKAGE, DEB_VERSION};
 pub use debian::{
     build_debian, valid_package_name, DebianOptions, BASE_PACKAGES, DEFAULT_DISK_SIZE,
-    MIN_DISK_SIZE,
+    MIN_DISK_SIZE, MPI_PACKAGES,
 };
 pub use error::ImageError;
 pub use guest_bins::{AGENT_BIN, GLIBC_RUNTIME, GUEST_BINS};

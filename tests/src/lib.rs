@@ -115,7 +115,7 @@ impl TestImage {
     /// `<cache>/test-images/debian`; later calls find it up to date (the
     /// build compares its inputs) in a second or two. VMs boot it behind
     /// private overlays, so it is never written. Besides the base set it
-    /// holds both MPIs and a compiler ([`MPI_PACKAGES`]): one image serves
+    /// holds both MPIs and a compiler ([`snowflock_image::MPI_PACKAGES`]): one image serves
     /// the Debian and the MPI tests.
     pub fn debian() -> TestImage {
         let cache = std::env::var_os("SNOWFLOCK_CACHE")
@@ -125,7 +125,7 @@ impl TestImage {
         let mut cmd = Command::new(bin("snowflock"));
         cmd.args(["image", "build", "--kind", "debian", "--out"])
             .arg(&dir)
-            .args(["--packages", MPI_PACKAGES]);
+            .args(["--packages", &snowflock_image::MPI_PACKAGES.join(",")]);
         let guest = guest_bin_dir();
         for tool in ["sf-memtest", "sf-swdemo"] {
             let p = guest.join(tool);
@@ -149,12 +149,6 @@ impl TestImage {
         self.dir.to_str().expect("utf-8 path")
     }
 }
-
-/// What the Debian test image adds to the base set: MPICH and Open MPI
-/// with their compilers' wrappers, gcc for `mpicc`, and `mpich-doc` for
-/// the stock example `cpi.c`.
-pub const MPI_PACKAGES: &str =
-    "mpich,libmpich-dev,mpich-doc,openmpi-bin,libopenmpi-dev,gcc,libc6-dev";
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

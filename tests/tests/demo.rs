@@ -54,3 +54,59 @@ fn demo_finds_what_one_process_finds() {
     assert!(!sock.exists());
     assert!(!Path::new("/run/netns/sfdemo-h0").exists());
 }
+
+/// `snowflock demo --mpi`: the same search as an MPI program, run with
+/// `sfmpirun` on clones spread over the demo's local cluster, finds the
+/// same hits as one process, and prints sfmpirun's timeline.
+#[test]
+fn demo_mpi_finds_what_one_process_finds() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::debian();
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("demo.sock");
+    let out = Command::new(bin("snowflock"))
+        .arg("--socket")
+        .arg(&sock)
+        .args([
+            "demo",
+            "--mpi",
+            "--clones",
+            "2",
+            "--json",
+            "--image",
+            img.path(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "demo --mpi failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("demo --json");
+    let swdemo = bin_dir().join("../x86_64-unknown-linux-gnu/release/sf-swdemo");
+    let local = Command::new(&swdemo).arg("local").output().unwrap();
+    assert!(local.status.success());
+    let local: Value = serde_json::from_slice(&local.stdout).unwrap();
+    assert_eq!(
+        v["result"]["hits"], local["hits"],
+        "the MPI search must match the local one"
+    );
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p[1].as_str())
+        .collect();
+    assert!(
+        phases.iter().any(|p| p.contains("started on 3 VMs")),
+        "{phases:?}"
+    );
+    assert!(phases.iter().any(|p| p == &"clones ended"), "{phases:?}");
+    assert_eq!(v["clone"]["clones"], 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("merged the hits of 3 ranks"), "{stderr}");
+    assert!(!sock.exists());
+}

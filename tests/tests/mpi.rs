@@ -2,7 +2,7 @@
 //! three hosts, `sf-exec` between real VMs, and a second ticket's clones
 //! joining the first's (resizing).
 //!
-//! The Debian test image carries both MPIs and gcc ([`MPI_PACKAGES`]); the
+//! The Debian test image carries both MPIs and gcc (`snowflock_image::MPI_PACKAGES`); the
 //! programs are compiled in the parent VM with `mpicc`.
 
 use serde_json::Value;
