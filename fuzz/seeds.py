@@ -97,6 +97,14 @@ for i, m in enumerate(api_req):
 for i, m in enumerate(api_resp):
     write("api_msg", f"resp{i}", b"\x01" + js(m))
 write("api_msg", "child", b"\x02" + js(child))
+sibling = [
+    {"uid": 1000, "gid": 1000, "command": "hostname", "cwd": "/root"},
+    {"t": "stdin", "data": b64(b"x")}, {"t": "signal", "signo": 2},
+    {"t": "exit", "code": 3},
+]
+for i, m in enumerate(sibling):
+    write("sibling_msg", f"m{i}", bytes([[0, 1, 1, 2][i]]) + js(m))
+write("sibling_msg", "target", b"\x03" + b"10.250.3.2|10.250.3.1/24")
 for i, m in enumerate(admin_req):
     write("admin_msg", f"req{i}", b"\x00" + js(m))
 for i, m in enumerate(admin_resp):
