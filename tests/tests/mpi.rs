@@ -195,11 +195,39 @@ fn sfmpirun_runs_mpi_jobs_on_clones_with_mpich_and_open_mpi() {
         no_clones_left(h0);
     }
 
-    // Too few clones for the ranks: a clear failure by default, more
-    // ranks per VM with --oversubscribe.
+    // Too few clones for the ranks: a clear failure by default, naming the
+    // way out.
     let (code, _, err) = h0.sh("p", "cd /root/mpi && sfmpirun -np 400 ./ring-mpich");
     assert_ne!(code, 0);
     assert!(err.contains("--oversubscribe"), "{err}");
+    no_clones_left(h0);
+
+    // Two vCPUs: one clone for four ranks, two ranks in each VM (the
+    // second stage of the fork is MPI's own).
+    h0.ok(&["vm", "stop", "p"]);
+    h0.ok(&[
+        "vm",
+        "start",
+        "q",
+        "--image",
+        img.path(),
+        "--mem",
+        "512M",
+        "--vcpus",
+        "2",
+    ]);
+    assert_eq!(sh_in(h0, "q", "nproc"), "2");
+    let (code, out, err) = h0.sh(
+        "q",
+        &format!(
+            "mkdir -p /root/mpi && cd /root/mpi && cat > ring.c <<'EOF'\n{RING_C}\nEOF\n\
+             mpicc.mpich -O2 -o ring-mpich ring.c && sfmpirun -v -np 4 ./ring-mpich"
+        ),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("2 per VM: 1 clone wanted"), "{err}");
+    assert_eq!(ring_lines(&out), expected_ring(4), "{out}");
+    assert_eq!(hosts_of(&out).len(), 2, "two ranks per VM: {out}");
     no_clones_left(h0);
 }
 

@@ -159,8 +159,9 @@ pub fn run(a: &Args) -> Result<i32, MpiRunError> {
     let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let want = a.np.div_ceil(vcpus) - 1;
     p.say(&format!(
-        "{} ranks, {vcpus} per VM: {want} clones wanted ({})",
+        "{} ranks, {vcpus} per VM: {want} clone{} wanted ({})",
         a.np,
+        if want == 1 { "" } else { "s" },
         mpi.name()
     ));
 
