@@ -56,6 +56,10 @@ void sf_exit(int status);
  * be NULL when max is 0. The ticket is discarded. */
 int sf_join(const sf_ticket_t *t, sf_child_t *out, int max);
 
+/* The children of t now, without waiting: fills at most max entries of out
+ * and returns the number of children, -1 on error. The ticket is kept. */
+int sf_status(const sf_ticket_t *t, sf_child_t *out, int max);
+
 /* Ends every child of t now. Returns the number of children it killed, -1 on
  * error. The ticket is discarded. */
 int sf_kill(const sf_ticket_t *t);

@@ -141,6 +141,14 @@ def kill(ticket):
     return _expect(call({"op": "kill", "ticket": _ticket_id(ticket)}), "killed")["children"]
 
 
+def status(ticket):
+    """The ticket's state ("granted", "cloning", "active", "discarded") and
+    its children now, without waiting: dict with keys state and children
+    (like join(), each child with its flock address under "ip")."""
+    a = _expect(call({"op": "status", "ticket": _ticket_id(ticket)}), "status")
+    return {"state": a["state"], "children": a["children"]}
+
+
 def id():
     """This VM's identity: dict with vm, clone_id, ticket (or None), ip (or None)."""
     a = _expect(call({"op": "id"}), "identity")

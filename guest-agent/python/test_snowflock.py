@@ -64,6 +64,7 @@ class SnowflockTest(unittest.TestCase):
             {"result": "joined", "children": kids},
             {"result": "killed", "children": []},
             {"result": "identity", "vm": "v", "clone_id": 3, "ticket": "t-ab", "ip": "10.0.0.4"},
+            {"result": "status", "state": "active", "children": kids},
         ])
         t = snowflock.request_ticket(3)
         self.assertEqual(t, ("t-ab", 2))
@@ -71,6 +72,7 @@ class SnowflockTest(unittest.TestCase):
         self.assertEqual(snowflock.join("t-ab"), kids)
         self.assertEqual(snowflock.kill("t-ab"), [])
         self.assertEqual(snowflock.id(), {"vm": "v", "clone_id": 3, "ticket": "t-ab", "ip": "10.0.0.4"})
+        self.assertEqual(snowflock.status(t), {"state": "active", "children": kids})
         fake.close()
         self.assertEqual(fake.requests, [
             {"op": "request_ticket", "n": 3},
@@ -78,6 +80,7 @@ class SnowflockTest(unittest.TestCase):
             {"op": "join", "ticket": "t-ab"},
             {"op": "kill", "ticket": "t-ab"},
             {"op": "id"},
+            {"op": "status", "ticket": "t-ab"},
         ])
 
     def test_api_error_is_raised_with_code(self):

@@ -197,13 +197,49 @@ pub unsafe extern "C" fn sf_join(t: *const SfTicket, out: *mut SfChild, max: c_i
         // SAFETY: forwarded caller guarantee.
         let id = unsafe { ticket_id(t) }?;
         let children = client::join(&id)?;
-        for (i, c) in children.iter().take(max as usize).enumerate() {
-            let v = child_of(c)?;
-            // SAFETY: i < max and the caller guarantees `max` writable entries.
-            unsafe { out.add(i).write(v) };
-        }
-        c_int::try_from(children.len()).map_err(|_| CapiError::TooManyChildren)
+        // SAFETY: forwarded caller guarantee on `out` and `max`.
+        unsafe { fill_children(&children, out, max) }
     })
+}
+
+/// `int sf_status(const sf_ticket_t *t, sf_child_t *out, int max)`: the
+/// children now, without waiting; fills and returns like [`sf_join`]. The
+/// ticket is kept.
+///
+/// # Safety
+/// As for [`sf_join`].
+#[no_mangle]
+pub unsafe extern "C" fn sf_status(t: *const SfTicket, out: *mut SfChild, max: c_int) -> c_int {
+    guard(|| {
+        if max < 0 {
+            return Err(CapiError::NegativeMax(max));
+        }
+        if out.is_null() && max > 0 {
+            return Err(CapiError::NullOutput);
+        }
+        // SAFETY: forwarded caller guarantee.
+        let id = unsafe { ticket_id(t) }?;
+        let (_, children) = client::status(&id)?;
+        // SAFETY: forwarded caller guarantee on `out` and `max`.
+        unsafe { fill_children(&children, out, max) }
+    })
+}
+
+/// Writes at most `max` children to `out`; returns how many there are.
+///
+/// # Safety
+/// `out` must point to `max` writable `sf_child_t` (or `max` be 0).
+unsafe fn fill_children(
+    children: &[client::ChildStatus],
+    out: *mut SfChild,
+    max: c_int,
+) -> Result<c_int, CapiError> {
+    for (i, c) in children.iter().take(max.max(0) as usize).enumerate() {
+        let v = child_of(c)?;
+        // SAFETY: i < max and the caller guarantees `max` writable entries.
+        unsafe { out.add(i).write(v) };
+    }
+    c_int::try_from(children.len()).map_err(|_| CapiError::TooManyChildren)
 }
 
 /// `int sf_kill(const sf_ticket_t *t)`: ends every child now; returns the

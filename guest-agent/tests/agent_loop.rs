@@ -886,6 +886,25 @@ fn serve_client_script(host: &mut Host) {
     let (id, req) = host.request();
     assert_eq!(
         req,
+        ApiRequest::Status {
+            ticket: "t-c0ffee".into()
+        }
+    );
+    host.respond(
+        id,
+        ApiResponse::Status {
+            state: "active".into(),
+            children: vec![ChildStatus {
+                clone_id: 1,
+                vm: "c1".into(),
+                ip: Some("10.250.0.2".into()),
+                state: ChildState::Running,
+            }],
+        },
+    );
+    let (id, req) = host.request();
+    assert_eq!(
+        req,
         ApiRequest::Join {
             ticket: "t-c0ffee".into()
         }
@@ -948,6 +967,7 @@ print(snowflock.id())
 t = snowflock.request_ticket(2)
 print(t)
 print(snowflock.clone(t))
+print(snowflock.status(t))
 print(snowflock.join(t))
 try:
     snowflock.kill(t)
@@ -976,6 +996,7 @@ except snowflock.Error as e:
         "{'vm': 'vm1', 'clone_id': 0, 'ticket': None, 'ip': '10.250.0.1'}\n\
          ('t-c0ffee', 2)\n\
          0\n\
+         {'state': 'active', 'children': [{'clone_id': 1, 'vm': 'c1', 'ip': '10.250.0.2', 'state': 'running'}]}\n\
          [{'clone_id': 1, 'vm': 'c1', 'state': 'exited', 'code': 5}, {'clone_id': 2, 'vm': 'c2', 'state': 'killed'}]\n\
          ticket_discarded Ticket t-c0ffee is gone\n\
          wrong_role Only clones may exit\n"
@@ -1035,6 +1056,7 @@ fn c_abi_against_the_real_agent() {
          id: 0\n\
          ticket: t-c0ffee granted 2\n\
          clone: 0\n\
+         status: 1 first 1/0\n\
          join: 2 first 1/1/5\n\
          kill: Ticket t-c0ffee is gone\n\
          exit: Only clones may exit\n"

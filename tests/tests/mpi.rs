@@ -232,7 +232,8 @@ fn sfmpirun_runs_mpi_jobs_on_clones_with_mpich_and_open_mpi() {
 }
 
 /// A clone killed from the host while the job runs: `sfmpirun` names it,
-/// stops the job, ends the other clones and exits non-zero.
+/// stops the job, ends the other clones and exits non-zero. Then SIGTERM
+/// to `sfmpirun` mid-run does the same.
 #[test]
 fn a_clone_lost_mid_run_stops_the_job_cleanly() {
     if !vm_prereqs() {
@@ -285,6 +286,34 @@ fn a_clone_lost_mid_run_stops_the_job_cleanly() {
         sh_in(h0, "p", LEFTOVERS),
         "0",
         "launcher processes left in the parent: {}",
+        sh_in(h0, "p", "ps -eo pid,ppid,pgid,stat,args")
+    );
+
+    // SIGTERM to sfmpirun (as Ctrl-C or a batch system would send): one
+    // line, 128 + 15, the clones ended, nothing left.
+    let (status, log) = std::thread::scope(|s| {
+        let job = s.spawn(|| {
+            h0.sh(
+                "p",
+                "cd /root/mpi && sfmpirun -np 3 ./ring-mpich 0 600 > /root/job2.out 2>&1; echo $?",
+            )
+        });
+        wait_until(Duration::from_secs(240), || {
+            let (_, out, _) = h0.sh("p", "grep -c '^rank' /root/job2.out || true");
+            (out.trim() == "3").then_some(())
+        })
+        .expect("the second job started on 3 VMs");
+        sh_in(h0, "p", "kill -TERM $(pidof sfmpirun)");
+        let (_, out, _) = job.join().unwrap();
+        (out, sh_in(h0, "p", "cat /root/job2.out"))
+    });
+    assert_eq!(status.trim(), "143", "{log}");
+    assert!(log.contains("sfmpirun: stopped by SIGTERM"), "{log}");
+    no_clones_left(h0);
+    assert_eq!(
+        sh_in(h0, "p", LEFTOVERS),
+        "0",
+        "left in the parent after SIGTERM: {}",
         sh_in(h0, "p", "ps -eo pid,ppid,pgid,stat,args")
     );
 }

@@ -12,7 +12,9 @@ int main(void) {
     printf("ticket: %s granted %d\n", t.id, t.granted);
     printf("clone: %d\n", sf_clone(&t));
     sf_child_t kids[1];
-    int n = sf_join(&t, kids, 1);
+    int n = sf_status(&t, kids, 1);
+    printf("status: %d first %d/%d\n", n, kids[0].clone_id, kids[0].state);
+    n = sf_join(&t, kids, 1);
     printf("join: %d first %d/%d/%d\n", n, kids[0].clone_id, kids[0].state, kids[0].code);
     if (sf_kill(&t) != -1) return 11;
     printf("kill: %s\n", sf_last_error());
