@@ -228,6 +228,22 @@ fn sf_exec_runs_commands_in_siblings_and_refuses_everything_else() {
     }
     assert!(!Path::new("/tmp/sfx-must-not-exist").exists());
 
+    // A flood of connections that never finish the handshake: past the
+    // cap the runner closes new ones at once (so its threads are not used
+    // up), and serves again once the flood ends.
+    let flood: Vec<std::net::TcpStream> = (0..256)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.3", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = finish(sf_exec(&a, &["127.0.0.3", "true"]).spawn().unwrap());
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    drop(flood);
+    wait_for("the runner to serve again", || {
+        finish(sf_exec(&a, &["127.0.0.3", "true"]).spawn().unwrap())
+            .status
+            .success()
+    });
+
     // A stranger with its own key cannot run anything in the flock.
     let out = finish(sf_exec(&stranger, &["127.0.0.3", "true"]).spawn().unwrap());
     assert_eq!(out.status.code(), Some(255));

@@ -36,6 +36,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+/// Connections served at once (each a command with its threads); more
+/// are closed at once, so a flood from a sibling cannot use up the
+/// agent's threads.
+pub const MAX_SESSIONS: usize = 256;
 /// Time allowed for the handshake and the `Start` frame.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Between the `SIGHUP` and the `SIGKILL` of an abandoned command.
@@ -56,9 +60,12 @@ pub fn spawn(agent: Arc<Agent>, key: ClusterKey) -> std::io::Result<()> {
     let listener = TcpListener::bind((addr, port))?;
     tracing::info!("Sibling runner listening on port {port}");
     let key = Arc::new(key);
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("sibling-accept".into())
         .spawn(move || {
+            // One warning per burst of refusals, not one per connection.
+            let mut warned = false;
             for conn in listener.incoming() {
                 let s = match conn {
                     Ok(s) => s,
@@ -68,11 +75,31 @@ pub fn spawn(agent: Arc<Agent>, key: ClusterKey) -> std::io::Result<()> {
                         continue;
                     }
                 };
-                let (a, k) = (agent.clone(), key.clone());
-                let _ = std::thread::Builder::new()
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_SESSIONS {
+                    // Before the handshake nothing can be said to the
+                    // peer in its protocol: the connection is just closed.
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    if !warned {
+                        tracing::warn!(
+                            "Sibling connections closed: {MAX_SESSIONS} sessions already run"
+                        );
+                        warned = true;
+                    }
+                    drop(s);
+                    continue;
+                }
+                warned = false;
+                let (a, k, n) = (agent.clone(), key.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
                     .name("sibling".into())
                     .stack_size(256 * 1024)
-                    .spawn(move || serve(&a, &k, s));
+                    .spawn(move || {
+                        serve(&a, &k, s);
+                        n.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })?;
     Ok(())
