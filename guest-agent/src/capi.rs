@@ -187,19 +187,8 @@ fn child_of(c: &client::ChildStatus) -> Result<SfChild, CapiError> {
 /// writable `sf_child_t`.
 #[no_mangle]
 pub unsafe extern "C" fn sf_join(t: *const SfTicket, out: *mut SfChild, max: c_int) -> c_int {
-    guard(|| {
-        if max < 0 {
-            return Err(CapiError::NegativeMax(max));
-        }
-        if out.is_null() && max > 0 {
-            return Err(CapiError::NullOutput);
-        }
-        // SAFETY: forwarded caller guarantee.
-        let id = unsafe { ticket_id(t) }?;
-        let children = client::join(&id)?;
-        // SAFETY: forwarded caller guarantee on `out` and `max`.
-        unsafe { fill_children(&children, out, max) }
-    })
+    // SAFETY: forwarded caller guarantee.
+    guard(|| unsafe { children_call(t, out, max, client::join) })
 }
 
 /// `int sf_status(const sf_ticket_t *t, sf_child_t *out, int max)`: the
@@ -210,31 +199,33 @@ pub unsafe extern "C" fn sf_join(t: *const SfTicket, out: *mut SfChild, max: c_i
 /// As for [`sf_join`].
 #[no_mangle]
 pub unsafe extern "C" fn sf_status(t: *const SfTicket, out: *mut SfChild, max: c_int) -> c_int {
-    guard(|| {
-        if max < 0 {
-            return Err(CapiError::NegativeMax(max));
-        }
-        if out.is_null() && max > 0 {
-            return Err(CapiError::NullOutput);
-        }
-        // SAFETY: forwarded caller guarantee.
-        let id = unsafe { ticket_id(t) }?;
-        let (_, children) = client::status(&id)?;
-        // SAFETY: forwarded caller guarantee on `out` and `max`.
-        unsafe { fill_children(&children, out, max) }
-    })
+    // SAFETY: forwarded caller guarantee.
+    guard(|| unsafe { children_call(t, out, max, |id| Ok(client::status(id)?.1)) })
 }
 
-/// Writes at most `max` children to `out`; returns how many there are.
+/// The body of the calls that answer with children: checks `out` and
+/// `max` before `call` (which may wait), then writes at most `max`
+/// children to `out` and returns how many there are.
 ///
 /// # Safety
-/// `out` must point to `max` writable `sf_child_t` (or `max` be 0).
-unsafe fn fill_children(
-    children: &[client::ChildStatus],
+/// `t` must be null or readable; `out` must be null or point to `max`
+/// writable `sf_child_t`.
+unsafe fn children_call(
+    t: *const SfTicket,
     out: *mut SfChild,
     max: c_int,
+    call: impl FnOnce(&str) -> Result<Vec<client::ChildStatus>, client::SfError>,
 ) -> Result<c_int, CapiError> {
-    for (i, c) in children.iter().take(max.max(0) as usize).enumerate() {
+    if max < 0 {
+        return Err(CapiError::NegativeMax(max));
+    }
+    if out.is_null() && max > 0 {
+        return Err(CapiError::NullOutput);
+    }
+    // SAFETY: forwarded caller guarantee.
+    let id = unsafe { ticket_id(t) }?;
+    let children = call(&id)?;
+    for (i, c) in children.iter().take(max as usize).enumerate() {
         let v = child_of(c)?;
         // SAFETY: i < max and the caller guarantees `max` writable entries.
         unsafe { out.add(i).write(v) };
