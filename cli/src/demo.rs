@@ -148,12 +148,7 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
     }
     let result: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("sf-swdemo printed no JSON result")?;
-    let report = match c.call(&AdminRequest::CloneReports)? {
-        AdminResponse::CloneReports { reports } => {
-            reports.into_iter().rev().find(|r| r.parent == vm)
-        }
-        _ => None,
-    };
+    let report = last_report(c, &vm)?;
     if a.json {
         println!(
             "{}",
@@ -177,12 +172,7 @@ fn mpi_job(c: &Client, vm: &str, a: &DemoArgs) -> Result<()> {
     let ranks = a.clones + 1;
     eprintln!("demo: compiling the MPI search in {vm} and running it with sfmpirun -np {ranks}");
     let job = crate::demo_mpi::run_job(c, vm, ranks)?;
-    let report = match c.call(&AdminRequest::CloneReports)? {
-        AdminResponse::CloneReports { reports } => {
-            reports.into_iter().rev().find(|r| r.parent == vm)
-        }
-        _ => None,
-    };
+    let report = last_report(c, vm)?;
     if a.json {
         println!(
             "{}",
@@ -202,6 +192,16 @@ fn mpi_job(c: &Client, vm: &str, a: &DemoArgs) -> Result<()> {
     }
     print_report(report.as_ref());
     Ok(())
+}
+
+/// The daemon's report of `vm`'s latest clone.
+fn last_report(c: &Client, vm: &str) -> Result<Option<snowflock_proto::admin::CloneReport>> {
+    Ok(match c.call(&AdminRequest::CloneReports)? {
+        AdminResponse::CloneReports { reports } => {
+            reports.into_iter().rev().find(|r| r.parent == vm)
+        }
+        _ => None,
+    })
 }
 
 fn print_hits(result: &serde_json::Value) {
