@@ -13,9 +13,9 @@
 //! Figures, not tests: medians over `--runs`.
 
 use crate::bench::{median, report_for};
-use crate::bench_hosts::{sh, stats};
+use crate::bench_hosts::{on_bench_cluster, sh, stats};
 use crate::client::Client;
-use crate::{cluster, vm_cmd};
+use crate::vm_cmd;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use snowflock_proto::admin::{Accel, VmStats};
@@ -84,16 +84,8 @@ fn clone_of(c: &Client, t: &str) -> Result<String> {
 }
 
 pub fn run(a: DiskBenchArgs) -> Result<()> {
-    let up = cluster::up(&cluster::UpOpts {
-        name: "sfbench".into(),
-        hosts: Some(2),
-        settings: cluster::Settings {
-            max_vms: 4,
-            ..Default::default()
-        },
-    })?;
-    let res = (|| -> Result<DiskRow> {
-        let c = Client::new(&up.info.hosts[0].socket);
+    let row = on_bench_cluster(2, 4, |hosts| {
+        let c = Client::new(&hosts[0].socket);
         let (mut boots, mut clones, mut pauses, mut freezes) = (vec![], vec![], vec![], vec![]);
         let (mut fetched, mut p50, mut p99) = (vec![], vec![], vec![]);
         for r in 0..a.runs {
@@ -143,11 +135,7 @@ pub fn run(a: DiskBenchArgs) -> Result<()> {
             disk_read_p50_us: median(p50),
             disk_read_p99_us: median(p99),
         })
-    })();
-    if up.started {
-        let _ = cluster::down("sfbench");
-    }
-    let row = res?;
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&row)?);
     } else {

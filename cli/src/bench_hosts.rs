@@ -17,6 +17,32 @@ use serde::Serialize;
 use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse, CloneReport, VmStats};
 use std::time::{Duration, Instant};
 
+/// Runs `f` with the hosts of a local cluster of `hosts` hosts (`sfbench`,
+/// at most `max_vms` VMs each), h0 first. The cluster is
+/// removed afterwards, whatever `f` returned, if this call made it.
+pub(crate) fn on_bench_cluster<T>(
+    hosts: u32,
+    max_vms: u32,
+    f: impl FnOnce(&[cluster::HostInfo]) -> Result<T>,
+) -> Result<T> {
+    let up = cluster::up(&cluster::UpOpts {
+        name: BENCH_CLUSTER.into(),
+        hosts: Some(hosts),
+        settings: cluster::Settings {
+            max_vms,
+            ..Default::default()
+        },
+    })?;
+    let res = f(&up.info.hosts);
+    if up.started {
+        let _ = cluster::down(BENCH_CLUSTER);
+    }
+    res
+}
+
+/// The local cluster the benchmarks make.
+const BENCH_CLUSTER: &str = "sfbench";
+
 pub struct HostsArgs {
     pub hosts: u32,
     pub clones: Vec<u32>,
@@ -131,19 +157,10 @@ fn one_run(c: &Client, vm: &str, n: u32, fill: u32) -> Result<(CloneReport, Vec<
 }
 
 pub fn run(a: HostsArgs) -> Result<()> {
-    let name = "sfbench".to_string();
     let need = a.clones.iter().copied().max().unwrap_or(1);
     let per_host = need / a.hosts.saturating_sub(1).max(1) + 3;
-    let up = cluster::up(&cluster::UpOpts {
-        name: name.clone(),
-        hosts: Some(a.hosts),
-        settings: cluster::Settings {
-            max_vms: per_host.max(4),
-            ..Default::default()
-        },
-    })?;
-    let res = (|| -> Result<Vec<HostsRow>> {
-        let h0 = &up.info.hosts[0];
+    let rows = on_bench_cluster(a.hosts, per_host.max(4), |hosts| {
+        let h0 = &hosts[0];
         let c = Client::new(&h0.socket);
         let mut rows = Vec::new();
         for &avoid in &a.modes {
@@ -219,11 +236,7 @@ pub fn run(a: HostsArgs) -> Result<()> {
             let _ = vm_cmd::stop(&c, &vm);
         }
         Ok(rows)
-    })();
-    if up.started {
-        let _ = cluster::down(&name);
-    }
-    let rows = res?;
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());

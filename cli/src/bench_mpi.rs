@@ -16,7 +16,7 @@
 //! Figures, not tests: medians over `--runs`.
 
 use crate::bench::median;
-use crate::bench_hosts::sh;
+use crate::bench_hosts::{on_bench_cluster, sh};
 use crate::client::Client;
 use crate::{cluster, vm_cmd};
 use anyhow::{bail, Context, Result};
@@ -114,18 +114,8 @@ pub fn run(a: MpiBenchArgs) -> Result<()> {
         None => crate::demo_mpi::image()?,
     };
     let image = image.display().to_string();
-    let up = cluster::up(&cluster::UpOpts {
-        name: "sfbench".into(),
-        hosts: Some(a.hosts),
-        settings: cluster::Settings {
-            max_vms: a.ranks.div_ceil(a.hosts) + 2,
-            ..Default::default()
-        },
-    })?;
-    let res = (|| -> Result<MpiBench> {
-        let sockets: Vec<std::path::PathBuf> =
-            up.info.hosts.iter().map(|h| h.socket.clone()).collect();
-        let c = Client::new(&sockets[0]);
+    let b = on_bench_cluster(a.hosts, a.ranks.div_ceil(a.hosts) + 2, |hosts| {
+        let c = Client::new(&hosts[0].socket);
         let vm = "mpibench";
         eprintln!("bench: booting the parent VM");
         vm_cmd::start(&c, vm, &image, 512, 1, Accel::Auto, false)?;
@@ -177,7 +167,7 @@ pub fn run(a: MpiBenchArgs) -> Result<()> {
                     a.ranks - 1,
                     a.ranks - 1
                 );
-                boots.push(boot_vms(&sockets, &image, a.ranks - 1, r)?);
+                boots.push(boot_vms(hosts, &image, a.ranks - 1, r)?);
             }
             let col = |v: &[(f64, f64)]| Column {
                 ranks_running_ms: median(v.iter().map(|x| x.0).collect()),
@@ -202,11 +192,7 @@ pub fn run(a: MpiBenchArgs) -> Result<()> {
         })();
         let _ = vm_cmd::stop(&c, vm);
         run
-    })();
-    if up.started {
-        let _ = cluster::down("sfbench");
-    }
-    let b = res?;
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&b)?);
         return Ok(());
@@ -239,7 +225,7 @@ pub fn run(a: MpiBenchArgs) -> Result<()> {
 /// Boots `n` VMs of `image` in parallel, round robin over the hosts other
 /// than h0 first; returns the ms until all answered. They are stopped
 /// afterwards.
-fn boot_vms(hosts: &[std::path::PathBuf], image: &str, n: u32, run: u32) -> Result<f64> {
+fn boot_vms(hosts: &[cluster::HostInfo], image: &str, n: u32, run: u32) -> Result<f64> {
     let t0 = Instant::now();
     let started: Vec<Result<(Client, String)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
@@ -247,7 +233,7 @@ fn boot_vms(hosts: &[std::path::PathBuf], image: &str, n: u32, run: u32) -> Resu
                 let h = &hosts[(i as usize + 1) % hosts.len()];
                 let name = format!("mpiboot{run}x{i}");
                 s.spawn(move || {
-                    let c = Client::new(h);
+                    let c = Client::new(&h.socket);
                     vm_cmd::start(&c, &name, image, 512, 1, Accel::Auto, false)?;
                     Ok((c, name))
                 })

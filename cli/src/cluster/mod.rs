@@ -28,7 +28,7 @@ mod up;
 
 pub use down::down;
 pub use host_config::Settings;
-pub use layout::{first_host_client, host_client};
+pub use layout::{first_host_client, host_client, HostInfo};
 pub use status::status;
 pub use up::{up, UpOpts};
 
