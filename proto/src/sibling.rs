@@ -34,6 +34,7 @@
 //! (its VM was killed or lost) and says so, instead of hanging.
 
 use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 /// TCP port the agents listen on for their siblings, on the flock network.
@@ -114,47 +115,67 @@ pub enum TargetError {
     Itself(String),
 }
 
+/// A VM's flock network, from its own `IP/PREFIX`.
+struct FlockNet {
+    own: Ipv4Addr,
+    net: u32,
+    mask: u32,
+    prefix: u32,
+}
+
+impl FlockNet {
+    fn parse(own_cidr: Option<&str>) -> Result<FlockNet, TargetError> {
+        let own = own_cidr.ok_or(TargetError::NoFlock)?;
+        let (ip, prefix) = own.split_once('/').unwrap_or((own, "24"));
+        let (Ok(own), Ok(prefix)) = (ip.parse::<Ipv4Addr>(), prefix.parse::<u32>()) else {
+            return Err(TargetError::NoFlock);
+        };
+        if !(1..=30).contains(&prefix) {
+            return Err(TargetError::NoFlock);
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(FlockNet {
+            own,
+            net: u32::from(own) & mask,
+            mask,
+            prefix,
+        })
+    }
+
+    /// A host address of the network: inside it, neither its network nor
+    /// its broadcast address.
+    fn holds(&self, a: Ipv4Addr) -> bool {
+        let a = u32::from(a);
+        a & self.mask == self.net && a != self.net && a != self.net | !self.mask
+    }
+}
+
 /// Checks that `host` is a sibling address in the flock of a VM whose own
 /// address is `own_cidr` (`10.250.F.k/24`): same network, not the network
 /// or broadcast address, not the VM itself.
-pub fn check_target(host: &str, own_cidr: Option<&str>) -> Result<std::net::Ipv4Addr, TargetError> {
-    use std::net::Ipv4Addr;
+pub fn check_target(host: &str, own_cidr: Option<&str>) -> Result<Ipv4Addr, TargetError> {
     let target: Ipv4Addr = host
         .parse()
         .map_err(|_| TargetError::NotAnAddress(host.to_string()))?;
-    let own = own_cidr.ok_or(TargetError::NoFlock)?;
-    let (ip, prefix) = own.split_once('/').unwrap_or((own, "24"));
-    let (Ok(ip), Ok(prefix)) = (ip.parse::<Ipv4Addr>(), prefix.parse::<u32>()) else {
-        return Err(TargetError::NoFlock);
-    };
-    if !(1..=30).contains(&prefix) {
-        return Err(TargetError::NoFlock);
+    let f = FlockNet::parse(own_cidr)?;
+    if !f.holds(target) {
+        return Err(TargetError::OutsideFlock {
+            host: host.to_string(),
+            net: format!("{}/{}", Ipv4Addr::from(f.net), f.prefix),
+        });
     }
-    let mask = u32::MAX << (32 - prefix);
-    let net = u32::from(ip) & mask;
-    let t = u32::from(target);
-    let outside = || TargetError::OutsideFlock {
-        host: host.to_string(),
-        net: format!("{}/{prefix}", Ipv4Addr::from(net)),
-    };
-    if t & mask != net || t == net || t == net | !mask {
-        return Err(outside());
-    }
-    if target == ip {
+    if target == f.own {
         return Err(TargetError::Itself(host.to_string()));
     }
     Ok(target)
 }
 
-/// True when `peer` is inside the network of `own_cidr`: what a runner
+/// True when `peer` is a host of the network of `own_cidr`: what a runner
 /// checks of the address a connection comes from.
 pub fn same_flock(peer: std::net::IpAddr, own_cidr: Option<&str>) -> bool {
-    let std::net::IpAddr::V4(p) = peer else {
-        return false;
-    };
-    match check_target(&p.to_string(), own_cidr) {
-        Ok(_) | Err(TargetError::Itself(_)) => true,
-        Err(_) => false,
+    match peer {
+        std::net::IpAddr::V4(p) => FlockNet::parse(own_cidr).is_ok_and(|f| f.holds(p)),
+        std::net::IpAddr::V6(_) => false,
     }
 }
 

@@ -129,11 +129,12 @@ enum RunError {
 }
 
 fn serve(agent: &Agent, key: &ClusterKey, mut s: TcpStream) {
-    let peer = s
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
-    match setup(agent, key, &mut s) {
+    let addr = s.peer_addr().map(|a| a.ip());
+    let peer = addr.as_ref().map(|a| a.to_string()).unwrap_or_default();
+    match addr
+        .map_err(|e| RunError::Refused(e.to_string()))
+        .and_then(|a| setup(agent, key, &mut s, a))
+    {
         Ok(start) => run(start, s, &peer),
         Err(e) => {
             tracing::warn!(
@@ -147,12 +148,14 @@ fn serve(agent: &Agent, key: &ClusterKey, mut s: TcpStream) {
     }
 }
 
-fn setup(agent: &Agent, key: &ClusterKey, s: &mut TcpStream) -> Result<Start, RunError> {
-    let peer = s
-        .peer_addr()
-        .map_err(|e| RunError::Refused(e.to_string()))?;
-    if !same_flock(peer.ip(), agent.ident().ip_cidr().as_deref()) {
-        return Err(RunError::NotInFlock(peer.ip().to_string()));
+fn setup(
+    agent: &Agent,
+    key: &ClusterKey,
+    s: &mut TcpStream,
+    peer: std::net::IpAddr,
+) -> Result<Start, RunError> {
+    if !same_flock(peer, agent.ident().ip_cidr().as_deref()) {
+        return Err(RunError::NotInFlock(peer.to_string()));
     }
     keepalive(s);
     let _ = s.set_read_timeout(Some(SETUP_TIMEOUT));
