@@ -221,22 +221,23 @@ pub fn build_guest_deb(opts: &DebOptions) -> Result<PathBuf, ImageError> {
     for b in MPI_BINS {
         input_file("guest binary", &opts.guest_bin_dir.join(b))?;
     }
-    let lib = opts
-        .lib_dir
-        .as_ref()
-        .map(|d| d.join(LIB))
-        .filter(|l| l.is_file());
-    if lib.is_none() {
-        tracing::warn!("No {LIB} given: the package has no C library");
-    }
-    let shim = opts
-        .lib_dir
-        .as_ref()
-        .map(|d| d.join(MPI_SHIM))
-        .filter(|l| l.is_file());
-    if shim.is_none() {
-        tracing::warn!("No {MPI_SHIM} given: MPICH jobs under sfmpirun may hang in MPI_Finalize");
-    }
+    // The optional libraries in `lib_dir`; a missing one is a warning.
+    let optional = |name: &str, without: &str| {
+        let found = opts
+            .lib_dir
+            .as_ref()
+            .map(|d| d.join(name))
+            .filter(|l| l.is_file());
+        if found.is_none() {
+            tracing::warn!("No {name} given: {without}");
+        }
+        found
+    };
+    let lib = optional(LIB, "the package has no C library");
+    let shim = optional(
+        MPI_SHIM,
+        "MPICH jobs under sfmpirun may hang in MPI_Finalize",
+    );
     for (what, p) in [
         ("Header", &opts.header),
         ("Python module", &opts.python_module),
