@@ -122,6 +122,36 @@ fn finish(child: Child) -> Output {
     }
 }
 
+/// Starts `sleep 1000` on 127.0.0.3 through `from`; returns the `sf-exec`
+/// process and the remote command's pid, which it wrote to `marker`.
+fn remote_sleep(from: &Agent, marker: &Path) -> (Child, i32) {
+    let c = sf_exec(
+        from,
+        &[
+            "127.0.0.3",
+            &format!("echo $$ > {}; exec sleep 1000", marker.display()),
+        ],
+    )
+    .stdin(Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_for("the remote command", || {
+        std::fs::read_to_string(marker).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let pid = std::fs::read_to_string(marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (c, pid)
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet).
+fn ended(pid: i32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -268,55 +298,14 @@ fn sf_exec_runs_commands_in_siblings_and_refuses_everything_else() {
     }
 
     // A caller that dies leaves nothing running on the sibling.
-    let marker = b.dir.join("pid");
-    let c = sf_exec(
-        &a,
-        &[
-            "127.0.0.3",
-            &format!("echo $$ > {}; exec sleep 1000", marker.display()),
-        ],
-    )
-    .stdin(Stdio::null())
-    .spawn()
-    .unwrap();
-    wait_for("the remote command", || {
-        std::fs::read_to_string(&marker).is_ok_and(|s| s.ends_with('\n'))
-    });
-    let pid: i32 = std::fs::read_to_string(&marker)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let mut c = c;
+    let (mut c, pid) = remote_sleep(&a, &b.dir.join("pid"));
     c.kill().unwrap();
     c.wait().unwrap();
-    wait_for("the abandoned command to be ended", || {
-        !Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z "))
-    });
+    wait_for("the abandoned command to be ended", || ended(pid));
 
     // A sibling that stops answering (its VM frozen or lost) is given up
     // after the timeout, with a clear line.
-    let marker = b.dir.join("pid2");
-    let c = sf_exec(
-        &a,
-        &[
-            "127.0.0.3",
-            &format!("echo $$ > {}; exec sleep 1000", marker.display()),
-        ],
-    )
-    .stdin(Stdio::null())
-    .spawn()
-    .unwrap();
-    wait_for("the remote command", || {
-        std::fs::read_to_string(&marker).is_ok_and(|s| s.ends_with('\n'))
-    });
-    let pid: i32 = std::fs::read_to_string(&marker)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (c, pid) = remote_sleep(&a, &b.dir.join("pid2"));
     let bpid = nix::unistd::Pid::from_raw(b.child.id() as i32);
     nix::sys::signal::kill(bpid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let out = finish(c);
@@ -328,10 +317,6 @@ fn sf_exec_runs_commands_in_siblings_and_refuses_everything_else() {
         text(&out.stderr)
     );
     // Once it runs again, the sibling ends the command its caller gave up.
-    wait_for("the given-up command to be ended", || {
-        !Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z "))
-    });
+    wait_for("the given-up command to be ended", || ended(pid));
     drop(stranger);
 }

@@ -99,6 +99,46 @@ fn no_clones_left(h0: &Daemon) {
     assert!(gone.is_some(), "clones left: {:?}", clones(h0));
 }
 
+/// No clone left, and none of the job's processes left in the parent.
+fn nothing_left(h0: &Daemon, after: &str) {
+    no_clones_left(h0);
+    assert_eq!(
+        sh_in(h0, "p", LEFTOVERS),
+        "0",
+        "{after}: processes left in the parent: {}",
+        sh_in(h0, "p", "ps -eo pid,ppid,pgid,stat,args")
+    );
+}
+
+/// A script that writes `ring.c` to `/root/mpi` and goes on there with
+/// `then` (compiling it, and more).
+fn with_ring(then: &str) -> String {
+    format!("mkdir -p /root/mpi && cd /root/mpi && cat > ring.c <<'EOF'\n{RING_C}\nEOF\n{then}")
+}
+
+/// Runs a 600 s `ring-mpich` job of 3 ranks under `sfmpirun` in the
+/// parent, output to `out`; once every rank printed, calls `act`, then
+/// waits for `sfmpirun`. Returns its exit status (as printed) and what
+/// `act` returned.
+fn while_job_runs<T>(h0: &Daemon, out: &str, act: impl FnOnce() -> T) -> (String, T) {
+    std::thread::scope(|s| {
+        let job = s.spawn(|| {
+            h0.sh(
+                "p",
+                &format!("cd /root/mpi && sfmpirun -np 3 ./ring-mpich 0 600 > {out} 2>&1; echo $?"),
+            )
+        });
+        wait_until(Duration::from_secs(240), || {
+            let (_, n, _) = h0.sh("p", &format!("grep -c '^rank' {out} || true"));
+            (n.trim() == "3").then_some(())
+        })
+        .expect("the job started on 3 VMs");
+        let acted = act();
+        let (_, status, _) = job.join().unwrap();
+        (status, acted)
+    })
+}
+
 fn hosts_of(out: &str) -> std::collections::BTreeSet<String> {
     out.lines()
         .filter_map(|l| {
@@ -124,11 +164,10 @@ fn sfmpirun_runs_mpi_jobs_on_clones_with_mpich_and_open_mpi() {
     sh_in(
         h0,
         "p",
-        &format!(
-            "mkdir -p /root/mpi && cd /root/mpi && cat > ring.c <<'EOF'\n{RING_C}\nEOF\n\
-             mpicc.mpich -O2 -o ring-mpich ring.c && mpicc.openmpi -O2 -o ring-openmpi ring.c && \
+        &with_ring(
+            "mpicc.mpich -O2 -o ring-mpich ring.c && mpicc.openmpi -O2 -o ring-openmpi ring.c && \
              mpicc.mpich -O2 -o cpi-mpich /usr/share/doc/mpich/examples/cpi.c -lm && \
-             mpicc.openmpi -O2 -o cpi-openmpi /usr/share/doc/mpich/examples/cpi.c -lm"
+             mpicc.openmpi -O2 -o cpi-openmpi /usr/share/doc/mpich/examples/cpi.c -lm",
         ),
     );
     for mpi in ["mpich", "openmpi"] {
@@ -157,13 +196,7 @@ fn sfmpirun_runs_mpi_jobs_on_clones_with_mpich_and_open_mpi() {
             &format!("cd /root/mpi && sfmpirun --mpi {mpi} -np 4 ./ring-{mpi} -1"),
         );
         assert_ne!(code, 0, "{mpi}: {out}{err}");
-        no_clones_left(h0);
-        assert_eq!(
-            sh_in(h0, "p", LEFTOVERS),
-            "0",
-            "{mpi}: processes left in the parent: {}",
-            sh_in(h0, "p", "ps -eo pid,ppid,pgid,stat,args")
-        );
+        nothing_left(h0, &format!("{mpi}, a crashed rank"));
 
         // The stock example: the same answer as on one VM.
         let one = sh_in(
@@ -219,10 +252,7 @@ fn sfmpirun_runs_mpi_jobs_on_clones_with_mpich_and_open_mpi() {
     assert_eq!(sh_in(h0, "q", "nproc"), "2");
     let (code, out, err) = h0.sh(
         "q",
-        &format!(
-            "mkdir -p /root/mpi && cd /root/mpi && cat > ring.c <<'EOF'\n{RING_C}\nEOF\n\
-             mpicc.mpich -O2 -o ring-mpich ring.c && sfmpirun -v -np 4 ./ring-mpich"
-        ),
+        &with_ring("mpicc.mpich -O2 -o ring-mpich ring.c && sfmpirun -v -np 4 ./ring-mpich"),
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("2 per VM: 1 clone wanted"), "{err}");
@@ -243,35 +273,18 @@ fn a_clone_lost_mid_run_stops_the_job_cleanly() {
     let c = Cluster::up(3, &[]);
     let h0 = c.host(0);
     h0.start_vm("p", &img, "512M");
-    sh_in(
-        h0,
-        "p",
-        &format!(
-            "mkdir -p /root/mpi && cd /root/mpi && cat > ring.c <<'EOF'\n{RING_C}\nEOF\n\
-             mpicc.mpich -O2 -o ring-mpich ring.c"
-        ),
-    );
+    sh_in(h0, "p", &with_ring("mpicc.mpich -O2 -o ring-mpich ring.c"));
     // The job runs for up to 600 s; its output goes to a file in the
     // parent so the test can see when it started.
-    let job = std::thread::scope(|s| {
-        let job = s.spawn(|| {
-            h0.sh(
-                "p",
-                "cd /root/mpi && sfmpirun -np 3 ./ring-mpich 0 600 > /root/job.out 2>&1; echo $?",
-            )
-        });
-        let victim = wait_until(Duration::from_secs(240), || {
-            let (_, out, _) = h0.sh("p", "grep -c '^rank' /root/job.out || true");
-            (out.trim() == "3").then(|| clones(h0).into_iter().next())?
-        })
-        .expect("the job started on 3 VMs");
+    let (status, (victim, t0)) = while_job_runs(h0, "/root/job.out", || {
+        let victim = wait_until(Duration::from_secs(30), || clones(h0).into_iter().next())
+            .expect("a clone runs the job");
         let pid = victim["pid"].as_u64().unwrap() as u32;
         let t0 = Instant::now();
         signal(pid, libc::SIGKILL);
-        let (_, out, _) = job.join().unwrap();
-        (out, t0.elapsed(), victim)
+        (victim, t0)
     });
-    let (status, took, victim) = job;
+    let took = t0.elapsed();
     let log = sh_in(h0, "p", "cat /root/job.out");
     eprintln!("sfmpirun ended {took:?} after the kill:\n{log}");
     assert_ne!(status.trim(), "0", "{log}");
@@ -281,41 +294,17 @@ fn a_clone_lost_mid_run_stops_the_job_cleanly() {
         "the message names the lost clone: {log}"
     );
     assert!(took < Duration::from_secs(120), "stopped after {took:?}");
-    no_clones_left(h0);
-    assert_eq!(
-        sh_in(h0, "p", LEFTOVERS),
-        "0",
-        "launcher processes left in the parent: {}",
-        sh_in(h0, "p", "ps -eo pid,ppid,pgid,stat,args")
-    );
+    nothing_left(h0, "a lost clone");
 
     // SIGTERM to sfmpirun (as Ctrl-C or a batch system would send): one
     // line, 128 + 15, the clones ended, nothing left.
-    let (status, log) = std::thread::scope(|s| {
-        let job = s.spawn(|| {
-            h0.sh(
-                "p",
-                "cd /root/mpi && sfmpirun -np 3 ./ring-mpich 0 600 > /root/job2.out 2>&1; echo $?",
-            )
-        });
-        wait_until(Duration::from_secs(240), || {
-            let (_, out, _) = h0.sh("p", "grep -c '^rank' /root/job2.out || true");
-            (out.trim() == "3").then_some(())
-        })
-        .expect("the second job started on 3 VMs");
+    let (status, ()) = while_job_runs(h0, "/root/job2.out", || {
         sh_in(h0, "p", "kill -TERM $(pidof sfmpirun)");
-        let (_, out, _) = job.join().unwrap();
-        (out, sh_in(h0, "p", "cat /root/job2.out"))
     });
+    let log = sh_in(h0, "p", "cat /root/job2.out");
     assert_eq!(status.trim(), "143", "{log}");
     assert!(log.contains("sfmpirun: stopped by SIGTERM"), "{log}");
-    no_clones_left(h0);
-    assert_eq!(
-        sh_in(h0, "p", LEFTOVERS),
-        "0",
-        "left in the parent after SIGTERM: {}",
-        sh_in(h0, "p", "ps -eo pid,ppid,pgid,stat,args")
-    );
+    nothing_left(h0, "SIGTERM");
 }
 
 /// `sf-exec` between real VMs: stdin, stdout, stderr and the status,
