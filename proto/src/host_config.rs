@@ -59,8 +59,54 @@ pub struct HostFile {
     pub fetch_timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefetch_pages: Option<u32>,
+    /// Seconds an unused ticket keeps its clones' capacity (default 600).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::int")]
+    pub ticket_ttl_s: Option<u64>,
+    /// Who grants tickets: `[allocator]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocator: Option<AllocatorFile>,
     #[serde(default)]
     pub peers: Vec<Peer>,
+}
+
+/// `[allocator]`: who decides how many clones a ticket gets and on which
+/// hosts. `kind = "static"` (the default) spreads clones over this host and
+/// its peers by their free VM slots; `kind = "slurm"` asks the cluster's
+/// Slurm for an allocation per ticket (docs/slurm.md). The other keys are
+/// Slurm's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllocatorFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Slurm partition (`salloc -p`; default: Slurm's default partition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// Slurm account charged (`salloc -A`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Slurm QOS (`salloc -q`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<String>,
+    /// Slurm time limit of an allocation, in Slurm's format (`salloc -t`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_limit: Option<String>,
+    /// Seconds a ticket request waits for Slurm to grant nodes (default 30).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::int")]
+    pub wait_s: Option<u64>,
+    /// Clones per granted node (default: the free VM slots its daemon reports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots_per_node: Option<u32>,
+    /// `SLURM_CONF` for Slurm's commands (default: Slurm's own default).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser::path"
+    )]
+    pub slurm_conf: Option<PathBuf>,
+    /// Slurm node name to snowflock host name, where they differ.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nodes: std::collections::BTreeMap<String, String>,
 }
 
 /// Errors in the host configuration.
@@ -153,6 +199,18 @@ mod tests {
             key_file: Some("/run/x/key".into()),
             fetch_timeout_ms: Some(2000),
             prefetch_pages: Some(3),
+            ticket_ttl_s: Some(60),
+            allocator: Some(AllocatorFile {
+                kind: Some("slurm".into()),
+                partition: Some("snowflock".into()),
+                account: Some("lab".into()),
+                qos: Some("short".into()),
+                time_limit: Some("1:00:00".into()),
+                wait_s: Some(20),
+                slots_per_node: Some(2),
+                slurm_conf: Some("/etc/slurm/slurm.conf".into()),
+                nodes: [("node7".to_string(), "h2".to_string())].into(),
+            }),
             peers: vec![
                 Peer {
                     name: "h0".into(),
@@ -175,6 +233,8 @@ mod tests {
         assert!(text.contains("listen = \"10.249.0.2:7170\""), "{text}");
         // Scalars come before the first table, or TOML would put them in it.
         assert!(text.find("prefetch_pages").unwrap() < text.find("[[peers]]").unwrap());
+        assert!(text.contains("[allocator]"), "{text}");
+        assert!(text.contains("node7 = \"h2\""), "{text}");
     }
 
     #[test]

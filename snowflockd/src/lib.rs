@@ -10,7 +10,9 @@
 //! ```text
 //!  frontends/   admin socket, cluster channel server, guest channel
 //!  ops/         guest API calls, clone, vm start, cluster-wide views
-//!  lifecycle/   the daemon context; create, supervise, stop, generations
+//!  lifecycle/   the daemon context; create, supervise, stop, generations,
+//!               allocations kept in step with tickets
+//!  alloc/       ticket allocators (Allocator seam): static slots, Slurm
 //!  cluster/     cluster channel client (PeerChannel seam)
 //!  state/       VMs, tickets, registry, placement, counters (no I/O)
 //!  host/        config, QEMU + QMP (Vmm seam), networking (HostNet seam)
@@ -18,6 +20,7 @@
 //!
 //! `start` wires them together.
 
+pub mod alloc;
 pub mod cluster;
 pub mod frontends;
 pub mod host;

@@ -76,6 +76,23 @@ async fn parts(cfg: &config::Config) -> Result<(Parts, Option<Control>), StartEr
     .map_err(|e| StartError::Cluster(format!("cannot mount memtap: {}", chain(&e))))?;
     tracing::info!(listen = %c.listen, page_server = %c.page_server, peers = c.peers.len(), "cluster host");
     parts.peers = std::sync::Arc::new(crate::cluster::tcp::TcpPeers::new(c.clone(), key.clone()));
+    parts.alloc = match &cfg.allocator {
+        config::Allocator::Static => {
+            std::sync::Arc::new(crate::alloc::fixed::FixedSlots::new(parts.peers.clone()))
+        }
+        config::Allocator::Slurm(s) => {
+            std::sync::Arc::new(crate::alloc::slurm::SlurmAllocator::new(
+                s.clone(),
+                &cfg.host,
+                cfg.max_vms,
+                parts.peers.clone(),
+            ))
+        }
+    };
+    tracing::info!(
+        allocator = parts.alloc.kind(),
+        "tickets granted by this allocator"
+    );
     parts.key = Some(key.clone());
     parts.memtap = Some(memtap);
     parts.pages = Some(pages);
@@ -117,6 +134,7 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     tracing::info!(host = %d.cfg.host, socket = %d.cfg.socket.display(), state = %d.cfg.state_dir.display(), "snowflockd started");
     let server = tokio::spawn(frontends::admin::serve(d.clone(), listener));
     let control = control.map(|(l, key)| tokio::spawn(frontends::peer::serve(d.clone(), l, key)));
+    let allocations = tokio::spawn(crate::lifecycle::allocations::keep(d.clone()));
     if let Some(m) = &d.memtap {
         {
             let rx = m.events();
@@ -138,6 +156,7 @@ pub async fn run(cfg: config::Config) -> Result<(), StartError> {
     }
     d.stop_all().await;
     d.shutdown.send_replace(true);
+    let _ = allocations.await;
     let _ = server.await;
     if let Some(c) = control {
         let _ = c.await;

@@ -76,6 +76,7 @@ impl Harness {
             vmm: vmm.clone(),
             net: net.clone(),
             peers: peers.clone(),
+            alloc: Arc::new(crate::alloc::fixed::FixedSlots::new(peers.clone())),
             guest_link: crate::frontends::guest::link,
             key: None,
             memtap: None,

@@ -8,7 +8,48 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use snowflock_proto::host_config::{ConfigError, HostFile, Peer, HOST_CONFIG};
+pub use snowflock_proto::host_config::{AllocatorFile, ConfigError, HostFile, Peer, HOST_CONFIG};
+use std::collections::BTreeMap;
+
+/// Who grants tickets (`[allocator]` in `host.toml`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Allocator {
+    /// This host and its peers, by their free VM slots.
+    #[default]
+    Static,
+    /// One Slurm allocation per ticket.
+    Slurm(Slurm),
+}
+
+/// `[allocator] kind = "slurm"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slurm {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    pub time_limit: Option<String>,
+    /// How long a ticket request waits for Slurm's grant.
+    pub wait: Duration,
+    /// Clones per granted node; `None`: the free slots its daemon reports.
+    pub slots_per_node: Option<u32>,
+    /// `SLURM_CONF` for Slurm's commands.
+    pub slurm_conf: Option<PathBuf>,
+    /// Slurm node name to snowflock host name, where they differ.
+    pub nodes: BTreeMap<String, String>,
+}
+
+impl Slurm {
+    /// The snowflock host of Slurm node `node`.
+    pub fn host_of(&self, node: &str) -> String {
+        self.nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| node.to_string())
+    }
+}
+
+/// Longest a ticket request may wait for Slurm.
+pub const MAX_SLURM_WAIT_S: u64 = 600;
 
 /// Cluster membership of this host; `None` in [`Config::cluster`] for a
 /// stand-alone host.
@@ -70,6 +111,10 @@ pub struct Config {
     pub clone_timeout_s: u64,
     /// Multi-host settings.
     pub cluster: Option<Cluster>,
+    /// How long an unused ticket keeps its capacity.
+    pub ticket_ttl: Duration,
+    /// Who grants tickets.
+    pub allocator: Allocator,
 }
 
 impl Default for Config {
@@ -86,6 +131,8 @@ impl Default for Config {
             boot_timeout_s: 180,
             clone_timeout_s: 120,
             cluster: None,
+            ticket_ttl: Duration::from_secs(600),
+            allocator: Allocator::Static,
         }
     }
 }
@@ -114,6 +161,7 @@ impl Config {
 }
 
 fn apply(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), ConfigError> {
+    let whole = file.clone();
     let bad = |msg: String| ConfigError::Invalid {
         path: path.into(),
         msg,
@@ -154,10 +202,103 @@ fn apply(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), ConfigError
         }
         cfg.quota_per_ticket = q;
     }
-    let clusterish = file.listen.is_some() || file.key_file.is_some() || !file.peers.is_empty();
-    if !clusterish {
-        return Ok(());
+    if let Some(t) = file.ticket_ttl_s {
+        if !(5..=86_400).contains(&t) {
+            return Err(bad(format!("ticket_ttl_s must be 5 to 86400, got {t}")));
+        }
+        cfg.ticket_ttl = Duration::from_secs(t);
     }
+    let allocator = whole.allocator.clone();
+    let clusterish = whole.listen.is_some() || whole.key_file.is_some() || !whole.peers.is_empty();
+    if clusterish {
+        apply_cluster(whole, cfg, path)?;
+    }
+    if let Some(a) = allocator {
+        cfg.allocator = allocator_of(a, cfg).map_err(bad)?;
+    }
+    Ok(())
+}
+
+/// The `[allocator]` table, checked against the cluster it serves.
+fn allocator_of(a: AllocatorFile, cfg: &Config) -> Result<Allocator, String> {
+    let slurm_only = a.partition.is_some()
+        || a.account.is_some()
+        || a.qos.is_some()
+        || a.time_limit.is_some()
+        || a.wait_s.is_some()
+        || a.slots_per_node.is_some()
+        || a.slurm_conf.is_some()
+        || !a.nodes.is_empty();
+    match a.kind.as_deref().unwrap_or("static") {
+        "static" if slurm_only => Err(
+            "[allocator]: partition, account, qos, time_limit, wait_s, slots_per_node, slurm_conf and nodes are for kind = \"slurm\""
+                .into(),
+        ),
+        "static" => Ok(Allocator::Static),
+        "slurm" if cfg.cluster.is_none() => Err(
+            "[allocator] kind = \"slurm\" needs this host in a cluster (listen, key_file, peers)"
+                .into(),
+        ),
+        "slurm" => {
+            let wait_s = a.wait_s.unwrap_or(30);
+            if !(1..=MAX_SLURM_WAIT_S).contains(&wait_s) {
+                return Err(format!(
+                    "[allocator] wait_s must be 1 to {MAX_SLURM_WAIT_S}, got {wait_s}"
+                ));
+            }
+            if a.slots_per_node == Some(0) || a.slots_per_node.is_some_and(|s| s > 1024) {
+                return Err("[allocator] slots_per_node must be 1 to 1024".into());
+            }
+            let known = |h: &str| {
+                h == cfg.host
+                    || cfg
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| c.peer(h).is_some())
+            };
+            for (node, host) in &a.nodes {
+                if !known(host) {
+                    return Err(format!(
+                        "[allocator.nodes] maps Slurm node {node:?} to {host:?}, which is neither this host nor one of its peers"
+                    ));
+                }
+            }
+            // Slurm's words go to its commands as single arguments; refuse
+            // what would read as an option.
+            for (key, v) in [
+                ("partition", &a.partition),
+                ("account", &a.account),
+                ("qos", &a.qos),
+                ("time_limit", &a.time_limit),
+            ] {
+                if let Some(v) = v {
+                    if v.is_empty() || v.starts_with('-') || v.chars().any(char::is_whitespace) {
+                        return Err(format!("[allocator] {key} {v:?} is not a Slurm name"));
+                    }
+                }
+            }
+            Ok(Allocator::Slurm(Slurm {
+                partition: a.partition,
+                account: a.account,
+                qos: a.qos,
+                time_limit: a.time_limit,
+                wait: Duration::from_secs(wait_s),
+                slots_per_node: a.slots_per_node,
+                slurm_conf: a.slurm_conf,
+                nodes: a.nodes,
+            }))
+        }
+        other => Err(format!(
+            "[allocator] kind must be \"static\" or \"slurm\", got {other:?}"
+        )),
+    }
+}
+
+fn apply_cluster(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), ConfigError> {
+    let bad = |msg: String| ConfigError::Invalid {
+        path: path.into(),
+        msg,
+    };
     let listen = file
         .listen
         .ok_or_else(|| bad("`listen` is required with peers or key_file".into()))?;
@@ -355,6 +496,68 @@ addr = "10.249.0.3:7170"
             let msg = snowflock_proto::error::chain(&e);
             assert!(msg.contains(want), "{text:?}: {msg}");
         }
+    }
+
+    fn allocator(text: &str) -> Result<Allocator, String> {
+        let mut cfg = Config::default();
+        let base = "host = \"h0\"\nlisten = \"10.0.0.1:7170\"\nkey_file = \"/k\"\n[[peers]]\nname = \"h1\"\naddr = \"10.0.0.2:7170\"\n";
+        HostFile::parse(&format!("{base}{text}"), "t")
+            .and_then(|f| cfg.apply_file(f, "t"))
+            .map(|()| cfg.allocator)
+            .map_err(|e| snowflock_proto::error::chain(&e))
+    }
+
+    #[test]
+    fn the_allocator_table() {
+        assert_eq!(allocator(""), Ok(Allocator::Static));
+        assert_eq!(
+            allocator("[allocator]\nkind = \"static\"\n"),
+            Ok(Allocator::Static)
+        );
+        let Ok(Allocator::Slurm(s)) = allocator(
+            "[allocator]\nkind = \"slurm\"\npartition = \"vms\"\nwait_s = 5\nslots_per_node = 2\n[allocator.nodes]\nnode1 = \"h1\"\n",
+        ) else {
+            panic!("not slurm");
+        };
+        assert_eq!(s.partition.as_deref(), Some("vms"));
+        assert_eq!(s.wait, Duration::from_secs(5));
+        assert_eq!(s.slots_per_node, Some(2));
+        assert_eq!(s.host_of("node1"), "h1");
+        assert_eq!(s.host_of("h0"), "h0");
+        let Ok(Allocator::Slurm(s)) = allocator("[allocator]\nkind = \"slurm\"\n") else {
+            panic!("not slurm");
+        };
+        assert_eq!(s.wait, Duration::from_secs(30));
+        assert_eq!(s.slots_per_node, None);
+        for (text, want) in [
+            ("[allocator]\nkind = \"pbs\"\n", "kind must be"),
+            ("[allocator]\npartition = \"x\"\n", "for kind = \"slurm\""),
+            ("[allocator]\nkind = \"slurm\"\nwait_s = 0\n", "wait_s"),
+            ("[allocator]\nkind = \"slurm\"\nwait_s = 100000\n", "wait_s"),
+            (
+                "[allocator]\nkind = \"slurm\"\nslots_per_node = 0\n",
+                "slots_per_node",
+            ),
+            (
+                "[allocator]\nkind = \"slurm\"\npartition = \"-x\"\n",
+                "not a Slurm name",
+            ),
+            (
+                "[allocator]\nkind = \"slurm\"\n[allocator.nodes]\nn = \"h9\"\n",
+                "neither this host",
+            ),
+            ("[allocator]\nkind = \"slurm\"\nbogus = 1\n", "Malformed"),
+            ("ticket_ttl_s = 1\n", "ticket_ttl_s"),
+        ] {
+            let e = allocator(text).unwrap_err();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        // Slurm places clones on other hosts: it needs a cluster.
+        let mut cfg = Config::default();
+        let e = HostFile::parse("[allocator]\nkind = \"slurm\"\n", "t")
+            .and_then(|f| cfg.apply_file(f, "t"))
+            .unwrap_err();
+        assert!(snowflock_proto::error::chain(&e).contains("needs this host in a cluster"));
     }
 
     /// What `snowflock cluster up` writes for host `i` of the 3-host cluster

@@ -3,6 +3,8 @@
 //! parts (memtap, page server). Behaviour lives in the `impl Daemon`
 //! blocks of the lifecycle files and in `ops`.
 
+use crate::alloc::fixed::FixedSlots;
+use crate::alloc::Allocator;
 use crate::cluster::tcp::TcpPeers;
 use crate::cluster::PeerChannel;
 use crate::host::config::Config;
@@ -83,6 +85,8 @@ pub struct Parts {
     pub vmm: Arc<dyn Vmm>,
     pub net: Arc<dyn HostNet>,
     pub peers: Arc<dyn PeerChannel>,
+    /// Grants tickets.
+    pub alloc: Arc<dyn Allocator>,
     pub guest_link: GuestLink,
     /// Cluster key (cluster hosts only).
     pub key: Option<Arc<ClusterKey>>,
@@ -95,10 +99,12 @@ pub struct Parts {
 impl Parts {
     /// A stand-alone host on real QEMU and real host networking.
     pub fn host(guest_link: GuestLink) -> Parts {
+        let peers: Arc<dyn PeerChannel> = Arc::new(TcpPeers::none());
         Parts {
             vmm: Arc::new(QemuVmm),
             net: Arc::new(IpRoute2),
-            peers: Arc::new(TcpPeers::none()),
+            alloc: Arc::new(FixedSlots::new(peers.clone())),
+            peers,
             guest_link,
             key: None,
             memtap: None,
@@ -123,6 +129,7 @@ pub struct Daemon {
     /// and removed.
     pub flock_links: Arc<Mutex<()>>,
     pub peers: Arc<dyn PeerChannel>,
+    pub alloc: Arc<dyn Allocator>,
     pub guest_link: GuestLink,
     pub key: Option<Arc<ClusterKey>>,
     pub memtap: Option<dom0_memtap::Memtap>,
@@ -134,14 +141,16 @@ impl Daemon {
         let names = NetNames {
             prefix: cfg.net_prefix.clone(),
         };
+        // Exec ids live on in the guest agent across a clone: a clone on
+        // another host must not meet its parent's ids again, so each daemon
+        // counts from a random start.
+        let mut registry = Registry::new(rand::random::<u64>() >> 20);
+        registry.ticket_ttl = cfg.ticket_ttl;
         Arc::new(Daemon {
             cfg,
             names,
             counters: Counters::default(),
-            // Exec ids live on in the guest agent across a clone: a clone
-            // on another host must not meet its parent's ids again, so each
-            // daemon counts from a random start.
-            registry: Mutex::new(Registry::new(rand::random::<u64>() >> 20)),
+            registry: Mutex::new(registry),
             started: Instant::now(),
             tickets_changed: watch::channel(0).0,
             shutdown: watch::channel(false).0,
@@ -149,6 +158,7 @@ impl Daemon {
             net: parts.net,
             flock_links: Arc::new(Mutex::new(())),
             peers: parts.peers,
+            alloc: parts.alloc,
             guest_link: parts.guest_link,
             key: parts.key,
             memtap: parts.memtap,

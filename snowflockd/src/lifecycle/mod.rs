@@ -1,12 +1,14 @@
 //! The VM lifecycle: the daemon's context ([`daemon`]), creating VMs
 //! ([`create`]), supervising their exit ([`supervise`]), stopping them
-//! ([`stop`]), their generations ([`generations`]) and the merge of their
-//! frozen disk layers ([`disk_layers`]).
+//! ([`stop`]), their generations ([`generations`]), the merge of their
+//! frozen disk layers ([`disk_layers`]), and the allocations kept in step
+//! with the tickets ([`allocations`]).
 //!
-//! May import: `host`, `state`, `cluster` (client side). Never `ops` or
+//! May import: `host`, `state`, `cluster` (client side), `alloc`. Never `ops` or
 //! `frontends`: the guest channel is started through
 //! [`daemon::GuestLink`], wired in at start.
 
+pub mod allocations;
 pub mod create;
 pub mod daemon;
 pub mod disk_layers;

@@ -5,16 +5,15 @@
 //! [`ApiResponse::Error`]; nothing a guest sends can stop or pause another
 //! VM, or leave its own parent paused.
 
+use crate::alloc::AllocError;
 use crate::lifecycle::daemon::{random_hex, wait_until};
 use crate::lifecycle::Daemon;
 use crate::state::metrics::bump;
 use crate::state::placement::place;
 use crate::state::ticket::{JoinStep, KillStep, Ticket, TicketError};
 use crate::state::vm::{EndCause, Vm};
-use snowflock_proto::admin::AdminResponse;
 use snowflock_proto::api::{ApiErrorCode as E, ApiRequest, ApiResponse, ChildState};
 use snowflock_proto::channel::HostMsg;
-use snowflock_proto::peer::PeerRequest;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -71,21 +70,35 @@ pub async fn answer(d: &Arc<Daemon>, vm: &Arc<Vm>, id: u64, req: ApiRequest) -> 
     }
 }
 
-/// Free slots of every other host that answers (quickly).
-async fn peer_capacity(d: &Daemon) -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    let answers =
-        crate::cluster::call_all(&*d.peers, &PeerRequest::Capacity, Duration::from_secs(2)).await;
-    for (p, a) in answers {
-        match a {
-            Ok(AdminResponse::Capacity { free, .. }) => out.push((p, free)),
-            Ok(other) => tracing::warn!(host = %p, answer = ?other, "unexpected capacity answer"),
-            Err(e) => {
-                tracing::warn!(host = %p, error = %snowflock_proto::error::chain(&e), "host left out of a ticket: no capacity answer")
-            }
-        }
+/// Why a ticket request is refused before the allocator is asked.
+fn ticket_limits(
+    d: &Daemon,
+    r: &mut crate::state::registry::Registry,
+    vm: &Vm,
+    n: u32,
+) -> Result<(u32, u32), ApiResponse> {
+    // One VM may hold at most one ticket's quota of unused slots (over the
+    // whole cluster), so a guest cannot reserve every host.
+    let held = r.unused_slots_of(vm.name());
+    let allowed = d.cfg.quota_per_ticket.saturating_sub(held);
+    if allowed == 0 {
+        return Err(ApiResponse::error(
+            E::NoCapacity,
+            format!("This VM already holds {held} unused clone slots; use or let its tickets expire first"),
+        ));
     }
-    out
+    let first_id = r.next_clone_id(vm.name());
+    let ids_left = (crate::host::net::MAX_CLONE_ID + 1).saturating_sub(first_id);
+    if ids_left == 0 {
+        return Err(ApiResponse::error(
+            E::NoCapacity,
+            format!(
+                "This VM's flock has no clone IDs left: its live tickets hold IDs 1 to {}; join or kill one first",
+                first_id - 1
+            ),
+        ));
+    }
+    Ok((n.min(allowed).min(ids_left), first_id))
 }
 
 async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
@@ -95,58 +108,78 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
             "Nested cloning is not supported: only an original VM (clone ID 0) can request tickets",
         );
     }
-    let remote = peer_capacity(d).await;
-    let remote_free: u32 = remote.iter().map(|(_, f)| *f).sum();
+    let most = match d.with(|r| {
+        r.purge(Instant::now());
+        ticket_limits(d, r, vm, n)
+    }) {
+        Ok((most, _)) => most,
+        Err(e) => return e,
+    };
+    let id = format!("t-{}", random_hex(8));
+    let want = crate::alloc::Want {
+        ticket: &id,
+        vm: vm.name(),
+        most,
+    };
+    let offer = match d.alloc.offer(want).await {
+        Ok(o) => o,
+        Err(e) => {
+            let code = match e {
+                AllocError::NoCapacity(_) => E::NoCapacity,
+                AllocError::Unavailable(_) => E::HostUnavailable,
+                AllocError::Refused(_) | AllocError::Spawn { .. } => E::Failed,
+            };
+            tracing::warn!(vm = %vm.name(), ticket = %id, requested = n, allocator = d.alloc.kind(), error = %snowflock_proto::error::chain(&e), "ticket refused");
+            return ApiResponse::error(code, snowflock_proto::error::chain(&e));
+        }
+    };
     let me = &d.cfg.host;
+    // Quota, clone IDs and this host's slots again: they may have changed
+    // while the allocator was asked.
     let granted = d.with(|r| {
         r.purge(Instant::now());
-        let free = r.free_slots(d.cfg.max_vms);
-        // One VM may hold at most one ticket's quota of unused slots (over
-        // the whole cluster), so a guest cannot reserve every host.
-        let held = r.unused_slots_of(vm.name());
-        let allowed = d.cfg.quota_per_ticket.saturating_sub(held);
-        if allowed == 0 {
-            return Err(ApiResponse::error(
-                E::NoCapacity,
-                format!("This VM already holds {held} unused clone slots; use or let its tickets expire first"),
-            ));
-        }
-        let first_id = r.next_clone_id(vm.name());
-        let ids_left = (crate::host::net::MAX_CLONE_ID + 1).saturating_sub(first_id);
-        if ids_left == 0 {
-            return Err(ApiResponse::error(
-                E::NoCapacity,
-                format!(
-                    "This VM's flock has no clone IDs left: its live tickets hold IDs 1 to {}; join or kill one first",
-                    first_id - 1
-                ),
-            ));
-        }
-        let granted = n.min(allowed).min(free + remote_free).min(ids_left);
+        let (most, first_id) = ticket_limits(d, r, vm, n)?;
+        let free = r.free_slots(d.cfg.max_vms).min(offer.here);
+        let others: u32 = offer.hosts.iter().map(|(_, f)| *f).sum();
+        let granted = most.min(free.saturating_add(others));
         if granted == 0 {
             return Err(ApiResponse::error(
                 E::NoCapacity,
-                format!(
-                    "No capacity for clones: this host runs {} of {} VMs, other hosts have {remote_free} free slots",
-                    d.cfg.max_vms - free,
-                    d.cfg.max_vms
-                ),
+                match d.alloc.kind() {
+                    "static" => format!(
+                        "No capacity for clones: this host runs {} of {} VMs, other hosts have {others} free slots",
+                        d.cfg.max_vms - r.free_slots(d.cfg.max_vms),
+                        d.cfg.max_vms
+                    ),
+                    kind => format!(
+                        "No capacity for clones: the {kind} allocator granted hosts {:?} with no free VM slots",
+                        offer.hosts.iter().map(|(h, _)| h.as_str()).collect::<Vec<_>>()
+                    ),
+                },
             ));
         }
         let mut free_by_host = vec![(me.clone(), free)];
-        free_by_host.extend(remote);
+        free_by_host.extend(offer.hosts.iter().cloned());
         let placement = place(me, &free_by_host, granted);
-        let id = format!("t-{}", random_hex(8));
-        tracing::info!(vm = %vm.name(), ticket = %id, requested = n, granted, first_id, ?placement, "ticket granted");
+        tracing::info!(vm = %vm.name(), ticket = %id, requested = n, granted, first_id, ?placement, allocator = d.alloc.kind(), "ticket granted");
         r.tickets.insert(
             id.clone(),
             Ticket::grant(id.clone(), vm.name(), first_id, granted, placement),
         );
-        Ok((id, granted))
+        Ok(granted)
     });
     match granted {
-        Ok((ticket, granted)) => ApiResponse::Ticket { ticket, granted },
-        Err(e) => e,
+        Ok(granted) => {
+            d.bump_tickets();
+            ApiResponse::Ticket {
+                ticket: id,
+                granted,
+            }
+        }
+        Err(e) => {
+            d.alloc.release(&id).await;
+            e
+        }
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Registry {
     /// flocks (in use from the start, so no one tears the flock's links
     /// down under them).
     pub creating: HashMap<String, u32>,
+    /// How long an unused ticket keeps its capacity.
+    pub ticket_ttl: std::time::Duration,
 }
 
 impl Registry {
@@ -48,6 +50,7 @@ impl Registry {
     pub fn new(exec_base: u64) -> Registry {
         Registry {
             next_exec: exec_base,
+            ticket_ttl: TICKET_TTL,
             ..Default::default()
         }
     }
@@ -107,7 +110,7 @@ impl Registry {
     /// Expires unused tickets and forgets the oldest discarded ones.
     pub fn purge(&mut self, now: Instant) {
         for t in self.tickets.values_mut() {
-            t.expire(now, TICKET_TTL);
+            t.expire(now, self.ticket_ttl);
         }
         let mut old: Vec<_> = self
             .tickets
@@ -122,6 +125,16 @@ impl Registry {
                 self.tickets.remove(&id);
             }
         }
+    }
+
+    /// Tickets that still need what their allocator holds for them: not
+    /// discarded, and not every clone ended.
+    pub fn live_tickets(&self) -> Vec<String> {
+        self.tickets
+            .values()
+            .filter(|t| t.needs_capacity())
+            .map(|t| t.id.clone())
+            .collect()
     }
 
     /// The first clone ID free for a new ticket of `owner`: after every ID

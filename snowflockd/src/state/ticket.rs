@@ -191,6 +191,16 @@ impl Ticket {
         !self.is_discarded() || !self.all_done()
     }
 
+    /// Whether the ticket still needs its hosts: until it is discarded or
+    /// every one of its clones has ended.
+    pub fn needs_capacity(&self) -> bool {
+        match self.state {
+            TicketState::Discarded(_) => false,
+            TicketState::Active => !self.all_done(),
+            TicketState::Granted | TicketState::Cloning => true,
+        }
+    }
+
     /// The state's name in the guest API's `Status` answer.
     pub fn state_name(&self) -> &'static str {
         match self.state {

@@ -1,0 +1,86 @@
+//! Keeps what the allocator holds in step with the tickets: an allocation
+//! lives exactly as long as its ticket needs it. Whenever tickets change,
+//! and every few seconds (so expiry is seen too), the allocator is told
+//! which tickets are live; it releases the rest, including what an earlier
+//! run of the daemon left. An allocation that ended under a live ticket
+//! (a Slurm time limit, an administrator's `scancel`) ends that ticket's
+//! clones, reported lost with the reason.
+
+use super::Daemon;
+use snowflock_proto::api::ChildState;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often tickets are checked when nothing changes.
+const TICK: Duration = Duration::from_secs(5);
+
+/// Runs until the daemon shuts down.
+pub async fn keep(d: Arc<Daemon>) {
+    let mut changed = d.tickets_changed.subscribe();
+    let mut shutdown = d.shutdown.subscribe();
+    loop {
+        let live = d.with(|r| {
+            r.purge(Instant::now());
+            r.live_tickets()
+        });
+        d.alloc.keep_only(&live).await;
+        for (ticket, why) in d.alloc.lost() {
+            end_ticket_clones(&d, &ticket, &why).await;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(TICK) => {}
+            _ = super::daemon::wait_until(&mut shutdown, |s| *s) => break,
+        }
+    }
+    // Shutting down: every ticket ends with the daemon's VMs.
+    d.alloc.keep_only(&[]).await;
+}
+
+/// Ends the running clones of `ticket`, recorded as lost because `why`.
+async fn end_ticket_clones(d: &Arc<Daemon>, ticket: &str, why: &str) {
+    let me = d.cfg.host.clone();
+    let (local, remote) = d.with(|r| {
+        let Some(t) = r.tickets.get_mut(ticket) else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut local = Vec::new();
+        let mut remote = std::collections::BTreeSet::new();
+        let running: Vec<u32> = t
+            .children
+            .iter()
+            .filter(|(_, c)| c.state == ChildState::Running)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in running {
+            let c = t.children[&id].clone();
+            t.child_ended(
+                id,
+                ChildState::Lost {
+                    reason: why.to_string(),
+                },
+            );
+            if c.host == me {
+                local.push(c.vm);
+            } else {
+                remote.insert(c.host);
+            }
+        }
+        let local: Vec<_> = local.iter().filter_map(|n| r.vms.get(n).cloned()).collect();
+        (local, remote.into_iter().collect::<Vec<_>>())
+    });
+    if local.is_empty() && remote.is_empty() {
+        return;
+    }
+    tracing::warn!(%ticket, %why, local = local.len(), hosts = ?remote, "ending the clones of a ticket whose allocation ended");
+    futures::future::join_all(local.iter().map(|k| d.stop_vm(k))).await;
+    d.stop_remote(
+        remote
+            .into_iter()
+            .map(|h| (h, ticket.to_string()))
+            .collect(),
+        why,
+    )
+    .await;
+    d.bump_tickets();
+}
