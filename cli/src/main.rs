@@ -145,6 +145,19 @@ enum ClusterCmd {
         /// Extra pages fetched with each remote miss.
         #[arg(long, default_value_t = 0)]
         prefetch_pages: u32,
+        /// Seconds an unused ticket keeps its capacity.
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(5..=86_400))]
+        ticket_ttl_s: u64,
+        /// Also start a Slurm cluster (munged, slurmdbd, slurmctld on h0, one
+        /// slurmd per host) and let it grant tickets (docs/slurm.md).
+        #[arg(long)]
+        slurm: bool,
+        /// With --slurm: seconds a ticket request waits for Slurm.
+        #[arg(long, default_value_t = 30, requires = "slurm", value_parser = clap::value_parser!(u64).range(1..=600))]
+        slurm_wait_s: u64,
+        /// With --slurm: clones per granted node [default: the node's free VM slots].
+        #[arg(long, requires = "slurm", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        slots_per_node: Option<u32>,
         /// Print the cluster description (cluster.json) on stdout.
         #[arg(long)]
         json: bool,
@@ -616,6 +629,10 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
             quota_per_vm,
             fetch_timeout_ms,
             prefetch_pages,
+            ticket_ttl_s,
+            slurm,
+            slurm_wait_s,
+            slots_per_node,
             json,
         } => {
             let settings = cluster::Settings {
@@ -623,6 +640,11 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
                 quota_per_vm: *quota_per_vm,
                 fetch_timeout_ms: *fetch_timeout_ms,
                 prefetch_pages: *prefetch_pages,
+                ticket_ttl_s: *ticket_ttl_s,
+                slurm: slurm.then_some(cluster::SlurmSettings {
+                    wait_s: *slurm_wait_s,
+                    slots_per_node: *slots_per_node,
+                }),
             };
             let name = name_or_default(name);
             let up = cluster::up(&cluster::UpOpts {

@@ -34,6 +34,11 @@ pub fn exists(pid: u32) -> bool {
     kill(Pid::from_raw(pid as i32), None).is_ok()
 }
 
+/// Asks `pid` to end (SIGTERM).
+pub fn terminate(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+}
+
 /// Kills `pid` at once.
 pub fn kill_now(pid: u32) {
     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);

@@ -323,6 +323,8 @@ pub struct Cluster {
     pub hosts: Vec<ClusterHost>,
     /// Daemon pids from cluster.json (the last resort of `Drop` kills these).
     pids: Vec<u32>,
+    /// Daemons a test restarted by hand ([`Cluster::restart_daemon`]).
+    restarted: std::sync::Mutex<Vec<std::process::Child>>,
 }
 
 /// One host of a [`Cluster`]; the [`Daemon`] helpers pass
@@ -396,6 +398,7 @@ impl Cluster {
             name,
             hosts: Vec::new(),
             pids: Vec::new(),
+            restarted: Default::default(),
         };
         let out = Command::new(bin("snowflock"))
             .args([
@@ -486,6 +489,41 @@ impl Cluster {
         serde_json::from_slice(&o.stdout).expect("cluster status --json")
     }
 
+    /// Starts host `i`'s daemon again (after a test killed it), in its
+    /// namespace with its own `host.toml`; waits until it answers. `Drop`
+    /// stops it like the others.
+    pub fn restart_daemon(&self, i: usize) -> u32 {
+        let h = &self.hosts[i];
+        let config = self.config_dir().join(&h.name).join("host.toml");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&h.log)
+            .expect("open daemon log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &h.netns])
+            .arg(bin("snowflockd"))
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start snowflockd");
+        let pid = child.id();
+        self.restarted.lock().unwrap().push(child);
+        let up = wait_until(Duration::from_secs(30), || {
+            h.run(&["daemon", "status"]).status.success().then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "{}'s daemon did not come back:\n{}",
+            h.name,
+            h.log_tail()
+        );
+        pid
+    }
+
     /// This cluster's namespaces that exist now.
     pub fn existing_netns(&self) -> Vec<String> {
         let prefix = format!("{}-", self.name);
@@ -510,6 +548,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let mut pids = self.pids.clone();
+        let mut restarted =
+            std::mem::take(&mut *self.restarted.lock().unwrap_or_else(|e| e.into_inner()));
+        pids.extend(restarted.iter().map(|c| c.id()));
         if let Some(v) = cluster_json(&self.name) {
             pids.extend(
                 v["hosts"]
@@ -517,6 +558,15 @@ impl Drop for Cluster {
                     .into_iter()
                     .flatten()
                     .filter_map(|h| h["pid"].as_u64().map(|p| p as u32)),
+            );
+            // The cluster's Slurm daemons (`--slurm`), which carry its
+            // directory in their environment.
+            pids.extend(
+                v["slurm"]["procs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["pid"].as_u64().map(|p| p as u32)),
             );
         }
         match self
@@ -534,13 +584,17 @@ impl Drop for Cluster {
         }
         // Last resort, for a CLI that failed or crashed.
         for pid in pids {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let mut cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmd.extend(std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default());
             if pid_alive(pid)
                 && String::from_utf8_lossy(&cmd).contains(&format!("/run/snowflock/{}/", self.name))
             {
                 // A daemon pid this cluster recorded, still running its config.
                 signal(pid, libc::SIGKILL);
             }
+        }
+        for child in &mut restarted {
+            let _ = child.wait();
         }
         for ns in self.existing_netns() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();

@@ -45,8 +45,12 @@ pub(super) fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> 
         None => hosts_from_dirs(l),
     };
 
-    // 1. and 2.: the daemons.
+    // 1. and 2.: the daemons (they release their Slurm allocations).
     removed += daemon::stop_all(&hosts, &say, &mut errors);
+    // The cluster's Slurm, while its namespaces still exist.
+    if let Some(s) = info.as_ref().and_then(|i| i.slurm.as_ref()) {
+        removed += super::slurm::stop(s, &say, &mut errors);
+    }
     // 3. Mounts the daemons left behind (visible in this mount namespace).
     let roots = [l.state_root(), l.config_dir()];
     for m in mounts_under(

@@ -7,7 +7,7 @@
 
 use super::layout::{host_ip, host_name, Layout};
 use super::{CONTROL_PORT, PAGE_PORT};
-use snowflock_proto::host_config::{HostFile, Peer};
+use snowflock_proto::host_config::{AllocatorFile, HostFile, Peer};
 use std::net::SocketAddr;
 
 /// Settings written into every host's `host.toml`.
@@ -17,6 +17,16 @@ pub struct Settings {
     pub quota_per_vm: u32,
     pub fetch_timeout_ms: u64,
     pub prefetch_pages: u32,
+    pub ticket_ttl_s: u64,
+    /// Tickets from the local cluster's Slurm (`None`: static slots).
+    pub slurm: Option<SlurmSettings>,
+}
+
+/// `cluster up --slurm`: the `[allocator]` every host gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmSettings {
+    pub wait_s: u64,
+    pub slots_per_node: Option<u32>,
 }
 
 impl Default for Settings {
@@ -26,6 +36,8 @@ impl Default for Settings {
             quota_per_vm: 32,
             fetch_timeout_ms: 10_000,
             prefetch_pages: 0,
+            ticket_ttl_s: 600,
+            slurm: None,
         }
     }
 }
@@ -48,6 +60,15 @@ pub fn host_file(l: &Layout, i: u32, n: u32, s: &Settings) -> HostFile {
         quota_per_vm: Some(s.quota_per_vm),
         fetch_timeout_ms: Some(s.fetch_timeout_ms),
         prefetch_pages: Some(s.prefetch_pages),
+        ticket_ttl_s: (s.ticket_ttl_s != 600).then_some(s.ticket_ttl_s),
+        allocator: s.slurm.as_ref().map(|sl| AllocatorFile {
+            kind: Some("slurm".into()),
+            partition: Some(super::slurm::PARTITION.into()),
+            wait_s: Some(sl.wait_s),
+            slots_per_node: sl.slots_per_node,
+            slurm_conf: Some(super::slurm::conf_path(l)),
+            ..AllocatorFile::default()
+        }),
         peers: (0..n)
             .filter(|j| *j != i)
             .map(|j| Peer {
@@ -93,6 +114,7 @@ mod tests {
             quota_per_vm: 32,
             fetch_timeout_ms: 10000,
             prefetch_pages: 0,
+            ..Settings::default()
         };
         let t = render_host_toml(&l, 0, 2, &s);
         assert!(
@@ -134,6 +156,11 @@ mod tests {
             quota_per_vm: 4,
             fetch_timeout_ms: 500,
             prefetch_pages: 7,
+            ticket_ttl_s: 30,
+            slurm: Some(SlurmSettings {
+                wait_s: 4,
+                slots_per_node: Some(1),
+            }),
         };
         let t = render_host_toml(&l, 2, 4, &s);
         let f = parse(&t);

@@ -104,6 +104,7 @@ impl Layout {
             fabric_netns: self.fabric_netns(),
             key_file: self.key_file(),
             hosts: (0..hosts).map(|i| self.host(i)).collect(),
+            slurm: None,
         }
     }
 }
@@ -124,6 +125,9 @@ pub struct ClusterInfo {
     pub fabric_netns: String,
     pub key_file: PathBuf,
     pub hosts: Vec<HostInfo>,
+    /// The cluster's own Slurm (`cluster up --slurm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm: Option<super::slurm::SlurmInfo>,
 }
 
 /// One host of `cluster.json`.

@@ -14,8 +14,9 @@
 //!
 //! One job per file: `layout` (names, paths, `cluster.json`), `host_config`
 //! (`host.toml`), `key` (the cluster key), `fabric` (namespaces, bridge,
-//! veths), `daemon` (one `snowflockd` per host), and `up`, `down` and
-//! `status` (the three commands).
+//! veths), `daemon` (one `snowflockd` per host), `slurm` (the cluster's
+//! own Slurm, with `--slurm`), and `up`, `down` and `status` (the three
+//! commands).
 
 mod daemon;
 mod down;
@@ -23,11 +24,12 @@ mod fabric;
 mod host_config;
 mod key;
 mod layout;
+mod slurm;
 mod status;
 mod up;
 
 pub use down::down;
-pub use host_config::Settings;
+pub use host_config::{Settings, SlurmSettings};
 pub use layout::{first_host_client, host_client, HostInfo};
 pub use status::status;
 pub use up::{up, UpOpts};

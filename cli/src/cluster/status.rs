@@ -29,9 +29,12 @@ pub fn status(name: &str, json: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "name": info.name, "hosts": hosts })
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "name": info.name,
+                "hosts": hosts,
+                // SLURM_CONF= for Slurm's own tools (run them in a host's namespace).
+                "slurm_conf": info.slurm.as_ref().map(|s| &s.conf),
+            }))?
         );
         return Ok(());
     }
@@ -41,6 +44,14 @@ pub fn status(name: &str, json: bool) -> Result<()> {
         info.hosts.len(),
         info.fabric_netns
     );
+    if let Some(s) = &info.slurm {
+        println!(
+            "Slurm: SLURM_CONF={} (e.g. `ip netns exec {} env SLURM_CONF={} squeue`)",
+            s.conf.display(),
+            info.hosts.first().map_or("", |h| h.netns.as_str()),
+            s.conf.display()
+        );
+    }
     println!(
         "{:<5} {:<14} {:<12} {:>8} {:<6} {:>4} {:>9}",
         "HOST", "NETNS", "IP", "PID", "STATE", "VMS", "UPTIME_S"

@@ -156,6 +156,29 @@ fn build(l: &Layout, info: &mut ClusterInfo, s: &Settings) -> Result<()> {
         std::fs::write(&h.config, render_host_toml(l, i, n, s))
             .with_context(|| format!("Cannot write {}", h.config.display()))?;
     }
+    if s.slurm.is_some() {
+        eprintln!("cluster `{}`: starting Slurm (munged, MariaDB, slurmdbd, slurmctld on h0, slurmd on every host)", l.name);
+        let t = std::time::Instant::now();
+        let json = l.cluster_json();
+        info.slurm = Some(super::slurm::SlurmInfo {
+            conf: super::slurm::conf_path(l),
+            dir: l.config_dir().join("slurm"),
+            procs: Vec::new(),
+        });
+        let mut record = |p: super::slurm::SlurmProc| {
+            if let Some(sl) = info.slurm.as_mut() {
+                sl.procs.push(p);
+            }
+            info.save(&json)
+        };
+        super::slurm::start(l, n, &mut record)?;
+        eprintln!(
+            "cluster `{}`: Slurm up in {:.1} s (SLURM_CONF={})",
+            l.name,
+            t.elapsed().as_secs_f64(),
+            super::slurm::conf_path(l).display()
+        );
+    }
     eprintln!(
         "cluster `{}`: fabric {fab} with {n} host namespace(s) ready; starting daemons",
         l.name

@@ -32,8 +32,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
-/// Beyond `wait_s`, how long `salloc` may take before it is stopped.
-const GRACE: Duration = Duration::from_secs(10);
+/// Beyond `wait_s`, how long `salloc` may take before it is stopped (its
+/// own wait ends at `wait_s`; an unreachable controller makes it retry
+/// for longer).
+const GRACE: Duration = Duration::from_secs(2);
 /// How long Slurm's other commands (`squeue`, `scancel`) may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a released `salloc` may take to give the nodes back.
@@ -116,6 +118,20 @@ impl SlurmAllocator {
             return Err(AllocError::Unavailable(format!("{program} failed: {said}")));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// What `scontrol ping` says when the controller is down.
+    async fn ping(&self) -> Option<String> {
+        let out = tokio::time::timeout(
+            Duration::from_secs(3),
+            self.command("scontrol").arg("ping").output(),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let first = text.lines().next().unwrap_or("").trim().to_string();
+        (!out.status.success() || first.contains("DOWN")).then_some(first)
     }
 
     async fn cancel(&self, job: &str) {
@@ -221,11 +237,14 @@ impl SlurmAllocator {
                     "Slurm granted no node within {} s (job {job} was queued and is cancelled)",
                     self.cfg.wait.as_secs()
                 )),
-                None => AllocError::Unavailable(format!(
-                    "salloc did not answer within {} s: is slurmctld running? (it said: {})",
-                    deadline.as_secs(),
-                    lines.last().map(String::as_str).unwrap_or("nothing")
-                )),
+                None => AllocError::Unavailable(match self.ping().await {
+                    Some(down) => format!("Slurm's controller cannot be reached: {down}"),
+                    None => format!(
+                        "salloc did not answer within {} s (it said: {})",
+                        deadline.as_secs(),
+                        lines.last().map(String::as_str).unwrap_or("nothing")
+                    ),
+                }),
             });
         }
         if report.done {

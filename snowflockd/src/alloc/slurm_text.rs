@@ -39,8 +39,9 @@ pub fn salloc_args(
         "--exclusive".to_string(),
         format!("--job-name={}", job_name(ticket)),
         format!("--comment={}", comment(origin, vm)),
+        // Not `--quiet`: "Pending job allocation N" tells a queued request
+        // (no capacity) from one the controller never took.
         format!("--immediate={}", cfg.wait.as_secs().max(1)),
-        "--quiet".to_string(),
     ];
     for (flag, v) in [
         ("--partition", &cfg.partition),
@@ -124,7 +125,16 @@ pub fn failure(stderr: &[String], waited: u64) -> AllocError {
     .to_string();
     let all = errors.join(" ").to_lowercase();
     let has = |w: &[&str]| w.iter().any(|x| all.contains(x));
-    if has(&[
+    // The controller took the request and queued it: it was only waiting
+    // for nodes when `--immediate` ran out.
+    let queued = stderr
+        .iter()
+        .any(|l| l.contains("queued and waiting") || l.contains("Pending job allocation"));
+    if queued {
+        AllocError::NoCapacity(format!(
+            "Slurm granted no node within {waited} s (every node it may give is busy): {said}"
+        ))
+    } else if has(&[
         "unable to contact slurm controller",
         "connection refused",
         "socket timed out",
@@ -286,7 +296,9 @@ mod tests {
         let e = failure(
             &lines(&[
                 "salloc: Pending job allocation 5",
-                "salloc: error: Unable to allocate resources: Requested nodes are busy",
+                "salloc: job 5 queued and waiting for resources",
+                "salloc: error: Unable to allocate resources: Connection timed out",
+                "salloc: Job allocation 5 has been revoked.",
             ]),
             5,
         );
