@@ -20,6 +20,8 @@ pub struct DemoArgs {
     pub json: bool,
     /// The MPI version: `sfmpirun -np clones+1` on a Debian VM.
     pub mpi: bool,
+    /// The local cluster's own Slurm grants the ticket.
+    pub slurm: bool,
 }
 
 /// Stops what the demo started, also on error.
@@ -77,7 +79,10 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
     };
     if guard.c.call(&AdminRequest::Status).is_ok() {
         // A daemon answers: use it as it is.
-    } else if a.hosts > 1 {
+        if a.slurm {
+            eprintln!("demo: a daemon already answers; --slurm applies only to the cluster the demo starts");
+        }
+    } else if a.hosts > 1 || a.slurm {
         eprintln!(
             "demo: starting a local cluster `{DEMO_CLUSTER}` of {} hosts",
             a.hosts
@@ -85,7 +90,14 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
         let up = cluster::up(&cluster::UpOpts {
             name: DEMO_CLUSTER.into(),
             hosts: Some(a.hosts),
-            settings: cluster::Settings::default(),
+            settings: cluster::Settings {
+                // One clone per node, as SnowFlock places them.
+                slurm: a.slurm.then_some(cluster::SlurmSettings {
+                    wait_s: 30,
+                    slots_per_node: Some(1),
+                }),
+                ..cluster::Settings::default()
+            },
         })?;
         if up.started {
             guard.cluster = Some(DEMO_CLUSTER.into());
@@ -149,11 +161,16 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
     let result: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("sf-swdemo printed no JSON result")?;
     let report = last_report(c, &vm)?;
+    // Slurm's record of the ticket's allocation: the bill.
+    let bill = match (&guard.cluster, &report) {
+        (Some(name), Some(r)) if a.slurm => Some(cluster::slurm_bill(name, &r.ticket)?),
+        _ => None,
+    };
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({ "result": result, "clone": report })
+                &serde_json::json!({ "result": result, "clone": report, "slurm": bill })
             )?
         );
         return Ok(());
@@ -164,6 +181,12 @@ pub fn run(c: Client, a: DemoArgs) -> Result<()> {
     );
     print_hits(&result);
     print_report(report.as_ref());
+    if let Some(b) = bill {
+        println!("\nSlurm's accounting of the ticket's allocation (sacct):");
+        for l in b.lines() {
+            println!("  {l}");
+        }
+    }
     Ok(())
 }
 

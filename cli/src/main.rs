@@ -92,6 +92,11 @@ enum Cmd {
         /// built the first time, a few minutes).
         #[arg(long)]
         mpi: bool,
+        /// Start the local cluster with its own Slurm, which grants the
+        /// demo's ticket (one node per clone); prints Slurm's accounting
+        /// record of it (docs/slurm.md).
+        #[arg(long)]
+        slurm: bool,
     },
     /// Benchmarks (figures, not tests).
     Bench {
@@ -504,6 +509,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
             mem,
             json,
             mpi,
+            slurm,
         } => demo::run(
             c,
             demo::DemoArgs {
@@ -513,6 +519,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                 mem_mib: if mpi { mem.max(512) } else { mem },
                 json,
                 mpi,
+                slurm,
             },
         )?,
         Cmd::Bench {

@@ -56,6 +56,16 @@ impl Harness {
     }
 
     pub fn build(tune: impl FnOnce(&mut Config), cluster: bool) -> Harness {
+        Harness::build_with(tune, cluster, None)
+    }
+
+    /// Like [`Harness::build`], with `alloc` granting tickets instead of
+    /// the static allocator.
+    pub fn build_with(
+        tune: impl FnOnce(&mut Config),
+        cluster: bool,
+        alloc: Option<Arc<dyn crate::alloc::Allocator>>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config {
             host: "h0".into(),
@@ -76,7 +86,8 @@ impl Harness {
             vmm: vmm.clone(),
             net: net.clone(),
             peers: peers.clone(),
-            alloc: Arc::new(crate::alloc::fixed::FixedSlots::new(peers.clone())),
+            alloc: alloc
+                .unwrap_or_else(|| Arc::new(crate::alloc::fixed::FixedSlots::new(peers.clone()))),
             guest_link: crate::frontends::guest::link,
             key: None,
             memtap: None,

@@ -55,6 +55,54 @@ fn demo_finds_what_one_process_finds() {
     assert!(!Path::new("/run/netns/sfdemo-h0").exists());
 }
 
+/// `snowflock demo --slurm`: the demo's local cluster runs its own Slurm,
+/// which grants the ticket (one node per clone); the answer is the same,
+/// and Slurm's accounting has the allocation, completed.
+#[test]
+fn demo_with_slurm_gets_its_clones_from_slurm() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("demo.sock");
+    let out = Command::new(bin("snowflock"))
+        .arg("--socket")
+        .arg(&sock)
+        .args([
+            "demo",
+            "--slurm",
+            "--hosts",
+            "3",
+            "--clones",
+            "2",
+            "--json",
+            "--image",
+            img.path(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("demo --json");
+    assert_eq!(v["result"]["clones"], 2);
+    let ticket = v["clone"]["ticket"].as_str().expect("ticket");
+    let bill = v["slurm"].as_str().expect("sacct's record");
+    let line = bill
+        .lines()
+        .find(|l| l.contains(&format!("snowflock-{ticket}")))
+        .unwrap_or_else(|| panic!("no allocation for {ticket} in\n{bill}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f[2], "COMPLETED", "{line}");
+    assert_eq!(f[3], "2", "one node per clone: {line}");
+    // Everything the demo started is gone, Slurm's daemons too.
+    assert!(!Path::new("/run/snowflock/sfdemo").exists());
+    assert!(processes_with("/run/snowflock/sfdemo/").is_empty());
+}
+
 /// `snowflock demo --mpi`: the same search as an MPI program, run with
 /// `sfmpirun` on clones spread over the demo's local cluster, finds the
 /// same hits as one process, and prints sfmpirun's timeline.

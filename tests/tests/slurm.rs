@@ -159,6 +159,26 @@ fn slurm_grants_and_releases_one_allocation_per_ticket() {
     h0.sh_ok("p", &format!("sf kill {t}"));
     assert_eq!(s.released(&t, &job), "COMPLETED");
 
+    // An allocation that ends under a live ticket (an administrator's
+    // scancel, a time limit) ends the ticket's clones, reported lost.
+    let t = clone_sleepers(h0, 2);
+    let (job, _, _) = s.allocation(&t).expect("allocation");
+    s.ok(&["scancel", &job]);
+    let st = wait_until(Duration::from_secs(30), || {
+        let st = h0.sh_ok("p", &format!("sf status {t}"));
+        (st.matches(" lost ").count() == 2).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("clones of {t} not reported lost:\n{}", h0.log_tail()));
+    assert!(
+        st.contains(&format!("Slurm allocation {job} ended")),
+        "{st}"
+    );
+    let gone = wait_until(Duration::from_secs(30), || {
+        clones_of(&h0.vms(), &t).is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "the clones of {t} must stop");
+    h0.sh_ok("p", &format!("sf join {t}"));
+
     // 3. The parent's end releases it.
     let t = clone_sleepers(h0, 1);
     let (job, _, nodes) = s.allocation(&t).expect("allocation");

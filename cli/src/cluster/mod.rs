@@ -31,6 +31,7 @@ mod up;
 pub use down::down;
 pub use host_config::{Settings, SlurmSettings};
 pub use layout::{first_host_client, host_client, HostInfo};
+pub use slurm::bill as slurm_bill;
 pub use status::status;
 pub use up::{up, UpOpts};
 

@@ -320,6 +320,29 @@ pub fn start(
     Ok(p.conf())
 }
 
+/// `sacct`'s record of `ticket`'s allocation on local cluster `name`,
+/// once Slurm has recorded its end (waits up to 20 s for that).
+pub fn bill(name: &str, ticket: &str) -> Result<String> {
+    let l = Layout::new(name)?;
+    let p = Paths::new(&l);
+    let job = format!("--name=snowflock-{ticket}");
+    let argv = [
+        "sacct",
+        "-X",
+        &job,
+        "-o",
+        "JobID,JobName%30,State,NNodes,NodeList,Elapsed",
+    ];
+    let start = Instant::now();
+    loop {
+        let out = tool(&p, &l.host_netns(0), &argv)?;
+        if !out.contains("RUNNING") || start.elapsed() > Duration::from_secs(20) {
+            return Ok(out);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))

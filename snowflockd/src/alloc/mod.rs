@@ -13,6 +13,8 @@
 //! (configuration), `snowflock_proto`. Never `state`, `lifecycle`, `ops` or
 //! `frontends`.
 
+#[cfg(test)]
+pub mod fake;
 pub mod fixed;
 pub mod slurm;
 pub mod slurm_text;

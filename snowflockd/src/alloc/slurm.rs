@@ -174,11 +174,17 @@ impl SlurmAllocator {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let said = Arc::new(Mutex::new(Vec::<String>::new()));
-        let said2 = said.clone();
+        // salloc says when Slurm takes the allocation back (scancel, time
+        // limit), but then waits for its command: the holder must be ended.
+        let revoked = Arc::new(tokio::sync::Notify::new());
+        let (said2, revoked2) = (said.clone(), revoked.clone());
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 tracing::debug!(line = %l, "salloc");
+                if l.contains("has been revoked") {
+                    revoked2.notify_one();
+                }
                 let mut s = said2.lock();
                 if s.len() < 64 {
                     s.push(l);
@@ -218,7 +224,7 @@ impl SlurmAllocator {
             );
             // Keep reading so the holder never blocks on a full pipe.
             tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
-            self.watch(ticket.to_string(), job.clone(), child, tx, said);
+            self.watch(ticket.to_string(), job.clone(), child, tx, said, revoked);
             tracing::info!(ticket, job, nodes = ?report.nodes, "Slurm allocation granted");
             return Ok(report.nodes);
         }
@@ -256,7 +262,8 @@ impl SlurmAllocator {
     }
 
     /// Waits for a granted `salloc` to end; an end the daemon did not ask
-    /// for (time limit, `scancel`) is reported through [`Allocator::lost`].
+    /// for (Slurm revoked it: time limit, `scancel`; or salloc died) is
+    /// reported through [`Allocator::lost`].
     fn watch(
         &self,
         ticket: String,
@@ -264,24 +271,29 @@ impl SlurmAllocator {
         mut child: Child,
         ended: tokio::sync::watch::Sender<bool>,
         said: Arc<Mutex<Vec<String>>>,
+        revoked: Arc<tokio::sync::Notify>,
     ) {
         let held = self.held.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let how = tokio::select! {
+                status = child.wait() => status
+                    .map(|s| format!("salloc {s}"))
+                    .unwrap_or_else(|e| e.to_string()),
+                _ = revoked.notified() => "Slurm revoked it".to_string(),
+            };
+            // Taking the holder out drops its pipe: the holder and salloc end.
+            let unasked = held.lock().holders.remove(&ticket).is_some();
+            let _ = child.wait().await;
             ended.send_replace(true);
-            let mut h = held.lock();
-            if h.holders.remove(&ticket).is_some() {
+            if unasked {
                 let last = said.lock().last().cloned().unwrap_or_default();
                 let why = format!(
-                    "its Slurm allocation {job} ended ({}{}{})",
-                    status
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|e| e.to_string()),
+                    "its Slurm allocation {job} ended ({how}{}{})",
                     if last.is_empty() { "" } else { ": " },
-                    last.trim()
+                    last.trim().trim_start_matches("salloc: ")
                 );
                 tracing::warn!(%ticket, %job, %why, "Slurm allocation ended under a live ticket");
-                h.lost.push((ticket, why));
+                held.lock().lost.push((ticket, why));
             }
         });
     }

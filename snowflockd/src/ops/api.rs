@@ -317,6 +317,91 @@ mod tests {
         }
     }
 
+    fn with_fake_alloc() -> (Harness, std::sync::Arc<crate::alloc::fake::FakeAlloc>) {
+        let a = std::sync::Arc::new(crate::alloc::fake::FakeAlloc::default());
+        (Harness::build_with(|_| {}, false, Some(a.clone())), a)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn allocator_refusals_reach_the_guest_with_their_class() {
+        use crate::alloc::AllocError;
+        let (h, a) = with_fake_alloc();
+        let (_, p) = h.start("p").await;
+        a.answer(Err(AllocError::NoCapacity(
+            "Slurm granted no node within 4 s".into(),
+        )));
+        a.answer(Err(AllocError::Unavailable(
+            "Slurm's controller cannot be reached".into(),
+        )));
+        a.answer(Err(AllocError::Refused(
+            "Invalid partition name specified".into(),
+        )));
+        let r = p.call(1, R::RequestTicket { n: 9 }).await;
+        assert_eq!(code(&r), Some(E::NoCapacity));
+        assert!(message(&r).contains("within 4 s"), "{r:?}");
+        let r = p.call(2, R::RequestTicket { n: 1 }).await;
+        assert_eq!(code(&r), Some(E::HostUnavailable));
+        let r = p.call(3, R::RequestTicket { n: 1 }).await;
+        assert_eq!(code(&r), Some(E::Failed));
+        assert!(message(&r).contains("Invalid partition"), "{r:?}");
+        // The allocator is asked for no more than the quota (4) allows.
+        assert_eq!(*a.asked.lock(), [4, 1, 1]);
+        assert!(h.d.with(|r| r.tickets.is_empty()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clones_go_only_where_the_allocator_offers() {
+        use crate::alloc::Offer;
+        let (h, a) = with_fake_alloc();
+        let (_, p) = h.start("p").await;
+        // Slurm granted h1 and h2, one slot each, not this host.
+        a.answer(Ok(Offer {
+            hosts: vec![("h1".into(), 1), ("h2".into(), 1)],
+            here: 0,
+        }));
+        let r = p.call(1, R::RequestTicket { n: 3 }).await;
+        let ApiResponse::Ticket { ticket, granted } = r else {
+            panic!("{r:?}");
+        };
+        assert_eq!(granted, 2);
+        let placement = h.d.with(|r| r.tickets[&ticket].placement.clone());
+        assert_eq!(
+            placement,
+            [("h0".to_string(), 0), ("h1".into(), 1), ("h2".into(), 1)]
+        );
+        // This host granted, but its slots bound it: 8 VMs, 1 runs, 2 held.
+        a.answer(Ok(Offer {
+            hosts: vec![],
+            here: u32::MAX,
+        }));
+        let r = p.call(2, R::RequestTicket { n: 2 }).await;
+        assert!(matches!(r, ApiResponse::Ticket { granted: 2, .. }), "{r:?}");
+        assert!(a.released.lock().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_offer_with_no_free_slot_is_released() {
+        use crate::alloc::Offer;
+        let (h, a) = with_fake_alloc();
+        let (_, p) = h.start("p").await;
+        a.answer(Ok(Offer {
+            hosts: vec![("h1".into(), 0)],
+            here: 0,
+        }));
+        let r = p.call(1, R::RequestTicket { n: 2 }).await;
+        assert_eq!(code(&r), Some(E::NoCapacity));
+        assert!(
+            message(&r).contains("granted hosts [\"h1\"] with no free VM slots"),
+            "{r:?}"
+        );
+        assert_eq!(
+            a.released.lock().len(),
+            1,
+            "what was taken for it is given back"
+        );
+        assert!(h.d.with(|r| r.tickets.is_empty()));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tickets_are_bounded_by_quota_and_capacity() {
         let h = Harness::new();

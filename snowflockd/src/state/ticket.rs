@@ -492,6 +492,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_ticket_needs_its_hosts_until_discarded_or_every_clone_ended() {
+        let mut t = ticket(2);
+        assert!(t.needs_capacity(), "granted, unused");
+        t.begin_clone().unwrap();
+        assert!(t.needs_capacity(), "cloning");
+        t.set_running([(1, "a".into(), "h0".into()), (2, "b".into(), "h1".into())]);
+        t.clone_done("/g".into());
+        t.child_ended(1, ChildState::Exited { code: 0 });
+        assert!(t.needs_capacity(), "one clone still runs");
+        t.child_ended(2, ChildState::Exited { code: 0 });
+        assert!(!t.needs_capacity(), "the last clone's exit, before sf_join");
+        let mut t = ticket(1);
+        t.expire(t.created + TICKET_TTL * 2, TICKET_TTL);
+        assert!(!t.needs_capacity(), "expired");
+    }
+
+    #[test]
     fn join_waits_for_every_child_then_discards() {
         let mut t = ticket(1);
         assert_eq!(t.join(), Err(TicketError::NotCloned("t-1".into())));
