@@ -194,6 +194,16 @@ pub fn status(client: &Client, json: bool) -> Result<()> {
                     "snowflockd {} on host {}: pid {}, {} VMs, up {} s, accel {}, state {}",
                     s.version, s.host, s.pid, s.vms, s.uptime_s, s.accel, s.state_dir
                 );
+                if !s.allocator.is_empty() {
+                    println!(
+                        "tickets granted by the {} allocator; {} allocation(s) held",
+                        s.allocator,
+                        s.allocations.len()
+                    );
+                    for a in &s.allocations {
+                        println!("  ticket {} = Slurm job {}", a.ticket, a.job);
+                    }
+                }
                 for (k, v) in &s.counters {
                     println!("  {k:<24} {v}");
                 }

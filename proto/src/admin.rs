@@ -79,6 +79,19 @@ pub struct DaemonStatus {
     /// The last VMs that ended on their own, with the reason (newest last).
     #[serde(default)]
     pub recent_losses: Vec<Loss>,
+    /// Who grants tickets: `static` or `slurm`.
+    #[serde(default)]
+    pub allocator: String,
+    /// What the allocator holds for live tickets (Slurm allocations).
+    #[serde(default)]
+    pub allocations: Vec<Allocation>,
+}
+
+/// One allocation held for a ticket (a Slurm job).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub ticket: String,
+    pub job: String,
 }
 
 /// A VM that ended without being asked to.

@@ -140,6 +140,12 @@ fn slurm_grants_and_releases_one_allocation_per_ticket() {
     assert_eq!(state, "RUNNING");
     assert_eq!(nodes, clone_hosts(h0, &t), "allocation {job}");
     assert_eq!(nodes.len(), 2);
+    let ds: Value = serde_json::from_str(&h0.ok(&["daemon", "status", "--json"])).unwrap();
+    assert_eq!(ds["allocator"], "slurm");
+    assert_eq!(
+        ds["allocations"],
+        serde_json::json!([{ "ticket": t, "job": job }])
+    );
     for k in clones_of(&h0.vms(), &t) {
         h0.sh_ok(
             k["name"].as_str().unwrap(),

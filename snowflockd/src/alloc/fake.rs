@@ -46,6 +46,10 @@ impl Allocator for FakeAlloc {
         async {}.boxed()
     }
 
+    fn held(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     fn lost(&self) -> Vec<(String, String)> {
         Vec::new()
     }

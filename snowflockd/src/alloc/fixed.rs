@@ -52,6 +52,10 @@ impl Allocator for FixedSlots {
         async {}.boxed()
     }
 
+    fn held(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     fn lost(&self) -> Vec<(String, String)> {
         Vec::new()
     }

@@ -85,6 +85,9 @@ pub trait Allocator: Send + Sync + 'static {
     /// change and every few seconds.
     fn keep_only<'a>(&'a self, live: &'a [String]) -> BoxFuture<'a, ()>;
 
+    /// What is held now: (ticket, Slurm job), by ticket.
+    fn held(&self) -> Vec<(String, String)>;
+
     /// Tickets whose hold ended without being released (a Slurm time
     /// limit, `scancel` by an administrator), with the reason; each is
     /// reported once. Their clones should end.

@@ -437,6 +437,18 @@ impl Allocator for SlurmAllocator {
         .boxed()
     }
 
+    fn held(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .held
+            .lock()
+            .holders
+            .iter()
+            .map(|(t, h)| (t.clone(), h.job.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     fn lost(&self) -> Vec<(String, String)> {
         std::mem::take(&mut self.held.lock().lost)
     }

@@ -45,6 +45,13 @@ pub fn status(d: &Daemon) -> DaemonStatus {
         counters: d.counters.map(),
         peers: d.peers.peers(),
         recent_losses: d.counters.recent_losses(),
+        allocator: d.alloc.kind().into(),
+        allocations: d
+            .alloc
+            .held()
+            .into_iter()
+            .map(|(ticket, job)| snowflock_proto::admin::Allocation { ticket, job })
+            .collect(),
     }
 }
 
