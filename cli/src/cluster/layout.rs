@@ -127,7 +127,24 @@ pub struct ClusterInfo {
     pub hosts: Vec<HostInfo>,
     /// The cluster's own Slurm (`cluster up --slurm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slurm: Option<super::slurm::SlurmInfo>,
+    pub slurm: Option<SlurmInfo>,
+}
+
+/// The local cluster's Slurm, in `cluster.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlurmInfo {
+    /// `SLURM_CONF` for Slurm's own tools.
+    pub conf: PathBuf,
+    pub dir: PathBuf,
+    /// Started processes, in start order.
+    pub procs: Vec<SlurmProc>,
+}
+
+/// One Slurm daemon of the local cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlurmProc {
+    pub what: String,
+    pub pid: u32,
 }
 
 /// One host of `cluster.json`.

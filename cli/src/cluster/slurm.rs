@@ -9,9 +9,8 @@
 //! every process's pid is recorded in `cluster.json` so that `cluster
 //! down` stops exactly these.
 
-use super::layout::{host_ip, Layout};
+use super::layout::{host_ip, Layout, SlurmInfo, SlurmProc};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,23 +22,6 @@ pub const PARTITION: &str = "snowflock";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a Slurm daemon may take to exit when stopped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The local cluster's Slurm, in `cluster.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlurmInfo {
-    /// `SLURM_CONF` for Slurm's own tools.
-    pub conf: PathBuf,
-    pub dir: PathBuf,
-    /// Started processes, in start order.
-    pub procs: Vec<SlurmProc>,
-}
-
-/// One Slurm daemon of the local cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlurmProc {
-    pub what: String,
-    pub pid: u32,
-}
 
 /// Paths of the local cluster's Slurm.
 struct Paths {

@@ -160,12 +160,12 @@ fn build(l: &Layout, info: &mut ClusterInfo, s: &Settings) -> Result<()> {
         eprintln!("cluster `{}`: starting Slurm (munged, MariaDB, slurmdbd, slurmctld on h0, slurmd on every host)", l.name);
         let t = std::time::Instant::now();
         let json = l.cluster_json();
-        info.slurm = Some(super::slurm::SlurmInfo {
+        info.slurm = Some(super::layout::SlurmInfo {
             conf: super::slurm::conf_path(l),
             dir: l.config_dir().join("slurm"),
             procs: Vec::new(),
         });
-        let mut record = |p: super::slurm::SlurmProc| {
+        let mut record = |p: super::layout::SlurmProc| {
             if let Some(sl) = info.slurm.as_mut() {
                 sl.procs.push(p);
             }
