@@ -11,16 +11,23 @@ pub struct BenchArgs {
     pub runs: u32,
     pub image: String,
     pub mem_mib: u32,
-    /// MiB the guest fills (and keeps) before cloning, to show how the
-    /// pause grows with touched memory.
-    pub touch_mib: u32,
+    /// MiB the guest fills (and keeps) before cloning, one fresh VM per
+    /// value, to show how the clone's cost grows with touched memory.
+    pub touch_mib: Vec<u32>,
     pub json: bool,
 }
 
+/// MiB the parent writes between its clones for the "second clone" line.
+pub const DIRTY_MIB: u32 = 32;
+
 #[derive(Serialize)]
 pub struct Row {
+    /// MiB the guest filled before its first clone.
+    pub touch_mib: u32,
     pub clones: u32,
     pub runs: u32,
+    /// Empty, or what the parent did since its previous clone.
+    pub after: String,
     pub parent_pause_ms: f64,
     pub descriptor_bytes: u64,
     pub device_state_bytes: u64,
@@ -77,78 +84,121 @@ pub fn clone_cycle(c: &Client, vm: &str, n: u32) -> Result<CloneReport> {
     report_for(c, &ticket)
 }
 
-pub fn run(c: &Client, a: BenchArgs) -> Result<Vec<Row>> {
-    let vm = format!("bench{}", std::process::id());
+/// Starts `sf-memtest hold` in the guest: `mib` MiB written (seed
+/// `seed`) and kept, served on `sock`.
+fn fill(c: &Client, vm: &str, mib: u32, seed: u32, sock: &str) -> Result<()> {
+    let script = format!(
+        "sf-memtest hold --mib {mib} --seed {seed} --sock {sock} </dev/null >/dev/null 2>&1 & \
+         i=0; while [ ! -S {sock} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; [ -S {sock} ]"
+    );
+    let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script], true)?;
+    if out.code != 0 {
+        bail!("the guest could not fill {mib} MiB");
+    }
+    Ok(())
+}
+
+fn row(touch_mib: u32, runs: u32, after: &str, reps: &[CloneReport]) -> Row {
+    let last = reps.last().expect("runs >= 1");
+    let med = |f: &dyn Fn(&CloneReport) -> f64| median(reps.iter().map(f).collect());
+    Row {
+        touch_mib,
+        clones: last.clones,
+        runs,
+        after: after.to_string(),
+        parent_pause_ms: med(&|r| r.parent_pause_ms),
+        descriptor_bytes: med(&|r| r.descriptor_bytes as f64) as u64,
+        device_state_bytes: med(&|r| r.device_state_bytes as f64) as u64,
+        frozen_bytes: med(&|r| r.frozen_bytes as f64) as u64,
+        paused_copy_bytes: med(&|r| r.paused_copy_bytes as f64) as u64,
+        all_returned_ms: med(&|r| r.all_ready_ms),
+        guest_ram_bytes: last.guest_ram_bytes,
+    }
+}
+
+/// The rows of one fresh VM that fills `touch` MiB: one per clone count,
+/// then one clone after the parent dirtied [`DIRTY_MIB`] MiB more.
+fn one_size(c: &Client, a: &BenchArgs, touch: u32) -> Result<Vec<Row>> {
+    let vm = format!("bench{}-{touch}", std::process::id());
     vm_cmd::start(c, &vm, &a.image, a.mem_mib, 1, Accel::Auto, false)?;
     let res = (|| -> Result<Vec<Row>> {
-        if a.touch_mib > 0 {
-            eprintln!("bench: guest fills {} MiB before cloning", a.touch_mib);
-            let script = format!(
-                "sf-memtest hold --mib {} --seed 1 --sock /tmp/bench-mt.sock </dev/null >/dev/null 2>&1 & \
-                 i=0; while [ ! -S /tmp/bench-mt.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
-                 [ -S /tmp/bench-mt.sock ]",
-                a.touch_mib
-            );
-            let out = vm_cmd::exec(c, &vm, &["sh".into(), "-c".into(), script], true)?;
-            if out.code != 0 {
-                bail!("the guest could not fill {} MiB", a.touch_mib);
-            }
+        if touch > 0 {
+            eprintln!("bench: {vm} fills {touch} MiB before cloning");
+            fill(c, &vm, touch, 1, "/tmp/bench-mt.sock")?;
         }
         let mut rows = Vec::new();
         for &n in &a.clones {
             let mut reps = Vec::new();
             for r in 0..a.runs {
-                eprintln!("bench: {n} clone(s), run {}/{} ...", r + 1, a.runs);
+                eprintln!(
+                    "bench: {touch} MiB touched, {n} clone(s), run {}/{} ...",
+                    r + 1,
+                    a.runs
+                );
                 reps.push(clone_cycle(c, &vm, n)?);
             }
-            let last = reps.last().expect("runs >= 1");
-            rows.push(Row {
-                clones: last.clones,
-                runs: a.runs,
-                parent_pause_ms: median(reps.iter().map(|r| r.parent_pause_ms).collect()),
-                descriptor_bytes: median(reps.iter().map(|r| r.descriptor_bytes as f64).collect())
-                    as u64,
-                device_state_bytes: median(
-                    reps.iter().map(|r| r.device_state_bytes as f64).collect(),
-                ) as u64,
-                frozen_bytes: median(reps.iter().map(|r| r.frozen_bytes as f64).collect()) as u64,
-                paused_copy_bytes: median(reps.iter().map(|r| r.paused_copy_bytes as f64).collect())
-                    as u64,
-                all_returned_ms: median(reps.iter().map(|r| r.all_ready_ms).collect()),
-                guest_ram_bytes: last.guest_ram_bytes,
-            });
+            rows.push(row(touch, a.runs, "", &reps));
         }
+        eprintln!("bench: {vm} dirties {DIRTY_MIB} MiB, then clones once more");
+        fill(c, &vm, DIRTY_MIB, 2, "/tmp/bench-dirty.sock")?;
+        let again = clone_cycle(c, &vm, a.clones[0])?;
+        rows.push(row(touch, 1, &format!("dirtied {DIRTY_MIB} MiB"), &[again]));
         Ok(rows)
     })();
     let _ = vm_cmd::stop(c, &vm);
-    let rows = res?;
+    res
+}
+
+pub fn run(c: &Client, a: BenchArgs) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &touch in &a.touch_mib {
+        rows.extend(one_size(c, &a, touch)?);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
+        return Ok(rows);
+    }
+    println!(
+        "{:>9} {:>6} {:>5} {:>16} {:>15} {:>14} {:>10} {:>15} {:>16} {:>8}",
+        "touch_MiB",
+        "clones",
+        "runs",
+        "after",
+        "parent_pause_ms",
+        "device_state_B",
+        "frozen_MiB",
+        "paused_copy_KiB",
+        "all_returned_ms",
+        "ram_MiB"
+    );
+    for r in &rows {
         println!(
-            "{:>6} {:>5} {:>15} {:>16} {:>14} {:>10} {:>15} {:>16} {:>8}",
-            "clones",
-            "runs",
-            "parent_pause_ms",
-            "descriptor_bytes",
-            "device_state_B",
-            "frozen_MiB",
-            "paused_copy_KiB",
-            "all_returned_ms",
-            "ram_MiB"
+            "{:>9} {:>6} {:>5} {:>16} {:>15.1} {:>14} {:>10.1} {:>15.0} {:>16.1} {:>8}",
+            r.touch_mib,
+            r.clones,
+            r.runs,
+            if r.after.is_empty() { "-" } else { &r.after },
+            r.parent_pause_ms,
+            r.device_state_bytes,
+            r.frozen_bytes as f64 / 1048576.0,
+            r.paused_copy_bytes as f64 / 1024.0,
+            r.all_returned_ms,
+            r.guest_ram_bytes >> 20
         );
-        for r in &rows {
+    }
+    // Side by side: each size against the first (the issue's 1.25x goal).
+    if let Some(base) = rows.iter().find(|r| r.after.is_empty()) {
+        let (p0, a0) = (base.parent_pause_ms, base.all_returned_ms);
+        for r in rows
+            .iter()
+            .filter(|r| r.after.is_empty() && r.clones == base.clones)
+        {
             println!(
-                "{:>6} {:>5} {:>15.1} {:>16} {:>14} {:>10.1} {:>15.0} {:>16.1} {:>8}",
-                r.clones,
-                r.runs,
-                r.parent_pause_ms,
-                r.descriptor_bytes,
-                r.device_state_bytes,
-                r.frozen_bytes as f64 / 1048576.0,
-                r.paused_copy_bytes as f64 / 1024.0,
-                r.all_returned_ms,
-                r.guest_ram_bytes >> 20
+                "{} MiB touched vs {} MiB: pause {:.2}x, all returned {:.2}x",
+                r.touch_mib,
+                base.touch_mib,
+                r.parent_pause_ms / p0,
+                r.all_returned_ms / a0
             );
         }
     }

@@ -285,10 +285,11 @@ enum BenchCmd {
         image: Option<PathBuf>,
         #[arg(long, default_value = "256M", value_parser = vm_cmd::parse_mem)]
         mem: u32,
-        /// MiB of memory the guest fills before cloning (with --hosts: the
-        /// pattern every clone reads; default 16 there).
-        #[arg(long)]
-        touch_mib: Option<u32>,
+        /// MiB of memory the guest fills before cloning, one fresh VM per
+        /// value, side by side (with --hosts: one value, the pattern every
+        /// clone reads; default 16 there).
+        #[arg(long, value_delimiter = ',')]
+        touch_mib: Vec<u32>,
         /// Spread the clones over a local cluster of this many hosts
         /// (created as `sfbench` and removed afterwards), memory on demand.
         #[arg(long)]
@@ -600,14 +601,22 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                         runs,
                         image,
                         mem_mib: mem,
-                        touch_mib: touch_mib.unwrap_or(16),
+                        touch_mib: match touch_mib[..] {
+                            [] => 16,
+                            [t] => t,
+                            _ => anyhow::bail!("with --hosts, --touch-mib takes one value"),
+                        },
                         fill_mib,
                         modes,
                         json,
                     })?;
                 }
                 None => {
-                    let touch_mib = touch_mib.unwrap_or(0);
+                    let touch_mib = if touch_mib.is_empty() {
+                        vec![0]
+                    } else {
+                        touch_mib
+                    };
                     bench::run(
                         &c,
                         bench::BenchArgs {

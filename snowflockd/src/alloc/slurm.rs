@@ -43,6 +43,8 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the whole queue is checked for this host's stray allocations
 /// once the first check after start-up succeeded.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How soon a check that failed (Slurm unreachable) is tried again.
+const SWEEP_RETRY: Duration = Duration::from_secs(15);
 /// How long a granted node's daemon may take to say what it has free.
 const CAPACITY_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -62,8 +64,8 @@ struct Held {
     /// Tickets whose `salloc` runs but has not reported yet.
     pending: HashSet<String>,
     lost: Vec<(String, String)>,
-    /// When the queue was last checked for stray allocations.
-    swept: Option<Instant>,
+    /// When the queue is next checked for stray allocations (`None`: now).
+    next_sweep: Option<Instant>,
 }
 
 pub struct SlurmAllocator {
@@ -331,8 +333,8 @@ impl SlurmAllocator {
         let due = self
             .held
             .lock()
-            .swept
-            .is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+            .next_sweep
+            .is_none_or(|t| Instant::now() >= t);
         if !due {
             return;
         }
@@ -344,12 +346,13 @@ impl SlurmAllocator {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %snowflock_proto::error::chain(&e), "cannot check Slurm's queue for stray allocations; will retry");
+                self.held.lock().next_sweep = Some(Instant::now() + SWEEP_RETRY);
                 return;
             }
         };
         let stray: Vec<slurm_text::Listed> = {
             let mut h = self.held.lock();
-            h.swept = Some(Instant::now());
+            h.next_sweep = Some(Instant::now() + SWEEP_EVERY);
             slurm_text::ours(&listing, &self.me)
                 .into_iter()
                 .filter(|l| {
