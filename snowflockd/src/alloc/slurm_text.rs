@@ -313,6 +313,29 @@ mod tests {
         assert!(e.to_string().contains("nothing"), "{e}");
     }
 
+    proptest::proptest! {
+        /// Whatever Slurm's tools print, reading it never panics, and a
+        /// node or job taken from it is a plain name or number.
+        #[test]
+        fn any_output_is_read_safely(lines in proptest::collection::vec(".{0,80}", 0..20)) {
+            let mut r = Report::default();
+            for l in &lines {
+                r.line(l);
+                let _ = job_in_message(l);
+            }
+            for n in &r.nodes {
+                proptest::prop_assert!(valid_node(n));
+            }
+            if let Some(j) = &r.job {
+                proptest::prop_assert!(valid_job_id(j));
+            }
+            let _ = failure(&lines, 3);
+            for l in ours(&lines.join("\n"), "h0") {
+                proptest::prop_assert!(valid_job_id(&l.job));
+            }
+        }
+    }
+
     #[test]
     fn only_this_hosts_allocations_are_listed() {
         let listing = "\
