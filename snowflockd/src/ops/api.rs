@@ -108,6 +108,7 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
             "Nested cloning is not supported: only an original VM (clone ID 0) can request tickets",
         );
     }
+    let _one_at_a_time = vm.ticket_lock.lock().await;
     let most = match d.with(|r| {
         r.purge(Instant::now());
         ticket_limits(d, r, vm, n)

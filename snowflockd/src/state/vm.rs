@@ -309,6 +309,9 @@ pub struct Vm {
     pub generations: AtomicU64,
     /// Serialises clone operations of this VM.
     pub clone_lock: tokio::sync::Mutex<()>,
+    /// Serialises this VM's ticket requests, so a guest never has more
+    /// than one question to the allocator (a Slurm `salloc`) at a time.
+    pub ticket_lock: tokio::sync::Mutex<()>,
     /// Bounds the API calls a guest may have in flight.
     pub requests: Arc<tokio::sync::Semaphore>,
     /// The disk's layers as the VMM has them, if the VM has a disk.
@@ -448,6 +451,7 @@ impl Vm {
             console_tail: Mutex::new(String::new()),
             generations: AtomicU64::new(0),
             clone_lock: tokio::sync::Mutex::new(()),
+            ticket_lock: tokio::sync::Mutex::new(()),
             requests: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_REQUESTS)),
             disk_layers: Mutex::new(None),
         };
