@@ -63,7 +63,7 @@ pub fn up(o: &UpOpts) -> Result<Up> {
     match std::fs::create_dir(l.config_dir()) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return existing(&l, o.hosts, &redo)
+            return existing(&l, o.hosts, o.settings.slurm.is_some(), &redo)
         }
         Err(e) => {
             return Err(e).with_context(|| format!("Cannot create {}", l.config_dir().display()))
@@ -90,7 +90,7 @@ pub fn up(o: &UpOpts) -> Result<Up> {
 }
 
 /// `up` for a name whose config directory exists.
-fn existing(l: &Layout, hosts: Option<u32>, redo: &str) -> Result<Up> {
+fn existing(l: &Layout, hosts: Option<u32>, slurm: bool, redo: &str) -> Result<Up> {
     let info = match super::layout::load(&l.name) {
         Ok(i) => i,
         Err(_) => bail!(
@@ -111,6 +111,12 @@ fn existing(l: &Layout, hosts: Option<u32>, redo: &str) -> Result<Up> {
             "local cluster `{}` exists but is broken (daemons not answering: {}): {redo}",
             l.name,
             down.join(", ")
+        );
+    }
+    if slurm && info.slurm.is_none() {
+        bail!(
+            "local cluster `{}` is already up without Slurm: {redo} with --slurm",
+            l.name
         );
     }
     if let Some(n) = hosts {
