@@ -25,13 +25,23 @@ pub(crate) fn on_bench_cluster<T>(
     max_vms: u32,
     f: impl FnOnce(&[cluster::HostInfo]) -> Result<T>,
 ) -> Result<T> {
+    let settings = cluster::Settings {
+        max_vms,
+        ..Default::default()
+    };
+    on_bench_cluster_with(hosts, settings, f)
+}
+
+/// [`on_bench_cluster`] with every setting given (`--slurm` among them).
+pub(crate) fn on_bench_cluster_with<T>(
+    hosts: u32,
+    settings: cluster::Settings,
+    f: impl FnOnce(&[cluster::HostInfo]) -> Result<T>,
+) -> Result<T> {
     let up = cluster::up(&cluster::UpOpts {
         name: BENCH_CLUSTER.into(),
         hosts: Some(hosts),
-        settings: cluster::Settings {
-            max_vms,
-            ..Default::default()
-        },
+        settings,
     })?;
     let res = f(&up.info.hosts);
     if up.started {

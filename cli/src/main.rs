@@ -6,6 +6,7 @@ mod bench;
 mod bench_disk;
 mod bench_hosts;
 mod bench_mpi;
+mod bench_ticket;
 mod client;
 mod cluster;
 mod daemon_ctl;
@@ -308,6 +309,21 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A ticket request with the static allocator and with Slurm, side by side.
+    Ticket {
+        /// Hosts of the local cluster `sfbench` (made twice: static, then --slurm).
+        #[arg(long, default_value_t = 3)]
+        hosts: u32,
+        /// Clones each ticket asks for.
+        #[arg(long, default_value_t = 2)]
+        clones: u32,
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// One MPI job three ways: sfmpirun, VMs already idle, VMs booted first.
     Mpi {
         /// Ranks (one per VM).
@@ -523,6 +539,27 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                 slurm,
             },
         )?,
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Ticket {
+                    hosts,
+                    clones,
+                    runs,
+                    image,
+                    json,
+                },
+        } => {
+            bench_ticket::run(bench_ticket::TicketArgs {
+                hosts,
+                clones,
+                runs,
+                image: image
+                    .unwrap_or_else(image_cmd::default_out)
+                    .display()
+                    .to_string(),
+                json,
+            })?;
+        }
         Cmd::Bench {
             cmd:
                 BenchCmd::Mpi {
