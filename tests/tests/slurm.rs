@@ -272,6 +272,42 @@ fn slurm_grants_and_releases_one_allocation_per_ticket() {
         "{err}"
     );
     assert!(h0.sh_ok("p", "sf id").contains("clone_id=0"));
+
+    // Nothing of the cluster's Slurm is left: no daemon, no salloc.
+    let mark = format!("/run/snowflock/{}/", c.name);
+    drop(c);
+    let left = wait_until(Duration::from_secs(10), || {
+        let left = live_with_env(&mark);
+        left.is_empty().then_some(()).or_else(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            None
+        })
+    });
+    assert!(left.is_some(), "left behind: {:?}", live_with_env(&mark));
+}
+
+/// Live processes (not zombies) whose command line or environment
+/// mentions `needle`, with their names.
+fn live_with_env(needle: &str) -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next());
+        if matches!(state, None | Some('Z' | 'X')) || pid == std::process::id() {
+            continue;
+        }
+        let mut text = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        text.extend(std::fs::read(e.path().join("environ")).unwrap_or_default());
+        if String::from_utf8_lossy(&text).contains(needle) {
+            v.push((pid, comm(pid)));
+        }
+    }
+    v
 }
 
 /// Pid of one of the cluster's Slurm daemons, from cluster.json.

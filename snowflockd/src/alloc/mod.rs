@@ -92,6 +92,12 @@ pub trait Allocator: Send + Sync + 'static {
     /// limit, `scancel` by an administrator), with the reason; each is
     /// reported once. Their clones should end.
     fn lost(&self) -> Vec<(String, String)>;
+
+    /// Notified when [`Allocator::lost`] has something new, for allocators
+    /// whose holds can end on their own.
+    fn lost_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Free VM slots of `hosts` as their daemons report them, asked at once;

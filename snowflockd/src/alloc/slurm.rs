@@ -43,6 +43,9 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the whole queue is checked for this host's stray allocations
 /// once the first check after start-up succeeded.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often held allocations are looked for in Slurm's queue (a revoked
+/// one whose `salloc` did not say so is found this way).
+const CHECK_HELD_EVERY: Duration = Duration::from_secs(5);
 /// How soon a check that failed (Slurm unreachable) is tried again.
 const SWEEP_RETRY: Duration = Duration::from_secs(15);
 /// How long a granted node's daemon may take to say what it has free.
@@ -53,7 +56,6 @@ struct Holder {
     job: String,
     /// The holder's standard input; dropping it releases the allocation.
     stdin: Option<ChildStdin>,
-    pid: Option<u32>,
     /// Set when `salloc` has exited.
     ended: tokio::sync::watch::Receiver<bool>,
 }
@@ -66,6 +68,8 @@ struct Held {
     lost: Vec<(String, String)>,
     /// When the queue is next checked for stray allocations (`None`: now).
     next_sweep: Option<Instant>,
+    /// When the held allocations were last found in the queue.
+    held_checked: Option<Instant>,
 }
 
 pub struct SlurmAllocator {
@@ -76,6 +80,8 @@ pub struct SlurmAllocator {
     estimate: u32,
     peers: Arc<dyn PeerChannel>,
     held: Arc<Mutex<Held>>,
+    /// Told when an allocation ended under a live ticket.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl SlurmAllocator {
@@ -86,6 +92,7 @@ impl SlurmAllocator {
             estimate: estimate.max(1),
             peers,
             held: Arc::new(Mutex::new(Held::default())),
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -220,7 +227,6 @@ impl SlurmAllocator {
                 Holder {
                     job: job.clone(),
                     stdin,
-                    pid,
                     ended: rx,
                 },
             );
@@ -275,7 +281,8 @@ impl SlurmAllocator {
         said: Arc<Mutex<Vec<String>>>,
         revoked: Arc<tokio::sync::Notify>,
     ) {
-        let held = self.held.clone();
+        let (held, wake) = (self.held.clone(), self.wake.clone());
+        let pid = child.id();
         tokio::spawn(async move {
             let how = tokio::select! {
                 status = child.wait() => status
@@ -283,10 +290,9 @@ impl SlurmAllocator {
                     .unwrap_or_else(|e| e.to_string()),
                 _ = revoked.notified() => "Slurm revoked it".to_string(),
             };
-            // Taking the holder out drops its pipe: the holder and salloc end.
+            // Taking the holder out drops its pipe: the holder ends, and
+            // salloc with it.
             let unasked = held.lock().holders.remove(&ticket).is_some();
-            let _ = child.wait().await;
-            ended.send_replace(true);
             if unasked {
                 let last = said.lock().last().cloned().unwrap_or_default();
                 let why = format!(
@@ -296,7 +302,18 @@ impl SlurmAllocator {
                 );
                 tracing::warn!(%ticket, %job, %why, "Slurm allocation ended under a live ticket");
                 held.lock().lost.push((ticket, why));
+                wake.notify_one();
             }
+            // A salloc whose allocation was revoked can stay behind,
+            // spinning, after its command ended: it is stopped.
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%job, "salloc did not exit after its allocation ended; stopping it");
+                stop(pid, &mut child).await;
+            }
+            ended.send_replace(true);
         });
     }
 
@@ -327,17 +344,29 @@ impl SlurmAllocator {
         Offer { hosts, here }
     }
 
-    /// Cancels this host's allocations that no ticket holds (left by an
-    /// earlier run of the daemon, or by a `salloc` that was killed).
-    async fn sweep(&self) {
-        let due = self
-            .held
-            .lock()
-            .next_sweep
-            .is_none_or(|t| Instant::now() >= t);
-        if !due {
-            return;
-        }
+    /// Reads this host's allocations from Slurm's queue: a held allocation
+    /// that is gone was revoked (reported through [`Allocator::lost`], in
+    /// case `salloc` did not say so), and one that no ticket holds (left by
+    /// an earlier run of the daemon, or by a `salloc` that was killed) is
+    /// cancelled. Held allocations are checked every [`CHECK_HELD_EVERY`],
+    /// strays every [`SWEEP_EVERY`].
+    async fn check_queue(&self) {
+        let (sweep_due, held) = {
+            let h = self.held.lock();
+            let now = Instant::now();
+            let held: Vec<(String, String)> = h
+                .holders
+                .iter()
+                .map(|(t, x)| (t.clone(), x.job.clone()))
+                .collect();
+            let held_due =
+                !held.is_empty() && h.held_checked.is_none_or(|t| now >= t + CHECK_HELD_EVERY);
+            let sweep_due = h.next_sweep.is_none_or(|t| now >= t);
+            if !held_due && !sweep_due {
+                return;
+            }
+            (sweep_due, held)
+        };
         let uid = nix::unistd::getuid().to_string();
         let listing = match self
             .run("squeue", &["-h", "-u", &uid, "-o", "%i|%j|%k"])
@@ -345,15 +374,36 @@ impl SlurmAllocator {
         {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(error = %snowflock_proto::error::chain(&e), "cannot check Slurm's queue for stray allocations; will retry");
-                self.held.lock().next_sweep = Some(Instant::now() + SWEEP_RETRY);
+                tracing::warn!(error = %snowflock_proto::error::chain(&e), "cannot read Slurm's queue; will retry");
+                let mut h = self.held.lock();
+                h.next_sweep = Some(Instant::now() + SWEEP_RETRY);
+                h.held_checked = Some(Instant::now() + SWEEP_RETRY);
                 return;
             }
         };
+        let listed = slurm_text::ours(&listing, &self.me);
         let stray: Vec<slurm_text::Listed> = {
             let mut h = self.held.lock();
+            h.held_checked = Some(Instant::now());
+            // Only what was held before the queue was read can be missing.
+            for (ticket, job) in held {
+                if listed.iter().any(|l| l.job == job) {
+                    continue;
+                }
+                if h.holders.get(&ticket).is_some_and(|x| x.job == job) {
+                    // Dropping the holder's pipe ends it, and salloc.
+                    h.holders.remove(&ticket);
+                    let why = format!("its Slurm allocation {job} ended (it left Slurm's queue)");
+                    tracing::warn!(%ticket, %job, %why, "Slurm allocation ended under a live ticket");
+                    h.lost.push((ticket, why));
+                    self.wake.notify_one();
+                }
+            }
+            if !sweep_due {
+                return;
+            }
             h.next_sweep = Some(Instant::now() + SWEEP_EVERY);
-            slurm_text::ours(&listing, &self.me)
+            listed
                 .into_iter()
                 .filter(|l| {
                     !h.pending.contains(&l.ticket)
@@ -412,10 +462,9 @@ impl Allocator for SlurmAllocator {
             if done {
                 tracing::info!(ticket, job = %h.job, "Slurm allocation released");
             } else {
+                // The watcher stops a salloc that lingers; make sure Slurm
+                // lets the nodes go too.
                 tracing::warn!(ticket, job = %h.job, "salloc did not end when released; cancelling the job");
-                if let Some(pid) = h.pid {
-                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-                }
                 self.cancel(&h.job).await;
             }
         }
@@ -435,7 +484,7 @@ impl Allocator for SlurmAllocator {
             for t in gone {
                 self.release(&t).await;
             }
-            self.sweep().await;
+            self.check_queue().await;
         }
         .boxed()
     }
@@ -454,5 +503,9 @@ impl Allocator for SlurmAllocator {
 
     fn lost(&self) -> Vec<(String, String)> {
         std::mem::take(&mut self.held.lock().lost)
+    }
+
+    fn lost_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.wake.clone())
     }
 }

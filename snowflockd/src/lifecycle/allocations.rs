@@ -18,6 +18,13 @@ const TICK: Duration = Duration::from_secs(5);
 pub async fn keep(d: Arc<Daemon>) {
     let mut changed = d.tickets_changed.subscribe();
     let mut shutdown = d.shutdown.subscribe();
+    let lost = d.alloc.lost_signal();
+    let lost_signalled = || async {
+        match &lost {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
     loop {
         let live = d.with(|r| {
             r.purge(Instant::now());
@@ -29,6 +36,7 @@ pub async fn keep(d: Arc<Daemon>) {
         }
         tokio::select! {
             _ = changed.changed() => {}
+            _ = lost_signalled() => {}
             _ = tokio::time::sleep(TICK) => {}
             _ = super::daemon::wait_until(&mut shutdown, |s| *s) => break,
         }
