@@ -7,7 +7,6 @@
 //! clones, reported lost with the reason.
 
 use super::Daemon;
-use snowflock_proto::api::ChildState;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,35 +46,13 @@ pub async fn keep(d: Arc<Daemon>) {
 
 /// Ends the running clones of `ticket`, recorded as lost because `why`.
 async fn end_ticket_clones(d: &Arc<Daemon>, ticket: &str, why: &str) {
-    let me = d.cfg.host.clone();
     let (local, remote) = d.with(|r| {
         let Some(t) = r.tickets.get_mut(ticket) else {
             return (Vec::new(), Vec::new());
         };
-        let mut local = Vec::new();
-        let mut remote = std::collections::BTreeSet::new();
-        let running: Vec<u32> = t
-            .children
-            .iter()
-            .filter(|(_, c)| c.state == ChildState::Running)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in running {
-            let c = t.children[&id].clone();
-            t.child_ended(
-                id,
-                ChildState::Lost {
-                    reason: why.to_string(),
-                },
-            );
-            if c.host == me {
-                local.push(c.vm);
-            } else {
-                remote.insert(c.host);
-            }
-        }
-        let local: Vec<_> = local.iter().filter_map(|n| r.vms.get(n).cloned()).collect();
-        (local, remote.into_iter().collect::<Vec<_>>())
+        let (vms, remote) = t.lose_running(&d.cfg.host, why);
+        let local: Vec<_> = vms.iter().filter_map(|n| r.vms.get(n).cloned()).collect();
+        (local, remote)
     });
     if local.is_empty() && remote.is_empty() {
         return;

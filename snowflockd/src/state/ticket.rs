@@ -323,12 +323,35 @@ impl Ticket {
         false
     }
 
+    /// The hosts the ticket was placed on were taken back (a Slurm
+    /// allocation revoked): running children are lost because `why`.
+    /// Returns their VMs and the other hosts they ran on.
+    pub fn lose_running(&mut self, me: &str, why: &str) -> (Vec<String>, Vec<String>) {
+        let mut hosts: Vec<String> = self
+            .children
+            .values()
+            .filter(|c| c.state == ChildState::Running && c.host != me)
+            .map(|c| c.host.clone())
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        let vms = self.end_running(ChildState::Lost {
+            reason: why.to_string(),
+        });
+        (vms, hosts)
+    }
+
     fn kill_running(&mut self) -> Vec<String> {
+        self.end_running(ChildState::Killed)
+    }
+
+    /// Ends every running child with `state`; returns their VMs.
+    fn end_running(&mut self, state: ChildState) -> Vec<String> {
         self.children
             .values_mut()
             .filter(|c| c.state == ChildState::Running)
             .map(|c| {
-                c.state = ChildState::Killed;
+                c.state = state.clone();
                 c.vm.clone()
             })
             .collect()
@@ -506,6 +529,24 @@ pub(crate) mod tests {
         let mut t = ticket(1);
         t.expire(t.created + TICKET_TTL * 2, TICKET_TTL);
         assert!(!t.needs_capacity(), "expired");
+    }
+
+    #[test]
+    fn losing_the_hosts_loses_only_running_children() {
+        let mut t = cloned(&["h0", "h1", "h2"]);
+        t.child_ended(3, ChildState::Exited { code: 0 });
+        let (vms, hosts) = t.lose_running("h0", "revoked");
+        assert_eq!(vms.len(), 2);
+        assert_eq!(hosts, ["h1"], "h2's child had already ended");
+        assert_eq!(
+            t.children[&1].state,
+            ChildState::Lost {
+                reason: "revoked".into()
+            }
+        );
+        assert_eq!(t.children[&3].state, ChildState::Exited { code: 0 });
+        assert!(t.all_done());
+        assert_eq!(t.lose_running("h0", "again"), (vec![], vec![]));
     }
 
     #[test]
