@@ -41,16 +41,4 @@ impl Allocator for FakeAlloc {
         self.released.lock().push(ticket.to_string());
         async {}.boxed()
     }
-
-    fn keep_only<'a>(&'a self, _live: &'a [String]) -> BoxFuture<'a, ()> {
-        async {}.boxed()
-    }
-
-    fn held(&self) -> Vec<(String, String)> {
-        Vec::new()
-    }
-
-    fn lost(&self) -> Vec<(String, String)> {
-        Vec::new()
-    }
 }

@@ -1,6 +1,7 @@
 //! The `static` allocator: this host and every peer that answers, each
 //! with its free VM slots (`max_vms` in its `host.toml` less what runs or
-//! is reserved there). It holds nothing, so there is nothing to release.
+//! is reserved there). It holds nothing: the trait's no-op defaults stand
+//! for releasing.
 
 use super::{capacity_of, AllocError, Allocator, Offer, Want};
 use crate::cluster::PeerChannel;
@@ -42,21 +43,5 @@ impl Allocator for FixedSlots {
             })
         }
         .boxed()
-    }
-
-    fn release<'a>(&'a self, _ticket: &'a str) -> BoxFuture<'a, ()> {
-        async {}.boxed()
-    }
-
-    fn keep_only<'a>(&'a self, _live: &'a [String]) -> BoxFuture<'a, ()> {
-        async {}.boxed()
-    }
-
-    fn held(&self) -> Vec<(String, String)> {
-        Vec::new()
-    }
-
-    fn lost(&self) -> Vec<(String, String)> {
-        Vec::new()
     }
 }

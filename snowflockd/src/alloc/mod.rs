@@ -76,22 +76,32 @@ pub trait Allocator: Send + Sync + 'static {
     /// longer names the ticket, or [`Allocator::release`].
     fn offer<'a>(&'a self, want: Want<'a>) -> BoxFuture<'a, Result<Offer, AllocError>>;
 
+    // The rest has defaults for an allocator that holds nothing.
+
     /// Releases what is held for `ticket` (a ticket that was not granted
     /// after all); nothing if nothing is held.
-    fn release<'a>(&'a self, ticket: &'a str) -> BoxFuture<'a, ()>;
+    fn release<'a>(&'a self, _ticket: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 
     /// Releases everything held for tickets not in `live`, including what
     /// an earlier run of this daemon left behind. Called whenever tickets
     /// change and every few seconds.
-    fn keep_only<'a>(&'a self, live: &'a [String]) -> BoxFuture<'a, ()>;
+    fn keep_only<'a>(&'a self, _live: &'a [String]) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 
     /// What is held now: (ticket, Slurm job), by ticket.
-    fn held(&self) -> Vec<(String, String)>;
+    fn held(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 
     /// Tickets whose hold ended without being released (a Slurm time
     /// limit, `scancel` by an administrator), with the reason; each is
     /// reported once. Their clones should end.
-    fn lost(&self) -> Vec<(String, String)>;
+    fn lost(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 
     /// Notified when [`Allocator::lost`] has something new, for allocators
     /// whose holds can end on their own.
