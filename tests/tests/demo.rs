@@ -6,34 +6,46 @@ use snowflock_tests::*;
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn demo_finds_what_one_process_finds() {
-    if !vm_prereqs() {
-        return;
-    }
-    let img = TestImage::build(&[]);
+/// `snowflock demo ARGS --json --image IMG`, aimed at a daemon socket that
+/// does not exist (so the demo starts what it needs); asserts success and
+/// that the socket is gone again. Returns the JSON and the demo's stderr.
+fn run_demo(img: &TestImage, args: &[&str]) -> (Value, String) {
     let tmp = tempfile::tempdir().unwrap();
     let sock = tmp.path().join("demo.sock");
     let out = Command::new(bin("snowflock"))
         .arg("--socket")
         .arg(&sock)
-        .args(["demo", "--clones", "2", "--json", "--image", img.path()])
+        .arg("demo")
+        .args(args)
+        .args(["--json", "--image", img.path()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "demo failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("demo --json");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "demo {args:?} failed: {stderr}");
+    assert!(!sock.exists());
+    let v = serde_json::from_slice(&out.stdout).expect("demo --json");
+    (v, stderr)
+}
 
+/// The same search in one process on the host (`sf-swdemo local`).
+fn local_search() -> Value {
     let swdemo = bin_dir().join("../x86_64-unknown-linux-gnu/release/sf-swdemo");
     let local = Command::new(&swdemo)
         .arg("local")
         .output()
         .expect("run sf-swdemo local on the host");
     assert!(local.status.success());
-    let local: Value = serde_json::from_slice(&local.stdout).unwrap();
+    serde_json::from_slice(&local.stdout).unwrap()
+}
+
+#[test]
+fn demo_finds_what_one_process_finds() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let (v, _) = run_demo(&img, &["--clones", "2"]);
+    let local = local_search();
 
     assert_eq!(
         v["result"]["hits"], local["hits"],
@@ -50,8 +62,8 @@ fn demo_finds_what_one_process_finds() {
     assert_eq!(join, ["1 exited 0", "2 exited 0"]);
     assert_eq!(v["clone"]["clones"], 2);
     assert!(v["clone"]["descriptor_bytes"].as_u64().unwrap() > 0);
-    // The demo removed the daemon and namespace it started.
-    assert!(!sock.exists());
+    // The demo removed the daemon and namespace it started (run_demo
+    // checked its socket).
     assert!(!Path::new("/run/netns/sfdemo-h0").exists());
 }
 
@@ -64,30 +76,7 @@ fn demo_with_slurm_gets_its_clones_from_slurm() {
         return;
     }
     let img = TestImage::build(&[]);
-    let tmp = tempfile::tempdir().unwrap();
-    let sock = tmp.path().join("demo.sock");
-    let out = Command::new(bin("snowflock"))
-        .arg("--socket")
-        .arg(&sock)
-        .args([
-            "demo",
-            "--slurm",
-            "--hosts",
-            "3",
-            "--clones",
-            "2",
-            "--json",
-            "--image",
-            img.path(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "demo failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("demo --json");
+    let (v, _) = run_demo(&img, &["--slurm", "--hosts", "3", "--clones", "2"]);
     assert_eq!(v["result"]["clones"], 2);
     let ticket = v["clone"]["ticket"].as_str().expect("ticket");
     let bill = v["slurm"].as_str().expect("sacct's record");
@@ -112,32 +101,8 @@ fn demo_mpi_finds_what_one_process_finds() {
         return;
     }
     let img = TestImage::debian();
-    let tmp = tempfile::tempdir().unwrap();
-    let sock = tmp.path().join("demo.sock");
-    let out = Command::new(bin("snowflock"))
-        .arg("--socket")
-        .arg(&sock)
-        .args([
-            "demo",
-            "--mpi",
-            "--clones",
-            "2",
-            "--json",
-            "--image",
-            img.path(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "demo --mpi failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("demo --json");
-    let swdemo = bin_dir().join("../x86_64-unknown-linux-gnu/release/sf-swdemo");
-    let local = Command::new(&swdemo).arg("local").output().unwrap();
-    assert!(local.status.success());
-    let local: Value = serde_json::from_slice(&local.stdout).unwrap();
+    let (v, stderr) = run_demo(&img, &["--mpi", "--clones", "2"]);
+    let local = local_search();
     assert_eq!(
         v["result"]["hits"], local["hits"],
         "the MPI search must match the local one"
@@ -154,7 +119,5 @@ fn demo_mpi_finds_what_one_process_finds() {
     );
     assert!(phases.iter().any(|p| p == &"clones ended"), "{phases:?}");
     assert_eq!(v["clone"]["clones"], 2);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("merged the hits of 3 ranks"), "{stderr}");
-    assert!(!sock.exists());
 }
