@@ -304,10 +304,14 @@ pub fn start(
 
 /// `sacct`'s record of `ticket`'s allocation on local cluster `name`,
 /// once Slurm has recorded its end (waits up to 20 s for that).
+/// `slurmctld` hands job records to `slurmdbd` asynchronously, so right
+/// after the release `sacct` may not list the job at all yet: wait until
+/// it does, in a final state.
 pub fn bill(name: &str, ticket: &str) -> Result<String> {
     let l = Layout::new(name)?;
     let p = Paths::new(&l);
-    let job = format!("--name=snowflock-{ticket}");
+    let name = format!("snowflock-{ticket}");
+    let job = format!("--name={name}");
     let argv = [
         "sacct",
         "-X",
@@ -318,11 +322,21 @@ pub fn bill(name: &str, ticket: &str) -> Result<String> {
     let start = Instant::now();
     loop {
         let out = tool(&p, &l.host_netns(0), &argv)?;
-        if !out.contains("RUNNING") || start.elapsed() > Duration::from_secs(20) {
+        if recorded_ended(&out, &name) || start.elapsed() > Duration::from_secs(20) {
             return Ok(out);
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// Whether `sacct`'s output lists job `name` in a state it has ended in.
+fn recorded_ended(out: &str, name: &str) -> bool {
+    out.lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some(name))
+        .any(|l| {
+            let state = l.split_whitespace().nth(2).unwrap_or("");
+            !state.is_empty() && !matches!(state, "RUNNING" | "PENDING" | "REQUEUED" | "RESIZING")
+        })
 }
 
 fn on_path(tool: &str) -> bool {
@@ -478,5 +492,17 @@ mod tests {
         assert!(d.contains("DbdAddr=10.249.0.1\n"), "{d}");
         assert!(d.contains("AuthInfo=socket=/run/snowflock/ctest/slurm/munge/munge.sock\n"));
         assert_eq!(p.db, Path::new("/dev/shm/snowflock-ctest/slurmdb"));
+    }
+
+    #[test]
+    fn the_bill_waits_for_the_job_to_be_recorded_as_ended() {
+        let head = "JobID JobName State NNodes NodeList Elapsed\n------------ ---- ---\n";
+        assert!(!recorded_ended(head, "snowflock-t1"));
+        let running = format!("{head}7 snowflock-t1 RUNNING 2 h[1-2] 00:00:03\n");
+        assert!(!recorded_ended(&running, "snowflock-t1"));
+        let other = format!("{head}6 snowflock-t0 COMPLETED 2 h[1-2] 00:00:03\n");
+        assert!(!recorded_ended(&other, "snowflock-t1"));
+        let done = format!("{head}7 snowflock-t1 COMPLETED 2 h[1-2] 00:00:03\n");
+        assert!(recorded_ended(&done, "snowflock-t1"));
     }
 }
