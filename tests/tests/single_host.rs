@@ -551,3 +551,51 @@ fn nothing_is_left_behind() {
     );
     assert!(!Path::new(&state).exists(), "state left behind");
 }
+
+/// Memory a clone frees is reported to QEMU (free page reporting), which
+/// punches it out of the RAM file even for a private mapping. The file is
+/// the generation its sibling maps too: the sibling's pages must survive.
+#[test]
+fn a_clone_freeing_memory_leaves_its_siblings_memory_intact() {
+    if !vm_prereqs() {
+        return;
+    }
+    let (img, _progs) = image();
+    let h = Host::start("h0");
+    h.start_vm("p", &img, "256M");
+    let ticket = h
+        .sh_ok(
+            "p",
+            r#"
+sf-memtest hold --mib 64 --seed 6 --sock /tmp/free.sock </dev/null >/dev/null 2>&1 &
+echo $! > /tmp/free.pid
+i=0; while [ ! -S /tmp/free.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+sf-memtest ctl --sock /tmp/free.sock verify >/dev/null || exit 9
+T=$(sf ticket 2) || exit 10
+ID=$(sf clone $T) || exit 11
+echo "$T"
+"#,
+        )
+        .trim()
+        .to_string();
+    let clones = clones_of(&h.vms(), &ticket);
+    assert_eq!(clones.len(), 2, "{clones:?}");
+    let (one, two) = (
+        clones[0]["name"].as_str().unwrap(),
+        clones[1]["name"].as_str().unwrap(),
+    );
+    // Clone 1 frees the 64 MiB; the guest reports free pages every 2 s.
+    h.sh_ok(
+        one,
+        "P=$(cat /tmp/free.pid); kill $P; while kill -0 $P 2>/dev/null; do sleep 0.1; done; sleep 6",
+    );
+    // Clone 2 never wrote those pages: they are still the generation's.
+    let v = h.sh_ok(two, "sf-memtest ctl --sock /tmp/free.sock verify");
+    assert!(
+        v.starts_with("ok 6 "),
+        "clone 2 lost memory clone 1 freed: {v}"
+    );
+    let v = h.sh_ok("p", "sf-memtest ctl --sock /tmp/free.sock verify");
+    assert!(v.starts_with("ok 6 "), "{v}");
+    h.ok(&["vm", "stop", "p"]);
+}

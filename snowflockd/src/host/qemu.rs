@@ -146,16 +146,33 @@ impl QemuSpec {
             match qemu_shim() {
                 Some(shim) => {
                     cmd.env("LD_PRELOAD", shim);
+                    // QEMU 7.2 punches free pages the guest reports out of
+                    // the RAM file even when it maps it privately; the
+                    // file is the generation others map too. The shim
+                    // skips hole punches on this file (see qemu-shim).
+                    use std::os::unix::fs::MetadataExt;
+                    let m = std::fs::metadata(&self.ram_path)?;
+                    cmd.env(RAM_FILE_ENV, format!("{}:{}", m.dev(), m.ino()));
                 }
-                None => tracing::warn!(
-                    "{QEMU_SHIM} not found next to snowflockd: clones on other hosts will fetch 2 MiB per fault"
-                ),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!(
+                            "{QEMU_SHIM} is neither next to snowflockd nor in /usr/local/lib/snowflock; \
+                             a clone without it would punch the pages its guest frees out of the memory its siblings share"
+                        ),
+                    ))
+                }
             }
         }
         super::sys::die_with_parent(&mut cmd);
         cmd.spawn()
     }
 }
+
+/// Names the shared RAM file to the shim (`qemu-shim`'s `RAM_FILE_ENV`;
+/// the shim is a `cdylib` and cannot be linked here).
+const RAM_FILE_ENV: &str = "SNOWFLOCK_RAM_FILE";
 
 /// File name of the clone QEMU shim (see `qemu-shim/`).
 pub const QEMU_SHIM: &str = "libsnowflock_qemu_shim.so";
