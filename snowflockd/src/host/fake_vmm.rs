@@ -229,8 +229,12 @@ impl VmmControl for FakeControl {
         }
         Ok(())
     }
-    fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
-        self.log("ignore_shared_ram")
+    fn save_devices(&mut self, file: &Path) -> Result<(), QmpError> {
+        self.log("save_devices")?;
+        std::fs::write(file, b"fake device state").map_err(|e| QmpError::Command {
+            cmd: "xen-save-devices-state",
+            msg: e.to_string(),
+        })
     }
     fn powerdown(&mut self) -> Result<(), QmpError> {
         self.log("powerdown")?;
@@ -245,24 +249,20 @@ impl VmmControl for FakeControl {
     fn merge_disk(&mut self, _top: &str, _base: &str, _t: Duration) -> Result<(), QmpError> {
         self.log("merge_disk")
     }
-    fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.log("migrate")?;
+    fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.log("migrate_incoming")?;
+        // Like QEMU: listen on the socket and read one stream.
         let path = uri.strip_prefix("unix:").unwrap_or(uri);
-        let mut s =
-            std::os::unix::net::UnixStream::connect(path).map_err(|e| QmpError::Command {
-                cmd: "migrate",
-                msg: e.to_string(),
-            })?;
-        std::io::Write::write_all(&mut s, b"fake device state").map_err(|e| QmpError::Command {
-            cmd: "migrate",
+        let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| QmpError::Command {
+            cmd: "migrate-incoming",
             msg: e.to_string(),
-        })
-    }
-    fn wait_migration(&mut self, _timeout: Duration) -> Result<(), QmpError> {
-        self.log("wait_migration")
-    }
-    fn migrate_incoming(&mut self, _uri: &str) -> Result<(), QmpError> {
-        self.log("migrate_incoming")
+        })?;
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let _ = std::io::copy(&mut s, &mut std::io::sink());
+            }
+        });
+        Ok(())
     }
     fn wait_incoming(&mut self, _timeout: Duration) -> Result<(), QmpError> {
         self.log("wait_incoming")

@@ -104,6 +104,11 @@ impl QemuSpec {
             "virtio-balloon-device,free-page-reporting=on".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path(&self.dir).display()),
+            // Device state is saved without RAM (`xen-save-devices-state`),
+            // a stream with no configuration section; a VM loading it must
+            // not ask for one.
+            "-global".into(),
+            "migration.send-configuration=off".into(),
         ];
         if let Some(disk) = &self.disk {
             // Discards from the guest (fstab `discard`) punch holes: freed

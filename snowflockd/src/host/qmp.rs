@@ -102,14 +102,16 @@ impl Qmp {
         self.exec(&qmp::quit {}).map(drop)
     }
 
-    /// Enables `x-ignore-shared`: shared, file-backed RAM is left out of the
-    /// migration stream, which then carries device state only.
-    pub fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
-        self.exec(&qmp::migrate_set_capabilities {
-            capabilities: vec![qmp::MigrationCapabilityStatus {
-                capability: qmp::MigrationCapability::x_ignore_shared,
-                state: true,
-            }],
+    /// Saves the device state (no RAM, no disk contents) to `file`
+    /// (`xen-save-devices-state`, which any accelerator has). The VM must
+    /// be stopped; its block devices are then inactive until `cont`, so a
+    /// VMM resuming from the file could take them over. The stream has no
+    /// configuration section: the loading QEMU needs
+    /// `migration.send-configuration=off`, which every VM gets.
+    pub fn save_devices(&mut self, file: &Path) -> Result<(), QmpError> {
+        self.exec(&qmp::xen_save_devices_state {
+            filename: file.display().to_string(),
+            live: Some(true),
         })
         .map(drop)
     }
@@ -195,17 +197,6 @@ impl Qmp {
         }
     }
 
-    /// Starts an outgoing migration to `uri`.
-    pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.exec(&qmp::migrate {
-            uri: Some(uri.into()),
-            channels: None,
-            detach: None,
-            resume: None,
-        })
-        .map(drop)
-    }
-
     /// Starts an incoming migration from `uri` (QEMU was started with `-incoming defer`).
     pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
         self.exec(&qmp::migrate_incoming {
@@ -220,28 +211,6 @@ impl Qmp {
     pub fn status(&mut self) -> Result<String, QmpError> {
         self.exec(&qmp::query_status {})
             .map(|s| format!("{:?}", s.status))
-    }
-
-    /// Polls `query-migrate` until it completes, fails, or `timeout` passes.
-    pub fn wait_migration(&mut self, timeout: Duration) -> Result<(), QmpError> {
-        let start = Instant::now();
-        loop {
-            let info = self.exec(&qmp::query_migrate {})?;
-            match info.status {
-                Some(qmp::MigrationStatus::completed) => return Ok(()),
-                Some(s @ (qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled)) => {
-                    return Err(QmpError::Migration(format!(
-                        "{s:?}: {}",
-                        info.error_desc.unwrap_or_default()
-                    )))
-                }
-                _ => {}
-            }
-            if start.elapsed() > timeout {
-                return Err(QmpError::Timeout("migration"));
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        }
     }
 
     /// Waits until the incoming side has loaded the state (run state leaves

@@ -39,8 +39,8 @@ pub trait VmmControl: Send {
     fn quit(&mut self) -> Result<(), QmpError>;
     /// Asks the guest to shut down (ACPI power button).
     fn powerdown(&mut self) -> Result<(), QmpError>;
-    /// Leaves shared, file-backed RAM out of migration streams.
-    fn ignore_shared_ram(&mut self) -> Result<(), QmpError>;
+    /// Saves the device state (no RAM) of the stopped VM to `file`.
+    fn save_devices(&mut self, file: &Path) -> Result<(), QmpError>;
     /// Freezes the disk node `node`: the prepared overlay `file` becomes
     /// the VM's top layer, named `new_node`.
     fn snapshot_disk(&mut self, node: &str, file: &Path, new_node: &str) -> Result<(), QmpError>;
@@ -51,10 +51,6 @@ pub trait VmmControl: Send {
         base_node: &str,
         timeout: Duration,
     ) -> Result<(), QmpError>;
-    /// Starts saving the device state to `uri`.
-    fn migrate(&mut self, uri: &str) -> Result<(), QmpError>;
-    /// Waits until the save completed.
-    fn wait_migration(&mut self, timeout: Duration) -> Result<(), QmpError>;
     /// Starts loading device state from `uri` (a VM started `incoming`).
     fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError>;
     /// Waits until the device state is loaded.
@@ -116,8 +112,8 @@ impl VmmControl for Qmp {
     fn powerdown(&mut self) -> Result<(), QmpError> {
         Qmp::powerdown(self)
     }
-    fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
-        Qmp::ignore_shared_ram(self)
+    fn save_devices(&mut self, file: &Path) -> Result<(), QmpError> {
+        Qmp::save_devices(self, file)
     }
     fn snapshot_disk(&mut self, node: &str, file: &Path, new_node: &str) -> Result<(), QmpError> {
         Qmp::snapshot_disk(self, node, file, new_node)
@@ -129,12 +125,6 @@ impl VmmControl for Qmp {
         timeout: Duration,
     ) -> Result<(), QmpError> {
         Qmp::merge_disk(self, top_node, base_node, timeout)
-    }
-    fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
-        Qmp::migrate(self, uri)
-    }
-    fn wait_migration(&mut self, timeout: Duration) -> Result<(), QmpError> {
-        Qmp::wait_migration(self, timeout)
     }
     fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
         Qmp::migrate_incoming(self, uri)

@@ -81,11 +81,11 @@ pub enum CloneError {
     /// The parent could not be resumed (it stays paused: stop it).
     #[error("cannot resume the parent")]
     Resume(#[source] QmpError),
-    /// Reading the device state failed.
-    #[error("cannot read the device state")]
+    /// Reading (on the parent) or feeding (to a clone) the device state failed.
+    #[error("device state I/O")]
     DeviceState(#[source] std::io::Error),
     /// The device-state stream is far too large.
-    #[error("device state exceeds {0} bytes: is guest RAM shared?")]
+    #[error("device state exceeds {0} bytes")]
     DeviceStateTooLarge(usize),
     /// The device-state reader thread panicked.
     #[error("device state reader panicked")]
@@ -479,10 +479,10 @@ async fn do_clone(
                 .await;
         tl.mark("clone_vmms_started");
         let starts = spawned.into_iter().zip(&local).map(|(vm, slot)| {
-            let (state_file, desc) = (&state_file, &desc);
+            let desc = &desc;
             async move {
                 match vm {
-                    Ok(vm) => resume_clone(d, Some(parent), vm, desc, slot, state_file, tl).await,
+                    Ok(vm) => resume_clone(d, Some(parent), vm, desc, slot, tl).await,
                     Err(e) => Err(e),
                 }
             }

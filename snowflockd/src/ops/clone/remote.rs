@@ -5,7 +5,6 @@
 
 use super::start::{resume_clone, spawn_clone, Source};
 use super::{CloneError, Timeline};
-use crate::lifecycle::daemon::random_hex;
 use crate::lifecycle::generations;
 use crate::lifecycle::Daemon;
 use crate::state::metrics::bump;
@@ -92,17 +91,13 @@ pub enum RemoteStartError {
     Memtap(#[source] dom0_memtap::MemtapError),
     #[error("the parent's disk")]
     Disk(#[from] super::disk::AttachError),
-    #[error("cannot write device state")]
-    State(#[source] std::io::Error),
 }
 
 impl RemoteStartError {
     fn code(&self) -> C {
         match self {
             RemoteStartError::NoCapacity { .. } => C::Unavailable,
-            RemoteStartError::Memtap(_)
-            | RemoteStartError::State(_)
-            | RemoteStartError::Disk(_) => C::Failed,
+            RemoteStartError::Memtap(_) | RemoteStartError::Disk(_) => C::Failed,
             _ => C::BadRequest,
         }
     }
@@ -206,20 +201,6 @@ async fn try_start_remote(
             names.iter().for_each(|n| memtap.release_generation(n));
         }
     };
-    let dir = d
-        .cfg
-        .state_dir
-        .join("gens")
-        .join(format!("{gen_name}-{}", random_hex(4)));
-    let state_file = dir.join("state");
-    if let Err(e) =
-        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&state_file, &desc.device_state))
-    {
-        release(slots.len());
-        (0..slots.len()).for_each(|_| release_disk(&disk));
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(RemoteStartError::State(e));
-    }
     let src = Source {
         image: &image,
         memory: MemSource::Remote {
@@ -232,10 +213,10 @@ async fn try_start_remote(
     let spawned =
         futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
     let starts = spawned.into_iter().zip(&slots).map(|(vm, slot)| {
-        let (state_file, desc, tl, disk) = (&state_file, &desc, &tl, &disk);
+        let (desc, tl, disk) = (&desc, &tl, &disk);
         async move {
             match vm {
-                Ok(vm) => resume_clone(d, None, vm, desc, slot, state_file, tl).await,
+                Ok(vm) => resume_clone(d, None, vm, desc, slot, tl).await,
                 Err(e) => {
                     // No VM holds these references.
                     release(1);
@@ -246,7 +227,6 @@ async fn try_start_remote(
         }
     });
     let res = futures::future::join_all(starts).await;
-    let _ = std::fs::remove_dir_all(&dir);
     tracing::info!(origin = %desc.meta.origin_host, ticket = %desc.meta.ticket, ?ids, "clones from another host started");
     Ok(slots
         .iter()

@@ -11,7 +11,7 @@ use crate::state::vm::{EndCause, MemSource, Vm, VmSpec};
 use snowflock_descriptor::{CloneSlot, Descriptor};
 use snowflock_proto::admin::VmState;
 use snowflock_proto::channel::{CloneIdentity, HostMsg};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -71,7 +71,6 @@ pub async fn resume_clone(
     vm: Arc<Vm>,
     desc: &Descriptor,
     slot: &CloneSlot,
-    state_file: &Path,
     tl: &Timeline,
 ) -> Result<(), CloneError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -81,15 +80,21 @@ pub async fn resume_clone(
             // The parent was stopped while we cloned it: its children go too.
             return Err(CloneError::ParentStopped);
         }
-        let (vmm, dir, s) = (
+        let (vmm, dir, state) = (
             d.vmm.clone(),
             vm.placed.dir.clone(),
-            state_file.to_path_buf(),
+            desc.device_state.clone(),
         );
         tokio::task::spawn_blocking(move || -> Result<(), CloneError> {
             let mut q = vmm.control(&dir, Duration::from_secs(30))?;
-            q.ignore_shared_ram()?;
-            q.migrate_incoming(&format!("exec:cat '{}'", s.display()))?;
+            // QEMU listens on a socket the daemon writes the state to: no
+            // helper process (`exec:cat` forked the whole QEMU, ~7 ms).
+            let sock = dir.join("incoming.sock");
+            q.migrate_incoming(&format!("unix:{}", sock.display()))?;
+            let fed = std::os::unix::net::UnixStream::connect(&sock)
+                .and_then(|mut s| std::io::Write::write_all(&mut s, &state));
+            let _ = std::fs::remove_file(&sock);
+            fed.map_err(CloneError::DeviceState)?;
             q.wait_incoming(Duration::from_secs(60))?;
             Ok(q.cont()?)
         })
