@@ -37,7 +37,9 @@ pub use memtap::{
     GenerationSpec, Memtap, MemtapConfig, MemtapError, MemtapEvent, FETCH_THREADS,
     MAX_FETCH_THREADS,
 };
-pub use origin::{data_extents, freeze_generation, FreezeError, Frozen, Precopy};
+pub use origin::{
+    data_extents, freeze_generation, written_pages, FreezeError, Frozen, Precopy, WrittenError,
+};
 pub use server::{PageServer, PublishError, ServerConfig, ServerStats};
 pub use stats::FaultStats;
 

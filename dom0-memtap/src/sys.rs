@@ -97,3 +97,12 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, ms: i32) {
     // SAFETY: one valid pollfd, on a descriptor kept open by the borrow.
     unsafe { libc::poll(&mut p, 1, ms) };
 }
+
+/// Maps `file` privately and writable (copy-on-write), for tests of the
+/// written-page scan.
+#[cfg(test)]
+pub(crate) fn map_private_for_test(file: &File) -> io::Result<memmap2::MmapMut> {
+    // SAFETY: a test's own temporary file, which nobody truncates while it
+    // is mapped; writes go to private copies.
+    unsafe { memmap2::MmapOptions::new().map_copy(file) }
+}

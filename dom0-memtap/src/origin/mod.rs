@@ -9,16 +9,20 @@
 //! its pages from the [page server](crate::server).
 //!
 //! * `extents.rs`: where a file holds data (`SEEK_DATA`/`SEEK_HOLE`);
-//! * `precopy.rs`: the two-phase copy ([`Precopy`], [`freeze_generation`]).
+//! * `precopy.rs`: the two-phase copy ([`Precopy`], [`freeze_generation`]);
+//! * `written.rs`: which pages a VMM wrote through a private mapping of a
+//!   generation ([`written_pages`], from `/proc/PID/pagemap`).
 //!
 //! May import: `sys` and the crate root (`PAGE_SIZE`). Nothing
 //! here knows about the network, the page server or memtap.
 
 mod extents;
 mod precopy;
+mod written;
 
 pub use extents::data_extents;
 pub use precopy::{freeze_generation, Precopy};
+pub use written::{written_pages, WrittenError};
 
 use bitvec::prelude::*;
 use std::io;
