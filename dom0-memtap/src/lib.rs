@@ -38,7 +38,8 @@ pub use memtap::{
     MAX_FETCH_THREADS,
 };
 pub use origin::{
-    data_extents, freeze_generation, written_pages, FreezeError, Frozen, Precopy, WrittenError,
+    copy_written, data_extents, freeze_generation, frozen_in_place, written_pages, FreezeError,
+    Frozen, Precopy, WrittenError,
 };
 pub use server::{PageServer, PublishError, ServerConfig, ServerStats};
 pub use stats::FaultStats;

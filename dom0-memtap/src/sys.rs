@@ -106,3 +106,24 @@ pub(crate) fn map_private_for_test(file: &File) -> io::Result<memmap2::MmapMut> 
     // is mapped; writes go to private copies.
     unsafe { memmap2::MmapOptions::new().map_copy(file) }
 }
+
+/// `process_vm_readv(2)` of one range: reads `buf.len()` bytes at `addr` in
+/// process `pid` into `buf`; the number of bytes read.
+pub(crate) fn read_process(pid: u32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, which we own mutably for the call;
+    // the remote address is only read by the kernel, with the target's
+    // permissions checked by it (a bad address is an error, not UB here).
+    let r = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}

@@ -21,8 +21,8 @@ mod precopy;
 mod written;
 
 pub use extents::data_extents;
-pub use precopy::{freeze_generation, Precopy};
-pub use written::{written_pages, WrittenError};
+pub use precopy::{freeze_generation, frozen_in_place, Precopy};
+pub use written::{copy_written, written_pages, WrittenError};
 
 use bitvec::prelude::*;
 use std::io;

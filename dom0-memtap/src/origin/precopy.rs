@@ -199,6 +199,34 @@ impl Precopy {
     }
 }
 
+/// Describes the file at `path` as a frozen generation, without copying
+/// it: a RAM file nobody writes any more (its VM moved to a private
+/// mapping of it). `fixed` is what the caller wrote into it while the VM
+/// was paused.
+pub fn frozen_in_place(path: &Path, fixed: u64) -> Result<Frozen, FreezeError> {
+    let serr = |err| FreezeError::Source {
+        path: path.display().to_string(),
+        err,
+    };
+    let f = File::open(path).map_err(serr)?;
+    let size = f.metadata().map_err(serr)?.len();
+    if size % PAGE_SIZE != 0 {
+        return Err(FreezeError::Size(size));
+    }
+    let pages = (size / PAGE_SIZE) as usize;
+    let mut holes = bitvec![u64, Lsb0; 1; pages];
+    for (a, b) in page_extents(&f, size).map_err(serr)? {
+        holes[a as usize..b as usize].fill(false);
+    }
+    let copied = (pages - holes.count_ones()) as u64 * PAGE_SIZE;
+    Ok(Frozen {
+        size,
+        copied,
+        fixed,
+        holes,
+    })
+}
+
 /// Copies the RAM file `src` to a new generation file `dst` in one go (both
 /// phases of [`Precopy`] back to back). The VM must be paused.
 pub fn freeze_generation(src: &Path, dst: &Path) -> Result<Frozen, FreezeError> {
@@ -208,6 +236,19 @@ pub fn freeze_generation(src: &Path, dst: &Path) -> Result<Frozen, FreezeError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_frozen_in_place_keeps_its_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ram");
+        let f = File::create(&p).unwrap();
+        f.set_len(8 * PAGE_SIZE).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[5u8; 4096], 2 * PAGE_SIZE).unwrap();
+        let fr = frozen_in_place(&p, 7).unwrap();
+        assert_eq!((fr.size, fr.fixed), (8 * PAGE_SIZE, 7));
+        assert!(!fr.holes[2] && fr.holes[0] && fr.holes[7]);
+        assert_eq!(fr.copied, fr.size - fr.hole_pages() * PAGE_SIZE);
+    }
     use std::io::{Read, Seek, SeekFrom, Write};
 
     #[test]

@@ -22,6 +22,12 @@ pub struct QemuSpec {
     pub cmdline: String,
     pub dir: PathBuf,
     pub tap: String,
+    /// The tap, already open (a VM handed to a new QEMU shares the old
+    /// one's): passed as descriptor 3 instead of opening `tap` by name.
+    pub tap_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// The serial console's file (appended to, so a VM handed to a new
+    /// QEMU keeps one console).
+    pub console: PathBuf,
     pub mac: String,
     /// Start paused, waiting for `migrate-incoming`.
     pub incoming: bool,
@@ -79,7 +85,7 @@ impl QemuSpec {
             "-append".into(),
             self.cmdline.clone(),
             "-chardev".into(),
-            format!("file,id=con,path={}", console_path(&self.dir).display()),
+            format!("file,id=con,path={},append=on", self.console.display()),
             "-serial".into(),
             "chardev:con".into(),
             "-device".into(),
@@ -95,7 +101,10 @@ impl QemuSpec {
                 snowflock_proto::AGENT_PORT_NAME
             ),
             "-netdev".into(),
-            format!("tap,id=net0,ifname={},script=no,downscript=no", self.tap),
+            match &self.tap_fd {
+                Some(_) => "tap,id=net0,fd=3".to_string(),
+                None => format!("tap,id=net0,ifname={},script=no,downscript=no", self.tap),
+            },
             "-device".into(),
             format!("virtio-net-device,netdev=net0,mac={}", self.mac),
             "-device".into(),
@@ -171,6 +180,10 @@ impl QemuSpec {
             }
         }
         super::sys::die_with_parent(&mut cmd);
+        if let Some(fd) = &self.tap_fd {
+            use std::os::fd::AsRawFd;
+            super::sys::pass_fd_as_3(&mut cmd, fd.as_raw_fd());
+        }
         cmd.spawn()
     }
 }

@@ -66,6 +66,11 @@ pub trait Vmm: Send + Sync + 'static {
     fn control(&self, dir: &Path, timeout: Duration) -> Result<Box<dyn VmmControl>, QmpError>;
     /// Kills a VMM that ignored `quit`.
     fn kill(&self, pid: u32);
+    /// Whether a running VM can be handed to a new process of this VMM (a
+    /// parent's restart at a freeze); else freezes copy its memory.
+    fn hands_over(&self) -> bool {
+        false
+    }
 }
 
 /// QEMU processes, controlled over QMP.
@@ -96,6 +101,10 @@ impl Vmm for QemuVmm {
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::SIGKILL,
         );
+    }
+
+    fn hands_over(&self) -> bool {
+        true
     }
 }
 

@@ -103,6 +103,8 @@ impl Daemon {
             cmdline: spec.cmdline.clone(),
             dir: placed.dir.clone(),
             tap: placed.tap.clone(),
+            tap_fd: None,
+            console: crate::host::qemu::console_path(&placed.dir),
             mac: placed.mac.clone(),
             incoming: spec.memory.generation_ram().is_some(),
             disk: spec.disk.as_ref().map(|d| d.blockdev(&placed.dir)),
@@ -119,6 +121,10 @@ impl Daemon {
             }
         };
         *vm.pid.lock() = process.pid;
+        if qemu.share {
+            // An original VM: a freeze may hand it to a new QEMU.
+            self.vmms.insert(vm.name(), qemu);
+        }
         bump(&self.counters.vms_started);
         let span = tracing::info_span!("vm", vm = %vm.name(), ticket = vm.spec.ticket.as_deref().unwrap_or("-"));
         span.in_scope(|| tracing::info!(pid = ?process.pid, "QEMU started"));

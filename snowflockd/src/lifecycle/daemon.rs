@@ -134,6 +134,8 @@ pub struct Daemon {
     pub key: Option<Arc<ClusterKey>>,
     pub memtap: Option<dom0_memtap::Memtap>,
     pub pages: Option<dom0_memtap::server::PageServer>,
+    /// The current QEMU of each original VM (see [`super::handover`]).
+    pub vmms: super::handover::Vmms,
 }
 
 impl Daemon {
@@ -163,6 +165,7 @@ impl Daemon {
             key: parts.key,
             memtap: parts.memtap,
             pages: parts.pages,
+            vmms: Default::default(),
         })
     }
 

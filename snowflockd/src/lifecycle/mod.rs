@@ -1,8 +1,9 @@
 //! The VM lifecycle: the daemon's context ([`daemon`]), creating VMs
 //! ([`create`]), supervising their exit ([`supervise`]), stopping them
 //! ([`stop`]), their generations ([`generations`]), the merge of their
-//! frozen disk layers ([`disk_layers`]), and the allocations kept in step
-//! with the tickets ([`allocations`]).
+//! frozen disk layers ([`disk_layers`]), the allocations kept in step
+//! with the tickets ([`allocations`]), and the current QEMU of each
+//! original VM, which a freeze may replace ([`handover`]).
 //!
 //! May import: `host`, `state`, `cluster` (client side), `alloc`. Never `ops` or
 //! `frontends`: the guest channel is started through
@@ -13,6 +14,7 @@ pub mod create;
 pub mod daemon;
 pub mod disk_layers;
 pub mod generations;
+pub mod handover;
 pub mod stop;
 pub mod supervise;
 

@@ -23,7 +23,20 @@ impl Daemon {
         exit: BoxFuture<'static, std::io::Result<std::process::ExitStatus>>,
     ) {
         let pid = *vm.pid.lock();
-        let status = exit.await;
+        let mut exit = exit;
+        let status = loop {
+            let status = exit.await;
+            // Ended on purpose because a new QEMU took the VM over (a
+            // freeze): follow the new process.
+            match self.vmms.take_successor(vm.name()) {
+                Some(next) => {
+                    tracing::info!(pid = ?*vm.pid.lock(), "VM handed over to a new QEMU");
+                    exit = next;
+                }
+                None => break status,
+            }
+        };
+        self.vmms.remove(vm.name());
         // A clone whose origin stopped serving pages dies of SIGBUS on the
         // failed read, possibly before the memtap event has named the cause.
         let fetch_failed = match (&vm.spec.memory, &self.memtap) {

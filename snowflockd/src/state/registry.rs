@@ -127,6 +127,21 @@ impl Registry {
         }
     }
 
+    /// Whether a clone of `owner` from a ticket other than `except` may
+    /// still map one of `owner`'s generations: a child still running, or a
+    /// generation published to other hosts. If not, `owner`'s next freeze
+    /// may write into the file it runs on.
+    pub fn generations_in_use(&self, owner: &str, except: &str) -> bool {
+        self.tickets.values().any(|t| {
+            t.owner == owner
+                && t.id != except
+                && (t.published.is_some()
+                    || t.children
+                        .values()
+                        .any(|c| c.state == snowflock_proto::api::ChildState::Running))
+        })
+    }
+
     /// Tickets that still need what their allocator holds for them: not
     /// discarded, and not every clone ended.
     pub fn live_tickets(&self) -> Vec<String> {

@@ -19,7 +19,7 @@ pub struct Frozen {
 }
 
 /// Reads the saved device state, bounded.
-fn read_state(file: &Path) -> Result<Vec<u8>, CloneError> {
+pub(super) fn read_state(file: &Path) -> Result<Vec<u8>, CloneError> {
     let len = std::fs::metadata(file)
         .map_err(CloneError::DeviceState)?
         .len();

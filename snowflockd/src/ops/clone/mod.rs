@@ -25,6 +25,7 @@
 pub mod disk;
 pub mod freeze;
 pub mod remote;
+pub mod restart;
 pub mod start;
 
 use crate::host::qmp::QmpError;
@@ -33,7 +34,7 @@ use crate::lifecycle::generations;
 use crate::lifecycle::Daemon;
 use crate::state::metrics::bump;
 use crate::state::placement::hosts_by_clone;
-use crate::state::vm::{DiskPlan, Format, MemSource, Vm};
+use crate::state::vm::{DiskLayers, DiskPlan, Format, MemSource, Vm};
 use parking_lot::Mutex;
 use snowflock_descriptor::{CloneSlot, Descriptor, FlockNet, MachineShape, MemoryLayout, Meta};
 use snowflock_proto::admin::{CloneReport, VmState};
@@ -62,6 +63,12 @@ pub enum CloneError {
     /// Freezing the parent's memory failed.
     #[error("freezing memory")]
     Memory(#[from] dom0_memtap::FreezeError),
+    /// Reading what the parent wrote since its last generation failed.
+    #[error("reading the parent's changed memory")]
+    Written(#[source] dom0_memtap::WrittenError),
+    /// The parent's new QEMU could not be started.
+    #[error("starting the parent's new QEMU")]
+    Successor(#[from] crate::host::vmm::VmmError),
     /// The VMM refused a control command.
     #[error("QEMU")]
     Vmm(#[from] QmpError),
@@ -347,6 +354,40 @@ async fn do_clone(
         })
         .collect();
     let any_remote = job.placement.iter().skip(1).any(|(_, n)| *n > 0);
+    // A parent without a disk is handed to a new QEMU on its frozen RAM:
+    // nothing is copied (see restart.rs). With a disk, the freeze still
+    // copies (the new QEMU would need the disk chain's node names).
+    let handover = d
+        .vmms
+        .spec(parent.name())
+        .filter(|_| d.vmm.hands_over() && parent.disk_layers.lock().is_none());
+    if let Some(current) = handover {
+        set_children(d, job, &slots, &hosts);
+        parent.set_state(VmState::Cloning);
+        // No clone maps the file the parent runs on: write into it.
+        let in_place = !d.with(|r| r.generations_in_use(parent.name(), job.ticket));
+        let (vmm, g, tl2, old_pid) = (
+            d.vmm.clone(),
+            job.gen_dir.to_path_buf(),
+            tl.clone(),
+            *parent.pid.lock(),
+        );
+        let done = tokio::task::spawn_blocking(move || {
+            restart::freeze_by_restart(&vmm, &current, old_pid, in_place, &g, &tl2)
+        })
+        .await
+        .map_err(|_| CloneError::TaskFailed);
+        parent.set_state(VmState::Running);
+        let h = done??;
+        // The exit monitor follows the new process once the old one ends.
+        *parent.pid.lock() = h.process.pid;
+        d.vmms.hand_over(parent.name(), h.spec, h.process.exit);
+        if let Some(pid) = old_pid {
+            d.vmm.kill(pid);
+        }
+        tracing::info!(pid = ?*parent.pid.lock(), "parent continues in a new QEMU on a private mapping of its frozen RAM");
+        return start_clones(d, parent, job, tl, &image, &hosts, slots, h.frozen?, None).await;
+    }
     let disk = prepare_disk_freeze(d, parent, job, any_remote).await?;
     let prepared = disk.as_ref().map(|f| f.file.clone());
     let gen_ram = job.gen_dir.join("ram");
@@ -356,21 +397,7 @@ async fn do_clone(
             .await
             .map_err(|_| CloneError::TaskFailed)??
     };
-    // Children exist from now on, so a clone that exits at once is
-    // recorded as exited, not overwritten later.
-    d.with(|r| {
-        if let Some(t) = r.tickets.get_mut(job.ticket) {
-            t.set_children(slots.iter().zip(&hosts).map(|(s, h)| {
-                let child = crate::state::ticket::Child {
-                    vm: s.vm.clone(),
-                    host: h.clone(),
-                    ip: s.ip_cidr.split('/').next().unwrap_or_default().to_string(),
-                    state: ChildState::Running,
-                };
-                (s.clone_id, child)
-            }));
-        }
-    });
+    set_children(d, job, &slots, &hosts);
     parent.set_state(VmState::Cloning);
     let frozen = {
         let (vmm, dir, g, tl2) = (
@@ -391,11 +418,49 @@ async fn do_clone(
             let _ = std::fs::remove_file(&p);
         }
     }
+    start_clones(d, parent, job, tl, &image, &hosts, slots, frozen??, layers).await
+}
+
+/// Children exist from the freeze on, so a clone that exits at once is
+/// recorded as exited, not overwritten later.
+fn set_children(d: &Daemon, job: &Job<'_>, slots: &[CloneSlot], hosts: &[String]) {
+    d.with(|r| {
+        if let Some(t) = r.tickets.get_mut(job.ticket) {
+            t.set_children(slots.iter().zip(hosts).map(|(s, h)| {
+                let child = crate::state::ticket::Child {
+                    vm: s.vm.clone(),
+                    host: h.clone(),
+                    ip: s.ip_cidr.split('/').next().unwrap_or_default().to_string(),
+                    state: ChildState::Running,
+                };
+                (s.clone_id, child)
+            }));
+        }
+    });
+}
+
+/// Everything after the freeze: the descriptor, then the clones, here and
+/// on other hosts, concurrently.
+#[allow(clippy::too_many_arguments)]
+async fn start_clones(
+    d: &Arc<Daemon>,
+    parent: &Arc<Vm>,
+    job: &Job<'_>,
+    tl: &Timeline,
+    image: &snowflock_image::Image,
+    hosts: &[String],
+    slots: Vec<CloneSlot>,
+    frozen: freeze::Frozen,
+    layers: Option<DiskLayers>,
+) -> Result<CloneReport, CloneError> {
+    let me = d.cfg.host.clone();
+    let any_remote = job.placement.iter().skip(1).any(|(_, n)| *n > 0);
+    let gen_ram = job.gen_dir.join("ram");
     let freeze::Frozen {
         pause_ms,
         state,
         mem,
-    } = frozen??;
+    } = frozen;
 
     // Clones on other hosts read the frozen disk's layers through the page
     // server: list them (with their data extents) and publish them.
@@ -451,7 +516,7 @@ async fn do_clone(
         .meta
         .clones
         .iter()
-        .zip(&hosts)
+        .zip(hosts)
         .filter(|(_, h)| **h == me)
         .map(|(s, _)| s)
         .collect();
@@ -460,7 +525,7 @@ async fn do_clone(
     // the generation early) was measured slower on a 2-core host: QEMU
     // start-up and the precopy compete for the same CPUs.
     let src = Source {
-        image: &image,
+        image,
         memory: MemSource::Local {
             ram: gen_ram.clone(),
         },
@@ -499,7 +564,7 @@ async fn do_clone(
             .meta
             .clones
             .iter()
-            .zip(&hosts)
+            .zip(hosts)
             .filter(|(_, x)| *x == h)
             .map(|(s, _)| s.clone_id)
             .collect();

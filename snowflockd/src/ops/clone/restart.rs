@@ -1,0 +1,195 @@
+//! Freezing the parent by handing it to a new QEMU (see
+//! `docs/design.md#toward-a-clone-cost-flat-in-memory`): the RAM file the
+//! parent ran on becomes the generation, nothing is copied while it is
+//! paused, and the parent continues in a QEMU that maps the file
+//! privately. A parent already on a private mapping adds the pages it
+//! wrote since its last freeze (read from the stopped process) to the
+//! file it runs on, if no clone maps that file any more (`in_place`), or
+//! else to a copy of it made while it runs.
+
+use super::freeze::{read_state, Frozen};
+use super::{CloneError, Timeline};
+use crate::host::qemu::{agent_path, qmp_path, QemuSpec};
+use crate::host::vmm::{Vmm, VmmProcess};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A finished handover: the QEMU that now runs the parent (its command
+/// line as the daemon will know it), and the generation (or why it could
+/// not be described; the parent runs on either way).
+pub struct Handover {
+    pub frozen: Result<Frozen, CloneError>,
+    pub spec: QemuSpec,
+    pub process: VmmProcess,
+}
+
+/// Name of the link to the file the parent's QEMU maps, in its directory.
+const RAM: &str = "ram";
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> CloneError + '_ {
+    move |err| CloneError::Io {
+        what: what.to_string(),
+        err,
+    }
+}
+
+/// The new QEMU: like `current`, but waiting for the device state, with
+/// its RAM file mapped privately, its sockets in `next`, and the tap the
+/// old one holds.
+fn successor_spec(current: &QemuSpec, old_pid: Option<u32>, ram: &Path, next: &Path) -> QemuSpec {
+    let tap_fd = current.tap_fd.clone().or_else(|| {
+        old_pid
+            .and_then(|p| {
+                crate::host::sys::dup_fd_of(p, "/dev/net/tun")
+                    .ok()
+                    .flatten()
+            })
+            .map(Arc::new)
+    });
+    QemuSpec {
+        ram_path: ram.to_path_buf(),
+        share: false,
+        incoming: true,
+        dir: next.to_path_buf(),
+        tap_fd,
+        ..current.clone()
+    }
+}
+
+/// Pauses the parent (QEMU `current`, process `old_pid`), freezes its
+/// memory into `gen_dir/ram` and resumes it in a new QEMU; on failure the
+/// old QEMU is resumed. Blocking.
+pub fn freeze_by_restart(
+    vmm: &Arc<dyn Vmm>,
+    current: &QemuSpec,
+    old_pid: Option<u32>,
+    in_place: bool,
+    gen_dir: &Path,
+    tl: &Timeline,
+) -> Result<Handover, CloneError> {
+    let vm_dir = current.dir.clone();
+    let next = vm_dir.join("next");
+    let _ = std::fs::remove_dir_all(&next);
+    std::fs::create_dir_all(&next).map_err(io("create the new QEMU's directory"))?;
+    let gen_ram = gen_dir.join("ram");
+    // The file the new QEMU maps: the parent's own (it becomes the
+    // generation) on its first freeze or when no clone maps it, else a
+    // copy of it.
+    let in_place = current.share || in_place;
+    let ram = if in_place {
+        std::fs::hard_link(&current.ram_path, &gen_ram).map_err(io("link the RAM file"))?;
+        current.ram_path.clone()
+    } else {
+        let p = dom0_memtap::Precopy::start(&current.ram_path, &gen_ram)?;
+        drop(p);
+        tl.mark("memory_precopied");
+        gen_ram.clone()
+    };
+    let spec = successor_spec(current, old_pid, &ram, &next);
+    let process = vmm.spawn(&spec)?;
+    let result = (|| {
+        let mut qn = vmm.control(&next, Duration::from_secs(30))?;
+        tl.mark("successor_started");
+        let mut q = vmm.control(&vm_dir, Duration::from_secs(2))?;
+        let t0 = Instant::now();
+        q.stop()?;
+        tl.mark("parent_paused");
+        let moved = (|| -> Result<(Vec<u8>, u64), CloneError> {
+            let state_file = gen_dir.join("state");
+            q.save_devices(&state_file)?;
+            tl.mark("device_state_saved");
+            let mut fixed = 0;
+            if !current.share {
+                // What the parent wrote since its last generation.
+                let pid = old_pid.ok_or(CloneError::TaskFailed)?;
+                let pages = (u64::from(current.mem_mib) << 20) / dom0_memtap::PAGE_SIZE;
+                let w = dom0_memtap::written_pages(pid, &current.ram_path, pages as usize)
+                    .map_err(CloneError::Written)?;
+                // `gen_ram` is the parent's own file when `in_place`.
+                let dst = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&gen_ram)
+                    .map_err(io("open the generation"))?;
+                fixed = dom0_memtap::copy_written(pid, &current.ram_path, &w, &dst)
+                    .map_err(CloneError::Written)?;
+                tl.mark("memory_frozen");
+            }
+            let state = read_state(&state_file)?;
+            let sock = next.join("incoming.sock");
+            qn.migrate_incoming(&format!("unix:{}", sock.display()))?;
+            std::os::unix::net::UnixStream::connect(&sock)
+                .and_then(|mut s| std::io::Write::write_all(&mut s, &state))
+                .map_err(CloneError::DeviceState)?;
+            qn.wait_incoming(Duration::from_secs(30))?;
+            qn.cont().map_err(CloneError::Resume)?;
+            Ok((state, fixed))
+        })();
+        match moved {
+            Ok(m) => Ok((m, t0.elapsed().as_secs_f64() * 1e3)),
+            Err(e) => {
+                // The old QEMU still has the VM: resume it there.
+                let mut resumed = q.cont();
+                for _ in 0..3 {
+                    if resumed.is_ok() {
+                        break;
+                    }
+                    resumed = vmm
+                        .control(&vm_dir, Duration::from_secs(2))
+                        .and_then(|mut q| q.cont());
+                }
+                resumed.map_err(CloneError::Resume)?;
+                Err(e)
+            }
+        }
+    })();
+    let ((state, fixed), pause_ms) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(pid) = process.pid {
+                vmm.kill(pid);
+            }
+            let _ = std::fs::remove_dir_all(&next);
+            if in_place {
+                let _ = std::fs::remove_file(&gen_ram);
+            }
+            return Err(e);
+        }
+    };
+    tl.mark("parent_resumed");
+    // The new QEMU runs the VM: whatever happens now, it is handed over.
+    let vm_dir2 = vm_dir.clone();
+    let frozen = (|| -> Result<Frozen, CloneError> {
+        // From now on the VM's files name the new QEMU's.
+        for (from, to) in [
+            (qmp_path(&next), qmp_path(&vm_dir2)),
+            (agent_path(&next), agent_path(&vm_dir2)),
+            (next.join("qemu.log"), vm_dir2.join("qemu.log")),
+        ] {
+            std::fs::rename(&from, &to).map_err(io("move the new QEMU's sockets"))?;
+        }
+        let _ = std::fs::remove_dir_all(&next);
+        if !in_place {
+            let tmp = vm_dir2.join("ram.next");
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::hard_link(&gen_ram, &tmp)
+                .and_then(|()| std::fs::rename(&tmp, vm_dir2.join(RAM)))
+                .map_err(io("link the parent's RAM file"))?;
+        }
+        Ok(Frozen {
+            pause_ms,
+            state,
+            mem: dom0_memtap::frozen_in_place(&gen_ram, fixed)?,
+        })
+    })();
+    Ok(Handover {
+        frozen,
+        spec: QemuSpec {
+            ram_path: vm_dir.join(RAM),
+            dir: vm_dir,
+            incoming: false,
+            ..spec
+        },
+        process,
+    })
+}
