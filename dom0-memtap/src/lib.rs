@@ -38,8 +38,8 @@ pub use memtap::{
     MAX_FETCH_THREADS,
 };
 pub use origin::{
-    copy_written, data_extents, freeze_generation, frozen_in_place, written_pages, FreezeError,
-    Frozen, Precopy, WrittenError,
+    copy_written, data_extents, discarded_pages, freeze_generation, frozen_in_place, punch_pages,
+    written_pages, FreezeError, Frozen, Precopy, WrittenError,
 };
 pub use server::{PageServer, PublishError, ServerConfig, ServerStats};
 pub use stats::FaultStats;

@@ -127,3 +127,21 @@ pub(crate) fn read_process(pid: u32, addr: u64, buf: &mut [u8]) -> io::Result<us
     }
     Ok(r as usize)
 }
+
+/// `fallocate(2)` punching `[off, off + len)` out of `file`, keeping its size.
+pub(crate) fn punch(file: &File, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a descriptor that `file` keeps open; it takes no
+    // pointers.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -17,16 +17,51 @@
 //! restart, the parent) map too, so the hole would turn pages they still
 //! use into zeros. The daemon names the RAM file in
 //! [`RAM_FILE_ENV`] (`<st_dev>:<st_ino>`), and the shim turns a hole punch
-//! on exactly that file into a successful no-op. The `MADV_DONTNEED` that
-//! follows still frees the clone's private copy; the page reads back as
-//! the generation's content, which the guest does not rely on for a free
-//! page. Every other `fallocate` (disk images) is passed on.
+//! on exactly that file into `MADV_DONTNEED` of the range in QEMU's
+//! mapping of it (found in `/proc/self/maps`): that frees the VM's private
+//! copy of the pages, which QEMU 7.2 itself does not do for a file it
+//! maps privately, and the pages read back as the generation's content,
+//! which the guest does not rely on for a free page. Every other
+//! `fallocate` (disk images) is passed on.
+//!
+//! A parent VM that was handed to a new QEMU runs on a private mapping too.
+//! Its skipped punches are what the next freeze needs to keep free pages
+//! out of the next generation, so when [`DISCARD_LOG_ENV`] names a file,
+//! each one is appended to it as two little-endian `u64`s (offset,
+//! length).
 
 use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 
 /// Environment variable naming the shared RAM file as `<st_dev>:<st_ino>`.
 pub const RAM_FILE_ENV: &str = "SNOWFLOCK_RAM_FILE";
+
+/// Environment variable naming the file skipped punches are logged to.
+pub const DISCARD_LOG_ENV: &str = "SNOWFLOCK_DISCARD_LOG";
+
+/// The discard log, opened once (appending, so each record lands whole).
+fn discard_log() -> Option<&'static std::fs::File> {
+    static LOG: OnceLock<Option<std::fs::File>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let path = std::env::var_os(DISCARD_LOG_ENV)?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Appends one skipped punch to the discard log, if there is one.
+fn log_discard(offset: i64, len: i64) {
+    if let Some(mut f) = discard_log() {
+        let mut rec = [0u8; 16];
+        rec[..8].copy_from_slice(&(offset as u64).to_le_bytes());
+        rec[8..].copy_from_slice(&(len as u64).to_le_bytes());
+        let _ = std::io::Write::write_all(&mut f, &rec);
+    }
+}
 
 /// The RAM file's identity from [`RAM_FILE_ENV`], read once.
 fn ram_file() -> Option<(u64, u64)> {
@@ -54,9 +89,71 @@ fn is_ram_file(fd: c_int) -> bool {
     (st.st_dev, st.st_ino) == want
 }
 
-/// A hole punch on the shared RAM file is skipped; anything else is passed on.
+/// glibc's `major`/`minor` split of a `st_dev`.
+fn split_dev(dev: u64) -> (u64, u64) {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    (major, minor)
+}
+
+/// The mappings of file (`dev`, `ino`) in `maps` (the text of
+/// `/proc/self/maps`): start, end and file offset of each.
+fn mappings_of(maps: &str, dev: u64, ino: u64) -> Vec<(u64, u64, u64)> {
+    let want_dev = split_dev(dev);
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_ascii_whitespace();
+            let (range, _perms, off, d, i) =
+                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let (a, b) = range.split_once('-')?;
+            let (ma, mi) = d.split_once(':')?;
+            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+            let d = (hex(ma)?, hex(mi)?);
+            (i.parse::<u64>().ok()? == ino && d == want_dev).then_some((
+                hex(a)?,
+                hex(b)?,
+                hex(off)?,
+            ))
+        })
+        .collect()
+}
+
+/// Drops this process's private copy of `[offset, offset + len)` of the
+/// RAM file, wherever it maps that range.
+fn drop_private_copy(offset: i64, len: i64) {
+    let Some((dev, ino)) = ram_file() else {
+        return;
+    };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let (off, end) = (offset as u64, offset as u64 + len as u64);
+    for (start, stop, moff) in mappings_of(&maps, dev, ino) {
+        let mend = moff + (stop - start);
+        let (a, b) = (off.max(moff), end.min(mend));
+        if a < b {
+            // SAFETY: the range lies inside a mapping of the RAM file that
+            // QEMU asked to discard; MADV_DONTNEED on a private mapping
+            // only drops the private copies, so later reads see the file.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_madvise,
+                    (start + (a - moff)) as *mut c_void,
+                    (b - a) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+        }
+    }
+}
+
+/// A hole punch on the shared RAM file becomes `MADV_DONTNEED` of the
+/// private copy (and a line in the discard log); anything else is passed
+/// on.
 fn shim_fallocate(fd: c_int, mode: c_int, offset: i64, len: i64) -> c_int {
     if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && is_ram_file(fd) {
+        drop_private_copy(offset, len);
+        log_discard(offset, len);
         return 0;
     }
     // SAFETY: forwarded unchanged to the system call the caller asked for.
@@ -138,12 +235,37 @@ mod tests {
         }
         let m = ram.metadata().unwrap();
         std::env::set_var(super::RAM_FILE_ENV, format!("{}:{}", m.dev(), m.ino()));
+        let log = dir.join("discards");
+        std::env::set_var(super::DISCARD_LOG_ENV, &log);
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: a private mapping of the test's own file, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                1 << 20,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                ram.as_raw_fd(),
+                0,
+            )
+        } as *mut u8;
+        assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+        // SAFETY: inside the mapping.
+        unsafe { p.add(8192).write(9) };
         assert_eq!(super::shim_fallocate(ram.as_raw_fd(), punch, 0, 1 << 20), 0);
+        // The private copy is gone: the page reads the file again.
+        // SAFETY: inside the mapping, which is then unmapped.
+        unsafe {
+            assert_eq!(p.add(8192).read(), 7);
+            libc::munmap(p as *mut libc::c_void, 1 << 20);
+        }
         let mut back = Vec::new();
         ram.rewind().unwrap();
         ram.read_to_end(&mut back).unwrap();
         assert!(back.iter().all(|b| *b == 7), "the RAM file kept its data");
+        let logged = std::fs::read(&log).unwrap();
+        assert_eq!(logged.len(), 16, "one record: offset, length");
+        assert_eq!(u64::from_le_bytes(logged[8..].try_into().unwrap()), 1 << 20);
         let before = allocated(&disk);
         assert_eq!(
             super::shim_fallocate(disk.as_raw_fd(), punch, 0, 1 << 20),
@@ -157,6 +279,11 @@ mod tests {
         // A bad descriptor still fails like the real call.
         assert_eq!(super::shim_fallocate(-1, punch, 0, 4096), -1);
         assert_eq!(super::parse_id("1:2"), Some((1, 2)));
+        let maps = "7f00-7f10 rw-p 00002000 00:1a 42 /x\n7f20-7f30 rw-p 0 00:1b 42 /y\n";
+        assert_eq!(
+            super::mappings_of(maps, 0x1a, 42),
+            [(0x7f00, 0x7f10, 0x2000)]
+        );
         assert_eq!(super::parse_id("x"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }

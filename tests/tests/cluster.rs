@@ -369,6 +369,102 @@ fn avoidance_heuristics_cut_fetches() {
     );
 }
 
+/// Memory the parent frees after a clone point (when it already runs in a
+/// new QEMU on a private mapping of its frozen RAM) is still never fetched
+/// by the next point's clones: the free pages it reports are logged and
+/// become holes of the next generation.
+#[test]
+fn avoidance_holds_after_a_clone_point() {
+    if !vm_prereqs() {
+        return;
+    }
+    let img = TestImage::build(&[]);
+    let c = Cluster::up(2, &[]);
+    let (h0, h1) = (c.host(0), c.host(1));
+    let vm = "p";
+    h0.start_vm(vm, &img, "384M");
+    // A first clone point: the parent is handed to a new QEMU.
+    let t = h0
+        .sh_ok(vm, "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T")
+        .trim()
+        .to_string();
+    h0.sh_ok(vm, &format!("sf kill {t}"));
+    // Then it fills 120 MiB and frees it.
+    h0.sh_ok(vm, "sf-memtest hold --mib 120 --seed 3 --sock /tmp/big.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/big.pid");
+    wait_socket(h0, vm, "/tmp/big.sock");
+    h0.sh_ok(vm, "kill $(cat /tmp/big.pid)");
+    // The reports QEMU could not punch (the file is the generation) are
+    // logged, 16 bytes (offset, length) each.
+    let dir = h0.state_dir.join("vms").join(vm);
+    let logged = || -> u64 {
+        std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("discards-"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .map(|b| {
+                b.chunks_exact(16)
+                    .map(|r| u64::from_le_bytes(r[8..].try_into().unwrap()))
+                    .sum::<u64>()
+            })
+            .sum()
+    };
+    let reported = wait_until(Duration::from_secs(90), || {
+        (logged() > (100 << 20)).then_some(())
+    });
+    assert!(
+        reported.is_some(),
+        "free pages reported: {} KiB",
+        logged() / 1024
+    );
+    // Then until reporting has caught up with the rest of free memory.
+    let mut last = logged();
+    let _ = wait_until(Duration::from_secs(60), || {
+        std::thread::sleep(Duration::from_secs(3));
+        let now = logged();
+        let stable = now <= last + (1 << 20);
+        last = now;
+        stable.then_some(())
+    });
+    let t = h0
+        .sh_ok(vm, "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T")
+        .trim()
+        .to_string();
+    let kid = clones_of(&h1.vms(), &t);
+    assert_eq!(kid.len(), 1);
+    let name = kid[0]["name"].as_str().unwrap().to_string();
+    h1.sh_ok(&name, "sf-memtest hold --mib 1 --seed 1 --sock /tmp/w.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/w.pid");
+    wait_socket(h1, &name, "/tmp/w.sock");
+    h1.sh_ok(
+        &name,
+        "sf-memtest ctl --sock /tmp/w.sock verify && kill $(cat /tmp/w.pid)",
+    );
+    let before = stats(h1, &name)["bytes_fetched"].as_u64().unwrap();
+    h1.sh_ok(
+        &name,
+        "sf-memtest hold --mib 100 --seed 9 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 &",
+    );
+    wait_socket(h1, &name, "/tmp/fill.sock");
+    h1.sh_ok(&name, "sf-memtest ctl --sock /tmp/fill.sock verify");
+    let delta = stats(h1, &name)["bytes_fetched"].as_u64().unwrap() - before;
+    eprintln!(
+        "avoidance after a clone point: filling 100 MiB fetched {} KiB ({})",
+        delta / 1024,
+        h0.log_tail()
+            .lines()
+            .filter(|l| l.contains("changes since"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        delta < (100u64 << 20) / 20,
+        "under 5 % of 100 MiB: {} KiB",
+        delta / 1024
+    );
+    h0.sh_ok(vm, &format!("sf kill {t}"));
+}
+
 /// The origin-failure setup: a 3-host cluster with a 2 s fetch timeout,
 /// parent `p` on h0 holding 64 MiB, cloned twice (the clones wait).
 struct Origin {

@@ -22,7 +22,7 @@ mod written;
 
 pub use extents::data_extents;
 pub use precopy::{freeze_generation, frozen_in_place, Precopy};
-pub use written::{copy_written, written_pages, WrittenError};
+pub use written::{copy_written, discarded_pages, punch_pages, written_pages, WrittenError};
 
 use bitvec::prelude::*;
 use std::io;

@@ -190,6 +190,43 @@ pub fn copy_written(
     Ok(copied)
 }
 
+/// The whole pages a discard log covers (see `qemu-shim`: records of two
+/// little-endian `u64`s, offset and length, one per page range the guest
+/// reported free), one bit per page of the first `pages`. A torn last
+/// record and ranges past the end are ignored.
+pub fn discarded_pages(log: &[u8], pages: usize) -> BitVec<u64, Lsb0> {
+    let mut bits = bitvec![u64, Lsb0; 0; pages];
+    for rec in log.chunks_exact(16) {
+        let off = u64::from_le_bytes(rec[..8].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(rec[8..].try_into().unwrap_or_default());
+        let first = off.div_ceil(PAGE_SIZE).min(pages as u64) as usize;
+        let end = (off.saturating_add(len) / PAGE_SIZE).min(pages as u64) as usize;
+        if first < end {
+            bits[first..end].fill(true);
+        }
+    }
+    bits
+}
+
+/// Punches the pages set in `bits` out of `file` (runs at a time), keeping
+/// its size: they read as zeros, hold no memory, and clones never fetch
+/// them. Returns the bytes punched.
+pub fn punch_pages(file: &File, bits: &BitVec<u64, Lsb0>) -> io::Result<u64> {
+    let mut punched = 0;
+    let mut ones = bits.iter_ones().peekable();
+    while let Some(first) = ones.next() {
+        let mut last = first;
+        while ones.peek() == Some(&(last + 1)) {
+            last += 1;
+            ones.next();
+        }
+        let len = (last - first + 1) as u64 * PAGE_SIZE;
+        crate::sys::punch(file, first as u64 * PAGE_SIZE, len)?;
+        punched += len;
+    }
+    Ok(punched)
+}
+
 /// Marks the written pages of mapping `m` in `written` (indexed by page of
 /// the file).
 fn scan(pagemap: &File, m: &MapsLine, written: &mut BitVec<u64, Lsb0>) -> io::Result<()> {
@@ -250,6 +287,31 @@ mod tests {
         ] {
             assert_eq!(parse_maps_line(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn discard_logs_become_whole_pages() {
+        let rec = |off: u64, len: u64| {
+            let mut r = off.to_le_bytes().to_vec();
+            r.extend(len.to_le_bytes());
+            r
+        };
+        let mut log = rec(4096, 8192); // pages 1, 2
+        log.extend(rec(5 * 4096 + 1, 4096)); // no whole page
+        log.extend(rec(7 * 4096, u64::MAX)); // clipped at the end
+        log.extend([1, 2, 3]); // torn record
+        let bits = discarded_pages(&log, 8);
+        assert_eq!(bits.iter_ones().collect::<Vec<_>>(), [1, 2, 7]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![3u8; 8 * 4096]).unwrap();
+        let f = File::options().write(true).open(&p).unwrap();
+        assert_eq!(punch_pages(&f, &bits).unwrap(), 3 * 4096);
+        let back = std::fs::read(&p).unwrap();
+        assert_eq!(back.len(), 8 * 4096);
+        assert!(back[4096..3 * 4096].iter().all(|b| *b == 0));
+        assert!(back[..4096].iter().all(|b| *b == 3));
     }
 
     #[test]

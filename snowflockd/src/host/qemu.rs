@@ -28,6 +28,10 @@ pub struct QemuSpec {
     /// The serial console's file (appended to, so a VM handed to a new
     /// QEMU keeps one console).
     pub console: PathBuf,
+    /// Where the shim logs the free pages it kept QEMU from punching out
+    /// of a private RAM file (a parent handed to a new QEMU; see
+    /// `qemu-shim`).
+    pub discard_log: Option<PathBuf>,
     pub mac: String,
     /// Start paused, waiting for `migrate-incoming`.
     pub incoming: bool,
@@ -167,6 +171,9 @@ impl QemuSpec {
                     use std::os::unix::fs::MetadataExt;
                     let m = std::fs::metadata(&self.ram_path)?;
                     cmd.env(RAM_FILE_ENV, format!("{}:{}", m.dev(), m.ino()));
+                    if let Some(log) = &self.discard_log {
+                        cmd.env(DISCARD_LOG_ENV, log);
+                    }
                 }
                 None => {
                     return Err(std::io::Error::new(
@@ -191,6 +198,8 @@ impl QemuSpec {
 /// Names the shared RAM file to the shim (`qemu-shim`'s `RAM_FILE_ENV`;
 /// the shim is a `cdylib` and cannot be linked here).
 const RAM_FILE_ENV: &str = "SNOWFLOCK_RAM_FILE";
+/// `qemu-shim`'s `DISCARD_LOG_ENV`.
+const DISCARD_LOG_ENV: &str = "SNOWFLOCK_DISCARD_LOG";
 
 /// File name of the clone QEMU shim (see `qemu-shim/`).
 pub const QEMU_SHIM: &str = "libsnowflock_qemu_shim.so";

@@ -105,6 +105,7 @@ impl Daemon {
             tap: placed.tap.clone(),
             tap_fd: None,
             console: crate::host::qemu::console_path(&placed.dir),
+            discard_log: None,
             mac: placed.mac.clone(),
             incoming: spec.memory.generation_ram().is_some(),
             disk: spec.disk.as_ref().map(|d| d.blockdev(&placed.dir)),

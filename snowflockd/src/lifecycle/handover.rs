@@ -78,6 +78,7 @@ mod tests {
             tap: "t".into(),
             tap_fd: None,
             console: "/d/console.log".into(),
+            discard_log: None,
             mac: "m".into(),
             incoming: false,
             disk: None,

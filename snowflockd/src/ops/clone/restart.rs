@@ -11,7 +11,7 @@ use super::freeze::{read_state, Frozen};
 use super::{CloneError, Timeline};
 use crate::host::qemu::{agent_path, qmp_path, QemuSpec};
 use crate::host::vmm::{Vmm, VmmProcess};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,13 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> CloneError + '_ {
 /// The new QEMU: like `current`, but waiting for the device state, with
 /// its RAM file mapped privately, its sockets in `next`, and the tap the
 /// old one holds.
-fn successor_spec(current: &QemuSpec, old_pid: Option<u32>, ram: &Path, next: &Path) -> QemuSpec {
+fn successor_spec(
+    current: &QemuSpec,
+    old_pid: Option<u32>,
+    ram: &Path,
+    next: &Path,
+    discard_log: PathBuf,
+) -> QemuSpec {
     let tap_fd = current.tap_fd.clone().or_else(|| {
         old_pid
             .and_then(|p| {
@@ -53,6 +59,7 @@ fn successor_spec(current: &QemuSpec, old_pid: Option<u32>, ram: &Path, next: &P
         incoming: true,
         dir: next.to_path_buf(),
         tap_fd,
+        discard_log: Some(discard_log),
         ..current.clone()
     }
 }
@@ -86,7 +93,11 @@ pub fn freeze_by_restart(
         tl.mark("memory_precopied");
         gen_ram.clone()
     };
-    let spec = successor_spec(current, old_pid, &ram, &next);
+    // One discard log per QEMU, named after the generation it starts on.
+    let gen_name = gen_dir.file_name().unwrap_or_default().to_string_lossy();
+    let log = vm_dir.join(format!("discards-{gen_name}"));
+    let _ = std::fs::remove_file(&log);
+    let spec = successor_spec(current, old_pid, &ram, &next, log);
     let process = vmm.spawn(&spec)?;
     let result = (|| {
         let mut qn = vmm.control(&next, Duration::from_secs(30))?;
@@ -113,6 +124,21 @@ pub fn freeze_by_restart(
                     .map_err(io("open the generation"))?;
                 fixed = dom0_memtap::copy_written(pid, &current.ram_path, &w, &dst)
                     .map_err(CloneError::Written)?;
+                // Pages the guest reported free since, and did not write
+                // again: holes, as they would have been in a shared RAM.
+                if let Some(log) = &current.discard_log {
+                    let bytes = std::fs::read(log).unwrap_or_default();
+                    let mut free = dom0_memtap::discarded_pages(&bytes, pages as usize);
+                    free &= !w;
+                    let punched =
+                        dom0_memtap::punch_pages(&dst, &free).map_err(io("punch free pages"))?;
+                    tracing::info!(
+                        written_kib = fixed / 1024,
+                        logged = bytes.len() / 16,
+                        punched_kib = punched / 1024,
+                        "changes since the last freeze"
+                    );
+                }
                 tl.mark("memory_frozen");
             }
             let state = read_state(&state_file)?;
@@ -169,6 +195,9 @@ pub fn freeze_by_restart(
             std::fs::rename(&from, &to).map_err(io("move the new QEMU's sockets"))?;
         }
         let _ = std::fs::remove_dir_all(&next);
+        if let Some(log) = &current.discard_log {
+            let _ = std::fs::remove_file(log);
+        }
         if !in_place {
             let tmp = vm_dir2.join("ram.next");
             let _ = std::fs::remove_file(&tmp);
