@@ -125,18 +125,21 @@ pub fn list(c: &Client, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<10} {:<9} {:<20} {:>8} {:<16}",
-        "NAME", "HOST", "STATE", "TICKET", "CLONE_ID", "IP"
+        "{:<24} {:<10} {:<9} {:<20} {:>8} {:<16} {:>11} {:>10}",
+        "NAME", "HOST", "STATE", "TICKET", "CLONE_ID", "IP", "PRIVATE_MIB", "SHARED_MIB"
     );
     for v in vms {
+        let m = v.memory.unwrap_or_default();
         println!(
-            "{:<24} {:<10} {:<9} {:<20} {:>8} {:<16}",
+            "{:<24} {:<10} {:<9} {:<20} {:>8} {:<16} {:>11.1} {:>10.1}",
             v.name,
             v.host,
             format!("{:?}", v.state).to_lowercase(),
             v.ticket.as_deref().unwrap_or("-"),
             v.clone_id,
-            v.ip
+            v.ip,
+            m.private_bytes as f64 / (1 << 20) as f64,
+            (m.shared_bytes + m.generations_bytes) as f64 / (1 << 20) as f64,
         );
     }
     Ok(())
@@ -255,6 +258,11 @@ pub fn exec(
 }
 
 /// `snowflock stats VM`: memory-on-demand figures of one VM.
+/// Bytes as MiB with one decimal.
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
 pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
     match c.call(&AdminRequest::Stats { name: name.into() })? {
         AdminResponse::Stats(s) => {
@@ -287,6 +295,13 @@ pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
             for (k, v) in rows {
                 println!("  {k:<16} {v}");
             }
+            let m = &s.mem;
+            println!(
+                "  host memory: private {}, shared {}, older generations {}",
+                mib(m.private_bytes),
+                mib(m.shared_bytes),
+                mib(m.generations_bytes)
+            );
             let g = &s.disk;
             if *g != Default::default() {
                 println!(

@@ -58,6 +58,24 @@ pub struct VmInfo {
     pub vcpus: u32,
     pub accel: String,
     pub pid: Option<u32>,
+    /// Host memory the VM takes (absent from older daemons).
+    #[serde(default)]
+    pub memory: Option<MemUse>,
+}
+
+/// Host memory a VM takes, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MemUse {
+    /// Its own copies of guest pages: a clone's writes, or what a parent
+    /// wrote since its last clone point (its QEMU's anonymous memory).
+    pub private_bytes: u64,
+    /// The RAM file an original VM runs on: its whole RAM until its first
+    /// clone point, then its last generation, which the clones of that
+    /// point share (counted here, not at the clones).
+    pub shared_bytes: u64,
+    /// Older generations the parent still keeps for running clones
+    /// (copies made when clones of an earlier point were still running).
+    pub generations_bytes: u64,
 }
 
 /// Daemon status for `daemon status`.
@@ -148,6 +166,10 @@ pub struct VmStats {
     /// Flattened: `disk_bytes_fetched`, ... beside `vm`.
     #[serde(flatten, default)]
     pub disk: DiskStats,
+    /// Host memory the VM takes. Flattened: `private_bytes`,
+    /// `shared_bytes`, `generations_bytes` beside `vm`.
+    #[serde(flatten, default)]
+    pub mem: MemUse,
 }
 
 /// Disk-on-demand figures of one clone: what its QEMU read from the frozen

@@ -51,6 +51,11 @@ fn pid_of(h: &Host, vm: &str) -> u64 {
         .unwrap_or_else(|| panic!("{vm} not listed"))
 }
 
+/// `snowflock stats VM --json`.
+fn mem_of(h: &Host, vm: &str) -> Value {
+    serde_json::from_str(&h.ok(&["stats", vm, "--json"])).expect("stats --json")
+}
+
 fn passes(s: &str) -> u64 {
     s.split_whitespace()
         .find_map(|w| w.strip_prefix("passes="))
@@ -147,6 +152,22 @@ fn three_clone_points_each_see_their_own_memory_and_coexist() {
     for vm in std::iter::once("p").chain(clones.iter().map(String::as_str)) {
         writer_consistent(&h, vm);
     }
+    // The memory they hold: the parent's last generation (shared with its
+    // clone), the two older ones kept for the clones of points 1 and 2, and
+    // each clone's own writes.
+    let m = mem_of(&h, "p");
+    assert!(m["shared_bytes"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["generations_bytes"].as_u64().unwrap() > 0, "{m}");
+    let listed = h.vms();
+    let c1 = listed
+        .iter()
+        .find(|v| v["name"] == clones[0].as_str())
+        .unwrap();
+    assert!(c1["memory"]["private_bytes"].as_u64().unwrap() > 0, "{c1}");
+    assert_eq!(
+        c1["memory"]["shared_bytes"], 0,
+        "counted at the parent: {c1}"
+    );
 
     // Join and kill release each point's generation.
     h.sh_ok("p", &format!("sf kill {}", tickets[0]));
@@ -162,6 +183,7 @@ fn three_clone_points_each_see_their_own_memory_and_coexist() {
         "generations left after join and kill: {:?}",
         generations_left(&h)
     );
+    assert_eq!(mem_of(&h, "p")["generations_bytes"], 0);
 
     // With no clone left, a fourth point still sees its own memory.
     let t4 = h.sh_ok("p", ONE_MORE).trim().to_string();

@@ -67,6 +67,27 @@ impl Daemon {
         }
     }
 
+    /// Unlinks the RAM file of `ticket`'s generation once none of its
+    /// clones runs and no other host may read it: nothing maps it any more
+    /// (the parent runs on its own link, if the file was its RAM), so its
+    /// memory goes now rather than when the ticket ends. The descriptor
+    /// stays until then.
+    pub fn unlink_idle_generation(&self, ticket: &str) {
+        let idle = self.with(|r| {
+            let t = r.tickets.get(ticket)?;
+            let running = t
+                .children
+                .values()
+                .any(|c| c.state == snowflock_proto::api::ChildState::Running);
+            (!running && t.published.is_none())
+                .then(|| t.generation.clone())
+                .flatten()
+        });
+        if let Some(dir) = idle {
+            let _ = std::fs::remove_file(dir.join("ram"));
+        }
+    }
+
     /// Withdraws the disk layers of `vm`'s current merge epoch from the
     /// page server (a parent that ended, or one whose chain was merged:
     /// `epoch` and `layers` give the names).

@@ -79,6 +79,10 @@ impl Daemon {
         if let (Some(origin), Some(ticket)) = (&spec.origin, &spec.ticket) {
             self.notify_child_ended(origin, ticket, spec.clone_id, out.child_state.clone());
         }
+        if let (None, Some(ticket)) = (&spec.origin, &spec.ticket) {
+            // A clone of this host's parent: its generation may be idle now.
+            self.unlink_idle_generation(ticket);
+        }
         if let (Some(DiskPlan::Remote { memtap: names, .. }), Some(m)) = (&spec.disk, &self.memtap)
         {
             names.iter().for_each(|n| m.release_generation(n));

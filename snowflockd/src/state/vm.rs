@@ -486,6 +486,7 @@ impl Vm {
             vcpus: self.spec.vcpus,
             accel: self.spec.accel.clone(),
             pid: *self.pid.lock(),
+            memory: None,
         }
     }
 

@@ -577,13 +577,10 @@ async fn start_clones(
     }
     tl.mark("clones_ready");
 
-    // Every local clone QEMU has mapped the generation and loaded the state
-    // (or failed): the files can go; the generation's pages live as long as
-    // a clone maps them. Other hosts fetch pages from the file until the
-    // ticket ends. The descriptor stays until the ticket is discarded.
-    if remote_hosts.is_empty() {
-        let _ = std::fs::remove_file(&gen_ram);
-    }
+    // Every local clone QEMU has loaded the state (or failed): it can go.
+    // The generation's file stays while a clone of it runs (so `stats`
+    // can count it; see `Daemon::unlink_idle_generation`), and while
+    // other hosts may fetch from it, until the ticket ends.
     let _ = std::fs::remove_file(&state_file);
     d.with(|r| {
         for slot in &desc.meta.clones {
@@ -597,6 +594,14 @@ async fn start_clones(
             }
         }
     });
+    let running = d.with(|r| {
+        r.tickets
+            .get(job.ticket)
+            .is_some_and(|t| t.children.values().any(|c| c.state == ChildState::Running))
+    });
+    if !running && remote_hosts.is_empty() {
+        let _ = std::fs::remove_file(&gen_ram);
+    }
     let all_ready_ms = tl.mark("parent_answered");
     Ok(CloneReport {
         parent: parent.name().to_string(),
