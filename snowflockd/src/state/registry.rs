@@ -385,6 +385,24 @@ mod tests {
     }
 
     #[test]
+    fn generations_are_in_use_while_a_clone_runs_or_another_host_reads() {
+        let mut r = Registry::new(0);
+        assert!(!r.generations_in_use("a", "t-2"));
+        let mut t = Ticket::grant("t-1".into(), "a", 1, 2, vec![("h0".into(), 2)]);
+        t.begin_clone().unwrap();
+        t.set_running((1..=2).map(|i| (i, format!("c{i}"), "h0".to_string())));
+        t.clone_done("/g".into());
+        r.tickets.insert(t.id.clone(), t);
+        assert!(r.generations_in_use("a", "t-2"));
+        assert!(!r.generations_in_use("a", "t-1"), "the ticket being cloned");
+        assert!(!r.generations_in_use("b", "t-2"), "another parent's");
+        r.tickets.get_mut("t-1").unwrap().kill("h0").unwrap();
+        assert!(!r.generations_in_use("a", "t-2"), "every clone ended");
+        r.tickets.get_mut("t-1").unwrap().published = Some("h0.a-g1".into());
+        assert!(r.generations_in_use("a", "t-2"), "published to other hosts");
+    }
+
+    #[test]
     fn flock_numbers_partition_the_cluster() {
         let mut h0 = Registry::new(0);
         let mut h1 = Registry::new(0);
