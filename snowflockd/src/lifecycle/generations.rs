@@ -67,6 +67,39 @@ impl Daemon {
         }
     }
 
+    /// The host memory `vm` takes: its private pages; for an original VM
+    /// also the RAM file it runs on and the older generations it keeps
+    /// (each file counted once).
+    pub fn mem_use(&self, vm: &crate::state::vm::Vm) -> snowflock_proto::admin::MemUse {
+        use std::os::unix::fs::MetadataExt;
+        let pid = *vm.pid.lock();
+        let current = self.vmms.spec(vm.name());
+        let ram = current
+            .as_ref()
+            .map(|s| s.ram_path.clone())
+            .or_else(|| vm.spec.memory.generation_ram().map(|p| p.to_path_buf()))
+            .unwrap_or_else(|| vm.placed.ram_path.clone());
+        let mut m = crate::host::memuse::of_vm(pid, &ram, current.is_some());
+        if current.is_some() {
+            let own = std::fs::metadata(&ram).map(|m| m.ino()).ok();
+            let gens = self.cfg.state_dir.join("gens");
+            let mut seen = std::collections::HashSet::new();
+            for e in std::fs::read_dir(gens).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !is_generation_of(&name, vm.name()) {
+                    continue;
+                }
+                let f = e.path().join("ram");
+                if let Ok(md) = std::fs::metadata(&f) {
+                    if Some(md.ino()) != own && seen.insert(md.ino()) {
+                        m.generations_bytes += md.blocks() * 512;
+                    }
+                }
+            }
+        }
+        m
+    }
+
     /// Unlinks the RAM file of `ticket`'s generation once none of its
     /// clones runs and no other host may read it: nothing maps it any more
     /// (the parent runs on its own link, if the file was its RAM), so its
