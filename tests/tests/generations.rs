@@ -111,6 +111,10 @@ fn three_clone_points_each_see_their_own_memory_and_coexist() {
     let out = h.sh_ok("p", POINTS);
     let tickets: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
     assert_eq!(tickets.len(), 3, "{out}");
+    // The new QEMU outlives the daemon thread that started it (threads of
+    // the blocking pool end after 10 s idle; a QEMU started from one would
+    // get SIGKILL with it).
+    std::thread::sleep(Duration::from_secs(12));
 
     // The parent runs in a new QEMU, with its identity, address, console
     // and exec sessions (this very call).

@@ -127,14 +127,18 @@ impl QemuSpec {
             // Discards from the guest (fstab `discard`) punch holes: freed
             // blocks cost a clone nothing.
             let mut node = disk.clone();
-            node["node-name"] = DISK_NODE.into();
+            // A chain spelled out for a handed-over VM names its top.
+            if node.get("node-name").is_none() {
+                node["node-name"] = DISK_NODE.into();
+            }
+            let top = node["node-name"].as_str().unwrap_or(DISK_NODE).to_string();
             node["discard"] = "unmap".into();
             node["file"]["discard"] = "unmap".into();
             a.extend([
                 "-blockdev".into(),
                 node.to_string(),
                 "-device".into(),
-                format!("virtio-blk-device,drive={DISK_NODE},id=vda"),
+                format!("virtio-blk-device,drive={top},id=vda"),
             ]);
         }
         if self.incoming {

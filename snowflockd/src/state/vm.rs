@@ -420,6 +420,46 @@ impl DiskLayers {
     }
 
     /// After a freeze: the old top is frozen, the new layer is the top.
+    /// The whole chain as QEMU `-blockdev` options, every layer spelled
+    /// out, the top named `top_node` and the first layer [`DISK_NODE`]
+    /// (the names the layer merge uses): how a VM handed to a new QEMU
+    /// opens its disk.
+    ///
+    /// [`DISK_NODE`]: crate::host::qemu::DISK_NODE
+    pub fn blockdev(&self) -> serde_json::Value {
+        let file = |p: &std::path::Path| serde_json::json!({"driver": "file", "filename": p});
+        let mut layers: Vec<(PathBuf, Format)> = self
+            .frozen
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), self.frozen_format(i)))
+            .collect();
+        layers.push((self.top.clone(), self.top_format()));
+        let mut below = match &self.base {
+            Some((p, f)) => {
+                serde_json::json!({"driver": f.as_str(), "read-only": true, "file": file(p)})
+            }
+            None => serde_json::Value::Null,
+        };
+        let last = layers.len() - 1;
+        for (i, (p, f)) in layers.into_iter().enumerate() {
+            let mut l = serde_json::json!({"driver": f.as_str(), "file": file(&p)});
+            // A first layer of the user's own keeps the backing its header
+            // names, if any.
+            if f == Format::Qcow2 && !below.is_null() {
+                l["backing"] = below;
+            }
+            if i == 0 {
+                l["node-name"] = crate::host::qemu::DISK_NODE.into();
+            }
+            if i == last {
+                l["node-name"] = self.top_node.clone().into();
+            }
+            below = l;
+        }
+        below
+    }
+
     pub fn frozen_into(&mut self, file: PathBuf, node: String) -> PathBuf {
         let old = std::mem::replace(&mut self.top, file);
         self.top_node = node;
@@ -608,6 +648,47 @@ pub(crate) mod tests {
             (dir.join(OVERLAY), "disk0", 1)
         );
         assert!(l.frozen.is_empty());
+    }
+
+    #[test]
+    fn a_disk_chain_spelled_out_names_its_top_and_first_layer() {
+        let plan = DiskPlan::Overlay {
+            base: "/img/disk.raw".into(),
+            format: Format::Raw,
+        };
+        let dir = std::path::Path::new("/vms/p");
+        let mut l = DiskLayers::of(&plan, dir);
+        let b = l.blockdev();
+        assert_eq!(b["node-name"], "disk0");
+        assert_eq!(b["file"]["filename"], "/vms/p/disk.qcow2");
+        assert_eq!(b["backing"]["driver"], "raw");
+        assert_eq!(b["backing"]["read-only"], true);
+        let (file, node) = l.next("p", 1);
+        l.frozen_into(file, node);
+        let (file, node) = l.next("p", 2);
+        l.frozen_into(file.clone(), node);
+        let b = l.blockdev();
+        assert_eq!(b["node-name"], "disk0-g2");
+        assert_eq!(b["file"]["filename"], file.to_str().unwrap());
+        assert!(
+            b["backing"].get("node-name").is_none(),
+            "middle layers unnamed"
+        );
+        assert_eq!(b["backing"]["backing"]["node-name"], "disk0");
+        assert_eq!(b["backing"]["backing"]["backing"]["driver"], "raw");
+        // A raw disk of the user's own has no backing.
+        let own = DiskLayers::of(
+            &DiskPlan::Direct {
+                path: "/data/d.raw".into(),
+                format: Format::Raw,
+            },
+            dir,
+        );
+        let b = own.blockdev();
+        assert_eq!(
+            (b["driver"].as_str(), b.get("backing")),
+            (Some("raw"), None)
+        );
     }
 
     pub fn vm(name: &str, clone_id: u32) -> Vm {

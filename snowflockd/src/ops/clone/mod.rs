@@ -354,14 +354,17 @@ async fn do_clone(
         })
         .collect();
     let any_remote = job.placement.iter().skip(1).any(|(_, n)| *n > 0);
-    // A parent without a disk is handed to a new QEMU on its frozen RAM:
-    // nothing is copied (see restart.rs). With a disk, the freeze still
-    // copies (the new QEMU would need the disk chain's node names).
-    let handover = d
-        .vmms
-        .spec(parent.name())
-        .filter(|_| d.vmm.hands_over() && parent.disk_layers.lock().is_none());
+    // The parent is handed to a new QEMU on its frozen RAM: nothing is
+    // copied (see restart.rs); its disk gets a new top layer there.
+    let handover = d.vmms.spec(parent.name()).filter(|_| d.vmm.hands_over());
     if let Some(current) = handover {
+        let disk = prepare_disk_freeze(d, parent, job, any_remote).await?;
+        let new_layers = disk.as_ref().and_then(|f| {
+            let mut l = parent.disk_layers.lock().clone()?;
+            l.frozen_into(f.file.clone(), f.new_node.clone());
+            Some(l)
+        });
+        let chain = new_layers.as_ref().map(|l| l.blockdev());
         set_children(d, job, &slots, &hosts);
         parent.set_state(VmState::Cloning);
         // No clone maps the file the parent runs on: write into it.
@@ -373,12 +376,25 @@ async fn do_clone(
             *parent.pid.lock(),
         );
         let done = tokio::task::spawn_blocking(move || {
-            restart::freeze_by_restart(&vmm, &current, old_pid, in_place, &g, &tl2)
+            restart::freeze_by_restart(&vmm, &current, old_pid, in_place, chain, &g, &tl2)
         })
         .await
         .map_err(|_| CloneError::TaskFailed);
         parent.set_state(VmState::Running);
-        let h = done??;
+        let h = match done.and_then(|r| r) {
+            Ok(h) => h,
+            Err(e) => {
+                // The old QEMU kept the VM and its disk: the overlay is unused.
+                if let Some(f) = &disk {
+                    let _ = std::fs::remove_file(&f.file);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(l) = new_layers {
+            // The new QEMU writes to the overlay; the old top is frozen.
+            *parent.disk_layers.lock() = Some(l);
+        }
         // The exit monitor follows the new process once the old one ends.
         *parent.pid.lock() = h.process.pid;
         d.vmms.hand_over(parent.name(), h.spec, h.process.exit);
@@ -386,7 +402,8 @@ async fn do_clone(
             d.vmm.kill(pid);
         }
         tracing::info!(pid = ?*parent.pid.lock(), "parent continues in a new QEMU on a private mapping of its frozen RAM");
-        return start_clones(d, parent, job, tl, &image, &hosts, slots, h.frozen?, None).await;
+        let layers = parent.disk_layers.lock().clone();
+        return start_clones(d, parent, job, tl, &image, &hosts, slots, h.frozen?, layers).await;
     }
     let disk = prepare_disk_freeze(d, parent, job, any_remote).await?;
     let prepared = disk.as_ref().map(|f| f.file.clone());

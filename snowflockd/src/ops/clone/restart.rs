@@ -43,6 +43,7 @@ fn successor_spec(
     ram: &Path,
     next: &Path,
     discard_log: PathBuf,
+    disk: Option<serde_json::Value>,
 ) -> QemuSpec {
     let tap_fd = current.tap_fd.clone().or_else(|| {
         old_pid
@@ -60,18 +61,22 @@ fn successor_spec(
         dir: next.to_path_buf(),
         tap_fd,
         discard_log: Some(discard_log),
+        disk: disk.or_else(|| current.disk.clone()),
         ..current.clone()
     }
 }
 
 /// Pauses the parent (QEMU `current`, process `old_pid`), freezes its
 /// memory into `gen_dir/ram` and resumes it in a new QEMU; on failure the
-/// old QEMU is resumed. Blocking.
+/// old QEMU is resumed. A parent with a disk passes its chain as the new
+/// QEMU opens it (`disk`: a prepared overlay on top of the old top, which
+/// the old QEMU flushes and stops writing at the pause). Blocking.
 pub fn freeze_by_restart(
     vmm: &Arc<dyn Vmm>,
     current: &QemuSpec,
     old_pid: Option<u32>,
     in_place: bool,
+    disk: Option<serde_json::Value>,
     gen_dir: &Path,
     tl: &Timeline,
 ) -> Result<Handover, CloneError> {
@@ -97,8 +102,16 @@ pub fn freeze_by_restart(
     let gen_name = gen_dir.file_name().unwrap_or_default().to_string_lossy();
     let log = vm_dir.join(format!("discards-{gen_name}"));
     let _ = std::fs::remove_file(&log);
-    let spec = successor_spec(current, old_pid, &ram, &next, log);
-    let process = vmm.spawn(&spec)?;
+    let spec = successor_spec(current, old_pid, &ram, &next, log, disk);
+    // Spawned from a runtime worker, not from this blocking-pool thread:
+    // QEMU gets SIGKILL when the thread that started it ends
+    // (PR_SET_PDEATHSIG), and pool threads end after 10 s idle.
+    let process = {
+        let (vmm, spec) = (vmm.clone(), spec.clone());
+        tokio::runtime::Handle::current()
+            .block_on(tokio::spawn(async move { vmm.spawn(&spec) }))
+            .map_err(|_| CloneError::TaskFailed)??
+    };
     let result = (|| {
         let mut qn = vmm.control(&next, Duration::from_secs(30))?;
         tl.mark("successor_started");
