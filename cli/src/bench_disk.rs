@@ -139,17 +139,24 @@ pub fn run(a: DiskBenchArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&row)?);
     } else {
+        // A parent handed to a new QEMU has no separate disk freeze: the
+        // new QEMU opens the chain with a new top layer.
+        let freeze = if row.disk_freeze_ms.is_nan() {
+            " (the disk's new layer comes with the new QEMU)".to_string()
+        } else {
+            format!(", of which disk freeze {:.1} ms", row.disk_freeze_ms)
+        };
         println!(
             "Debian image, {} run(s), medians:\n  boot (vm start until the agent answers) {:>9.0} ms\n  \
              clone on another host (sf_clone until ready) {:>4.0} ms  ({:.1}x faster)\n  \
-             parent pause {:>6.1} ms, of which disk freeze {:.1} ms\n  \
+             parent pause {:>6.1} ms{}\n  \
              clone read {} MiB: fetched {:.1} MiB of disk ({:.3}x), read latency p50 {:.0} us, p99 {:.0} us",
             row.runs,
             row.boot_ms,
             row.clone_ms,
             row.boot_ms / row.clone_ms,
             row.parent_pause_ms,
-            row.disk_freeze_ms,
+            freeze,
             row.read_mib,
             row.disk_fetched_mib,
             row.fetched_per_read,
