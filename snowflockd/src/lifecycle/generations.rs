@@ -108,11 +108,7 @@ impl Daemon {
     pub fn unlink_idle_generation(&self, ticket: &str) {
         let idle = self.with(|r| {
             let t = r.tickets.get(ticket)?;
-            let running = t
-                .children
-                .values()
-                .any(|c| c.state == snowflock_proto::api::ChildState::Running);
-            (!running && t.published.is_none())
+            (t.all_done() && t.published.is_none())
                 .then(|| t.generation.clone())
                 .flatten()
         });

@@ -132,14 +132,9 @@ impl Registry {
     /// generation published to other hosts. If not, `owner`'s next freeze
     /// may write into the file it runs on.
     pub fn generations_in_use(&self, owner: &str, except: &str) -> bool {
-        self.tickets.values().any(|t| {
-            t.owner == owner
-                && t.id != except
-                && (t.published.is_some()
-                    || t.children
-                        .values()
-                        .any(|c| c.state == snowflock_proto::api::ChildState::Running))
-        })
+        self.tickets
+            .values()
+            .any(|t| t.owner == owner && t.id != except && (t.published.is_some() || !t.all_done()))
     }
 
     /// Tickets that still need what their allocator holds for them: not

@@ -94,9 +94,6 @@ pub enum CloneError {
     /// The device-state stream is far too large.
     #[error("device state exceeds {0} bytes")]
     DeviceStateTooLarge(usize),
-    /// The device-state reader thread panicked.
-    #[error("device state reader panicked")]
-    ReaderPanicked,
     /// A background task of the clone failed.
     #[error("a clone task failed")]
     TaskFailed,
@@ -611,11 +608,7 @@ async fn start_clones(
             }
         }
     });
-    let running = d.with(|r| {
-        r.tickets
-            .get(job.ticket)
-            .is_some_and(|t| t.children.values().any(|c| c.state == ChildState::Running))
-    });
+    let running = d.with(|r| r.tickets.get(job.ticket).is_some_and(|t| !t.all_done()));
     if !running && remote_hosts.is_empty() {
         let _ = std::fs::remove_file(&gen_ram);
     }

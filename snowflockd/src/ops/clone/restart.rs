@@ -8,6 +8,7 @@
 //! else to a copy of it made while it runs.
 
 use super::freeze::{read_state, Frozen};
+use super::start::load_state;
 use super::{CloneError, Timeline};
 use crate::host::qemu::{agent_path, qmp_path, QemuSpec};
 use crate::host::vmm::{Vmm, VmmProcess};
@@ -155,12 +156,7 @@ pub fn freeze_by_restart(
                 tl.mark("memory_frozen");
             }
             let state = read_state(&state_file)?;
-            let sock = next.join("incoming.sock");
-            qn.migrate_incoming(&format!("unix:{}", sock.display()))?;
-            std::os::unix::net::UnixStream::connect(&sock)
-                .and_then(|mut s| std::io::Write::write_all(&mut s, &state))
-                .map_err(CloneError::DeviceState)?;
-            qn.wait_incoming(Duration::from_secs(30))?;
+            load_state(&mut *qn, &next, &state, Duration::from_secs(30))?;
             qn.cont().map_err(CloneError::Resume)?;
             Ok((state, fixed))
         })();

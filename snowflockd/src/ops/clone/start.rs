@@ -3,6 +3,7 @@
 //! state, resumes, and takes its identity; it counts once it says `Ready`.
 
 use super::{CloneError, Timeline};
+use crate::host::vmm::VmmControl;
 use crate::lifecycle::daemon::random_hex;
 use crate::lifecycle::Daemon;
 use crate::state::metrics::bump;
@@ -11,7 +12,7 @@ use crate::state::vm::{EndCause, MemSource, Vm, VmSpec};
 use snowflock_descriptor::{CloneSlot, Descriptor};
 use snowflock_proto::admin::VmState;
 use snowflock_proto::channel::{CloneIdentity, HostMsg};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -63,6 +64,25 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Loads device state `state` into the VMM in `dir`, started `incoming`
+/// (it stays paused). QEMU listens on a socket the daemon writes the state
+/// to: no helper process (`exec:cat` forked the whole QEMU, ~7 ms).
+/// Blocking.
+pub(super) fn load_state(
+    q: &mut dyn VmmControl,
+    dir: &Path,
+    state: &[u8],
+    timeout: Duration,
+) -> Result<(), CloneError> {
+    let sock = dir.join("incoming.sock");
+    q.migrate_incoming(&format!("unix:{}", sock.display()))?;
+    let fed = std::os::unix::net::UnixStream::connect(&sock)
+        .and_then(|mut s| std::io::Write::write_all(&mut s, state));
+    let _ = std::fs::remove_file(&sock);
+    fed.map_err(CloneError::DeviceState)?;
+    Ok(q.wait_incoming(timeout)?)
+}
+
 /// Loads the device state into a spawned clone, resumes it and gives it
 /// its identity; returns once it is ready. A clone that fails is stopped.
 pub async fn resume_clone(
@@ -87,15 +107,7 @@ pub async fn resume_clone(
         );
         tokio::task::spawn_blocking(move || -> Result<(), CloneError> {
             let mut q = vmm.control(&dir, Duration::from_secs(30))?;
-            // QEMU listens on a socket the daemon writes the state to: no
-            // helper process (`exec:cat` forked the whole QEMU, ~7 ms).
-            let sock = dir.join("incoming.sock");
-            q.migrate_incoming(&format!("unix:{}", sock.display()))?;
-            let fed = std::os::unix::net::UnixStream::connect(&sock)
-                .and_then(|mut s| std::io::Write::write_all(&mut s, &state));
-            let _ = std::fs::remove_file(&sock);
-            fed.map_err(CloneError::DeviceState)?;
-            q.wait_incoming(Duration::from_secs(60))?;
+            load_state(&mut *q, &dir, &state, Duration::from_secs(60))?;
             Ok(q.cont()?)
         })
         .await
