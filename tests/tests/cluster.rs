@@ -14,6 +14,35 @@ fn wait_socket(h: &ClusterHost, vm: &str, sock: &str) {
     h.sh_ok(vm, &format!("i=0; while [ ! -S {sock} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -S {sock} ]"));
 }
 
+/// Runs `sf clone` once in `vm` (the clone then waits); its ticket.
+fn clone_one(h: &ClusterHost, vm: &str) -> String {
+    h.sh_ok(vm, "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T")
+        .trim()
+        .to_string()
+}
+
+/// What clone `name` on `h` fetches while it fills 100 MiB of fresh
+/// memory, and its stats afterwards. What the fill itself runs
+/// (sf-memtest, the exec path) is warmed up first, so the figure is what
+/// the fresh memory cost.
+fn fresh_fill_fetched(h: &ClusterHost, name: &str) -> (u64, Value) {
+    h.sh_ok(name, "sf-memtest hold --mib 1 --seed 1 --sock /tmp/w.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/w.pid");
+    wait_socket(h, name, "/tmp/w.sock");
+    h.sh_ok(
+        name,
+        "sf-memtest ctl --sock /tmp/w.sock verify && kill $(cat /tmp/w.pid)",
+    );
+    let before = stats(h, name)["bytes_fetched"].as_u64().unwrap();
+    h.sh_ok(
+        name,
+        "sf-memtest hold --mib 100 --seed 9 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 &",
+    );
+    wait_socket(h, name, "/tmp/fill.sock");
+    h.sh_ok(name, "sf-memtest ctl --sock /tmp/fill.sock verify");
+    let after = stats(h, name);
+    (after["bytes_fetched"].as_u64().unwrap() - before, after)
+}
+
 /// Each clone lands on another host, its memory comes on demand from h0,
 /// writes stay private, the flock network spans the hosts, and everything
 /// is reachable from any host.
@@ -324,32 +353,12 @@ fn avoidance_heuristics_cut_fetches() {
                 "with reporting off the freed memory stays"
             );
         }
-        let t = h0
-            .sh_ok(vm, "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T")
-            .trim()
-            .to_string();
+        let t = clone_one(h0, vm);
         let kid = clones_of(&h1.vms(), &t);
         assert_eq!(kid.len(), 1);
         assert_eq!(kid[0]["host"], "h1");
         let name = kid[0]["name"].as_str().unwrap().to_string();
-        // Warm up what the fill itself runs (sf-memtest, the exec path), so
-        // that the figure below is what the fresh memory cost.
-        h1.sh_ok(&name, "sf-memtest hold --mib 1 --seed 1 --sock /tmp/w.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/w.pid");
-        wait_socket(h1, &name, "/tmp/w.sock");
-        h1.sh_ok(
-            &name,
-            "sf-memtest ctl --sock /tmp/w.sock verify && kill $(cat /tmp/w.pid)",
-        );
-        let before = stats(h1, &name)["bytes_fetched"].as_u64().unwrap();
-        // The clone fills 100 MiB of fresh memory.
-        h1.sh_ok(
-            &name,
-            "sf-memtest hold --mib 100 --seed 9 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 &",
-        );
-        wait_socket(h1, &name, "/tmp/fill.sock");
-        h1.sh_ok(&name, "sf-memtest ctl --sock /tmp/fill.sock verify");
-        let after = stats(h1, &name);
-        let delta = after["bytes_fetched"].as_u64().unwrap() - before;
+        let (delta, after) = fresh_fill_fetched(h1, &name);
         eprintln!(
             "avoidance {vm}: filling 100 MiB in the clone fetched {} KiB ({:.1} %); stats {after}",
             delta / 1024,
@@ -384,10 +393,7 @@ fn avoidance_holds_after_a_clone_point() {
     let vm = "p";
     h0.start_vm(vm, &img, "384M");
     // A first clone point: the parent is handed to a new QEMU.
-    let t = h0
-        .sh_ok(vm, "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T")
-        .trim()
-        .to_string();
+    let t = clone_one(h0, vm);
     h0.sh_ok(vm, &format!("sf kill {t}"));
     // Then it fills 120 MiB and frees it.
     h0.sh_ok(vm, "sf-memtest hold --mib 120 --seed 3 --sock /tmp/big.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/big.pid");
@@ -427,27 +433,11 @@ fn avoidance_holds_after_a_clone_point() {
         last = now;
         stable.then_some(())
     });
-    let t = h0
-        .sh_ok(vm, "T=$(sf ticket 1); ID=$(sf clone $T) || exit 1; if [ $ID != 0 ]; then sleep 100000; fi; echo $T")
-        .trim()
-        .to_string();
+    let t = clone_one(h0, vm);
     let kid = clones_of(&h1.vms(), &t);
     assert_eq!(kid.len(), 1);
     let name = kid[0]["name"].as_str().unwrap().to_string();
-    h1.sh_ok(&name, "sf-memtest hold --mib 1 --seed 1 --sock /tmp/w.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/w.pid");
-    wait_socket(h1, &name, "/tmp/w.sock");
-    h1.sh_ok(
-        &name,
-        "sf-memtest ctl --sock /tmp/w.sock verify && kill $(cat /tmp/w.pid)",
-    );
-    let before = stats(h1, &name)["bytes_fetched"].as_u64().unwrap();
-    h1.sh_ok(
-        &name,
-        "sf-memtest hold --mib 100 --seed 9 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 &",
-    );
-    wait_socket(h1, &name, "/tmp/fill.sock");
-    h1.sh_ok(&name, "sf-memtest ctl --sock /tmp/fill.sock verify");
-    let delta = stats(h1, &name)["bytes_fetched"].as_u64().unwrap() - before;
+    let (delta, _) = fresh_fill_fetched(h1, &name);
     eprintln!(
         "avoidance after a clone point: filling 100 MiB fetched {} KiB ({})",
         delta / 1024,
