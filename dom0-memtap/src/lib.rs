@@ -38,8 +38,9 @@ pub use memtap::{
     MAX_FETCH_THREADS,
 };
 pub use origin::{
-    copy_written, data_extents, discarded_pages, freeze_generation, frozen_in_place, punch_pages,
-    written_pages, FreezeError, Frozen, Precopy, WrittenError,
+    copy_written, data_extents, discarded_pages, freeze_generation, frozen_in_place,
+    frozen_layered, load_map, punch_pages, save_map, write_into_process, written_pages,
+    FreezeError, Frozen, Layer, Precopy, WrittenError, TOP, TOP_MAP,
 };
 pub use server::{PageServer, PublishError, ServerConfig, ServerStats};
 pub use stats::FaultStats;

@@ -128,6 +128,27 @@ pub(crate) fn read_process(pid: u32, addr: u64, buf: &mut [u8]) -> io::Result<us
     Ok(r as usize)
 }
 
+/// `process_vm_writev(2)` of one range: writes `buf` at `addr` in process
+/// `pid`; the number of bytes written.
+pub(crate) fn write_process(pid: u32, addr: u64, buf: &[u8]) -> io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, which the kernel only reads; the
+    // remote range belongs to another process and is checked by the kernel
+    // (a bad address is an error, never a write into this process).
+    let r = unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
 /// `fallocate(2)` punching `[off, off + len)` out of `file`, keeping its size.
 pub(crate) fn punch(file: &File, off: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on a descriptor that `file` keeps open; it takes no

@@ -121,6 +121,39 @@ fn serves_the_published_bytes() {
 }
 
 #[test]
+fn a_layered_generation_is_served_as_base_plus_layer() {
+    with_timeout(60, || {
+        let mut f = fixture(ServerConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let base = f._dir.path().join("gen");
+        // The layer: pages 4-5 changed (page 5 was a hole in the base),
+        // page 7 freed (a zero page: a hole in the top, set in the map).
+        let top = std::fs::File::create(dir.path().join(dom0_memtap::TOP)).unwrap();
+        top.set_len(PAGES * PAGE_SIZE).unwrap();
+        use std::os::unix::fs::FileExt;
+        top.write_all_at(&vec![0xab; 2 * PAGE_SIZE as usize], 4 * PAGE_SIZE)
+            .unwrap();
+        let mut map = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; PAGES as usize];
+        map[4..6].fill(true);
+        map.set(7, true);
+        dom0_memtap::save_map(&dir.path().join(dom0_memtap::TOP_MAP), &map).unwrap();
+        let layer = dom0_memtap::Layer::open(dir.path(), PAGES as usize)
+            .unwrap()
+            .unwrap();
+        f.server
+            .publish_layered("gen-1", &base, Some(layer))
+            .unwrap();
+        let page = PAGE_SIZE as usize;
+        f.expect[4 * page..6 * page].fill(0xab);
+        f.expect[7 * page..8 * page].fill(0);
+        assert!(fetch(&f, 0, PAGES as u32).unwrap() == f.expect);
+        assert!(fetch(&f, 5, 3).unwrap() == f.expect[5 * page..8 * page]);
+        check_good(&f);
+        f.server.shutdown();
+    });
+}
+
+#[test]
 fn a_wrong_key_gets_nothing() {
     with_timeout(60, || {
         let f = fixture(ServerConfig::default());

@@ -378,10 +378,22 @@ fn avoidance_heuristics_cut_fetches() {
     );
 }
 
-/// Memory the parent frees after a clone point (when it already runs in a
-/// new QEMU on a private mapping of its frozen RAM) is still never fetched
-/// by the next point's clones: the free pages it reports are logged and
-/// become holes of the next generation.
+/// The one clone of `ticket` (as its origin h0 lists it): (host index, name).
+fn only_clone(c: &Cluster, ticket: &str) -> (usize, String) {
+    let found = clones_of(&c.host(0).vms(), ticket);
+    assert_eq!(found.len(), 1, "clones of {ticket}: {found:?}");
+    let host = found[0]["host"].as_str().unwrap_or_default();
+    let i = host.trim_start_matches('h').parse().expect("a host hN");
+    (i, found[0]["name"].as_str().unwrap_or_default().to_string())
+}
+
+/// A clone point taken while a clone of the previous one still runs is a
+/// layer over the previous one (the file it maps cannot change), served
+/// to other hosts as such: each clone sees its own point's memory. Memory
+/// the parent frees after a clone point (when it already runs in a new
+/// QEMU on a private mapping of its frozen RAM) is still never fetched by
+/// the next point's clones: the free pages it reports are logged and
+/// become zero pages of the layer.
 #[test]
 fn avoidance_holds_after_a_clone_point() {
     if !vm_prereqs() {
@@ -392,9 +404,15 @@ fn avoidance_holds_after_a_clone_point() {
     let (h0, h1) = (c.host(0), c.host(1));
     let vm = "p";
     h0.start_vm(vm, &img, "384M");
-    // A first clone point: the parent is handed to a new QEMU.
-    let t = clone_one(h0, vm);
-    h0.sh_ok(vm, &format!("sf kill {t}"));
+    h0.sh_ok(
+        vm,
+        "sf-memtest hold --mib 8 --seed 2 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &",
+    );
+    wait_socket(h0, vm, "/tmp/mt.sock");
+    // A first clone point: the parent is handed to a new QEMU. Its clone
+    // keeps running; the parent then writes a new pattern.
+    let t1 = clone_one(h0, vm);
+    h0.sh_ok(vm, "sf-memtest ctl --sock /tmp/mt.sock fill 5");
     // Then it fills 120 MiB and frees it.
     h0.sh_ok(vm, "sf-memtest hold --mib 120 --seed 3 --sock /tmp/big.sock </dev/null >/dev/null 2>&1 & echo $! > /tmp/big.pid");
     wait_socket(h0, vm, "/tmp/big.sock");
@@ -434,9 +452,19 @@ fn avoidance_holds_after_a_clone_point() {
         stable.then_some(())
     });
     let t = clone_one(h0, vm);
-    let kid = clones_of(&h1.vms(), &t);
-    assert_eq!(kid.len(), 1);
-    let name = kid[0]["name"].as_str().unwrap().to_string();
+    let (i2, name) = only_clone(&c, &t);
+    assert_eq!(i2, 1, "the second point's clone is on h1");
+    let gen2 = h0.state_dir.join("gens").join("p-g2");
+    assert!(
+        gen2.join("top").exists(),
+        "the second point is a layer over the first"
+    );
+    // Each point's clone sees its own point's memory.
+    let (i1, first) = only_clone(&c, &t1);
+    for (h, name, seed) in [(c.host(i1), &first, 2), (h1, &name, 5)] {
+        let out = h.sh_ok(name, "sf-memtest ctl --sock /tmp/mt.sock verify");
+        assert!(out.starts_with(&format!("ok {seed} ")), "{name}: {out}");
+    }
     let (delta, _) = fresh_fill_fetched(h1, &name);
     eprintln!(
         "avoidance after a clone point: filling 100 MiB fetched {} KiB ({})",
@@ -453,6 +481,7 @@ fn avoidance_holds_after_a_clone_point() {
         delta / 1024
     );
     h0.sh_ok(vm, &format!("sf kill {t}"));
+    h0.sh_ok(vm, &format!("sf kill {t1}"));
 }
 
 /// The origin-failure setup: a 3-host cluster with a 2 s fetch timeout,

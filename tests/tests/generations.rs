@@ -156,6 +156,18 @@ fn three_clone_points_each_see_their_own_memory_and_coexist() {
     for vm in std::iter::once("p").chain(clones.iter().map(String::as_str)) {
         writer_consistent(&h, vm);
     }
+    // Generations share what did not change: every point's memory is the
+    // file the parent runs on, and points 2 and 3 (taken while clones of
+    // earlier points ran) add a layer of what differs.
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: std::path::PathBuf| std::fs::metadata(&p).map(|m| m.ino()).ok();
+    let own = ino(h.state.join("vms").join("p").join("ram"));
+    assert!(own.is_some());
+    for g in 1..=3 {
+        let dir = h.state.join("gens").join(format!("p-g{g}"));
+        assert_eq!(ino(dir.join("ram")), own, "point {g}'s base");
+        assert_eq!(dir.join("top").exists(), g > 1, "point {g}'s layer");
+    }
     // The memory they hold: the parent's last generation (shared with its
     // clone), the two older ones kept for the clones of points 1 and 2, and
     // each clone's own writes.

@@ -11,18 +11,25 @@
 //! * `extents.rs`: where a file holds data (`SEEK_DATA`/`SEEK_HOLE`);
 //! * `precopy.rs`: the two-phase copy ([`Precopy`], [`freeze_generation`]);
 //! * `written.rs`: which pages a VMM wrote through a private mapping of a
-//!   generation ([`written_pages`], from `/proc/PID/pagemap`).
+//!   generation ([`written_pages`], from `/proc/PID/pagemap`), and moving
+//!   pages between such a mapping and a file;
+//! * `layer.rs`: a generation that is its base file plus a layer of the
+//!   pages that differ ([`Layer`], [`frozen_layered`]).
 //!
 //! May import: `sys` and the crate root (`PAGE_SIZE`). Nothing
 //! here knows about the network, the page server or memtap.
 
 mod extents;
+mod layer;
 mod precopy;
 mod written;
 
 pub use extents::data_extents;
+pub use layer::{frozen_layered, load_map, save_map, Layer, TOP, TOP_MAP};
 pub use precopy::{freeze_generation, frozen_in_place, Precopy};
-pub use written::{copy_written, discarded_pages, punch_pages, written_pages, WrittenError};
+pub use written::{
+    copy_written, discarded_pages, punch_pages, write_into_process, written_pages, WrittenError,
+};
 
 use bitvec::prelude::*;
 use std::io;

@@ -126,41 +126,39 @@ pub fn written_pages(
     Ok(written)
 }
 
-/// Copies the pages of `written` (indexed by page of the file) from
-/// process `pid`'s private mapping of the file into `dst` at the same
-/// offsets; returns the bytes copied. The process must be stopped. Runs of
-/// neighbouring pages are read with one system call each (up to 1 MiB).
-pub fn copy_written(
+/// Calls `f(address, file offset, length)` for every run of pages set in
+/// `bits` (indexed by page of `file`), with the address of that run in
+/// process `pid`'s private mapping of the file. Runs of neighbouring pages
+/// come in one call (up to `max_run` bytes, and split where a mapping ends).
+fn for_each_mapped_run(
     pid: u32,
     file: &Path,
-    written: &BitVec<u64, Lsb0>,
-    dst: &File,
-) -> Result<u64, WrittenError> {
+    bits: &BitVec<u64, Lsb0>,
+    max_run: usize,
+    mut f: impl FnMut(u64, u64, usize) -> Result<(), WrittenError>,
+) -> Result<(), WrittenError> {
     use std::os::unix::fs::MetadataExt;
     let proc_err = |path: String| move |err| WrittenError::Proc { path, err };
     let meta = std::fs::metadata(file).map_err(proc_err(file.display().to_string()))?;
     let maps_path = format!("/proc/{pid}/maps");
     let maps = std::fs::read_to_string(&maps_path).map_err(proc_err(maps_path))?;
     let mappings = private_mappings_of(&maps, meta.dev(), meta.ino());
-    let page = PAGE_SIZE;
-    let mem_err = proc_err(format!("the memory of process {pid}"));
-    let mut buf = vec![0u8; 1 << 20];
-    let mut copied = 0;
-    let mut ones = written.iter_ones().peekable();
+    let page = PAGE_SIZE as usize;
+    let mut ones = bits.iter_ones().peekable();
     while let Some(first) = ones.next() {
-        // A run of neighbouring pages, bounded by the buffer.
+        // A run of neighbouring pages, bounded by `max_run`.
         let mut last = first;
         while let Some(&n) = ones.peek() {
-            if n != last + 1 || (n - first + 1) * page as usize > buf.len() {
+            if n != last + 1 || (n - first + 1) * page > max_run {
                 break;
             }
             last = n;
             ones.next();
         }
-        let off = first as u64 * page;
-        let len = (last - first + 1) * page as usize;
-        // The run lies in one mapping (QEMU maps guest RAM in one piece; a
-        // run crossing two mappings is split at the boundary below).
+        let off = first as u64 * PAGE_SIZE;
+        let len = (last - first + 1) * page;
+        // QEMU maps guest RAM in one piece; a run crossing two mappings is
+        // split at the boundary.
         let mut done = 0;
         while done < len {
             let at = off + done as u64;
@@ -174,20 +172,88 @@ pub fn copy_written(
                 })?;
             let in_map = (m.offset + (m.end - m.start) - at) as usize;
             let take = (len - done).min(in_map);
-            let n = crate::sys::read_process(pid, m.start + (at - m.offset), &mut buf[..take])
-                .map_err(proc_err(format!("the memory of process {pid}")))?;
-            if n != take {
-                return Err(mem_err(std::io::Error::from(
-                    std::io::ErrorKind::UnexpectedEof,
-                )));
-            }
-            dst.write_all_at(&buf[..take], at)
-                .map_err(proc_err("the generation file".into()))?;
+            f(m.start + (at - m.offset), at, take)?;
             done += take;
         }
-        copied += len as u64;
     }
+    Ok(())
+}
+
+/// Buffer (and longest run) of one transfer.
+const RUN: usize = 1 << 20;
+
+fn short(pid: u32) -> WrittenError {
+    WrittenError::Proc {
+        path: format!("the memory of process {pid}"),
+        err: io::Error::from(io::ErrorKind::UnexpectedEof),
+    }
+}
+
+/// Copies the pages of `written` (indexed by page of the file) from
+/// process `pid`'s private mapping of the file into `dst` at the same
+/// offsets; returns the bytes copied. The process must be stopped. Runs of
+/// neighbouring pages are read with one system call each (up to 1 MiB).
+pub fn copy_written(
+    pid: u32,
+    file: &Path,
+    written: &BitVec<u64, Lsb0>,
+    dst: &File,
+) -> Result<u64, WrittenError> {
+    let mut buf = vec![0u8; RUN];
+    let mut copied = 0;
+    for_each_mapped_run(pid, file, written, RUN, |addr, at, len| {
+        let n = crate::sys::read_process(pid, addr, &mut buf[..len]).map_err(|err| {
+            WrittenError::Proc {
+                path: format!("the memory of process {pid}"),
+                err,
+            }
+        })?;
+        if n != len {
+            return Err(short(pid));
+        }
+        dst.write_all_at(&buf[..len], at)
+            .map_err(|err| WrittenError::Proc {
+                path: "the generation file".into(),
+                err,
+            })?;
+        copied += len as u64;
+        Ok(())
+    })?;
     Ok(copied)
+}
+
+/// The reverse of [`copy_written`]: writes the pages of `pages` from `src`
+/// (at their offsets) into process `pid`'s private mapping of `file`, which
+/// makes them private copies there. For a VMM that is not running yet (a
+/// clone or a parent's new QEMU, started `-incoming`) whose generation is
+/// its RAM file plus a layer. Returns the bytes written.
+pub fn write_into_process(
+    pid: u32,
+    file: &Path,
+    pages: &BitVec<u64, Lsb0>,
+    src: &File,
+) -> Result<u64, WrittenError> {
+    let mut buf = vec![0u8; RUN];
+    let mut written = 0;
+    for_each_mapped_run(pid, file, pages, RUN, |addr, at, len| {
+        src.read_exact_at(&mut buf[..len], at)
+            .map_err(|err| WrittenError::Proc {
+                path: "the generation's layer".into(),
+                err,
+            })?;
+        let n = crate::sys::write_process(pid, addr, &buf[..len]).map_err(|err| {
+            WrittenError::Proc {
+                path: format!("the memory of process {pid}"),
+                err,
+            }
+        })?;
+        if n != len {
+            return Err(short(pid));
+        }
+        written += len as u64;
+        Ok(())
+    })?;
+    Ok(written)
 }
 
 /// The whole pages a discard log covers (see `qemu-shim`: records of two
@@ -352,6 +418,17 @@ mod tests {
         let back = std::fs::read(&dst_path).unwrap();
         let changed: Vec<usize> = (0..back.len()).filter(|&i| back[i] != 1).collect();
         assert_eq!(changed, [3 * page, 11 * page + 5]);
+        // And back: pages 5 and 6 of `next` go into this process's mapping.
+        let mut back_bits = bitvec![u64, Lsb0; 0; 16];
+        back_bits[5..7].fill(true);
+        std::os::unix::fs::FileExt::write_all_at(&dst, &[7u8; 8192], 5 * PAGE_SIZE).unwrap();
+        let src = File::open(&dst_path).unwrap();
+        let n = write_into_process(std::process::id(), &path, &back_bits, &src).unwrap();
+        assert_eq!(n, 2 * PAGE_SIZE);
+        assert!(map[5 * page..7 * page].iter().all(|b| *b == 7));
+        assert_eq!((map[4 * page], map[7 * page]), (1, 1));
+        let w = written_pages(std::process::id(), &path, 16).unwrap();
+        assert_eq!(w.iter_ones().collect::<Vec<_>>(), [3, 5, 6, 11]);
         drop(map);
         assert!(matches!(
             written_pages(std::process::id(), &path, 16),

@@ -146,10 +146,15 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
         }
         let len = wire::data_len(r.count);
         out.resize(wire::REPLY_LEN + len, 0);
-        if let Err(e) = g
+        let data = &mut out[wire::REPLY_LEN..];
+        let read = g
             .file
-            .read_exact_at(&mut out[wire::REPLY_LEN..], r.first * PAGE_SIZE)
-        {
+            .read_exact_at(data, r.first * PAGE_SIZE)
+            .and_then(|()| match &g.layer {
+                Some(l) => l.overlay(r.first, data),
+                None => Ok(()),
+            });
+        if let Err(e) = read {
             warn!(
                 generation = r.name,
                 "page server cannot read the generation file: {e}"

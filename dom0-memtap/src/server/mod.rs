@@ -10,8 +10,9 @@
 //!   counters, shutdown) and its settings;
 //! * `connection.rs`: the accept loop and one connection's requests.
 //!
-//! May import: [`crate::wire`], `sys`, the crate root. Nothing
-//! here knows about memtap or how generations are frozen.
+//! May import: [`crate::wire`], [`crate::origin::Layer`] (reading a
+//! layered generation), `sys`, the crate root. Nothing here knows about
+//! memtap or how generations are frozen.
 
 mod connection;
 
@@ -111,6 +112,8 @@ fn inc(c: &AtomicU64, n: u64) {
 struct Published {
     file: File,
     pages: u64,
+    /// The pages that differ from `file`, for a layered generation.
+    layer: Option<crate::origin::Layer>,
 }
 
 struct Shared {
@@ -183,6 +186,17 @@ impl PageServer {
     /// Serves `file` as generation `generation` (replacing any generation
     /// of that name). Its size is the generation's size, a multiple of 4 KiB.
     pub fn publish(&self, generation: &str, file: &Path) -> Result<(), PublishError> {
+        self.publish_layered(generation, file, None)
+    }
+
+    /// Like [`publish`](Self::publish), for a generation that is `file`
+    /// plus `layer` (see [`Layer`](crate::origin::Layer)).
+    pub fn publish_layered(
+        &self,
+        generation: &str,
+        file: &Path,
+        layer: Option<crate::origin::Layer>,
+    ) -> Result<(), PublishError> {
         if !wire::valid_generation_name(generation) {
             return Err(PublishError::InvalidName {
                 name: generation.to_string(),
@@ -199,6 +213,7 @@ impl PageServer {
         let p = Arc::new(Published {
             file: f,
             pages: size / PAGE_SIZE,
+            layer,
         });
         self.shared.gens.write().insert(generation.to_string(), p);
         debug!(generation, file = %file.display(), size, "published");

@@ -28,6 +28,14 @@ pub fn is_generation_of(dir: &str, parent: &str) -> bool {
         .is_some_and(|g| !g.is_empty() && g.bytes().all(|c| c.is_ascii_digit()))
 }
 
+/// Unlinks the memory of the generation in `dir` (its base link and its
+/// layer), keeping its descriptor.
+pub fn unlink_memory(dir: &std::path::Path) {
+    for f in ["ram", dom0_memtap::TOP, dom0_memtap::TOP_MAP] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
 /// Errors naming another host's generation.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GenerationError {
@@ -69,7 +77,7 @@ impl Daemon {
 
     /// The host memory `vm` takes: its private pages; for an original VM
     /// also the RAM file it runs on and the older generations it keeps
-    /// (each file counted once).
+    /// (each file counted once; a layered generation by its layer).
     pub fn mem_use(&self, vm: &crate::state::vm::Vm) -> snowflock_proto::admin::MemUse {
         use std::os::unix::fs::MetadataExt;
         let pid = *vm.pid.lock();
@@ -89,10 +97,11 @@ impl Daemon {
                 if !is_generation_of(&name, vm.name()) {
                     continue;
                 }
-                let f = e.path().join("ram");
-                if let Ok(md) = std::fs::metadata(&f) {
-                    if Some(md.ino()) != own && seen.insert(md.ino()) {
-                        m.generations_bytes += md.blocks() * 512;
+                for f in ["ram", dom0_memtap::TOP] {
+                    if let Ok(md) = std::fs::metadata(e.path().join(f)) {
+                        if Some(md.ino()) != own && seen.insert(md.ino()) {
+                            m.generations_bytes += md.blocks() * 512;
+                        }
                     }
                 }
             }
@@ -113,7 +122,7 @@ impl Daemon {
                 .flatten()
         });
         if let Some(dir) = idle {
-            let _ = std::fs::remove_file(dir.join("ram"));
+            unlink_memory(&dir);
         }
     }
 

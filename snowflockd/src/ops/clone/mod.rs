@@ -517,8 +517,14 @@ async fn start_clones(
         let pages = d.pages.as_ref().ok_or(CloneError::NoPageServer)?;
         // Published as other hosts' memtap names it.
         let name = generations::shared_name(&me, job.gen_name);
+        let pages_n = (mem.size / dom0_memtap::PAGE_SIZE) as usize;
+        let layer =
+            dom0_memtap::Layer::open(job.gen_dir, pages_n).map_err(|err| CloneError::Io {
+                what: "open the generation's layer".into(),
+                err,
+            })?;
         pages
-            .publish(&name, &gen_ram)
+            .publish_layered(&name, &gen_ram, layer)
             .map_err(CloneError::Publish)?;
         d.with(|r| {
             if let Some(t) = r.tickets.get_mut(job.ticket) {
@@ -610,7 +616,7 @@ async fn start_clones(
     });
     let running = d.with(|r| r.tickets.get(job.ticket).is_some_and(|t| !t.all_done()));
     if !running && remote_hosts.is_empty() {
-        let _ = std::fs::remove_file(&gen_ram);
+        generations::unlink_memory(job.gen_dir);
     }
     let all_ready_ms = tl.mark("parent_answered");
     Ok(CloneReport {

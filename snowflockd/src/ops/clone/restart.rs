@@ -3,9 +3,10 @@
 //! parent ran on becomes the generation, nothing is copied while it is
 //! paused, and the parent continues in a QEMU that maps the file
 //! privately. A parent already on a private mapping adds the pages it
-//! wrote since its last freeze (read from the stopped process) to the
-//! file it runs on, if no clone maps that file any more (`in_place`), or
-//! else to a copy of it made while it runs.
+//! wrote since the file last changed (read from the stopped process) to
+//! the file it runs on, if no clone maps that file any more (`in_place`),
+//! or else to a layer over it (`dom0_memtap::Layer`), which its new QEMU
+//! gets too: a clone point never copies the memory that did not change.
 
 use super::freeze::{read_state, Frozen};
 use super::start::load_state;
@@ -27,6 +28,10 @@ pub struct Handover {
 
 /// Name of the link to the file the parent's QEMU maps, in its directory.
 const RAM: &str = "ram";
+/// The pages the guest freed since its file last changed, which the file
+/// does not show as holes (a page map; see `dom0_memtap::save_map`), in
+/// its directory. Only while generations are layers over the file.
+const FREED: &str = "freed.map";
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> CloneError + '_ {
     move |err| CloneError::Io {
@@ -67,6 +72,75 @@ fn successor_spec(
     }
 }
 
+/// What became of the pages the guest freed (and did not write again)
+/// since its file last changed.
+enum Freed {
+    /// Punched out of the file.
+    Punched,
+    /// Zero pages of the layer; the file still holds old contents there.
+    Carried(bitvec::vec::BitVec<u64, bitvec::order::Lsb0>),
+}
+
+/// With the parent (process `pid`, QEMU `current`) paused: copies the
+/// pages it wrote into its file (`top` is `None`) or into the layer `top`
+/// (its map beside it), and then into the new QEMU `successor` too, which
+/// maps the unchanged file. Pages the guest freed become holes or zero
+/// pages of the layer. Returns the bytes copied.
+fn freeze_written(
+    current: &QemuSpec,
+    pid: u32,
+    gen_ram: &Path,
+    top: Option<&std::fs::File>,
+    successor: Option<u32>,
+) -> Result<(u64, Freed), CloneError> {
+    let pages = ((u64::from(current.mem_mib) << 20) / dom0_memtap::PAGE_SIZE) as usize;
+    let ram = &current.ram_path;
+    // What the parent wrote since its file last changed (its private pages).
+    let w = dom0_memtap::written_pages(pid, ram, pages).map_err(CloneError::Written)?;
+    // Pages the guest reported free since, or before while generations
+    // were layers, and did not write again.
+    let log = current
+        .discard_log
+        .as_ref()
+        .and_then(|l| std::fs::read(l).ok())
+        .unwrap_or_default();
+    let mut free = dom0_memtap::discarded_pages(&log, pages);
+    if let Ok(before) = dom0_memtap::load_map(&current.dir.join(FREED), pages) {
+        free |= before;
+    }
+    free &= !w.clone();
+    let Some(top) = top else {
+        // Into the file itself: freed pages become holes, as they would
+        // have been in a shared RAM.
+        let dst = std::fs::OpenOptions::new()
+            .write(true)
+            .open(gen_ram)
+            .map_err(io("open the generation"))?;
+        let fixed = dom0_memtap::copy_written(pid, ram, &w, &dst).map_err(CloneError::Written)?;
+        let punched = dom0_memtap::punch_pages(&dst, &free).map_err(io("punch free pages"))?;
+        tracing::info!(
+            written_kib = fixed / 1024,
+            punched_kib = punched / 1024,
+            "changes since the last freeze, into the file"
+        );
+        return Ok((fixed, Freed::Punched));
+    };
+    let fixed = dom0_memtap::copy_written(pid, ram, &w, top).map_err(CloneError::Written)?;
+    let map = w.clone() | free.clone();
+    let gen_dir = gen_ram.parent().unwrap_or(Path::new("."));
+    dom0_memtap::save_map(&gen_dir.join(dom0_memtap::TOP_MAP), &map)
+        .map_err(io("save the layer's map"))?;
+    // The new QEMU maps the file: it gets the written pages as its own.
+    let new_pid = successor.ok_or(CloneError::TaskFailed)?;
+    dom0_memtap::write_into_process(new_pid, ram, &w, top).map_err(CloneError::Written)?;
+    tracing::info!(
+        written_kib = fixed / 1024,
+        freed_kib = free.count_ones() as u64 * 4,
+        "changes since the file last changed, into a layer"
+    );
+    Ok((fixed, Freed::Carried(free)))
+}
+
 /// Pauses the parent (QEMU `current`, process `old_pid`), freezes its
 /// memory into `gen_dir/ram` and resumes it in a new QEMU; on failure the
 /// old QEMU is resumed. A parent with a disk passes its chain as the new
@@ -86,18 +160,23 @@ pub fn freeze_by_restart(
     let _ = std::fs::remove_dir_all(&next);
     std::fs::create_dir_all(&next).map_err(io("create the new QEMU's directory"))?;
     let gen_ram = gen_dir.join("ram");
-    // The file the new QEMU maps: the parent's own (it becomes the
-    // generation) on its first freeze or when no clone maps it, else a
-    // copy of it.
+    // The file the new QEMU maps is the parent's own, and the generation's
+    // base: its contents on its first freeze, or when no clone maps it,
+    // with what the parent wrote; else a layer over it holds that.
     let in_place = current.share || in_place;
-    let ram = if in_place {
-        std::fs::hard_link(&current.ram_path, &gen_ram).map_err(io("link the RAM file"))?;
-        current.ram_path.clone()
+    let ram = current.ram_path.clone();
+    std::fs::hard_link(&ram, &gen_ram).map_err(io("link the RAM file"))?;
+    let top = if in_place {
+        None
     } else {
-        let p = dom0_memtap::Precopy::start(&current.ram_path, &gen_ram)?;
-        drop(p);
-        tl.mark("memory_precopied");
-        gen_ram.clone()
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(gen_dir.join(dom0_memtap::TOP))
+            .and_then(|f| f.set_len(u64::from(current.mem_mib) << 20).map(|()| f))
+            .map_err(io("create the generation's layer"))?;
+        Some(f)
     };
     // One discard log per QEMU, named after the generation it starts on.
     let gen_name = gen_dir.file_name().unwrap_or_default().to_string_lossy();
@@ -120,45 +199,22 @@ pub fn freeze_by_restart(
         let t0 = Instant::now();
         q.stop()?;
         tl.mark("parent_paused");
-        let moved = (|| -> Result<(Vec<u8>, u64), CloneError> {
+        let moved = (|| -> Result<(Vec<u8>, u64, Option<Freed>), CloneError> {
             let state_file = gen_dir.join("state");
             q.save_devices(&state_file)?;
             tl.mark("device_state_saved");
             let mut fixed = 0;
+            let mut freed = None;
             if !current.share {
-                // What the parent wrote since its last generation.
                 let pid = old_pid.ok_or(CloneError::TaskFailed)?;
-                let pages = (u64::from(current.mem_mib) << 20) / dom0_memtap::PAGE_SIZE;
-                let w = dom0_memtap::written_pages(pid, &current.ram_path, pages as usize)
-                    .map_err(CloneError::Written)?;
-                // `gen_ram` is the parent's own file when `in_place`.
-                let dst = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&gen_ram)
-                    .map_err(io("open the generation"))?;
-                fixed = dom0_memtap::copy_written(pid, &current.ram_path, &w, &dst)
-                    .map_err(CloneError::Written)?;
-                // Pages the guest reported free since, and did not write
-                // again: holes, as they would have been in a shared RAM.
-                if let Some(log) = &current.discard_log {
-                    let bytes = std::fs::read(log).unwrap_or_default();
-                    let mut free = dom0_memtap::discarded_pages(&bytes, pages as usize);
-                    free &= !w;
-                    let punched =
-                        dom0_memtap::punch_pages(&dst, &free).map_err(io("punch free pages"))?;
-                    tracing::info!(
-                        written_kib = fixed / 1024,
-                        logged = bytes.len() / 16,
-                        punched_kib = punched / 1024,
-                        "changes since the last freeze"
-                    );
-                }
+                let (n, f) = freeze_written(current, pid, &gen_ram, top.as_ref(), process.pid)?;
+                (fixed, freed) = (n, Some(f));
                 tl.mark("memory_frozen");
             }
             let state = read_state(&state_file)?;
             load_state(&mut *qn, &next, &state, Duration::from_secs(30))?;
             qn.cont().map_err(CloneError::Resume)?;
-            Ok((state, fixed))
+            Ok((state, fixed, freed))
         })();
         match moved {
             Ok(m) => Ok((m, t0.elapsed().as_secs_f64() * 1e3)),
@@ -178,16 +234,14 @@ pub fn freeze_by_restart(
             }
         }
     })();
-    let ((state, fixed), pause_ms) = match result {
+    let ((state, fixed, freed), pause_ms) = match result {
         Ok(r) => r,
         Err(e) => {
             if let Some(pid) = process.pid {
                 vmm.kill(pid);
             }
             let _ = std::fs::remove_dir_all(&next);
-            if in_place {
-                let _ = std::fs::remove_file(&gen_ram);
-            }
+            let _ = std::fs::remove_file(&gen_ram);
             return Err(e);
         }
     };
@@ -207,17 +261,20 @@ pub fn freeze_by_restart(
         if let Some(log) = &current.discard_log {
             let _ = std::fs::remove_file(log);
         }
-        if !in_place {
-            let tmp = vm_dir2.join("ram.next");
-            let _ = std::fs::remove_file(&tmp);
-            std::fs::hard_link(&gen_ram, &tmp)
-                .and_then(|()| std::fs::rename(&tmp, vm_dir2.join(RAM)))
-                .map_err(io("link the parent's RAM file"))?;
+        // The freed pages the file does not show, for the next freeze.
+        let freed_map = vm_dir2.join(FREED);
+        match freed {
+            Some(Freed::Carried(bits)) => {
+                dom0_memtap::save_map(&freed_map, &bits).map_err(io("save the freed pages"))?
+            }
+            _ => {
+                let _ = std::fs::remove_file(&freed_map);
+            }
         }
         Ok(Frozen {
             pause_ms,
             state,
-            mem: dom0_memtap::frozen_in_place(&gen_ram, fixed)?,
+            mem: dom0_memtap::frozen_layered(&gen_ram, gen_dir, fixed)?,
         })
     })();
     Ok(Handover {

@@ -83,6 +83,29 @@ pub(super) fn load_state(
     Ok(q.wait_incoming(timeout)?)
 }
 
+/// Gives a clone QEMU (process `pid`, not running yet) that maps the
+/// generation's base file `ram` the pages of the generation's layer, if it
+/// has one (see `dom0_memtap::Layer`). Blocking.
+fn apply_layer(pid: u32, ram: &Path) -> Result<(), CloneError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |err| CloneError::Io { what, err }
+    };
+    let dir = ram.parent().unwrap_or(Path::new("."));
+    let size = std::fs::metadata(ram)
+        .map_err(io("read the generation"))?
+        .len();
+    let pages = (size / dom0_memtap::PAGE_SIZE) as usize;
+    let Some(layer) = dom0_memtap::Layer::open(dir, pages).map_err(io("open the layer"))? else {
+        return Ok(());
+    };
+    let data = layer.data_pages().map_err(io("read the layer"))?;
+    let n = dom0_memtap::write_into_process(pid, ram, &data, &layer.top)
+        .map_err(CloneError::Written)?;
+    tracing::debug!(kib = n / 1024, "layer applied");
+    Ok(())
+}
+
 /// Loads the device state into a spawned clone, resumes it and gives it
 /// its identity; returns once it is ready. A clone that fails is stopped.
 pub async fn resume_clone(
@@ -105,8 +128,15 @@ pub async fn resume_clone(
             vm.placed.dir.clone(),
             desc.device_state.clone(),
         );
+        let layered = match &vm.spec.memory {
+            MemSource::Local { ram } => vm.pid.lock().map(|pid| (pid, ram.clone())),
+            _ => None,
+        };
         tokio::task::spawn_blocking(move || -> Result<(), CloneError> {
             let mut q = vmm.control(&dir, Duration::from_secs(30))?;
+            if let Some((pid, ram)) = layered {
+                apply_layer(pid, &ram)?;
+            }
             load_state(&mut *q, &dir, &state, Duration::from_secs(60))?;
             Ok(q.cont()?)
         })
