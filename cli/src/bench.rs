@@ -84,6 +84,24 @@ pub fn clone_cycle(c: &Client, vm: &str, n: u32) -> Result<CloneReport> {
     report_for(c, &ticket)
 }
 
+/// Runs `sf clone` with `n` clones in the guest and leaves the clones
+/// running (they wait); returns the ticket.
+fn clone_and_keep(c: &Client, vm: &str, n: u32) -> Result<String> {
+    let script = format!(
+        "T=$(sf ticket {n}) || exit 1; ID=$(sf clone $T) || exit 1; \
+         if [ \"$ID\" != 0 ]; then exec sleep 100000; fi; echo $T"
+    );
+    let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script], true)?;
+    if out.code != 0 {
+        bail!(
+            "clone in {vm} failed ({}): {}",
+            out.code,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Starts `sf-memtest hold` in the guest: `mib` MiB written (seed
 /// `seed`) and kept, served on `sock`.
 fn fill(c: &Client, vm: &str, mib: u32, seed: u32, sock: &str) -> Result<()> {
@@ -143,6 +161,16 @@ fn one_size(c: &Client, a: &BenchArgs, touch: u32) -> Result<Vec<Row>> {
         fill(c, &vm, DIRTY_MIB, 2, "/tmp/bench-dirty.sock")?;
         let again = clone_cycle(c, &vm, a.clones[0])?;
         rows.push(row(touch, 1, &format!("dirtied {DIRTY_MIB} MiB"), &[again]));
+        // The same while the earlier clones still run: the file they map
+        // cannot change, so the generation is a layer over it.
+        eprintln!("bench: {vm} clones, dirties {DIRTY_MIB} MiB, clones again meanwhile");
+        let kept = clone_and_keep(c, &vm, a.clones[0])?;
+        let layered = fill(c, &vm, DIRTY_MIB, 3, "/tmp/bench-dirty2.sock")
+            .and_then(|()| clone_cycle(c, &vm, a.clones[0]));
+        let killed = vm_cmd::exec(c, &vm, &["sf".into(), "kill".into(), kept.clone()], true);
+        let layered = layered?;
+        killed?;
+        rows.push(row(touch, 1, "same, clones run", &[layered]));
         Ok(rows)
     })();
     let _ = vm_cmd::stop(c, &vm);

@@ -1,7 +1,12 @@
-//! Freezing the parent: pause it, save its device state without RAM,
-//! freeze its memory into a generation, and resume it whatever happens.
+//! Freezing the parent in place (no new QEMU): pause it, save its device
+//! state without RAM, freeze its memory into a generation, and resume it
+//! whatever happens. Its memory is either copied (a VMM that cannot hand a
+//! VM over) or, for a parent on a private mapping of a file clones still
+//! map, the pages it wrote become a layer over that file (`written.rs`).
 
+use super::written::{create_layer, freeze_written, keep_freed};
 use super::{CloneError, Timeline};
+use crate::host::qemu::QemuSpec;
 use crate::host::vmm::Vmm;
 use crate::state::vm::Vm;
 use std::path::{Path, PathBuf};
@@ -30,6 +35,15 @@ pub(super) fn read_state(file: &Path) -> Result<Vec<u8>, CloneError> {
     std::fs::read(file).map_err(CloneError::DeviceState)
 }
 
+/// How the parent's memory becomes the generation.
+pub enum MemFreeze {
+    /// A copy of its RAM file, made mostly while it runs.
+    Precopy(dom0_memtap::Precopy),
+    /// Its RAM file (`spec.ram_path`, mapped privately by process `pid`)
+    /// plus a layer of the pages it wrote.
+    Layer { spec: QemuSpec, pid: u32 },
+}
+
 /// The parent's disk to freeze with its memory: its top node, and the
 /// prepared overlay that becomes its new top (node `new_node`).
 pub struct DiskFreeze {
@@ -44,17 +58,29 @@ pub struct DiskFreeze {
 pub fn freeze(
     vmm: &Arc<dyn Vmm>,
     vm_dir: &Path,
-    mut precopy: dom0_memtap::Precopy,
+    mut mem: MemFreeze,
     disk: Option<DiskFreeze>,
     gen_dir: &Path,
     tl: &Timeline,
 ) -> Result<Frozen, CloneError> {
     let mut q = vmm.control(vm_dir, Duration::from_secs(2))?;
     let state_file = gen_dir.join("state");
-    // Copy the RAM while the parent still runs; only changes are copied
-    // while it is paused.
-    precopy.copy()?;
-    tl.mark("memory_precopied");
+    let gen_ram = gen_dir.join("ram");
+    let top = match &mut mem {
+        MemFreeze::Precopy(precopy) => {
+            // Copy the RAM while the parent still runs; only changes are
+            // copied while it is paused.
+            precopy.copy()?;
+            tl.mark("memory_precopied");
+            None
+        }
+        MemFreeze::Layer { spec, .. } => Some(create_layer(
+            &spec.ram_path,
+            gen_dir,
+            u64::from(spec.mem_mib) << 20,
+        )?),
+    };
+    let mut freed = None;
     let t0 = Instant::now();
     q.stop()?;
     tl.mark("parent_paused");
@@ -75,9 +101,28 @@ pub fn freeze(
         // millisecond (a RAM-less migration stream was ~70 KB, 3 ms).
         q.save_devices(&state_file)?;
         tl.mark("device_state_saved");
-        let mem = precopy.finish()?;
+        let frozen = match (&mut mem, &top) {
+            (MemFreeze::Precopy(precopy), _) => precopy.finish()?,
+            (MemFreeze::Layer { spec, pid }, Some(top)) => {
+                let (fixed, f) = freeze_written(spec, *pid, &gen_ram, Some(top))?;
+                freed = Some(f);
+                // Its log starts again (the QEMU appends to it).
+                if let Some(log) = &spec.discard_log {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(log)
+                        .and_then(|f| f.set_len(0))
+                        .map_err(|err| CloneError::Io {
+                            what: "restart the discard log".into(),
+                            err,
+                        })?;
+                }
+                dom0_memtap::frozen_layered(&gen_ram, gen_dir, fixed)?
+            }
+            (MemFreeze::Layer { .. }, None) => return Err(CloneError::TaskFailed),
+        };
         tl.mark("memory_frozen");
-        Ok(mem)
+        Ok(frozen)
     })();
     // Always resume the parent; retry on a fresh connection if needed.
     let mut resumed = q.cont();
@@ -93,7 +138,18 @@ pub fn freeze(
     let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
     tl.mark("parent_resumed");
     // Unmapping takes tens of milliseconds; nobody needs to wait for it.
-    std::thread::spawn(move || drop(precopy));
+    let spec = match mem {
+        MemFreeze::Precopy(precopy) => {
+            std::thread::spawn(move || drop(precopy));
+            None
+        }
+        MemFreeze::Layer { spec, .. } => Some(spec),
+    };
+    // What the QEMU freed is carried over even if the freeze failed later:
+    // its log was restarted.
+    if let (Some(spec), Some(f)) = (spec, &freed) {
+        keep_freed(&spec.dir, Some(f))?;
+    }
     resumed.map_err(CloneError::Resume)?;
     let mem = work?;
     let state = read_state(&state_file)?;

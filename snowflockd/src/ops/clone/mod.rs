@@ -27,6 +27,7 @@ pub mod freeze;
 pub mod remote;
 pub mod restart;
 pub mod start;
+pub mod written;
 
 use crate::host::qmp::QmpError;
 use crate::lifecycle::daemon::DaemonError;
@@ -352,8 +353,17 @@ async fn do_clone(
         .collect();
     let any_remote = job.placement.iter().skip(1).any(|(_, n)| *n > 0);
     // The parent is handed to a new QEMU on its frozen RAM: nothing is
-    // copied (see restart.rs); its disk gets a new top layer there.
+    // copied (see restart.rs); its disk gets a new top layer there. That
+    // needs a file no clone maps: the file the parent runs on, on its first
+    // freeze, or once no clone of an earlier point runs. Otherwise what it
+    // wrote since becomes a layer over that file, and it stays in its QEMU.
     let handover = d.vmms.spec(parent.name()).filter(|_| d.vmm.hands_over());
+    let in_place = !d.with(|r| r.generations_in_use(parent.name(), job.ticket));
+    let (handover, layer) = match handover {
+        Some(s) if s.share || in_place => (Some(s), None),
+        Some(s) => (None, parent.pid.lock().map(|pid| (s, pid))),
+        None => (None, None),
+    };
     if let Some(current) = handover {
         let disk = prepare_disk_freeze(d, parent, job, any_remote).await?;
         let new_layers = disk.as_ref().and_then(|f| {
@@ -364,8 +374,6 @@ async fn do_clone(
         let chain = new_layers.as_ref().map(|l| l.blockdev());
         set_children(d, job, &slots, &hosts);
         parent.set_state(VmState::Cloning);
-        // No clone maps the file the parent runs on: write into it.
-        let in_place = !d.with(|r| r.generations_in_use(parent.name(), job.ticket));
         let (vmm, g, tl2, old_pid) = (
             d.vmm.clone(),
             job.gen_dir.to_path_buf(),
@@ -373,7 +381,7 @@ async fn do_clone(
             *parent.pid.lock(),
         );
         let done = tokio::task::spawn_blocking(move || {
-            restart::freeze_by_restart(&vmm, &current, old_pid, in_place, chain, &g, &tl2)
+            restart::freeze_by_restart(&vmm, &current, old_pid, chain, &g, &tl2)
         })
         .await
         .map_err(|_| CloneError::TaskFailed);
@@ -404,12 +412,15 @@ async fn do_clone(
     }
     let disk = prepare_disk_freeze(d, parent, job, any_remote).await?;
     let prepared = disk.as_ref().map(|f| f.file.clone());
-    let gen_ram = job.gen_dir.join("ram");
-    let precopy = {
-        let (src, dst) = (parent.placed.ram_path.clone(), gen_ram.clone());
-        tokio::task::spawn_blocking(move || dom0_memtap::Precopy::create(&src, &dst))
-            .await
-            .map_err(|_| CloneError::TaskFailed)??
+    let mem = match layer {
+        Some((spec, pid)) => freeze::MemFreeze::Layer { spec, pid },
+        None => {
+            let (src, dst) = (parent.placed.ram_path.clone(), job.gen_dir.join("ram"));
+            let p = tokio::task::spawn_blocking(move || dom0_memtap::Precopy::create(&src, &dst))
+                .await
+                .map_err(|_| CloneError::TaskFailed)??;
+            freeze::MemFreeze::Precopy(p)
+        }
     };
     set_children(d, job, &slots, &hosts);
     parent.set_state(VmState::Cloning);
@@ -420,7 +431,7 @@ async fn do_clone(
             job.gen_dir.to_path_buf(),
             tl.clone(),
         );
-        tokio::task::spawn_blocking(move || freeze::freeze(&vmm, &dir, precopy, disk, &g, &tl2))
+        tokio::task::spawn_blocking(move || freeze::freeze(&vmm, &dir, mem, disk, &g, &tl2))
             .await
             .map_err(|_| CloneError::TaskFailed)
     };
