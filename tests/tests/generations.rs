@@ -1,6 +1,6 @@
 //! Successive clone points from one parent, with real VMs. At each freeze
 //! the parent is handed to a new QEMU on a private mapping of its frozen
-//! RAM (docs/design.md#toward-a-clone-cost-flat-in-memory), so this is
+//! RAM (docs/design.md#parent-pause), so this is
 //! where that handover has to be invisible: to the clones of every point,
 //! and to the parent.
 

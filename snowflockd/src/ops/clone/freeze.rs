@@ -41,7 +41,7 @@ pub enum MemFreeze {
     Precopy(dom0_memtap::Precopy),
     /// Its RAM file (`spec.ram_path`, mapped privately by process `pid`)
     /// plus a layer of the pages it wrote.
-    Layer { spec: QemuSpec, pid: u32 },
+    Layer { spec: Box<QemuSpec>, pid: u32 },
 }
 
 /// The parent's disk to freeze with its memory: its top node, and the

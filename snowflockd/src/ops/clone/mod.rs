@@ -413,7 +413,10 @@ async fn do_clone(
     let disk = prepare_disk_freeze(d, parent, job, any_remote).await?;
     let prepared = disk.as_ref().map(|f| f.file.clone());
     let mem = match layer {
-        Some((spec, pid)) => freeze::MemFreeze::Layer { spec, pid },
+        Some((spec, pid)) => freeze::MemFreeze::Layer {
+            spec: Box::new(spec),
+            pid,
+        },
         None => {
             let (src, dst) = (parent.placed.ram_path.clone(), job.gen_dir.join("ram"));
             let p = tokio::task::spawn_blocking(move || dom0_memtap::Precopy::create(&src, &dst))

@@ -1,5 +1,5 @@
 //! Freezing the parent by handing it to a new QEMU (see
-//! `docs/design.md#toward-a-clone-cost-flat-in-memory`): the RAM file the
+//! `docs/design.md#parent-pause`): the RAM file the
 //! parent ran on becomes the generation, nothing is copied while it is
 //! paused, and the parent continues in a QEMU that maps the file
 //! privately. A parent already on a private mapping adds the pages it
