@@ -385,7 +385,46 @@ fn clones_see_the_disk_as_it_was_at_the_clone() {
         );
     }
     fsck_view(&h, "p", &vms.join("p/disk-g2.qcow2"));
+
+    // A third point while p-g2c1 runs: the parent stays in its QEMU (its
+    // memory a layer over the file p-g2c1 maps, its disk frozen by a
+    // snapshot there), and each clone sees its own point.
+    let t3 = sh_in(
+        &h,
+        "p",
+        "echo third > /root/third && \
+         T=$(sf ticket 1) || exit 1; ID=$(sf clone $T) || exit 1; [ \"$ID\" = 0 ] && echo $T",
+    );
+    assert!(h.state.join("gens/p-g3/top").exists(), "a layer");
+    let kid3 = clones_of(&h.vms(), &t3);
+    assert_eq!(kid3.len(), 1);
+    let k3 = kid3[0]["name"].as_str().unwrap().to_string();
+    assert_eq!(
+        sh_in(&h, &k3, "cat /root/after /root/third"),
+        "after\nthird"
+    );
+    assert_eq!(
+        sh_in(
+            &h,
+            "p-g2c1",
+            "test -e /root/third && echo seen || echo absent"
+        ),
+        "absent"
+    );
+    sh_in(&h, "p", "echo fourth > /root/fourth && sync");
+    for vm in ["p", k3.as_str()] {
+        assert_eq!(
+            sh_in(&h, vm, "sha256sum -c --quiet /root/data.sum && echo intact"),
+            "intact",
+            "{vm}"
+        );
+    }
+    assert_eq!(
+        sh_in(&h, &k3, "test -e /root/fourth && echo seen || echo absent"),
+        "absent"
+    );
     h.sh_ok("p", &format!("sf kill {t2}"));
+    h.sh_ok("p", &format!("sf kill {t3}"));
 }
 
 fn disk_fetched(c: &Cluster, host: usize, vm: &str) -> u64 {

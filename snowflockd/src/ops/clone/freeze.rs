@@ -106,16 +106,22 @@ pub fn freeze(
             (MemFreeze::Layer { spec, pid }, Some(top)) => {
                 let (fixed, f) = freeze_written(spec, *pid, &gen_ram, Some(top))?;
                 freed = Some(f);
-                // Its log starts again (the QEMU appends to it).
+                // Its log starts again (the QEMU appends to it; it makes
+                // the file at its first record).
                 if let Some(log) = &spec.discard_log {
-                    std::fs::OpenOptions::new()
+                    let restarted = std::fs::OpenOptions::new()
                         .write(true)
                         .open(log)
-                        .and_then(|f| f.set_len(0))
-                        .map_err(|err| CloneError::Io {
-                            what: "restart the discard log".into(),
-                            err,
-                        })?;
+                        .and_then(|f| f.set_len(0));
+                    match restarted {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(CloneError::Io {
+                                what: "restart the discard log".into(),
+                                err: e,
+                            })
+                        }
+                        _ => {}
+                    }
                 }
                 dom0_memtap::frozen_layered(&gen_ram, gen_dir, fixed)?
             }
