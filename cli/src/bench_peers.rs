@@ -11,10 +11,11 @@
 //!   until its agent answers. No state, and no VM is stopped: `pause_ms`
 //!   is null. The VM stays up during `clone_local`. Every host allows 2
 //!   VMs, and a ticket's clone goes to the host with the most free slots
-//!   (ties to another host than the parent's): an idle VM (`peersfill`)
-//!   holds one of h1's slots for the whole run, the boot VM the other
-//!   during `clone_local`, so that clone lands on h0; with the boot VM
-//!   stopped, `clone_remote` lands on h1. The bench checks where they land.
+//!   (ties to another host than the parent's): an idle VM (`peersfill1x0`)
+//!   holds one of h1's slots for the whole run (and idle VMs all slots of
+//!   h2 and up, with `--hosts` above 2), the boot VM the other during
+//!   `clone_local`, so that clone lands on h0; with the boot VM stopped,
+//!   `clone_remote` lands on h1. The bench checks where they land.
 //! * **clone_local**, **clone_remote**: a ticket of one clone, placed on h0,
 //!   then (the boot VM stopped) on h1. `pause_ms` is the daemon's parent
 //!   pause, `ready_ms` its `clone1_ready` mark (from the daemon receiving
@@ -78,8 +79,7 @@ const MAX_VMS: u32 = 2;
 const MIGRATE_PORT: u16 = 7199;
 /// Longest a save, restore or migration may take.
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(180);
-/// The idle VM that holds one of h1's slots, and its memory.
-const FILLER: &str = "peersfill";
+/// Memory of an idle VM that holds a slot (see [`fillers`]).
 const FILLER_MIB: u32 = 256;
 /// The parent's pattern socket in the guest (`sf-memtest hold`).
 const PATTERN_SOCK: &str = "/tmp/bench-mt.sock";
@@ -219,10 +219,13 @@ pub fn run(a: PeersArgs) -> Result<Vec<Row>> {
                 eprintln!("bench: {vm} fills {} MiB", a.touch_mib);
                 crate::bench::fill(&c, vm, a.touch_mib, 1, PATTERN_SOCK)?;
             }
-            // Holds one of h1's two slots for the whole run (see the module
-            // comment); it idles.
+            // Idle VMs that hold slots for the whole run (see the module
+            // comment).
+            for (name, i) in fillers(a.hosts) {
+                let hc = Client::new(&hosts[i].socket);
+                vm_cmd::start(&hc, &name, &a.image, FILLER_MIB, 1, Accel::Auto, false)?;
+            }
             let h1c = Client::new(&h1.socket);
-            vm_cmd::start(&h1c, FILLER, &a.image, FILLER_MIB, 1, Accel::Auto, false)?;
             // Where each method's worker runs, in the order of METHODS.
             let at = [&h0.name, &h1.name, &h1.name, &h0.name, &h1.name];
             let mut m: Vec<Method> = METHODS
@@ -288,6 +291,17 @@ pub fn run(a: PeersArgs) -> Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// The idle VMs (name, host index) that make the placement put
+/// `clone_local` on h0 and `clone_remote` on h1: one on h1 (the boot VM
+/// takes its other slot during `clone_local`), and every slot of h2 and up.
+fn fillers(hosts: u32) -> Vec<(String, usize)> {
+    let mut v = vec![("peersfill1x0".to_string(), 1)];
+    for i in 2..hosts as usize {
+        v.extend((0..MAX_VMS).map(|k| (format!("peersfill{i}x{k}"), i)));
+    }
+    v
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -678,6 +692,19 @@ mod tests {
         assert!(check_args(&args(33, 3, 1024, 512)).is_err());
         assert!(check_args(&args(2, 0, 1024, 512)).is_err());
         assert!(check_args(&args(2, 1, 256, 0)).is_ok());
+    }
+
+    #[test]
+    fn fillers_leave_h0_the_most_slots_then_h1() {
+        assert_eq!(fillers(2), vec![("peersfill1x0".to_string(), 1)]);
+        let f = fillers(4);
+        assert_eq!(f.len(), 1 + 2 * MAX_VMS as usize);
+        for i in 2..4 {
+            assert_eq!(f.iter().filter(|x| x.1 == i).count(), MAX_VMS as usize);
+        }
+        let mut names: Vec<&String> = f.iter().map(|x| &x.0).collect();
+        names.dedup();
+        assert_eq!(names.len(), f.len());
     }
 
     fn sample(pause: Option<f64>, ready: f64) -> Sample {
