@@ -104,7 +104,7 @@ fn clone_and_keep(c: &Client, vm: &str, n: u32) -> Result<String> {
 
 /// Starts `sf-memtest hold` in the guest: `mib` MiB written (seed
 /// `seed`) and kept, served on `sock`.
-fn fill(c: &Client, vm: &str, mib: u32, seed: u32, sock: &str) -> Result<()> {
+pub(crate) fn fill(c: &Client, vm: &str, mib: u32, seed: u32, sock: &str) -> Result<()> {
     let script = format!(
         "sf-memtest hold --mib {mib} --seed {seed} --sock {sock} </dev/null >/dev/null 2>&1 & \
          i=0; while [ ! -S {sock} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; [ -S {sock} ]"

@@ -6,6 +6,7 @@ mod bench;
 mod bench_disk;
 mod bench_hosts;
 mod bench_mpi;
+mod bench_peers;
 mod bench_ticket;
 mod client;
 mod cluster;
@@ -14,6 +15,7 @@ mod demo;
 mod demo_mpi;
 mod image_cmd;
 mod image_debian;
+mod qemu_copy;
 mod sys;
 mod vm_cmd;
 
@@ -343,6 +345,28 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A clone against booting, save/restore and live migration, side by
+    /// side: the original VM's pause and the time to a running worker.
+    Peers(PeersOpts),
+}
+
+#[derive(clap::Args)]
+struct PeersOpts {
+    /// Hosts of the local cluster `sfbench` (the parent on h0; boot,
+    /// remote clone and migration to h1).
+    #[arg(long, default_value_t = 2)]
+    hosts: u32,
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long, default_value = "1G", value_parser = vm_cmd::parse_mem)]
+    mem: u32,
+    /// MiB of the guest's memory filled (and held) before measuring.
+    #[arg(long, default_value_t = 512)]
+    touch_mib: u32,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -558,6 +582,22 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                     .display()
                     .to_string(),
                 json,
+            })?;
+        }
+        Cmd::Bench {
+            cmd: BenchCmd::Peers(o),
+        } => {
+            bench_peers::run(bench_peers::PeersArgs {
+                hosts: o.hosts,
+                runs: o.runs,
+                image: o
+                    .image
+                    .unwrap_or_else(image_cmd::default_out)
+                    .display()
+                    .to_string(),
+                mem_mib: o.mem,
+                touch_mib: o.touch_mib,
+                json: o.json,
             })?;
         }
         Cmd::Bench {

@@ -1,0 +1,320 @@
+//! A copy of a running QEMU for `bench peers`: its command line adapted
+//! for a second process that loads the first one's state by migration
+//! (own sockets and console, its own RAM, its own tap), the process itself
+//! (killed when dropped), and a minimal QMP client to drive both.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The files and tap of one copy of the parent.
+pub struct CopyPaths {
+    pub qmp: PathBuf,
+    pub agent: PathBuf,
+    pub console: PathBuf,
+    /// A tap QEMU creates (and removes when it ends) in its namespace,
+    /// attached to nothing: the NIC needs a backend with the parent's
+    /// features (a tap's offloads) or its state does not load.
+    pub tap: String,
+}
+
+impl CopyPaths {
+    /// `tag`: a few letters and digits naming the copy.
+    pub fn new(dir: &Path, tag: &str) -> CopyPaths {
+        CopyPaths {
+            qmp: dir.join(format!("{tag}-qmp.sock")),
+            agent: dir.join(format!("{tag}-agent.sock")),
+            console: dir.join(format!("{tag}-console.log")),
+            tap: format!("sfp{tag}").chars().take(15).collect(),
+        }
+    }
+}
+
+/// The parent's QEMU arguments for a copy that loads its state from
+/// `incoming`: own QMP, agent socket and console, RAM from
+/// `memory-backend-ram` of the same size and id, its own tap behind the
+/// NIC, no `-S` or earlier `-incoming`. A disk would be opened twice: refused.
+pub fn copy_args(parent: &[String], p: &CopyPaths, incoming: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut it = parent.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{a} without a value"))
+        };
+        match a.as_str() {
+            "-S" => {}
+            "-incoming" => {
+                value()?;
+            }
+            "-netdev" => {
+                let v = value()?;
+                let id = option(&v, "id").context("a netdev without id")?;
+                out.push(a.clone());
+                out.push(format!(
+                    "tap,id={id},ifname={},script=no,downscript=no",
+                    p.tap
+                ));
+            }
+            "-blockdev" | "-drive" => {
+                bail!("the parent has a disk; the bench copies disk-less VMs only")
+            }
+            "-qmp" => {
+                value()?;
+                out.push(a.clone());
+                out.push(format!("unix:{},server=on,wait=off", p.qmp.display()));
+            }
+            "-object" => {
+                let v = value()?;
+                out.push(a.clone());
+                if v.starts_with("memory-backend-") && option(&v, "id") == Some("mem") {
+                    let size = option(&v, "size").context("the RAM backend has no size")?;
+                    out.push(format!("memory-backend-ram,id=mem,size={size}"));
+                } else {
+                    out.push(v);
+                }
+            }
+            "-chardev" => {
+                let v = value()?;
+                out.push(a.clone());
+                out.push(match option(&v, "id") {
+                    Some("con") => format!("file,id=con,path={}", p.console.display()),
+                    Some("agent") => format!(
+                        "socket,id=agent,path={},server=on,wait=off",
+                        p.agent.display()
+                    ),
+                    _ => bail!("unknown chardev {v:?} in the parent's command line"),
+                });
+            }
+            _ => out.push(a.clone()),
+        }
+    }
+    out.extend(["-incoming".into(), incoming.into()]);
+    Ok(out)
+}
+
+/// The value of `key=` in a QEMU option list `kind,key=value,...`.
+fn option<'a>(opts: &'a str, key: &str) -> Option<&'a str> {
+    opts.split(',')
+        .find_map(|o| o.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// A QEMU this bench started; killed (by its pid) and reaped when dropped.
+pub struct QemuCopy {
+    child: Child,
+    qmp: PathBuf,
+    log: PathBuf,
+}
+
+impl QemuCopy {
+    /// Starts `qemu args`, in network namespace `netns` if given (`ip netns
+    /// exec` execs QEMU in place: the child's pid is QEMU's).
+    pub fn spawn(
+        qemu: &str,
+        args: &[String],
+        netns: Option<&str>,
+        log: &Path,
+        qmp: &Path,
+    ) -> Result<QemuCopy> {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, qemu]);
+                c
+            }
+            None => Command::new(qemu),
+        };
+        let out = std::fs::File::create(log)?;
+        let child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {qemu}"))?;
+        Ok(QemuCopy {
+            child,
+            qmp: qmp.to_path_buf(),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn connect(&mut self) -> Result<Qmp> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("the copy's QEMU exited at once ({st})");
+        }
+        Qmp::connect(&self.qmp, Duration::from_secs(30))
+    }
+
+    /// `e` with the last lines QEMU wrote (why it failed, usually).
+    pub fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        if tail.is_empty() {
+            return e;
+        }
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        e.context(format!("the copy's QEMU says: {}", tail.join(" | ")))
+    }
+}
+
+impl Drop for QemuCopy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `done` every 10 ms until it says so, up to `deadline`.
+pub fn wait_for(
+    q: &mut Qmp,
+    what: &'static str,
+    deadline: Duration,
+    mut done: impl FnMut(&mut Qmp) -> Result<bool>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    while !done(q)? {
+        if t0.elapsed() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// A QMP connection (one JSON object per line each way).
+pub struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    /// Connects, retrying while the socket does not answer yet (QEMU
+    /// starting), and leaves capabilities negotiation mode.
+    pub fn connect(path: &Path, wait: Duration) -> Result<Qmp> {
+        let t0 = Instant::now();
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() > wait => {
+                    return Err(e).with_context(|| format!("cannot connect to {}", path.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        };
+        let hello = q.read()?;
+        if hello.get("QMP").is_none() {
+            bail!("{} is not a QMP socket: {hello}", path.display());
+        }
+        q.call("qmp_capabilities", Value::Null)?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            bail!("QEMU closed its QMP socket");
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Runs `cmd`; its `return` value (events in between are skipped).
+    pub fn call(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        let mut msg = json!({ "execute": cmd });
+        if !args.is_null() {
+            msg["arguments"] = args;
+        }
+        writeln!(self.w, "{msg}")?;
+        loop {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP {cmd}: {}", e["desc"].as_str().unwrap_or("error"));
+            }
+        }
+    }
+
+    pub fn status(&mut self) -> Result<String> {
+        let s = self.call("query-status", Value::Null)?;
+        Ok(s["status"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent_args() -> Vec<String> {
+        [
+            "-nodefaults",
+            "-M",
+            "microvm,acpi=on,memory-backend=mem",
+            "-m",
+            "1024M",
+            "-object",
+            "memory-backend-file,id=mem,size=1024M,mem-path=/dev/shm/x/ram,share=off",
+            "-chardev",
+            "file,id=con,path=/s/console.log,append=on",
+            "-chardev",
+            "socket,id=agent,path=/s/agent.sock,server=on,wait=off",
+            "-netdev",
+            "tap,id=net0,fd=3",
+            "-device",
+            "virtio-net-device,netdev=net0,mac=52:54:00:00:00:01",
+            "-qmp",
+            "unix:/s/qmp.sock,server=on,wait=off",
+            "-S",
+            "-incoming",
+            "defer",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    #[test]
+    fn copies_get_their_own_files_ram_and_tap() {
+        let p = parent_args();
+        let paths = CopyPaths::new(Path::new("/w"), "r0");
+        let c = copy_args(&p, &paths, "tcp:10.0.0.2:7199").unwrap();
+        let want: Vec<String> = [
+            "-nodefaults",
+            "-M",
+            "microvm,acpi=on,memory-backend=mem",
+            "-m",
+            "1024M",
+            "-object",
+            "memory-backend-ram,id=mem,size=1024M",
+            "-chardev",
+            "file,id=con,path=/w/r0-console.log",
+            "-chardev",
+            "socket,id=agent,path=/w/r0-agent.sock,server=on,wait=off",
+            "-netdev",
+            "tap,id=net0,ifname=sfpr0,script=no,downscript=no",
+            "-device",
+            "virtio-net-device,netdev=net0,mac=52:54:00:00:00:01",
+            "-qmp",
+            "unix:/w/r0-qmp.sock,server=on,wait=off",
+            "-incoming",
+            "tcp:10.0.0.2:7199",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(c, want);
+        let mut disk = p.clone();
+        disk.extend(["-blockdev".into(), "{}".into()]);
+        assert!(copy_args(&disk, &paths, "defer").is_err());
+        assert!(copy_args(&["-qmp".to_string()], &paths, "defer").is_err());
+    }
+}
