@@ -84,7 +84,9 @@ pub fn freeze(
     let t0 = Instant::now();
     q.stop()?;
     tl.mark("parent_paused");
-    let work = (|| -> Result<dom0_memtap::Frozen, CloneError> {
+    // The generation, or for a layer the bytes copied into it (described
+    // once the parent runs again).
+    let work = (|| -> Result<Result<dom0_memtap::Frozen, u64>, CloneError> {
         if let Some(f) = &disk {
             // Same instant as the memory: the vCPUs are stopped; QEMU drains
             // and flushes the disk before switching the top layer.
@@ -102,7 +104,7 @@ pub fn freeze(
         q.save_devices(&state_file)?;
         tl.mark("device_state_saved");
         let frozen = match (&mut mem, &top) {
-            (MemFreeze::Precopy(precopy), _) => precopy.finish()?,
+            (MemFreeze::Precopy(precopy), _) => Ok(precopy.finish()?),
             (MemFreeze::Layer { spec, pid }, Some(top)) => {
                 let (fixed, f) = freeze_written(spec, *pid, &gen_ram, Some(top))?;
                 freed = Some(f);
@@ -123,7 +125,7 @@ pub fn freeze(
                         _ => {}
                     }
                 }
-                dom0_memtap::frozen_layered(&gen_ram, gen_dir, fixed)?
+                Err(fixed)
             }
             (MemFreeze::Layer { .. }, None) => return Err(CloneError::TaskFailed),
         };
@@ -157,7 +159,10 @@ pub fn freeze(
         keep_freed(&spec.dir, Some(f))?;
     }
     resumed.map_err(CloneError::Resume)?;
-    let mem = work?;
+    let mem = match work? {
+        Ok(mem) => mem,
+        Err(fixed) => dom0_memtap::frozen_layered(&gen_ram, gen_dir, fixed)?,
+    };
     let state = read_state(&state_file)?;
     Ok(Frozen {
         pause_ms,
