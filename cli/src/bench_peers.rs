@@ -730,6 +730,22 @@ mod tests {
     }
 
     #[test]
+    fn migration_over_by_status() {
+        let info = |status, desc: Option<&str>| MigrationInfo {
+            status,
+            error_desc: desc.map(String::from),
+            ..Default::default()
+        };
+        assert!(migration_over(&info(Some(MigrationStatus::completed), None)).unwrap());
+        assert!(!migration_over(&info(Some(MigrationStatus::active), None)).unwrap());
+        assert!(!migration_over(&info(None, None)).unwrap());
+        let e = migration_over(&info(Some(MigrationStatus::failed), Some("EPIPE"))).unwrap_err();
+        assert_eq!(e.to_string(), "migration failed: EPIPE");
+        let e = migration_over(&info(Some(MigrationStatus::cancelled), None)).unwrap_err();
+        assert_eq!(e.to_string(), "migration cancelled: no reason given");
+    }
+
+    #[test]
     fn json_shape() {
         let r = row_of("boot", "h1", &[sample(None, 5.0)], None);
         let v = serde_json::to_value(vec![r]).unwrap();
