@@ -55,8 +55,8 @@ use crate::client::Client;
 use crate::qemu_copy::{copy_args, wait_for, CopyPaths, QemuCopy, Qmp};
 use crate::{cluster, vm_cmd};
 use anyhow::{bail, Context, Result};
+use qapi::qmp::{self, MigrationInfo, MigrationStatus, RunState};
 use serde::Serialize;
-use serde_json::{json, Value};
 use snowflock_proto::admin::Accel;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -406,20 +406,20 @@ impl ParentQemu {
 
     /// Cancels a migration still under way and resumes a stopped parent.
     fn resume_if_stopped(&self) -> Result<()> {
+        use MigrationStatus::{active, cancelling, device, setup};
         let mut q = self.connect()?;
-        let mig = q.call("query-migrate", Value::Null)?;
-        if matches!(mig["status"].as_str(), Some("active" | "setup" | "device")) {
-            q.call("migrate_cancel", Value::Null)?;
+        let mig = q.migration()?;
+        if matches!(mig.status, Some(active | setup | device)) {
+            q.execute(&qmp::migrate_cancel {})?;
             wait_for(&mut q, "the migration to cancel", MIGRATION_DEADLINE, |q| {
-                let s = q.call("query-migrate", Value::Null)?;
                 Ok(!matches!(
-                    s["status"].as_str(),
-                    Some("active" | "setup" | "device" | "cancelling")
+                    q.migration()?.status,
+                    Some(active | setup | device | cancelling)
                 ))
             })?;
         }
-        if q.status()? != "running" {
-            q.call("cont", Value::Null)?;
+        if q.status()? != RunState::running {
+            q.execute(&qmp::cont {})?;
         }
         Ok(())
     }
@@ -443,37 +443,39 @@ impl Drop for TempDir {
 }
 
 /// Polls `query-migrate` until the migration completed; its answer.
-fn migration_done(q: &mut Qmp) -> Result<Value> {
-    let mut last = Value::Null;
+fn migration_done(q: &mut Qmp) -> Result<MigrationInfo> {
+    let mut last = MigrationInfo::default();
     wait_for(q, "the migration", MIGRATION_DEADLINE, |q| {
-        last = q.call("query-migrate", Value::Null)?;
-        match last["status"].as_str() {
-            Some("completed") => Ok(true),
-            Some("failed" | "cancelled") => bail!(
-                "migration {}: {}",
-                last["status"],
-                last["error-desc"].as_str().unwrap_or("no reason given")
-            ),
-            _ => Ok(false),
-        }
+        last = q.migration()?;
+        migration_over(&last)
     })?;
     Ok(last)
 }
 
+/// Whether a `query-migrate` answer says the migration completed; an error
+/// if it failed or was cancelled.
+fn migration_over(m: &MigrationInfo) -> Result<bool> {
+    match m.status {
+        Some(MigrationStatus::completed) => Ok(true),
+        Some(s @ (MigrationStatus::failed | MigrationStatus::cancelled)) => bail!(
+            "migration {s:?}: {}",
+            m.error_desc.as_deref().unwrap_or("no reason given")
+        ),
+        _ => Ok(false),
+    }
+}
+
 /// Lifts QEMU's default migration bandwidth cap (the bench measures the
-/// method, not a throttle); the old parameters, to put back.
-fn unthrottle(q: &mut Qmp) -> Result<Value> {
-    let old = q.call("query-migrate-parameters", Value::Null)?;
-    q.call(
-        "migrate-set-parameters",
-        json!({ "max-bandwidth": 64u64 << 30 }),
-    )?;
+/// method, not a throttle); the old cap, to put back.
+fn unthrottle(q: &mut Qmp) -> Result<Option<u64>> {
+    let old = q.max_bandwidth()?;
+    q.set_max_bandwidth(64 << 30)?;
     Ok(old)
 }
 
-fn restore_throttle(q: &mut Qmp, old: &Value) {
-    if let Some(bw) = old["max-bandwidth"].as_u64() {
-        let _ = q.call("migrate-set-parameters", json!({ "max-bandwidth": bw }));
+fn restore_throttle(q: &mut Qmp, old: Option<u64>) {
+    if let Some(bw) = old {
+        let _ = q.set_max_bandwidth(bw);
     }
 }
 
@@ -491,17 +493,14 @@ fn save_restore(
         let mut q = parent.connect()?;
         let old = unthrottle(&mut q)?;
         let t0 = Instant::now();
-        q.call("stop", Value::Null)?;
+        q.execute(&qmp::stop {})?;
         let res = q
-            .call(
-                "migrate",
-                json!({ "uri": format!("exec:cat > {}", file.display()) }),
-            )
+            .migrate(&format!("exec:cat > {}", file.display()))
             .and_then(|_| migration_done(&mut q));
         let ms = ms_since(t0);
-        restore_throttle(&mut q, &old);
+        restore_throttle(&mut q, old);
         res?;
-        q.call("cont", Value::Null)?;
+        q.execute(&qmp::cont {})?;
         ms
     };
     eprintln!(
@@ -520,18 +519,15 @@ fn save_restore(
     )?;
     (|| -> Result<()> {
         let mut q = copy.connect()?;
-        q.call(
-            "migrate-incoming",
-            json!({ "uri": format!("exec:cat {}", file.display()) }),
-        )?;
+        q.migrate_incoming(&format!("exec:cat {}", file.display()))?;
         // The saved VM was stopped: the loaded one waits for `cont`.
         wait_for(
             &mut q,
             "the restored VM to run",
             MIGRATION_DEADLINE,
-            |q| match q.status()?.as_str() {
-                "running" => Ok(true),
-                "paused" => q.call("cont", Value::Null).map(|_| false),
+            |q| match q.status()? {
+                RunState::running => Ok(true),
+                RunState::paused => q.execute(&qmp::cont {}).map(|_| false),
                 _ => Ok(false),
             },
         )
@@ -563,28 +559,24 @@ fn live_migrate(
         &dir.join(format!("migrate{run}-qemu.log")),
         &paths.qmp,
     )?;
-    let (done, ready_ms) = (|| -> Result<(Value, f64)> {
+    let (done, ready_ms) = (|| -> Result<(MigrationInfo, f64)> {
         let mut dest = copy.connect()?;
         let mut q = parent.connect()?;
         let old = unthrottle(&mut q)?;
         let t0 = Instant::now();
-        let res = q
-            .call("migrate", json!({ "uri": uri }))
-            .and_then(|_| migration_done(&mut q));
-        restore_throttle(&mut q, &old);
+        let res = q.migrate(&uri).and_then(|_| migration_done(&mut q));
+        restore_throttle(&mut q, old);
         let done = res?;
         wait_for(
             &mut dest,
             "the migrated VM to run",
             MIGRATION_DEADLINE,
-            |d| Ok(d.status()? == "running"),
+            |d| Ok(d.status()? == RunState::running),
         )?;
         Ok((done, ms_since(t0)))
     })()
     .map_err(|e| copy.explain(e))?;
-    let downtime = done["downtime"]
-        .as_f64()
-        .context("query-migrate gave no downtime")?;
+    let downtime = done.downtime.context("query-migrate gave no downtime")? as f64;
     Ok(Sample {
         pause_ms: Some(downtime),
         ready_ms,
@@ -735,6 +727,22 @@ mod tests {
         assert_eq!((f.pause_ms, f.ready_ms, f.runs), (None, None, 1));
         assert_eq!(f.unavailable.as_deref(), Some("no tcp"));
         assert!(row_of("boot", "h1", &[], None).unavailable.is_some());
+    }
+
+    #[test]
+    fn migration_over_by_status() {
+        let info = |status, desc: Option<&str>| MigrationInfo {
+            status,
+            error_desc: desc.map(String::from),
+            ..Default::default()
+        };
+        assert!(migration_over(&info(Some(MigrationStatus::completed), None)).unwrap());
+        assert!(!migration_over(&info(Some(MigrationStatus::active), None)).unwrap());
+        assert!(!migration_over(&info(None, None)).unwrap());
+        let e = migration_over(&info(Some(MigrationStatus::failed), Some("EPIPE"))).unwrap_err();
+        assert_eq!(e.to_string(), "migration failed: EPIPE");
+        let e = migration_over(&info(Some(MigrationStatus::cancelled), None)).unwrap_err();
+        assert_eq!(e.to_string(), "migration cancelled: no reason given");
     }
 
     #[test]
