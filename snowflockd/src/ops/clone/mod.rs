@@ -145,7 +145,7 @@ impl Timeline {
         ms
     }
 
-    fn phases(&self) -> Vec<(String, f64)> {
+    pub fn phases(&self) -> Vec<(String, f64)> {
         self.0.lock().clone()
     }
 }

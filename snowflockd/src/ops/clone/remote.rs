@@ -155,6 +155,7 @@ async fn try_start_remote(
         });
     }
     let tl = Timeline::new();
+    tl.mark("request_checked");
     // One memtap reference per clone VM; each is released when that VM
     // ends (or here, for a VM that never started).
     let release = |n: usize| (0..n).for_each(|_| memtap.release_generation(&gen_name));
@@ -210,8 +211,10 @@ async fn try_start_remote(
         origin: Some(desc.meta.origin_host.clone()),
         disk: disk.clone(),
     };
+    tl.mark("memory_attached");
     let spawned =
         futures::future::join_all(slots.iter().map(|slot| spawn_clone(d, &desc, &src, slot))).await;
+    tl.mark("clone_vmms_started");
     let starts = spawned.into_iter().zip(&slots).map(|(vm, slot)| {
         let (desc, tl, disk) = (&desc, &tl, &disk);
         async move {
@@ -227,7 +230,8 @@ async fn try_start_remote(
         }
     });
     let res = futures::future::join_all(starts).await;
-    tracing::info!(origin = %desc.meta.origin_host, ticket = %desc.meta.ticket, ?ids, "clones from another host started");
+    tl.mark("clones_ready");
+    tracing::info!(origin = %desc.meta.origin_host, ticket = %desc.meta.ticket, ?ids, timeline = ?tl.phases(), "clones from another host started");
     Ok(slots
         .iter()
         .zip(res)
