@@ -9,7 +9,7 @@ use crate::lifecycle::daemon::wait_until;
 use crate::lifecycle::Daemon;
 use crate::ops::api;
 use crate::state::metrics::bump;
-use crate::state::vm::{deliver, ExecEvent, NotReady, Vm, MAX_PENDING_REQUESTS};
+use crate::state::vm::{deliver, ChannelHold, ExecEvent, NotReady, Vm, MAX_PENDING_REQUESTS};
 use futures::future::BoxFuture;
 use snowflock_proto::api::ApiResponse;
 use snowflock_proto::channel::{decode_line, encode_line, GuestMsg, HostMsg, LineReader};
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// The daemon's [`crate::lifecycle::daemon::GuestLink`]: the task that owns
 /// a new VM's guest channel.
@@ -33,14 +33,31 @@ pub fn link(
 async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<HostMsg>) {
     let path = crate::host::qemu::agent_path(&vm.placed.dir);
     let mut ended = vm.life.subscribe();
-    // Messages queued while no connection exists wait here.
+    // Messages queued while no connection exists (or writes are held for
+    // a handover) wait here.
     let mut backlog: Vec<HostMsg> = Vec::new();
+    let mut hold = vm.channel_hold.subscribe();
     loop {
         let done = ended.borrow().is_ended();
         if done {
             return;
         }
-        let stream = match UnixStream::connect(&path).await {
+        // A connection to the QEMU the VM was handed to, made before it ran.
+        let next = vm
+            .next_channel
+            .lock()
+            .take()
+            .and_then(|s| s.set_nonblocking(true).ok().map(|()| s))
+            .and_then(|s| UnixStream::from_std(s).ok());
+        let handed_over = next.is_some();
+        if handed_over {
+            vm.channel_hold.send_replace(ChannelHold::Off);
+        }
+        let connected = match next {
+            Some(s) => Ok(s),
+            None => UnixStream::connect(&path).await,
+        };
+        let stream = match connected {
             Ok(s) => s,
             Err(_) => {
                 tokio::select! {
@@ -51,7 +68,7 @@ async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<HostMs
                 continue;
             }
         };
-        tracing::debug!("agent channel connected");
+        tracing::debug!(handed_over, "agent channel connected");
         let (mut rd, mut wr) = stream.into_split();
         let mut reader = LineReader::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -61,11 +78,33 @@ async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<HostMs
             }))
             .await
             .is_ok();
-        for m in backlog.drain(..) {
-            ok = ok && wr.write_all(&encode_line(&m)).await.is_ok();
+        let held = |h: &watch::Receiver<ChannelHold>| *h.borrow() != ChannelHold::Off;
+        if !held(&hold) {
+            for m in backlog.drain(..) {
+                ok = ok && wr.write_all(&encode_line(&m)).await.is_ok();
+            }
         }
         while ok {
             ok = tokio::select! {
+                c = hold.changed() => {
+                    let now = *hold.borrow_and_update();
+                    match (c, now) {
+                        (Err(_), _) => return,
+                        (_, ChannelHold::Requested) => {
+                            drain(wr.as_ref()).await;
+                            vm.channel_hold.send_replace(ChannelHold::Drained);
+                            true
+                        }
+                        (_, ChannelHold::Off) => {
+                            let mut sent = true;
+                            for m in backlog.drain(..) {
+                                sent = sent && wr.write_all(&encode_line(&m)).await.is_ok();
+                            }
+                            sent
+                        }
+                        (_, ChannelHold::Drained) => true,
+                    }
+                },
                 n = rd.read(&mut buf) => match n {
                     Ok(0) | Err(_) => false,
                     Ok(n) => {
@@ -87,6 +126,10 @@ async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<HostMs
                     }
                 },
                 m = rx.recv() => match m {
+                    Some(m) if held(&hold) => {
+                        backlog.push(m);
+                        true
+                    }
                     Some(m) => {
                         let sent = wr.write_all(&encode_line(&m)).await.is_ok();
                         if !sent {
@@ -103,6 +146,19 @@ async fn run(d: Arc<Daemon>, vm: Arc<Vm>, mut rx: mpsc::UnboundedReceiver<HostMs
         tracing::debug!("agent channel closed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits (up to 300 ms) until the QEMU at the other end of `sock` has read
+/// everything written to it.
+async fn drain(sock: &UnixStream) {
+    use std::os::fd::AsFd;
+    for _ in 0..300 {
+        match crate::host::sys::unread_by_peer(sock.as_fd()) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    tracing::warn!("the guest channel did not drain before the handover");
 }
 
 fn dispatch(d: &Arc<Daemon>, vm: &Arc<Vm>, msg: GuestMsg) {

@@ -89,6 +89,19 @@ pub fn punch_hole(f: &std::fs::File, len: u64) -> std::io::Result<()> {
 
 /// Takes an exclusive, non-blocking lock on a file; false if another
 /// process holds it.
+/// Bytes written to the stream socket `fd` that its peer has not read
+/// yet (`SIOCOUTQ`).
+pub fn unread_by_peer(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points to
+    // `n`, alive for the call; the descriptor is kept open by the borrow.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 pub fn try_lock(f: &std::fs::File) -> bool {
     // SAFETY: flock on a descriptor `f` owns and keeps open; no memory
     // arguments.

@@ -297,6 +297,14 @@ pub struct Vm {
     pub agent_tx: mpsc::UnboundedSender<HostMsg>,
     /// Set once the agent answered Hello on the current connection.
     pub agent_up: watch::Sender<bool>,
+    /// Writes to the guest channel held back for a handover (see
+    /// [`ChannelHold`]).
+    pub channel_hold: watch::Sender<ChannelHold>,
+    /// A connection to the agent socket of the QEMU the VM is being handed
+    /// to, made before that QEMU runs (so that nothing the guest writes is
+    /// dropped for want of a listener); the channel takes it when the old
+    /// connection ends.
+    pub next_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
     /// Instance id of the guest agent process last heard from (0 = none).
     pub agent_instance: AtomicU64,
     /// Open `vm exec` sessions.
@@ -468,6 +476,20 @@ impl DiskLayers {
     }
 }
 
+/// Writes to a VM's guest channel around a handover to a new QEMU: bytes
+/// the old QEMU has not read when it stops would be lost with it (or land
+/// in guest memory after its device state was saved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelHold {
+    /// Messages are written as they come.
+    Off,
+    /// Asked by the handover: queue new messages, then say `Drained`.
+    Requested,
+    /// Messages are queued, and the old QEMU read everything written
+    /// before (or a bounded wait ran out).
+    Drained,
+}
+
 impl Vm {
     /// A VM in its first state, with the receiving end of its agent queue.
     pub fn new(spec: VmSpec, placed: Placed) -> (Vm, mpsc::UnboundedReceiver<HostMsg>) {
@@ -485,6 +507,8 @@ impl Vm {
             life: watch::channel(Life::Running).0,
             agent_tx,
             agent_up: watch::channel(false).0,
+            channel_hold: watch::channel(ChannelHold::Off).0,
+            next_channel: Mutex::new(None),
             agent_instance: AtomicU64::new(0),
             execs: Mutex::new(HashMap::new()),
             ready: Mutex::new(None),

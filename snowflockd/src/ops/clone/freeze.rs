@@ -4,7 +4,7 @@
 //! VM over) or, for a parent on a private mapping of a file clones still
 //! map, the pages it wrote become a layer over that file (`written.rs`).
 
-use super::written::{create_layer, freeze_written, keep_freed};
+use super::written::{create_layer, freeze_written, keep_freed, restart_log};
 use super::{CloneError, Timeline};
 use crate::host::qemu::QemuSpec;
 use crate::host::vmm::Vmm;
@@ -42,6 +42,14 @@ pub enum MemFreeze {
     /// Its RAM file (`spec.ram_path`, mapped privately by process `pid`)
     /// plus a layer of the pages it wrote.
     Layer { spec: Box<QemuSpec>, pid: u32 },
+}
+
+/// What the paused part of a freeze produced: the generation, or for a
+/// layer the bytes copied into it (described once the parent runs again:
+/// that walks the file's extents).
+enum Paused {
+    Frozen(dom0_memtap::Frozen),
+    Layered { fixed: u64 },
 }
 
 /// The parent's disk to freeze with its memory: its top node, and the
@@ -84,9 +92,7 @@ pub fn freeze(
     let t0 = Instant::now();
     q.stop()?;
     tl.mark("parent_paused");
-    // The generation, or for a layer the bytes copied into it (described
-    // once the parent runs again).
-    let work = (|| -> Result<Result<dom0_memtap::Frozen, u64>, CloneError> {
+    let work = (|| -> Result<Paused, CloneError> {
         if let Some(f) = &disk {
             // Same instant as the memory: the vCPUs are stopped; QEMU drains
             // and flushes the disk before switching the top layer.
@@ -104,28 +110,14 @@ pub fn freeze(
         q.save_devices(&state_file)?;
         tl.mark("device_state_saved");
         let frozen = match (&mut mem, &top) {
-            (MemFreeze::Precopy(precopy), _) => Ok(precopy.finish()?),
+            (MemFreeze::Precopy(precopy), _) => Paused::Frozen(precopy.finish()?),
             (MemFreeze::Layer { spec, pid }, Some(top)) => {
                 let (fixed, f) = freeze_written(spec, *pid, &gen_ram, Some(top))?;
                 freed = Some(f);
-                // Its log starts again (the QEMU appends to it; it makes
-                // the file at its first record).
                 if let Some(log) = &spec.discard_log {
-                    let restarted = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(log)
-                        .and_then(|f| f.set_len(0));
-                    match restarted {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(CloneError::Io {
-                                what: "restart the discard log".into(),
-                                err: e,
-                            })
-                        }
-                        _ => {}
-                    }
+                    restart_log(log)?;
                 }
-                Err(fixed)
+                Paused::Layered { fixed }
             }
             (MemFreeze::Layer { .. }, None) => return Err(CloneError::TaskFailed),
         };
@@ -160,8 +152,8 @@ pub fn freeze(
     }
     resumed.map_err(CloneError::Resume)?;
     let mem = match work? {
-        Ok(mem) => mem,
-        Err(fixed) => dom0_memtap::frozen_layered(&gen_ram, gen_dir, fixed)?,
+        Paused::Frozen(mem) => mem,
+        Paused::Layered { fixed } => dom0_memtap::frozen_layered(&gen_ram, gen_dir, fixed)?,
     };
     let state = read_state(&state_file)?;
     Ok(Frozen {

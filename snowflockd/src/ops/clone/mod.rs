@@ -22,6 +22,7 @@
 //! [`freeze`] pauses and freezes, [`start`] starts one clone, [`remote`]
 //! starts clones on other hosts.
 
+pub mod channel;
 pub mod disk;
 pub mod freeze;
 pub mod remote;
@@ -374,14 +375,15 @@ async fn do_clone(
         let chain = new_layers.as_ref().map(|l| l.blockdev());
         set_children(d, job, &slots, &hosts);
         parent.set_state(VmState::Cloning);
-        let (vmm, g, tl2, old_pid) = (
+        let (vmm, g, tl2, old_pid, p2) = (
             d.vmm.clone(),
             job.gen_dir.to_path_buf(),
             tl.clone(),
             *parent.pid.lock(),
+            parent.clone(),
         );
         let done = tokio::task::spawn_blocking(move || {
-            restart::freeze_by_restart(&vmm, &current, old_pid, chain, &g, &tl2)
+            restart::freeze_by_restart(&vmm, &p2, &current, old_pid, chain, &g, &tl2)
         })
         .await
         .map_err(|_| CloneError::TaskFailed);
@@ -428,15 +430,21 @@ async fn do_clone(
     set_children(d, job, &slots, &hosts);
     parent.set_state(VmState::Cloning);
     let frozen = {
-        let (vmm, dir, g, tl2) = (
+        let (vmm, dir, g, tl2, p2) = (
             d.vmm.clone(),
             parent.placed.dir.clone(),
             job.gen_dir.to_path_buf(),
             tl.clone(),
+            parent.clone(),
         );
-        tokio::task::spawn_blocking(move || freeze::freeze(&vmm, &dir, mem, disk, &g, &tl2))
-            .await
-            .map_err(|_| CloneError::TaskFailed)
+        tokio::task::spawn_blocking(move || {
+            channel::hold(&p2, None);
+            let frozen = freeze::freeze(&vmm, &dir, mem, disk, &g, &tl2);
+            channel::release(&p2);
+            frozen
+        })
+        .await
+        .map_err(|_| CloneError::TaskFailed)
     };
     parent.set_state(VmState::Running);
     let layers = parent.disk_layers.lock().clone();

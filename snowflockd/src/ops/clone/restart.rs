@@ -13,6 +13,7 @@ use super::written::{freeze_written, keep_freed, Freed};
 use super::{CloneError, Timeline};
 use crate::host::qemu::{agent_path, qmp_path, QemuSpec};
 use crate::host::vmm::{Vmm, VmmProcess};
+use crate::state::vm::Vm;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +77,7 @@ fn successor_spec(
 /// the old QEMU flushes and stops writing at the pause). Blocking.
 pub fn freeze_by_restart(
     vmm: &Arc<dyn Vmm>,
+    parent: &Vm,
     current: &QemuSpec,
     old_pid: Option<u32>,
     disk: Option<serde_json::Value>,
@@ -110,6 +112,8 @@ pub fn freeze_by_restart(
         let mut qn = vmm.control(&next, Duration::from_secs(30))?;
         tl.mark("successor_started");
         let mut q = vmm.control(&vm_dir, Duration::from_secs(2))?;
+        super::channel::hold(parent, Some(&next));
+        tl.mark("channel_held");
         let t0 = Instant::now();
         q.stop()?;
         tl.mark("parent_paused");
@@ -154,6 +158,8 @@ pub fn freeze_by_restart(
             if let Some(pid) = process.pid {
                 vmm.kill(pid);
             }
+            // The old QEMU goes on: its channel too.
+            super::channel::release(parent);
             let _ = std::fs::remove_dir_all(&next);
             let _ = std::fs::remove_file(&gen_ram);
             return Err(e);

@@ -101,6 +101,19 @@ pub fn freeze_written(
     Ok((fixed, Freed::Carried(free)))
 }
 
+/// Empties a QEMU's discard log (it keeps appending to it; it makes the
+/// file at its first record, so a missing one is fine).
+pub fn restart_log(log: &Path) -> Result<(), CloneError> {
+    let emptied = std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)
+        .and_then(|f| f.set_len(0));
+    match emptied {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("restart the discard log")(e)),
+        _ => Ok(()),
+    }
+}
+
 /// Remembers (or forgets) the freed pages the file of the VM in `vm_dir`
 /// does not show, for its next freeze.
 pub fn keep_freed(vm_dir: &Path, freed: Option<&Freed>) -> Result<(), CloneError> {
@@ -131,6 +144,18 @@ mod tests {
         keep_freed(dir.path(), Some(&Freed::Punched)).unwrap();
         assert!(!dir.path().join(FREED).exists());
         keep_freed(dir.path(), None).unwrap();
+    }
+
+    #[test]
+    fn a_discard_log_restarts_empty_or_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("discards");
+        restart_log(&log).unwrap();
+        assert!(!log.exists(), "not made");
+        std::fs::write(&log, [1u8; 32]).unwrap();
+        restart_log(&log).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert!(restart_log(&dir.path().join("no/such/dir/log")).is_ok());
     }
 
     #[test]
