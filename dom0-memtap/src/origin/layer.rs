@@ -7,10 +7,11 @@
 //! it). Nothing is copied but the differing pages; every layer sits on the
 //! base itself, never on another layer.
 //!
-//! May import: [`super`] (errors, [`Frozen`]), `extents.rs`, the crate
-//! root.
+//! May import: [`super`] (errors, [`Frozen`]), `extents.rs`,
+//! `precopy.rs` (a file's own holes), the crate root.
 
 use super::extents::page_extents;
+use super::precopy::frozen_in_place;
 use super::{FreezeError, Frozen};
 use crate::PAGE_SIZE;
 use bitvec::prelude::*;
@@ -104,35 +105,21 @@ impl Layer {
 /// base's outside the map, the top's inside it). `fixed` is what the
 /// caller wrote into the layer while the VM was paused.
 pub fn frozen_layered(base: &Path, dir: &Path, fixed: u64) -> Result<Frozen, FreezeError> {
-    let serr = |path: &Path| {
-        let path = path.display().to_string();
-        move |err| FreezeError::Source { path, err }
-    };
-    let f = File::open(base).map_err(serr(base))?;
-    let size = f.metadata().map_err(serr(base))?.len();
-    if size % PAGE_SIZE != 0 {
-        return Err(FreezeError::Size(size));
-    }
-    let pages = (size / PAGE_SIZE) as usize;
-    let mut holes = bitvec![u64, Lsb0; 1; pages];
-    for (a, b) in page_extents(&f, size).map_err(serr(base))? {
-        holes[a as usize..b as usize].fill(false);
-    }
+    let mut fr = frozen_in_place(base, fixed)?;
     let top_path = dir.join(TOP);
-    if let Some(layer) = Layer::open(dir, pages).map_err(serr(&top_path))? {
-        let data = layer.data_pages().map_err(serr(&top_path))?;
+    let serr = |err| FreezeError::Source {
+        path: top_path.display().to_string(),
+        err,
+    };
+    if let Some(layer) = Layer::open(dir, fr.holes.len()).map_err(serr)? {
+        let data = layer.data_pages().map_err(serr)?;
         // In the map: a hole exactly where the top has none.
         let in_map_holes = layer.map.clone() & !data;
-        holes &= !layer.map.clone();
-        holes |= in_map_holes;
+        fr.holes &= !layer.map;
+        fr.holes |= in_map_holes;
+        fr.copied = (fr.holes.len() - fr.holes.count_ones()) as u64 * PAGE_SIZE;
     }
-    let copied = (pages - holes.count_ones()) as u64 * PAGE_SIZE;
-    Ok(Frozen {
-        size,
-        copied,
-        fixed,
-        holes,
-    })
+    Ok(fr)
 }
 
 #[cfg(test)]

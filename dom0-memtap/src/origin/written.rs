@@ -182,11 +182,17 @@ fn for_each_mapped_run(
 /// Buffer (and longest run) of one transfer.
 const RUN: usize = 1 << 20;
 
-fn short(pid: u32) -> WrittenError {
-    WrittenError::Proc {
+/// An error reading or writing the memory of process `pid`.
+fn mem_err(pid: u32) -> impl Fn(io::Error) -> WrittenError {
+    move |err| WrittenError::Proc {
         path: format!("the memory of process {pid}"),
-        err: io::Error::from(io::ErrorKind::UnexpectedEof),
+        err,
     }
+}
+
+/// A short `process_vm_readv`/`writev` of process `pid`.
+fn short(pid: u32) -> WrittenError {
+    mem_err(pid)(io::Error::from(io::ErrorKind::UnexpectedEof))
 }
 
 /// Copies the pages of `written` (indexed by page of the file) from
@@ -202,12 +208,7 @@ pub fn copy_written(
     let mut buf = vec![0u8; RUN];
     let mut copied = 0;
     for_each_mapped_run(pid, file, written, RUN, |addr, at, len| {
-        let n = crate::sys::read_process(pid, addr, &mut buf[..len]).map_err(|err| {
-            WrittenError::Proc {
-                path: format!("the memory of process {pid}"),
-                err,
-            }
-        })?;
+        let n = crate::sys::read_process(pid, addr, &mut buf[..len]).map_err(mem_err(pid))?;
         if n != len {
             return Err(short(pid));
         }
@@ -241,12 +242,7 @@ pub fn write_into_process(
                 path: "the generation's layer".into(),
                 err,
             })?;
-        let n = crate::sys::write_process(pid, addr, &buf[..len]).map_err(|err| {
-            WrittenError::Proc {
-                path: format!("the memory of process {pid}"),
-                err,
-            }
-        })?;
+        let n = crate::sys::write_process(pid, addr, &buf[..len]).map_err(mem_err(pid))?;
         if n != len {
             return Err(short(pid));
         }

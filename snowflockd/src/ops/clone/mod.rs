@@ -135,6 +135,16 @@ pub enum CloneError {
 #[derive(Clone)]
 pub struct Timeline(Arc<Mutex<Vec<(String, f64)>>>, Instant);
 
+impl CloneError {
+    /// [`CloneError::Io`] for `what`, as a `map_err` argument.
+    pub(crate) fn io(what: &str) -> impl Fn(std::io::Error) -> CloneError + '_ {
+        move |err| CloneError::Io {
+            what: what.to_string(),
+            err,
+        }
+    }
+}
+
 impl Timeline {
     pub fn new() -> Timeline {
         Timeline(Arc::new(Mutex::new(Vec::new())), Instant::now())
@@ -519,10 +529,8 @@ async fn start_clones(
         _ => None,
     };
     let encoded = descriptor(d, parent, job, slots, state, &mem, disk_layout).encode()?;
-    std::fs::write(job.gen_dir.join("descriptor"), &encoded).map_err(|err| CloneError::Io {
-        what: "write the descriptor".into(),
-        err,
-    })?;
+    std::fs::write(job.gen_dir.join("descriptor"), &encoded)
+        .map_err(CloneError::io("write the descriptor"))?;
     tl.mark("descriptor_built");
 
     // Clones start from the descriptor alone (plus the generation's memory).
@@ -540,11 +548,8 @@ async fn start_clones(
         // Published as other hosts' memtap names it.
         let name = generations::shared_name(&me, job.gen_name);
         let pages_n = (mem.size / dom0_memtap::PAGE_SIZE) as usize;
-        let layer =
-            dom0_memtap::Layer::open(job.gen_dir, pages_n).map_err(|err| CloneError::Io {
-                what: "open the generation's layer".into(),
-                err,
-            })?;
+        let layer = dom0_memtap::Layer::open(job.gen_dir, pages_n)
+            .map_err(CloneError::io("open the generation's layer"))?;
         pages
             .publish_layered(&name, &gen_ram, layer)
             .map_err(CloneError::Publish)?;

@@ -30,20 +30,12 @@ pub struct Handover {
 /// Name of the link to the file the parent's QEMU maps, in its directory.
 const RAM: &str = "ram";
 
-fn io(what: &str) -> impl Fn(std::io::Error) -> CloneError + '_ {
-    move |err| CloneError::Io {
-        what: what.to_string(),
-        err,
-    }
-}
-
 /// The new QEMU: like `current`, but waiting for the device state, with
 /// its RAM file mapped privately, its sockets in `next`, and the tap the
 /// old one holds.
 fn successor_spec(
     current: &QemuSpec,
     old_pid: Option<u32>,
-    ram: &Path,
     next: &Path,
     discard_log: PathBuf,
     disk: Option<serde_json::Value>,
@@ -58,7 +50,6 @@ fn successor_spec(
             .map(Arc::new)
     });
     QemuSpec {
-        ram_path: ram.to_path_buf(),
         share: false,
         incoming: true,
         dir: next.to_path_buf(),
@@ -87,18 +78,17 @@ pub fn freeze_by_restart(
     let vm_dir = current.dir.clone();
     let next = vm_dir.join("next");
     let _ = std::fs::remove_dir_all(&next);
-    std::fs::create_dir_all(&next).map_err(io("create the new QEMU's directory"))?;
+    std::fs::create_dir_all(&next).map_err(CloneError::io("create the new QEMU's directory"))?;
     let gen_ram = gen_dir.join("ram");
     // The file the new QEMU maps is the parent's own, and the generation:
     // its contents on its first freeze, else with what the parent wrote
     // since (no clone maps it any more).
-    let ram = current.ram_path.clone();
-    std::fs::hard_link(&ram, &gen_ram).map_err(io("link the RAM file"))?;
+    std::fs::hard_link(&current.ram_path, &gen_ram).map_err(CloneError::io("link the RAM file"))?;
     // One discard log per QEMU, named after the generation it starts on.
     let gen_name = gen_dir.file_name().unwrap_or_default().to_string_lossy();
     let log = vm_dir.join(format!("discards-{gen_name}"));
     let _ = std::fs::remove_file(&log);
-    let spec = successor_spec(current, old_pid, &ram, &next, log, disk);
+    let spec = successor_spec(current, old_pid, &next, log, disk);
     // Spawned from a runtime worker, not from this blocking-pool thread:
     // QEMU gets SIGKILL when the thread that started it ends
     // (PR_SET_PDEATHSIG), and pool threads end after 10 s idle.
@@ -175,7 +165,7 @@ pub fn freeze_by_restart(
             (agent_path(&next), agent_path(&vm_dir2)),
             (next.join("qemu.log"), vm_dir2.join("qemu.log")),
         ] {
-            std::fs::rename(&from, &to).map_err(io("move the new QEMU's sockets"))?;
+            std::fs::rename(&from, &to).map_err(CloneError::io("move the new QEMU's sockets"))?;
         }
         let _ = std::fs::remove_dir_all(&next);
         if let Some(log) = &current.discard_log {

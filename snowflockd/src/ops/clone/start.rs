@@ -87,19 +87,19 @@ pub(super) fn load_state(
 /// generation's base file `ram` the pages of the generation's layer, if it
 /// has one (see `dom0_memtap::Layer`). Blocking.
 fn apply_layer(pid: u32, ram: &Path) -> Result<(), CloneError> {
-    let io = |what: &str| {
-        let what = what.to_string();
-        move |err| CloneError::Io { what, err }
-    };
     let dir = ram.parent().unwrap_or(Path::new("."));
     let size = std::fs::metadata(ram)
-        .map_err(io("read the generation"))?
+        .map_err(CloneError::io("read the generation"))?
         .len();
     let pages = (size / dom0_memtap::PAGE_SIZE) as usize;
-    let Some(layer) = dom0_memtap::Layer::open(dir, pages).map_err(io("open the layer"))? else {
+    let Some(layer) =
+        dom0_memtap::Layer::open(dir, pages).map_err(CloneError::io("open the layer"))?
+    else {
         return Ok(());
     };
-    let data = layer.data_pages().map_err(io("read the layer"))?;
+    let data = layer
+        .data_pages()
+        .map_err(CloneError::io("read the layer"))?;
     let n = dom0_memtap::write_into_process(pid, ram, &data, &layer.top)
         .map_err(CloneError::Written)?;
     tracing::debug!(kib = n / 1024, "layer applied");

@@ -27,24 +27,17 @@ pub enum Freed {
     Carried(BitVec<u64, Lsb0>),
 }
 
-fn io(what: &str) -> impl Fn(std::io::Error) -> CloneError + '_ {
-    move |err| CloneError::Io {
-        what: what.to_string(),
-        err,
-    }
-}
-
 /// Links the parent's RAM file as the base of the generation in `gen_dir`
 /// and creates its (empty) layer, `size` bytes of holes.
 pub fn create_layer(ram: &Path, gen_dir: &Path, size: u64) -> Result<File, CloneError> {
-    std::fs::hard_link(ram, gen_dir.join("ram")).map_err(io("link the RAM file"))?;
+    std::fs::hard_link(ram, gen_dir.join("ram")).map_err(CloneError::io("link the RAM file"))?;
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(gen_dir.join(dom0_memtap::TOP))
         .and_then(|f| f.set_len(size).map(|()| f))
-        .map_err(io("create the generation's layer"))
+        .map_err(CloneError::io("create the generation's layer"))
 }
 
 /// With the parent (process `pid`, QEMU `current`) paused: copies the
@@ -78,9 +71,10 @@ pub fn freeze_written(
         let dst = std::fs::OpenOptions::new()
             .write(true)
             .open(gen_ram)
-            .map_err(io("open the generation"))?;
+            .map_err(CloneError::io("open the generation"))?;
         let fixed = dom0_memtap::copy_written(pid, ram, &w, &dst).map_err(CloneError::Written)?;
-        let punched = dom0_memtap::punch_pages(&dst, &free).map_err(io("punch free pages"))?;
+        let punched =
+            dom0_memtap::punch_pages(&dst, &free).map_err(CloneError::io("punch free pages"))?;
         tracing::info!(
             written_kib = fixed / 1024,
             punched_kib = punched / 1024,
@@ -92,7 +86,7 @@ pub fn freeze_written(
     let map = w | free.clone();
     let gen_dir = gen_ram.parent().unwrap_or(Path::new("."));
     dom0_memtap::save_map(&gen_dir.join(dom0_memtap::TOP_MAP), &map)
-        .map_err(io("save the layer's map"))?;
+        .map_err(CloneError::io("save the layer's map"))?;
     tracing::info!(
         written_kib = fixed / 1024,
         freed_kib = free.count_ones() as u64 * 4,
@@ -109,7 +103,9 @@ pub fn restart_log(log: &Path) -> Result<(), CloneError> {
         .open(log)
         .and_then(|f| f.set_len(0));
     match emptied {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("restart the discard log")(e)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(CloneError::io("restart the discard log")(e))
+        }
         _ => Ok(()),
     }
 }
@@ -120,7 +116,7 @@ pub fn keep_freed(vm_dir: &Path, freed: Option<&Freed>) -> Result<(), CloneError
     let path = vm_dir.join(FREED);
     match freed {
         Some(Freed::Carried(bits)) => {
-            dom0_memtap::save_map(&path, bits).map_err(io("save the freed pages"))
+            dom0_memtap::save_map(&path, bits).map_err(CloneError::io("save the freed pages"))
         }
         _ => {
             let _ = std::fs::remove_file(&path);
