@@ -86,20 +86,12 @@ pub fn clone_cycle(c: &Client, vm: &str, n: u32) -> Result<CloneReport> {
 
 /// Runs `sf clone` with `n` clones in the guest and leaves the clones
 /// running (they wait); returns the ticket.
-fn clone_and_keep(c: &Client, vm: &str, n: u32) -> Result<String> {
+pub(crate) fn clone_and_keep(c: &Client, vm: &str, n: u32) -> Result<String> {
     let script = format!(
-        "T=$(sf ticket {n}) || exit 1; ID=$(sf clone $T) || exit 1; \
+        "T=$(sf ticket {n} 2>/dev/null) || exit 1; ID=$(sf clone $T) || exit 1; \
          if [ \"$ID\" != 0 ]; then exec sleep 100000; fi; echo $T"
     );
-    let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script], true)?;
-    if out.code != 0 {
-        bail!(
-            "clone in {vm} failed ({}): {}",
-            out.code,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Ok(crate::bench_hosts::sh(c, vm, &script)?.trim().to_string())
 }
 
 /// Starts `sf-memtest hold` in the guest: `mib` MiB written (seed

@@ -208,7 +208,12 @@ fn row_of(method: &'static str, host: &str, s: &[Sample], failed: Option<String>
 
 pub fn run(a: PeersArgs) -> Result<Vec<Row>> {
     check_args(&a)?;
-    let work = TempDir::new()?;
+    // This run's files, removed when dropped: on the root disk, where a
+    // saved VM would go.
+    let work = tempfile::Builder::new()
+        .prefix("snowflock-peers-")
+        .tempdir_in("/var/tmp")
+        .context("cannot create a directory in /var/tmp")?;
     let rows = on_bench_cluster(a.hosts, MAX_VMS, |hosts| {
         let (h0, h1) = (&hosts[0], &hosts[1]);
         let c = Client::new(&h0.socket);
@@ -262,13 +267,13 @@ pub fn run(a: PeersArgs) -> Result<Vec<Row>> {
                 let parent = ParentQemu::find(&c, vm, &h0.state_dir)?;
                 step("save to a file and restore");
                 restore.measure(|| {
-                    let res = save_restore(&parent, &work.0, h0, r);
+                    let res = save_restore(&parent, work.path(), h0, r);
                     parent.resume_if_stopped()?;
                     res
                 });
                 step("live migration to h1");
                 migrate.measure(|| {
-                    let res = live_migrate(&parent, &work.0, h1, r);
+                    let res = live_migrate(&parent, work.path(), h1, r);
                     parent.resume_if_stopped()?;
                     res
                 });
@@ -312,14 +317,7 @@ fn ms_since(t: Instant) -> f64 {
 /// bench has found it, verified the pattern in it if `verify`, and killed
 /// the ticket.
 fn clone_once(c: &Client, vm: &str, want: &str, verify: bool) -> Result<Sample> {
-    let ticket = sh(
-        c,
-        vm,
-        "T=$(sf ticket 1 2>/dev/null) || exit 1; ID=$(sf clone $T) || exit 1; \
-         if [ \"$ID\" != 0 ]; then exec sleep 100000; fi; echo $T",
-    )?
-    .trim()
-    .to_string();
+    let ticket = crate::bench::clone_and_keep(c, vm, 1)?;
     let res = (|| -> Result<Sample> {
         let rep = crate::bench::report_for(c, &ticket)?;
         let ready = rep
@@ -404,6 +402,20 @@ impl ParentQemu {
         Qmp::connect(&self.qmp, Duration::from_secs(10))
     }
 
+    /// Starts a copy of this QEMU named `tag` (its files in `dir`) in
+    /// network namespace `netns`, loading its state from `incoming`.
+    fn spawn_copy(&self, dir: &Path, tag: &str, netns: &str, incoming: &str) -> Result<QemuCopy> {
+        let paths = CopyPaths::new(dir, tag);
+        let args = copy_args(&self.args, &paths, incoming)?;
+        QemuCopy::spawn(
+            &self.qemu,
+            &args,
+            Some(netns),
+            &dir.join(format!("{tag}-qemu.log")),
+            &paths.qmp,
+        )
+    }
+
     /// Cancels a migration still under way and resumes a stopped parent.
     fn resume_if_stopped(&self) -> Result<()> {
         use MigrationStatus::{active, cancelling, device, setup};
@@ -422,23 +434,6 @@ impl ParentQemu {
             q.execute(&qmp::cont {})?;
         }
         Ok(())
-    }
-}
-
-/// A directory of this run's files, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir> {
-        let d = PathBuf::from(format!("/var/tmp/snowflock-peers-{}", std::process::id()));
-        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
-        Ok(TempDir(d))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -507,16 +502,8 @@ fn save_restore(
         "bench: saved {} MiB in {pause_ms:.0} ms",
         std::fs::metadata(&file).map(|m| m.len() >> 20).unwrap_or(0)
     );
-    let paths = CopyPaths::new(dir, &format!("restore{run}"));
-    let args = copy_args(&parent.args, &paths, "defer")?;
     let t0 = Instant::now();
-    let mut copy = QemuCopy::spawn(
-        &parent.qemu,
-        &args,
-        Some(&host.netns),
-        &dir.join(format!("restore{run}-qemu.log")),
-        &paths.qmp,
-    )?;
+    let mut copy = parent.spawn_copy(dir, &format!("restore{run}"), &host.netns, "defer")?;
     (|| -> Result<()> {
         let mut q = copy.connect()?;
         q.migrate_incoming(&format!("exec:cat {}", file.display()))?;
@@ -549,16 +536,8 @@ fn live_migrate(
     to: &cluster::HostInfo,
     run: u32,
 ) -> Result<Sample> {
-    let paths = CopyPaths::new(dir, &format!("migrate{run}"));
     let uri = format!("tcp:{}:{MIGRATE_PORT}", to.ip);
-    let args = copy_args(&parent.args, &paths, &uri)?;
-    let mut copy = QemuCopy::spawn(
-        &parent.qemu,
-        &args,
-        Some(&to.netns),
-        &dir.join(format!("migrate{run}-qemu.log")),
-        &paths.qmp,
-    )?;
+    let mut copy = parent.spawn_copy(dir, &format!("migrate{run}"), &to.netns, &uri)?;
     let (done, ready_ms) = (|| -> Result<(MigrationInfo, f64)> {
         let mut dest = copy.connect()?;
         let mut q = parent.connect()?;
