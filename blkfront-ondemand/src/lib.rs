@@ -180,6 +180,8 @@ pub fn attach(
             size: l.size,
             holes,
             origin,
+            mcast: false,
+            complete: false,
         };
         match memtap.add_generation(spec) {
             Ok(path) => {

@@ -23,6 +23,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod mcast;
 pub mod memtap;
 pub mod origin;
 pub mod server;
@@ -34,7 +35,7 @@ pub mod wire;
 /// The page server client, part of [`memtap`]; the older path.
 pub use memtap::client;
 pub use memtap::{
-    GenerationSpec, Memtap, MemtapConfig, MemtapError, MemtapEvent, FETCH_THREADS,
+    GenerationSpec, Memtap, MemtapConfig, MemtapError, MemtapEvent, Progress, FETCH_THREADS,
     MAX_FETCH_THREADS,
 };
 pub use origin::{

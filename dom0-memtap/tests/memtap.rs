@@ -62,6 +62,8 @@ impl Fixture {
             size: pages * PAGE_SIZE,
             holes: map,
             origin: self.server.local_addr(),
+            mcast: false,
+            complete: false,
         };
         (self.memtap.add_generation(spec).unwrap(), bytes)
     }
@@ -125,6 +127,8 @@ fn reads_back_identical_through_read_and_private_mmap() {
             size: frozen.size,
             holes: frozen.holes.clone(),
             origin: fx.server.local_addr(),
+            mcast: false,
+            complete: false,
         };
         let path = fx.memtap.add_generation(spec).unwrap();
         assert_eq!(path, fx.mount.join("gen-a"));
@@ -277,6 +281,8 @@ fn generations_are_refcounted_and_released() {
             size: 8 * PAGE_SIZE,
             holes: bitvec::bitvec![u64, bitvec::order::Lsb0; 0; 8],
             origin: fx.server.local_addr(),
+            mcast: false,
+            complete: false,
         };
         assert_eq!(fx.memtap.add_generation(spec.clone()).unwrap(), path);
         let other = GenerationSpec {
@@ -358,6 +364,8 @@ fn a_wrong_cluster_key_gets_no_data() {
             size: 4 * PAGE_SIZE,
             holes: map,
             origin: other.local_addr(),
+            mcast: false,
+            complete: false,
         };
         let events = fx.memtap.events();
         let path = fx.memtap.add_generation(spec).unwrap();
@@ -504,6 +512,8 @@ fn add_hostile(fx: &Fixture, name: &str, origin: SocketAddr) -> PathBuf {
         size: 8 * PAGE_SIZE,
         holes: bitvec::bitvec![u64, bitvec::order::Lsb0; 0; 8],
         origin,
+        mcast: false,
+        complete: false,
     };
     fx.memtap.add_generation(spec).unwrap()
 }

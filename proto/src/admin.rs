@@ -146,10 +146,30 @@ pub struct FaultStats {
     pub latency_p50_us: u64,
     /// 99th percentile of the same.
     pub latency_p99_us: u64,
+    /// Bytes stored speculatively (prefetched neighbours, pages other
+    /// hosts' clones faulted, background completion) and not read (yet):
+    /// per generation, zero in per-process figures.
+    #[serde(default)]
+    pub prefetch_wasted_bytes: u64,
+    /// Pages stored from multicast datagrams (mcdist).
+    #[serde(default)]
+    pub mcast_pages: u64,
+    /// Multicast datagrams refused: wrong length, MAC, generation or
+    /// offset.
+    #[serde(default)]
+    pub mcast_dropped: u64,
+    /// Requests the origin answered "on its way by multicast" (lockstep:
+    /// another host asked for the same pages just before).
+    #[serde(default)]
+    pub coalesced: u64,
+    /// Of those, the ones whose pages did not arrive in time and were asked
+    /// for again by unicast.
+    #[serde(default)]
+    pub rerequests: u64,
 }
 
 /// Memory-on-demand figures of one VM (`snowflock stats`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct VmStats {
     pub vm: String,
     pub host: String,
@@ -162,6 +182,15 @@ pub struct VmStats {
     /// `faults`, `bytes_fetched`, ... beside `vm`.
     #[serde(flatten)]
     pub fetch: FaultStats,
+    /// Fraction (0..=1) of the memory generation's data pages this host
+    /// holds (`remote` clones; 1 for the others).
+    #[serde(default)]
+    pub completion: f64,
+    /// This host holds the whole generation: the clone no longer needs its
+    /// origin's page server (background completion, `sf ticket
+    /// --independent`).
+    #[serde(default)]
+    pub independent: bool,
     /// The disk read on demand from another host (all zero otherwise).
     /// Flattened: `disk_bytes_fetched`, ... beside `vm`.
     #[serde(flatten, default)]

@@ -185,6 +185,18 @@ impl ClusterKey {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// A key derived from this one for another use: HMAC-SHA256 of
+    /// `label` under the cluster key. Protocols that MAC bulk data (the
+    /// multicast page datagrams) use a subkey, so the cluster key itself
+    /// keys only the handshake.
+    pub fn subkey(&self, label: &[u8]) -> [u8; 32] {
+        let mut m =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        m.update(b"snowflock subkey:");
+        m.update(label);
+        m.finalize().into_bytes().into()
+    }
+
     fn mac(&self, label: &[u8], ns: &[u8], nc: &[u8]) -> Hmac<Sha256> {
         let mut m =
             <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");

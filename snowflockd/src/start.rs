@@ -72,6 +72,7 @@ async fn parts(cfg: &config::Config) -> Result<(Parts, Option<Control>), StartEr
         key: key.clone(),
         fetch_timeout: c.fetch_timeout,
         prefetch_pages: c.prefetch_pages,
+        ..dom0_memtap::MemtapConfig::new("", "", key.clone())
     })
     .map_err(|e| StartError::Cluster(format!("cannot mount memtap: {}", chain(&e))))?;
     tracing::info!(listen = %c.listen, page_server = %c.page_server, peers = c.peers.len(), "cluster host");

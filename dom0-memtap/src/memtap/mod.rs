@@ -49,4 +49,4 @@ mod state;
 
 pub use events::MemtapEvent;
 pub use fetch::{FETCH_THREADS, MAX_FETCH_THREADS};
-pub use mount::{GenerationSpec, Memtap, MemtapConfig, MemtapError};
+pub use mount::{GenerationSpec, Memtap, MemtapConfig, MemtapError, Progress};

@@ -69,6 +69,22 @@ pub struct MemtapConfig {
     /// Pages fetched after a miss, beyond the read, while they are neither
     /// holes nor cached (default 0).
     pub prefetch_pages: u32,
+    /// Keep the pages other hosts' clones faulted, which arrive by
+    /// multicast, in the cache (default true; false stores only pages a
+    /// read of this host waits for).
+    pub prefetch_siblings: bool,
+    /// Join the groups of generations added with
+    /// [`GenerationSpec::mcast`] (default `None`: unicast only).
+    pub mcast: Option<crate::mcast::McastConfig>,
+    /// Most bytes the cache of one generation holds (default `None`: the
+    /// generation's size). At the limit, pages are still answered, from
+    /// the origin, but no longer kept; see `docs/memory.md#the-cache-bound`.
+    pub cache_limit: Option<u64>,
+    /// Rate of background completion, bytes per second (default 64 MiB/s).
+    pub completion_rate: u64,
+    /// Where to write the fault trace of each clone process when it ends
+    /// (default `None`: no traces). See `docs/performance.md#mcdist`.
+    pub trace_dir: Option<PathBuf>,
 }
 
 impl MemtapConfig {
@@ -84,6 +100,11 @@ impl MemtapConfig {
             key,
             fetch_timeout: Duration::from_secs(10),
             prefetch_pages: 0,
+            prefetch_siblings: true,
+            mcast: None,
+            cache_limit: None,
+            completion_rate: 64 << 20,
+            trace_dir: None,
         }
     }
 }
@@ -99,6 +120,39 @@ pub struct GenerationSpec {
     pub holes: BitVec<u64, Lsb0>,
     /// The origin host's page server.
     pub origin: SocketAddr,
+    /// The origin multicasts this generation's pages to its group
+    /// ([`crate::mcast::group_of`]): join it, if the mount has
+    /// [`MemtapConfig::mcast`].
+    pub mcast: bool,
+    /// Fetch the whole generation in the background (background
+    /// completion), so that this host's clones stop depending on the
+    /// origin once it is held.
+    pub complete: bool,
+}
+
+/// How much of a generation a host holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Data pages (not holes) in this host's cache.
+    pub held: u64,
+    /// Data pages of the generation.
+    pub total: u64,
+}
+
+impl Progress {
+    /// `held / total`, 1 for a generation of holes only.
+    pub fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            1.0
+        } else {
+            self.held as f64 / self.total as f64
+        }
+    }
+
+    /// Every data page is held: reads never need the origin.
+    pub fn complete(&self) -> bool {
+        self.held >= self.total
+    }
 }
 
 /// One FUSE mount serving generations; see the module docs.
@@ -392,6 +446,21 @@ impl Memtap {
             .map(|(g, _)| g.clone())?;
         let s = g.stats.lock().snapshot();
         Some(s)
+    }
+
+    /// How much of a generation present in the mount this host holds
+    /// (background completion's progress).
+    pub fn generation_progress(&self, name: &str) -> Option<Progress> {
+        let g = self
+            .sh
+            .table
+            .lock()
+            .by_name
+            .get(name)
+            .map(|(g, _)| g.clone())?;
+        let total = g.pages - g.holes.count_ones() as u64;
+        let held = (0..g.pages).filter(|&p| !g.hole(p) && g.present(p)).count() as u64;
+        Some(Progress { held, total })
     }
 
     /// The event stream. The first call returns the receiver that has

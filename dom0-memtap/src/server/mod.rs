@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Time a reply may wait for a client that does not read.
     pub write_timeout: Duration,
+    /// Multicast a copy of each page served to the generation's group
+    /// (default `None`: unicast only).
+    pub mcast: Option<crate::mcast::McastConfig>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +74,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
+            mcast: None,
         }
     }
 }

@@ -166,6 +166,8 @@ async fn try_start_remote(
             size: desc.meta.memory.size,
             holes: desc.holes.clone(),
             origin: origin_addr,
+            mcast: false,
+            complete: false,
         };
         match memtap.add_generation(spec) {
             Ok(p) => ram = Some(p),

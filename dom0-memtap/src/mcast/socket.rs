@@ -1,0 +1,44 @@
+//! The UDP sockets of mcdist, made with `socket2` (well kept, and it sets
+//! the options std's `UdpSocket` lacks before binding).
+//!
+//! May import: the crate root.
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::time::Duration;
+
+/// A socket that sends to groups from `iface` (TTL 1: the cluster's own
+/// link; loopback of our own datagrams off).
+pub fn sender(iface: Option<Ipv4Addr>) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_multicast_ttl_v4(1)?;
+    s.set_multicast_loop_v4(false)?;
+    if let Some(a) = iface {
+        s.set_multicast_if_v4(&a)?;
+        s.bind(&SockAddr::from(SocketAddrV4::new(a, 0)))?;
+    }
+    // Bursts of pages: a large send buffer, the pacing is ours.
+    let _ = s.set_send_buffer_size(4 << 20);
+    Ok(s.into())
+}
+
+/// A socket bound to `group:port` and joined to `group` on `iface`; it
+/// receives that group's datagrams only. Reads time out after `poll`, so a
+/// receiving thread can notice it should end.
+pub fn receiver(
+    group: Ipv4Addr,
+    port: u16,
+    iface: Option<Ipv4Addr>,
+    poll: Duration,
+) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    // Generations whose names hash to one group share it, on one host too.
+    s.set_reuse_address(true)?;
+    s.set_multicast_all_v4(false)?;
+    let _ = s.set_recv_buffer_size(8 << 20);
+    s.bind(&SockAddr::from(SocketAddrV4::new(group, port)))?;
+    s.join_multicast_v4(&group, &iface.unwrap_or(Ipv4Addr::UNSPECIFIED))?;
+    s.set_read_timeout(Some(poll))?;
+    Ok(s.into())
+}
