@@ -57,6 +57,11 @@ pub(super) fn create(fab: &str) -> Result<()> {
         &mtu,
         "type",
         "bridge",
+        // Multicast (mcdist's page copies) floods every port, like a plain
+        // switch: with IGMP snooping and no querier on the fabric, the
+        // memberships the bridge learned would expire after 260 s.
+        "mcast_snooping",
+        "0",
     ])?;
     ip(&["-n", fab, "link", "set", FABRIC_BRIDGE, "up"])
 }
