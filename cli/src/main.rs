@@ -156,6 +156,16 @@ enum ClusterCmd {
         /// Seconds an unused ticket keeps its capacity.
         #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(5..=86_400))]
         ticket_ttl_s: u64,
+        /// Multicast page distribution between the hosts (`mcast` in host.toml).
+        #[arg(long, value_enum, default_value = "on")]
+        mcast: OnOffArg,
+        /// Most MiB memtap caches of one generation per host [default: no bound].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        memcache_limit_mib: Option<u64>,
+        /// Tickets fetch their whole generation in the background unless
+        /// the guest says otherwise (`independent` in host.toml).
+        #[arg(long)]
+        independent: bool,
         /// Also start a Slurm cluster (munged, slurmdbd, slurmctld on h0, one
         /// slurmd per host) and let it grant tickets (docs/slurm.md).
         #[arg(long)]
@@ -374,6 +384,12 @@ enum AvoidArg {
     On,
     Off,
     Both,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOffArg {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -723,6 +739,9 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
             fetch_timeout_ms,
             prefetch_pages,
             ticket_ttl_s,
+            mcast,
+            memcache_limit_mib,
+            independent,
             slurm,
             slurm_wait_s,
             slots_per_node,
@@ -734,6 +753,9 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
                 fetch_timeout_ms: *fetch_timeout_ms,
                 prefetch_pages: *prefetch_pages,
                 ticket_ttl_s: *ticket_ttl_s,
+                mcast: *mcast == OnOffArg::On,
+                memcache_limit_mib: *memcache_limit_mib,
+                independent: *independent,
                 slurm: slurm.then_some(cluster::SlurmSettings {
                     wait_s: *slurm_wait_s,
                     slots_per_node: *slots_per_node,

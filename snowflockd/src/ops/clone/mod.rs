@@ -300,6 +300,16 @@ fn descriptor(
             },
             clones: slots,
             disk,
+            // This host's page server multicasts what it serves (host.toml
+            // `mcast`): clone hosts with the same port join the groups.
+            mcast_port: d
+                .cfg
+                .cluster
+                .as_ref()
+                .and_then(|c| c.mcast)
+                .filter(|_| d.pages.is_some())
+                .map(|m| m.port),
+            complete: false,
         },
         device_state: state,
         holes: mem.holes.clone(),
