@@ -317,7 +317,11 @@ enum BenchCmd {
         read_mib: u32,
         /// With --hosts: avoidance heuristics on, off, or both side by side.
         #[arg(long, value_enum, default_value = "both")]
-        avoidance: AvoidArg,
+        avoidance: ModesArg,
+        /// With --hosts: multicast page distribution on, off, or both side
+        /// by side (a cluster per mode).
+        #[arg(long, value_enum, default_value = "both")]
+        mcast: ModesArg,
         #[arg(long)]
         json: bool,
     },
@@ -380,10 +384,21 @@ struct PeersOpts {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum AvoidArg {
+enum ModesArg {
     On,
     Off,
     Both,
+}
+
+impl ModesArg {
+    /// The modes to measure, side by side: on first.
+    fn modes(self) -> Vec<bool> {
+        match self {
+            ModesArg::On => vec![true],
+            ModesArg::Off => vec![false],
+            ModesArg::Both => vec![true, false],
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -650,6 +665,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                     hosts,
                     fill_mib,
                     avoidance,
+                    mcast,
                     read_mib,
                     json,
                 },
@@ -683,11 +699,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
             match hosts {
                 Some(h) if !(2..=32).contains(&h) => anyhow::bail!("--hosts must be 2 to 32"),
                 Some(hosts) => {
-                    let modes = match avoidance {
-                        AvoidArg::On => vec![true],
-                        AvoidArg::Off => vec![false],
-                        AvoidArg::Both => vec![true, false],
-                    };
+                    let modes = avoidance.modes();
                     bench_hosts::run(bench_hosts::HostsArgs {
                         hosts,
                         clones,
@@ -701,6 +713,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                         },
                         fill_mib,
                         modes,
+                        mcast: mcast.modes(),
                         json,
                     })?;
                 }

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 const NETNS_DIR: &str = "/run/netns";
 const FABRIC_BRIDGE: &str = "fab";
-const HOST_LINK: &str = "fab0";
+pub(crate) const HOST_LINK: &str = "fab0";
 
 /// Runs `ip ARGS`, failing with its stderr.
 pub(super) fn ip(args: &[&str]) -> Result<()> {

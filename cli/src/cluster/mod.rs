@@ -29,6 +29,7 @@ mod status;
 mod up;
 
 pub use down::down;
+pub(crate) use fabric::HOST_LINK;
 pub use host_config::{Settings, SlurmSettings};
 pub use layout::{first_host_client, host_client, HostInfo};
 pub use slurm::bill as slurm_bill;
