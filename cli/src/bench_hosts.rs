@@ -15,12 +15,13 @@
 //! until every clone finished reading the parent's memory; bytes received
 //! likewise on each clone host's link.
 
+use crate::bench::{sh, stats};
 use crate::client::Client;
 use crate::cluster;
 use crate::vm_cmd;
 use anyhow::{bail, Result};
 use serde::Serialize;
-use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse, CloneReport, VmStats};
+use snowflock_proto::admin::{Accel, CloneReport, VmStats};
 use std::time::{Duration, Instant};
 
 /// Runs `f` with the hosts of a local cluster of `hosts` hosts (`sfbench`,
@@ -102,28 +103,6 @@ pub struct HostsRow {
     pub fetched_mib_per_clone: f64,
     pub fill_fetched_pct: f64,
     pub zero_pages_per_clone: f64,
-}
-
-/// Runs `script` with `sh -c` in `vm`; its stdout, or an error with its
-/// stderr. Shared by the benches.
-pub(crate) fn sh(c: &Client, vm: &str, script: &str) -> Result<String> {
-    let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script.into()], true)?;
-    if out.code != 0 {
-        bail!(
-            "in {vm}: `{script}` failed ({}): {}",
-            out.code,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `snowflock stats VM`.
-pub(crate) fn stats(c: &Client, vm: &str) -> Result<VmStats> {
-    match c.call(&AdminRequest::Stats { name: vm.into() })? {
-        AdminResponse::Stats(s) => Ok(s),
-        other => bail!("Unexpected answer: {other:?}"),
-    }
 }
 
 /// Waits until the parent's RAM file stops shrinking (free page reporting
