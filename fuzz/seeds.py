@@ -27,6 +27,7 @@ api_req = [
     {"op": "request_ticket", "n": 3}, {"op": "clone", "ticket": "t-1f"},
     {"op": "exit", "status": -1}, {"op": "join", "ticket": "t-ab"},
     {"op": "kill", "ticket": "t-0"}, {"op": "id"},
+    {"op": "request_ticket", "n": 2, "independent": True},
 ]
 api_resp = [
     {"result": "ticket", "ticket": "t-1f", "granted": 2},
