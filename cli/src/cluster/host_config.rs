@@ -178,6 +178,7 @@ mod tests {
             mcast: false,
             memcache_limit_mib: Some(64),
             independent: true,
+            fault_trace_dir: Some("/tmp/traces".into()),
             slurm: Some(SlurmSettings {
                 wait_s: 4,
                 slots_per_node: Some(1),
@@ -208,6 +209,7 @@ mod tests {
         assert_eq!(f.mcast, Some(false));
         assert_eq!(f.memcache_limit_mib, Some(64));
         assert_eq!(f.independent, Some(true));
+        assert_eq!(f.fault_trace_dir, Some("/tmp/traces".into()));
         assert_eq!(f, host_file(&l, 2, 4, &s));
         // A one-host cluster says so explicitly.
         let one = render_host_toml(&l, 0, 1, &s);

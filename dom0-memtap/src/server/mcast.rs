@@ -21,7 +21,11 @@
 //!   the bucket empty is not sent (the asker has its pages anyway).
 //! * **End game.** While fewer than two hosts are active members of a
 //!   generation (asked as members in the last [`ACTIVE`]), nothing is
-//!   multicast: the one host left gets its pages by unicast alone.
+//!   multicast: the one host left gets its pages by unicast alone. For
+//!   the first [`ACTIVE`] after publishing, the hosts the publisher said to
+//!   expect ([`PageServer::expect_hosts`](super::PageServer::expect_hosts))
+//!   count, so the first host's faults reach the others that have not
+//!   asked yet.
 //! * **Deaf members.** A member that accepted nothing after [`DEAF_AFTER`]
 //!   datagrams no longer counts as one (its group does not reach it).
 //!
@@ -92,6 +96,9 @@ pub(super) struct GenCast {
     members: Mutex<HashMap<(IpAddr, u32), Member>>,
     /// Logged once: "fewer than two members, unicast only".
     said_end_game: AtomicBool,
+    /// Hosts the publisher expects to ask (its clones' hosts): counted as
+    /// members for the first [`ACTIVE`], before they have all asked.
+    expected: AtomicU32,
 }
 
 impl GenCast {
@@ -103,7 +110,13 @@ impl GenCast {
             sent: AtomicU64::new(0),
             members: Mutex::new(HashMap::new()),
             said_end_game: AtomicBool::new(false),
+            expected: AtomicU32::new(0),
         }
+    }
+
+    /// The publisher expects `hosts` hosts to ask for this generation.
+    pub(super) fn expect(&self, hosts: u32) {
+        self.expected.store(hosts, Ordering::Relaxed);
     }
 
     /// Datagrams sent so far (echoed in replies).
@@ -124,11 +137,20 @@ impl GenCast {
     }
 
     fn active_members(&self, now: Instant) -> usize {
-        self.members
+        let asked = self
+            .members
             .lock()
             .values()
             .filter(|m| !m.deaf && now.duration_since(m.last) < ACTIVE)
-            .count()
+            .count();
+        // At the start not every host has asked yet; the first one's pages
+        // are the others' too.
+        let expected = if now.duration_since(self.epoch) < ACTIVE {
+            self.expected.load(Ordering::Relaxed) as usize
+        } else {
+            0
+        };
+        asked.max(expected)
     }
 }
 
@@ -386,6 +408,16 @@ mod tests {
         g.sent.store(2 * SAMPLE, Ordering::Relaxed);
         s.on_request(&g, ip(1), &req(0, 1, FLAG_MEMBER, SAMPLE / 2 + SAMPLE));
         assert!(s.rate() > r0 / 2);
+    }
+
+    #[test]
+    fn expected_hosts_count_before_they_ask() {
+        let s = sender();
+        let g = GenCast::new("g", 7404, 8);
+        s.on_request(&g, ip(1), &req(0, 1, FLAG_MEMBER, 0));
+        assert_eq!(g.active_members(Instant::now()), 1);
+        g.expect(4);
+        assert_eq!(g.active_members(Instant::now()), 4);
     }
 
     #[test]

@@ -262,6 +262,22 @@ impl PageServer {
         Ok(())
     }
 
+    /// Tells the server how many hosts will ask for `generation` (its
+    /// clones' hosts), so that multicast starts with the first request
+    /// instead of once two hosts have asked. Does nothing without
+    /// multicast or for a generation not published.
+    pub fn expect_hosts(&self, generation: &str, hosts: u32) {
+        if let Some(c) = self
+            .shared
+            .gens
+            .read()
+            .get(generation)
+            .and_then(|g| g.cast.as_ref())
+        {
+            c.expect(hosts);
+        }
+    }
+
     /// Stops serving `generation`; requests for it get
     /// [`Status::UnknownGeneration`](wire::Status::UnknownGeneration). Requests being answered finish.
     pub fn withdraw(&self, generation: &str) {

@@ -535,10 +535,11 @@ async fn start_clones(
                     .await
                     .map_err(|_| CloneError::TaskFailed)??;
             let pages = d.pages.as_ref().ok_or(CloneError::NoPageServer)?;
+            let hosts = job.placement.iter().skip(1).filter(|(_, n)| *n > 0).count();
             for (name, path) in files {
-                pages
-                    .publish(&generations::shared_name(&me, &name), &path)
-                    .map_err(CloneError::Publish)?;
+                let shared = generations::shared_name(&me, &name);
+                pages.publish(&shared, &path).map_err(CloneError::Publish)?;
+                pages.expect_hosts(&shared, hosts as u32);
             }
             tl.mark("disk_published");
             Some(layout)
@@ -570,6 +571,8 @@ async fn start_clones(
         pages
             .publish_layered(&name, &gen_ram, layer)
             .map_err(CloneError::Publish)?;
+        // Multicast from the first fault on: every clone host will ask.
+        pages.expect_hosts(&name, remote_hosts.len() as u32);
         d.with(|r| {
             if let Some(t) = r.tickets.get_mut(job.ticket) {
                 t.published = Some(name);
