@@ -83,7 +83,7 @@ pub struct MemtapConfig {
     /// Rate of background completion, bytes per second (default 64 MiB/s).
     pub completion_rate: u64,
     /// Where to write the fault trace of each clone process when it ends
-    /// (default `None`: no traces). See `docs/performance.md#mcdist`.
+    /// (default `None`: no traces). See `docs/performance.md#mcdist-at-scale-without-vms`.
     pub trace_dir: Option<PathBuf>,
 }
 

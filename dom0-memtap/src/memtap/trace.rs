@@ -54,8 +54,9 @@ impl Tracer {
 
     /// Records a read of pages `first..=last` of `g` by `pid`.
     pub(super) fn record(&self, g: &Gen, pid: u32, first: u64, last: u64) {
-        let now = Instant::now();
         let mut m = self.traces.lock();
+        // Under the lock: lines stay in time order.
+        let now = Instant::now();
         let t = m.entry((pid, g.ino)).or_insert_with(|| Trace {
             name: g.name.clone(),
             size: g.size,

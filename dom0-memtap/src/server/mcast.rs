@@ -313,7 +313,17 @@ impl Sender {
                 }
                 (false, false) => {}
             }
+            // Claim the page: of connections asking for it at once, one
+            // sends it, the others find it in flight.
+            let slot = &g.sent_at[p as usize];
+            if slot
+                .compare_exchange(0, stamp, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
             if !self.take() {
+                slot.store(0, Ordering::Release);
                 let left = (data.len() / PAGE_SIZE as usize - i) as u64;
                 self.counters.skipped.fetch_add(left, Ordering::Relaxed);
                 return false;
@@ -322,10 +332,10 @@ impl Sender {
             seal(&self.key, name, p, seq, page, buf);
             match self.sock.send_to(buf, g.group) {
                 Ok(_) => {
-                    g.sent_at[p as usize].store(stamp, Ordering::Relaxed);
                     self.counters.datagrams.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
+                    slot.store(0, Ordering::Release);
                     if self.counters.send_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                         warn!(generation = name, group = %g.group, "mcdist: cannot send to the group: {e}");
                     }
