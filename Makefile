@@ -53,7 +53,7 @@ bench: setup build image
 # of fuzz/ for FUZZ_SECS seconds. cargo-fuzz needs nightly flags; the
 # stable toolchain accepts them with RUSTC_BOOTSTRAP=1.
 FUZZ_SECS ?= 30
-FUZZ_TARGETS ?= descriptor page_wire channel_lines frame admin_msg api_msg sibling_msg handshake_server handshake_client
+FUZZ_TARGETS ?= descriptor page_wire mcast_datagram channel_lines frame admin_msg api_msg sibling_msg handshake_server handshake_client
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

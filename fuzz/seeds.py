@@ -27,6 +27,7 @@ api_req = [
     {"op": "request_ticket", "n": 3}, {"op": "clone", "ticket": "t-1f"},
     {"op": "exit", "status": -1}, {"op": "join", "ticket": "t-ab"},
     {"op": "kill", "ticket": "t-0"}, {"op": "id"},
+    {"op": "request_ticket", "n": 2, "independent": True},
 ]
 api_resp = [
     {"result": "ticket", "ticket": "t-1f", "granted": 2},
@@ -144,6 +145,9 @@ m, state = js(meta), b"QEVM\x00\x00\x00\x03device-state"
 holes = struct.pack("<4Q", 0x8, 0, 0, 1 << 63)  # 256 pages
 header = b"SFDESC01" + struct.pack("<HHIIIQ", 1, 0, len(m), len(state), len(holes), fnv1a(m + state + holes))
 write("descriptor", "valid", header + m + state + holes)
+m = js(dict(meta, mcast_port=7404, complete=True))
+header = b"SFDESC01" + struct.pack("<HHIIIQ", 1, 0, len(m), len(state), len(holes), fnv1a(m + state + holes))
+write("descriptor", "mcast", header + m + state + holes)
 
 name = b"gen-1"
 req = b"SFPQ" + struct.pack("<HH", 1, len(name)) + name.ljust(64, b"\0") + struct.pack("<QII", 12, 3, 0)

@@ -14,7 +14,7 @@ fi
 
 need=()
 check() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || need+=("$1"); }
-for p in qemu-system-x86 qemu-utils busybox-static fuse3 iproute2 lz4 cpio gcc libc6-dev binutils kmod iputils-ping python3 file debootstrap e2fsprogs \
+for p in qemu-system-x86 qemu-utils busybox-static fuse3 iproute2 lz4 cpio gcc libc6-dev binutils kmod iputils-ping nftables python3 file debootstrap e2fsprogs \
     slurmctld slurmd slurm-client slurmdbd munge mariadb-server util-linux; do
     check "$p"
 done

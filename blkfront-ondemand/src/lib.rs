@@ -21,7 +21,9 @@
 //!   blocks, blocks the parent's file system discarded) are never fetched.
 //! * [`attach`] (clone host): each layer added to memtap with its hole map;
 //!   a block is fetched the first time any clone of this host reads it and
-//!   kept in memtap's cache file, so co-located clones fetch it once.
+//!   kept in memtap's cache file, so co-located clones fetch it once. Like
+//!   memory, layers may also arrive by multicast and be fetched whole in
+//!   the background ([`Fetch`]).
 //!
 //! Blocks a clone overwrites before reading are never fetched: its
 //! overlay's clusters are 4 KiB, the guest file system's block size, so a
@@ -141,6 +143,18 @@ pub fn layout(layers: &[(PathBuf, LayerFormat, String)]) -> Result<DiskLayout, D
     })
 }
 
+/// What a clone's host fetches of the layers beyond the blocks its clones
+/// read; the same as for the clone's memory (see
+/// [`dom0_memtap::GenerationSpec`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fetch {
+    /// Join the layers' multicast groups: blocks other hosts' clones read
+    /// arrive here too.
+    pub mcast: bool,
+    /// Fetch the whole layers in the background (background completion).
+    pub complete: bool,
+}
+
 /// A frozen disk attached on a clone's host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
@@ -152,13 +166,14 @@ pub struct Attached {
 }
 
 /// Adds the layers of `disk` to memtap under `names` (the daemon's
-/// cluster-unique names, in layer order), one reference each. On error
-/// the references taken are dropped again.
+/// cluster-unique names, in layer order), one reference each, fetched as
+/// `fetch` says. On error the references taken are dropped again.
 pub fn attach(
     memtap: &dom0_memtap::Memtap,
     origin: std::net::SocketAddr,
     disk: &DiskLayout,
     names: &[String],
+    fetch: Fetch,
 ) -> Result<Attached, DiskError> {
     if names.len() != disk.layers.len() {
         return Err(DiskError::Unsupported(format!(
@@ -180,8 +195,8 @@ pub fn attach(
             size: l.size,
             holes,
             origin,
-            mcast: false,
-            complete: false,
+            mcast: fetch.mcast,
+            complete: fetch.complete,
         };
         match memtap.add_generation(spec) {
             Ok(path) => {

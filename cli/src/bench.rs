@@ -4,7 +4,7 @@ use crate::client::Client;
 use crate::vm_cmd;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse, CloneReport};
+use snowflock_proto::admin::{Accel, AdminRequest, AdminResponse, CloneReport, VmStats};
 
 pub struct BenchArgs {
     pub clones: Vec<u32>,
@@ -50,6 +50,28 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Runs `script` with `sh -c` in `vm`; its stdout, or an error with its
+/// stderr. Shared by the benches.
+pub(crate) fn sh(c: &Client, vm: &str, script: &str) -> Result<String> {
+    let out = vm_cmd::exec(c, vm, &["sh".into(), "-c".into(), script.into()], true)?;
+    if out.code != 0 {
+        bail!(
+            "in {vm}: `{script}` failed ({}): {}",
+            out.code,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `snowflock stats VM`.
+pub(crate) fn stats(c: &Client, vm: &str) -> Result<VmStats> {
+    match c.call(&AdminRequest::Stats { name: vm.into() })? {
+        AdminResponse::Stats(s) => Ok(s),
+        other => bail!("Unexpected answer: {other:?}"),
+    }
+}
+
 fn reports(c: &Client) -> Result<Vec<CloneReport>> {
     match c.call(&AdminRequest::CloneReports)? {
         AdminResponse::CloneReports { reports } => Ok(reports),
@@ -91,7 +113,7 @@ pub(crate) fn clone_and_keep(c: &Client, vm: &str, n: u32) -> Result<String> {
         "T=$(sf ticket {n} 2>/dev/null) || exit 1; ID=$(sf clone $T) || exit 1; \
          if [ \"$ID\" != 0 ]; then exec sleep 100000; fi; echo $T"
     );
-    Ok(crate::bench_hosts::sh(c, vm, &script)?.trim().to_string())
+    Ok(sh(c, vm, &script)?.trim().to_string())
 }
 
 /// Starts `sf-memtest hold` in the guest: `mib` MiB written (seed

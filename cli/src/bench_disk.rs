@@ -12,8 +12,8 @@
 //!
 //! Figures, not tests: medians over `--runs`.
 
-use crate::bench::{median, report_for};
-use crate::bench_hosts::{on_bench_cluster, sh, stats};
+use crate::bench::{median, report_for, sh, stats};
+use crate::bench_hosts::on_bench_cluster;
 use crate::client::Client;
 use crate::vm_cmd;
 use anyhow::{bail, Context, Result};

@@ -15,8 +15,8 @@
 //! `MPI_Init`, stamped by rank 0 on the parent's clock) and the total.
 //! Figures, not tests: medians over `--runs`.
 
-use crate::bench::median;
-use crate::bench_hosts::{on_bench_cluster, sh};
+use crate::bench::{median, sh};
+use crate::bench_hosts::on_bench_cluster;
 use crate::client::Client;
 use crate::{cluster, vm_cmd};
 use anyhow::{bail, Context, Result};

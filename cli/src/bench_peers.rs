@@ -49,8 +49,8 @@
 //!
 //! Figures, not tests: medians over `--runs`, ratios of one run's medians.
 
-use crate::bench::median;
-use crate::bench_hosts::{on_bench_cluster, sh};
+use crate::bench::{median, sh};
+use crate::bench_hosts::on_bench_cluster;
 use crate::client::Client;
 use crate::qemu_copy::{copy_args, wait_for, CopyPaths, QemuCopy, Qmp};
 use crate::{cluster, vm_cmd};

@@ -6,8 +6,8 @@
 //! `sf ticket N`), so both columns carry the same `vm exec` overhead and
 //! their difference is the allocator's.
 
-use crate::bench::median;
-use crate::bench_hosts::{on_bench_cluster_with, sh};
+use crate::bench::{median, sh};
+use crate::bench_hosts::on_bench_cluster_with;
 use crate::client::Client;
 use crate::cluster;
 use crate::vm_cmd;

@@ -157,6 +157,16 @@ enum ClusterCmd {
         /// Seconds an unused ticket keeps its capacity.
         #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(5..=86_400))]
         ticket_ttl_s: u64,
+        /// Multicast page distribution between the hosts (`mcast` in host.toml).
+        #[arg(long, value_enum, default_value = "on")]
+        mcast: OnOffArg,
+        /// Most MiB memtap caches of one generation per host [default: no bound].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        memcache_limit_mib: Option<u64>,
+        /// Tickets fetch their whole generation in the background unless
+        /// the guest says otherwise (`independent` in host.toml).
+        #[arg(long)]
+        independent: bool,
         /// Also start a Slurm cluster (munged, slurmdbd, slurmctld on h0, one
         /// slurmd per host) and let it grant tickets (docs/slurm.md).
         #[arg(long)]
@@ -308,7 +318,11 @@ enum BenchCmd {
         read_mib: u32,
         /// With --hosts: avoidance heuristics on, off, or both side by side.
         #[arg(long, value_enum, default_value = "both")]
-        avoidance: AvoidArg,
+        avoidance: ModesArg,
+        /// With --hosts: multicast page distribution on, off, or both side
+        /// by side (a cluster per mode).
+        #[arg(long, value_enum, default_value = "both")]
+        mcast: ModesArg,
         #[arg(long)]
         json: bool,
     },
@@ -383,10 +397,27 @@ struct PeersOpts {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum AvoidArg {
+enum ModesArg {
     On,
     Off,
     Both,
+}
+
+impl ModesArg {
+    /// The modes to measure, side by side: on first.
+    fn modes(self) -> Vec<bool> {
+        match self {
+            ModesArg::On => vec![true],
+            ModesArg::Off => vec![false],
+            ModesArg::Both => vec![true, false],
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOffArg {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -668,6 +699,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                     hosts,
                     fill_mib,
                     avoidance,
+                    mcast,
                     read_mib,
                     json,
                 },
@@ -701,11 +733,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
             match hosts {
                 Some(h) if !(2..=32).contains(&h) => anyhow::bail!("--hosts must be 2 to 32"),
                 Some(hosts) => {
-                    let modes = match avoidance {
-                        AvoidArg::On => vec![true],
-                        AvoidArg::Off => vec![false],
-                        AvoidArg::Both => vec![true, false],
-                    };
+                    let modes = avoidance.modes();
                     bench_hosts::run(bench_hosts::HostsArgs {
                         hosts,
                         clones,
@@ -719,6 +747,7 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                         },
                         fill_mib,
                         modes,
+                        mcast: mcast.modes(),
                         json,
                     })?;
                 }
@@ -757,6 +786,9 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
             fetch_timeout_ms,
             prefetch_pages,
             ticket_ttl_s,
+            mcast,
+            memcache_limit_mib,
+            independent,
             slurm,
             slurm_wait_s,
             slots_per_node,
@@ -768,6 +800,9 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
                 fetch_timeout_ms: *fetch_timeout_ms,
                 prefetch_pages: *prefetch_pages,
                 ticket_ttl_s: *ticket_ttl_s,
+                mcast: *mcast == OnOffArg::On,
+                memcache_limit_mib: *memcache_limit_mib,
+                independent: *independent,
                 slurm: slurm.then_some(cluster::SlurmSettings {
                     wait_s: *slurm_wait_s,
                     slots_per_node: *slots_per_node,

@@ -263,6 +263,13 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
+/// A fraction (0..=1) as a percentage with one decimal, never rounded up
+/// to 100 % before it is whole.
+fn percent(f: f64) -> String {
+    let p = (f.clamp(0.0, 1.0) * 1000.0).floor() / 10.0;
+    format!("{p:.1} %")
+}
+
 pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
     match c.call(&AdminRequest::Stats { name: name.into() })? {
         AdminResponse::Stats(s) => {
@@ -291,10 +298,21 @@ pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
                 ("fetch_errors", f.fetch_errors),
                 ("latency_p50_us", f.latency_p50_us),
                 ("latency_p99_us", f.latency_p99_us),
+                ("prefetch_wasted_bytes", f.prefetch_wasted_bytes),
+                ("mcast_pages", f.mcast_pages),
+                ("mcast_dropped", f.mcast_dropped),
+                ("coalesced", f.coalesced),
+                ("rerequests", f.rerequests),
             ];
             for (k, v) in rows {
-                println!("  {k:<16} {v}");
+                println!("  {k:<21} {v}");
             }
+            println!("  {:<21} {}", "completion", percent(s.completion));
+            println!(
+                "  {:<21} {}",
+                "independent",
+                if s.independent { "yes" } else { "no" }
+            );
             let m = &s.mem;
             println!(
                 "  host memory: private {}, shared {}, older generations {}",
@@ -331,6 +349,14 @@ pub fn stats(c: &Client, name: &str, json: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentages() {
+        assert_eq!(percent(1.0), "100.0 %");
+        assert_eq!(percent(0.0), "0.0 %");
+        assert_eq!(percent(0.9999), "99.9 %");
+        assert_eq!(percent(0.25), "25.0 %");
+    }
 
     #[test]
     fn mem_sizes() {

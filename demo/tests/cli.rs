@@ -164,7 +164,10 @@ fn parent_collects_merges_and_joins() {
     assert_eq!(
         seen,
         vec![
-            ApiRequest::RequestTicket { n: 3 },
+            ApiRequest::RequestTicket {
+                n: 3,
+                independent: None
+            },
             ApiRequest::Clone {
                 ticket: "t-5a".into()
             },

@@ -202,6 +202,15 @@ pub struct Meta {
     /// The frozen disk, for a parent with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskLayout>,
+    /// UDP port of the multicast groups the origin's page server sends
+    /// copies of the generation's pages (and disk blocks) to; `None`: it
+    /// serves them by unicast only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcast_port: Option<u16>,
+    /// The ticket asked for independence: clone hosts fetch the whole
+    /// generation (and disk layers) in the background.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub complete: bool,
 }
 
 /// A decoded descriptor.
@@ -393,6 +402,8 @@ mod tests {
                     ip_cidr: "y".into(),
                 }],
                 disk: None,
+                mcast_port: None,
+                complete: false,
             },
             device_state: vec![1, 2, 3, 4, 5],
             holes,
@@ -404,6 +415,47 @@ mod tests {
         let d = sample();
         let bytes = d.encode().unwrap();
         assert_eq!(Descriptor::decode(&bytes).unwrap(), d);
+    }
+
+    #[test]
+    fn distribution_fields_are_optional() {
+        // Left out when unset, so a descriptor without them reads as before.
+        let d = sample();
+        let meta = serde_json::to_string(&d.meta).unwrap();
+        assert!(
+            !meta.contains("mcast_port") && !meta.contains("complete"),
+            "{meta}"
+        );
+        let mut v: serde_json::Value = serde_json::from_str(&meta).unwrap();
+        let back: Meta = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!((back.mcast_port, back.complete), (None, false));
+        v["mcast_port"] = 7404.into();
+        v["complete"] = true.into();
+        let back: Meta = serde_json::from_value(v).unwrap();
+        assert_eq!((back.mcast_port, back.complete), (Some(7404), true));
+        let mut d = sample();
+        d.meta.mcast_port = Some(7404);
+        d.meta.complete = true;
+        let bytes = d.encode().unwrap();
+        assert_eq!(Descriptor::decode(&bytes).unwrap(), d);
+        for bad in [r#""mcast_port":70000"#, r#""complete":"yes""#] {
+            let mut m = meta.clone();
+            m.insert_str(1, &format!("{bad},"));
+            assert!(serde_json::from_str::<Meta>(&m).is_err(), "{m}");
+        }
+    }
+
+    #[test]
+    fn the_fuzz_seeds_decode() {
+        let valid =
+            Descriptor::decode(include_bytes!("../../fuzz/seeds/descriptor/valid")).unwrap();
+        assert_eq!((valid.meta.mcast_port, valid.meta.complete), (None, false));
+        let mcast =
+            Descriptor::decode(include_bytes!("../../fuzz/seeds/descriptor/mcast")).unwrap();
+        assert_eq!(
+            (mcast.meta.mcast_port, mcast.meta.complete),
+            (Some(7404), true)
+        );
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub(crate) struct ReadOutcome {
     pub(crate) zero_pages: u64,
     pub(crate) cache_hits: u64,
     pub(crate) prefetch_hits: u64,
+    pub(crate) coalesced: u64,
+    pub(crate) rerequests: u64,
     pub(crate) pages_fetched: u64,
     pub(crate) fetch_error: bool,
     pub(crate) latency_us: u64,
@@ -103,6 +105,8 @@ impl Acc {
         s.zero_pages += o.zero_pages;
         s.cache_hits += o.cache_hits;
         s.prefetch_hits += o.prefetch_hits;
+        s.coalesced += o.coalesced;
+        s.rerequests += o.rerequests;
         s.pages_fetched += o.pages_fetched;
         s.bytes_fetched += o.pages_fetched * crate::PAGE_SIZE;
         s.fetch_errors += o.fetch_error as u64;
@@ -118,6 +122,10 @@ impl Acc {
         s.zero_pages += t.zero_pages;
         s.cache_hits += t.cache_hits;
         s.prefetch_hits += t.prefetch_hits;
+        s.coalesced += t.coalesced;
+        s.rerequests += t.rerequests;
+        s.mcast_pages += t.mcast_pages;
+        s.mcast_dropped += t.mcast_dropped;
         s.pages_fetched += t.pages_fetched;
         s.bytes_fetched += t.bytes_fetched;
         s.fetch_errors += t.fetch_errors;

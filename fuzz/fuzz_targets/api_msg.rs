@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
             };
             if r.validate().is_ok() {
                 match &r {
-                    ApiRequest::RequestTicket { n } => {
+                    ApiRequest::RequestTicket { n, .. } => {
                         assert!((1..=MAX_CLONES_PER_TICKET).contains(n))
                     }
                     ApiRequest::Clone { ticket }

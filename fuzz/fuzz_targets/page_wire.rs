@@ -4,8 +4,8 @@
 #![no_main]
 
 use dom0_memtap::wire::{
-    data_len, decode_reply, decode_request, encode_reply, encode_request, valid_generation_name,
-    MAX_NAME, MAX_PAGES, REPLY_LEN, REQUEST_LEN,
+    data_len, decode_reply, decode_request, encode_reply_with, encode_request_with,
+    valid_generation_name, Asker, MAX_NAME, MAX_PAGES, REPLY_LEN, REQUEST_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -20,7 +20,12 @@ fuzz_target!(|data: &[u8]| {
             assert!((1..=MAX_PAGES).contains(&r.count));
             // An accepted request is in canonical form: it re-encodes to
             // exactly the bytes that were read.
-            assert_eq!(encode_request(&r.name, r.first, r.count), req);
+            let asker = Asker {
+                flags: r.flags,
+                mcast_received: r.mcast_received,
+                host: r.host,
+            };
+            assert_eq!(encode_request_with(&r.name, r.first, r.count, asker), req);
         }
         Err((first, count)) => {
             // The echo is zeros or the request's own fields.
@@ -35,11 +40,9 @@ fuzz_target!(|data: &[u8]| {
     let m = tail.len().min(REPLY_LEN);
     rep[..m].copy_from_slice(&tail[..m]);
     if let Some(r) = decode_reply(&rep) {
-        assert_eq!(encode_reply(r.status, r.first, r.count), rep);
-        assert_eq!(
-            decode_reply(&encode_reply(r.status, r.first, r.count)),
-            Some(r)
-        );
+        let again = encode_reply_with(r.status, r.first, r.count, r.mcast_sent);
+        assert_eq!(again, rep);
+        assert_eq!(decode_reply(&again), Some(r));
         let _ = data_len(r.count);
     }
 });

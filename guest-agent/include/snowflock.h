@@ -42,6 +42,19 @@ typedef struct {
 /* Asks for n clones. Returns the granted count (>= 0), -1 on error. */
 int sf_request_ticket(int n, sf_ticket_t *out);
 
+/* sf_request_ticket_ex's independent: the host's default, no, yes. */
+#define SF_INDEPENDENT_DEFAULT (-1)
+#define SF_INDEPENDENT_NO 0
+#define SF_INDEPENDENT_YES 1
+
+/* sf_request_ticket with independence: with SF_INDEPENDENT_YES the clones'
+ * hosts fetch the whole memory (and disk) of the clone point in the
+ * background, so the clones stop depending on this VM's host once it is
+ * there; with SF_INDEPENDENT_NO they fetch only what the clones read.
+ * sf_request_ticket(n, out) is sf_request_ticket_ex(n, SF_INDEPENDENT_DEFAULT,
+ * out). Returns the granted count (>= 0), -1 on error. */
+int sf_request_ticket_ex(int n, int independent, sf_ticket_t *out);
+
 /* Clones this VM (runs malloc_trim(0) first). Returns 0 in the parent, the
  * clone ID (1..granted) in each clone, -1 on error. */
 int sf_clone(const sf_ticket_t *t);

@@ -110,9 +110,19 @@ def _malloc_trim():
         pass
 
 
-def request_ticket(n):
-    """Asks for n clones. Returns (ticket, granted) with granted <= n."""
-    a = _expect(call({"op": "request_ticket", "n": int(n)}), "ticket")
+def request_ticket(n, independent=None):
+    """Asks for n clones. Returns (ticket, granted) with granted <= n.
+
+    independent=True: the clones' hosts fetch the whole memory (and disk) of
+    the clone point in the background, so the clones stop depending on this
+    VM's host once it is there; False: they fetch only what the clones read;
+    None: the host's default."""
+    request = {"op": "request_ticket", "n": int(n)}
+    if independent is not None:
+        if not isinstance(independent, bool):
+            raise TypeError("independent must be True, False or None")
+        request["independent"] = independent
+    a = _expect(call(request), "ticket")
     return a["ticket"], a["granted"]
 
 

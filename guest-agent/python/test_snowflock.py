@@ -83,6 +83,24 @@ class SnowflockTest(unittest.TestCase):
             {"op": "status", "ticket": "t-ab"},
         ])
 
+    def test_independence_flag(self):
+        fake = FakeAgent(self.path, [
+            {"result": "ticket", "ticket": "t-1", "granted": 1},
+            {"result": "ticket", "ticket": "t-2", "granted": 1},
+            {"result": "ticket", "ticket": "t-3", "granted": 1},
+        ])
+        self.assertEqual(snowflock.request_ticket(1, independent=True), ("t-1", 1))
+        self.assertEqual(snowflock.request_ticket(1, independent=False), ("t-2", 1))
+        self.assertEqual(snowflock.request_ticket(1, independent=None), ("t-3", 1))
+        with self.assertRaises(TypeError):
+            snowflock.request_ticket(1, independent=1)
+        fake.close()
+        self.assertEqual(fake.requests, [
+            {"op": "request_ticket", "n": 1, "independent": True},
+            {"op": "request_ticket", "n": 1, "independent": False},
+            {"op": "request_ticket", "n": 1},
+        ])
+
     def test_api_error_is_raised_with_code(self):
         fake = FakeAgent(self.path, [{"result": "error", "code": "wrong_role", "message": "Only clones may exit"}])
         with self.assertRaises(snowflock.Error) as cm:

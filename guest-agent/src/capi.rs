@@ -39,6 +39,13 @@ pub const SF_CHILD_EXITED: c_int = 1;
 pub const SF_CHILD_KILLED: c_int = 2;
 pub const SF_CHILD_LOST: c_int = 3;
 
+/// `sf_request_ticket_ex`'s `independent`: the host's default.
+pub const SF_INDEPENDENT_DEFAULT: c_int = -1;
+/// Fetch only what the clones read.
+pub const SF_INDEPENDENT_NO: c_int = 0;
+/// Fetch the whole clone point in the background.
+pub const SF_INDEPENDENT_YES: c_int = 1;
+
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
@@ -63,6 +70,8 @@ enum CapiError {
     TicketTooLong(String),
     #[error("Clone count must be positive, got {0}")]
     BadCount(c_int),
+    #[error("independent must be -1 (the host's default), 0 or 1, got {0}")]
+    BadIndependent(c_int),
     #[error("Negative max {0}")]
     NegativeMax(c_int),
     #[error("Too many children")]
@@ -119,12 +128,33 @@ unsafe fn ticket_id(t: *const SfTicket) -> Result<String, CapiError> {
 /// `out` must be null or point to a writable `sf_ticket_t`.
 #[no_mangle]
 pub unsafe extern "C" fn sf_request_ticket(n: c_int, out: *mut SfTicket) -> c_int {
+    // SAFETY: the caller's guarantee on `out` is the one required here.
+    unsafe { sf_request_ticket_ex(n, SF_INDEPENDENT_DEFAULT, out) }
+}
+
+/// `int sf_request_ticket_ex(int n, int independent, sf_ticket_t *out)`:
+/// the granted count; `independent` is one of `SF_INDEPENDENT_*`.
+///
+/// # Safety
+/// `out` must be null or point to a writable `sf_ticket_t`.
+#[no_mangle]
+pub unsafe extern "C" fn sf_request_ticket_ex(
+    n: c_int,
+    independent: c_int,
+    out: *mut SfTicket,
+) -> c_int {
     guard(|| {
         if out.is_null() {
             return Err(CapiError::NullOutput);
         }
         let n = u32::try_from(n).map_err(|_| CapiError::BadCount(n))?;
-        let t = client::request_ticket(n)?;
+        let independent = match independent {
+            SF_INDEPENDENT_DEFAULT => None,
+            SF_INDEPENDENT_NO => Some(false),
+            SF_INDEPENDENT_YES => Some(true),
+            other => return Err(CapiError::BadIndependent(other)),
+        };
+        let t = client::request_ticket_with(n, client::TicketOptions { independent })?;
         if t.id.len() >= SF_TICKET_MAX || t.id.as_bytes().contains(&0) {
             return Err(CapiError::TicketTooLong(t.id));
         }
@@ -299,6 +329,13 @@ mod tests {
             assert_eq!(last(), "Ticket id is not NUL-terminated");
             assert_eq!(sf_request_ticket(-3, &mut { t }), -1);
             assert_eq!(last(), "Clone count must be positive, got -3");
+            assert_eq!(sf_request_ticket_ex(1, 1, std::ptr::null_mut()), -1);
+            assert_eq!(last(), "Null output pointer");
+            assert_eq!(sf_request_ticket_ex(1, 2, &mut { t }), -1);
+            assert_eq!(
+                last(),
+                "independent must be -1 (the host's default), 0 or 1, got 2"
+            );
         }
     }
 

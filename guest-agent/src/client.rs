@@ -123,9 +123,28 @@ pub fn status(ticket: &str) -> Result<(String, Vec<ChildStatus>), SfError> {
     }
 }
 
+/// How a ticket's clones get their memory ([`request_ticket_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TicketOptions {
+    /// `Some(true)`: the clones' hosts fetch the whole memory (and disk)
+    /// of the clone point in the background, so the clones stop depending
+    /// on this VM's host once it is there; `Some(false)`: they fetch only
+    /// what the clones read; `None`: the host's default.
+    pub independent: Option<bool>,
+}
+
 /// `sf_request_ticket(n)`: asks for an allocation of `n` clones.
 pub fn request_ticket(n: u32) -> Result<Ticket, SfError> {
-    match call_ok(&ApiRequest::RequestTicket { n })? {
+    request_ticket_with(n, TicketOptions::default())
+}
+
+/// [`request_ticket`] with options (`sf ticket --independent N`).
+pub fn request_ticket_with(n: u32, opts: TicketOptions) -> Result<Ticket, SfError> {
+    let req = ApiRequest::RequestTicket {
+        n,
+        independent: opts.independent,
+    };
+    match call_ok(&req)? {
         ApiResponse::Ticket { ticket, granted } => Ok(Ticket {
             id: ticket,
             granted,
@@ -272,6 +291,10 @@ mod tests {
                     message: "No ticket t-cd".into(),
                 },
                 ApiResponse::Exiting,
+                ApiResponse::Ticket {
+                    ticket: "t-cd".into(),
+                    granted: 1,
+                },
             ],
         );
         // SOCKET_ENV is process-wide; this is the only test in this binary
@@ -292,8 +315,18 @@ mod tests {
         // An unexpected answer is a protocol error.
         let e = id().unwrap_err();
         assert!(matches!(e, SfError::Protocol(_)), "{e}");
+        let opts = TicketOptions {
+            independent: Some(true),
+        };
+        assert_eq!(request_ticket_with(1, opts).unwrap().granted, 1);
         let seen = h.join().unwrap();
-        assert_eq!(seen[0], ApiRequest::RequestTicket { n: 3 });
+        assert_eq!(
+            seen[0],
+            ApiRequest::RequestTicket {
+                n: 3,
+                independent: None
+            }
+        );
         assert_eq!(
             seen[1],
             ApiRequest::Clone {
@@ -301,6 +334,13 @@ mod tests {
             }
         );
         assert_eq!(seen[4], ApiRequest::Id);
+        assert_eq!(
+            seen[5],
+            ApiRequest::RequestTicket {
+                n: 1,
+                independent: Some(true)
+            }
+        );
 
         // Nobody listening: the agent is not running.
         std::fs::remove_file(&sock).unwrap();

@@ -307,7 +307,13 @@ fn api_calls_are_forwarded_and_answered() {
     // sf ticket 2
     let app = env.sf(&["ticket", "2"]);
     let (id, req) = host.request();
-    assert_eq!(req, ApiRequest::RequestTicket { n: 2 });
+    assert_eq!(
+        req,
+        ApiRequest::RequestTicket {
+            n: 2,
+            independent: None
+        }
+    );
     host.respond(
         id,
         ApiResponse::Ticket {
@@ -861,7 +867,13 @@ fn sf_reports_a_missing_agent() {
 /// clients below run.
 fn serve_client_script(host: &mut Host) {
     let (id, req) = host.request();
-    assert_eq!(req, ApiRequest::RequestTicket { n: 2 });
+    assert_eq!(
+        req,
+        ApiRequest::RequestTicket {
+            n: 2,
+            independent: None
+        }
+    );
     host.respond(
         id,
         ApiResponse::Ticket {

@@ -179,16 +179,20 @@ pub struct VmStats {
     pub memory: String,
     pub origin: Option<String>,
     /// All zero unless `memory` is `remote`. Flattened: the JSON keys are
-    /// `faults`, `bytes_fetched`, ... beside `vm`.
+    /// `faults`, `bytes_fetched`, ... beside `vm`. The VM's own reads,
+    /// except `prefetch_wasted_bytes`, `mcast_pages` and `mcast_dropped`:
+    /// those of its memory generation on its host.
     #[serde(flatten)]
     pub fetch: FaultStats,
     /// Fraction (0..=1) of the memory generation's data pages this host
-    /// holds (`remote` clones; 1 for the others).
+    /// holds (`remote` clones; 1 for the others, which fetch nothing).
     #[serde(default)]
     pub completion: f64,
-    /// This host holds the whole generation: the clone no longer needs its
-    /// origin's page server (background completion, `sf ticket
-    /// --independent`).
+    /// This host holds the whole generation, and every disk layer the
+    /// clone reads on demand: the clone no longer needs its origin's page
+    /// server (background completion, `sf ticket --independent`). Always
+    /// false for `own` and `local` VMs: they fetch nothing, but run on the
+    /// host their memory belongs to.
     #[serde(default)]
     pub independent: bool,
     /// The disk read on demand from another host (all zero otherwise).

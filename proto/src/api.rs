@@ -22,7 +22,15 @@ pub const MAX_CLONES_PER_TICKET: u32 = 1024;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ApiRequest {
     /// `sf_request_ticket(n)`: ask for an allocation of `n` clones.
-    RequestTicket { n: u32 },
+    RequestTicket {
+        n: u32,
+        /// Independence: the clones' hosts fetch the whole memory (and
+        /// disk) of the clone point in the background, so the clones stop
+        /// depending on this VM's host once it is there. `None` (left out
+        /// on the wire): the host's default (`independent` in host.toml).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        independent: Option<bool>,
+    },
     /// `sf_clone(ticket)`: clone this VM using the allocation in `ticket`.
     Clone { ticket: String },
     /// `sf_exit(status)`: end this clone (children only).
@@ -156,7 +164,7 @@ impl ApiRequest {
     /// Checks field values that serde cannot (lengths, ranges).
     pub fn validate(&self) -> Result<(), InvalidRequest> {
         match self {
-            ApiRequest::RequestTicket { n } if *n == 0 || *n > MAX_CLONES_PER_TICKET => {
+            ApiRequest::RequestTicket { n, .. } if *n == 0 || *n > MAX_CLONES_PER_TICKET => {
                 Err(InvalidRequest::CloneCount(*n))
             }
             ApiRequest::Clone { ticket }
@@ -189,10 +197,21 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() {
-        let r = ApiRequest::RequestTicket { n: 3 };
+        let r = ApiRequest::RequestTicket {
+            n: 3,
+            independent: None,
+        };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"op":"request_ticket","n":3}"#
+        );
+        let r = ApiRequest::RequestTicket {
+            n: 3,
+            independent: Some(true),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"op":"request_ticket","n":3,"independent":true}"#
         );
         let s = ChildStatus {
             clone_id: 2,
@@ -207,9 +226,39 @@ mod tests {
     }
 
     #[test]
+    fn the_independence_flag_is_optional() {
+        let parse = |s: &str| serde_json::from_str::<ApiRequest>(s);
+        let want = |independent| ApiRequest::RequestTicket { n: 2, independent };
+        // Agents and libraries older than the flag send none.
+        assert_eq!(
+            parse(r#"{"op":"request_ticket","n":2}"#).unwrap(),
+            want(None)
+        );
+        assert_eq!(
+            parse(r#"{"op":"request_ticket","n":2,"independent":null}"#).unwrap(),
+            want(None)
+        );
+        assert_eq!(
+            parse(r#"{"op":"request_ticket","independent":false,"n":2}"#).unwrap(),
+            want(Some(false))
+        );
+        assert_eq!(
+            parse(r#"{"op":"request_ticket","n":2,"independent":true}"#).unwrap(),
+            want(Some(true))
+        );
+        assert!(parse(r#"{"op":"request_ticket","n":2,"independent":1}"#).is_err());
+        assert!(parse(r#"{"op":"request_ticket","n":2,"independent":"yes"}"#).is_err());
+    }
+
+    #[test]
     fn validation() {
-        assert!(ApiRequest::RequestTicket { n: 0 }.validate().is_err());
-        assert!(ApiRequest::RequestTicket { n: 5000 }.validate().is_err());
+        let ticket = |n| ApiRequest::RequestTicket {
+            n,
+            independent: Some(false),
+        };
+        assert!(ticket(0).validate().is_err());
+        assert!(ticket(5000).validate().is_err());
+        assert!(ticket(1).validate().is_ok());
         assert!(ApiRequest::Clone {
             ticket: "t-12ab".into()
         }

@@ -62,6 +62,50 @@ pub struct HostFile {
     /// Seconds an unused ticket keeps its clones' capacity (default 600).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser::int")]
     pub ticket_ttl_s: Option<u64>,
+    /// Multicast copies of served pages to every host of a generation, and
+    /// join those groups (default true; false: unicast only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcast: Option<bool>,
+    /// UDP port of the page datagrams (default 7404).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcast_port: Option<u16>,
+    /// Highest rate of this host's page server's multicast, MiB/s
+    /// (default 256).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser::int"
+    )]
+    pub mcast_rate_mib: Option<u64>,
+    /// Most MiB the cache of one generation holds on this host (default:
+    /// the generation's size).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser::int"
+    )]
+    pub memcache_limit_mib: Option<u64>,
+    /// Tickets ask for background completion unless the guest says
+    /// otherwise (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub independent: Option<bool>,
+    /// Rate of background completion, MiB/s (default 64).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser::int"
+    )]
+    pub completion_rate_mib: Option<u64>,
+    /// Keep the pages other hosts' clones faulted (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_siblings: Option<bool>,
+    /// Where memtap writes each clone's page-fault trace (default: none).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser::path"
+    )]
+    pub fault_trace_dir: Option<PathBuf>,
     /// Who grants tickets: `[allocator]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocator: Option<AllocatorFile>,
@@ -151,9 +195,9 @@ impl HostFile {
     /// The file as TOML text, which [`HostFile::parse`] reads back.
     ///
     /// TOML cannot hold everything a `HostFile` can: a path that is not
-    /// UTF-8 is written with its bad bytes replaced by U+FFFD, and a
-    /// `fetch_timeout_ms` above `i64::MAX` is written as `i64::MAX` (the
-    /// daemon rejects both values anyway).
+    /// UTF-8 is written with its bad bytes replaced by U+FFFD, and a u64
+    /// setting (`fetch_timeout_ms`, the `*_mib` ones) above `i64::MAX` is
+    /// written as `i64::MAX` (the daemon rejects both values anyway).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("every HostFile field has a TOML form")
     }
@@ -200,6 +244,14 @@ mod tests {
             fetch_timeout_ms: Some(2000),
             prefetch_pages: Some(3),
             ticket_ttl_s: Some(60),
+            mcast: Some(false),
+            mcast_port: Some(7405),
+            mcast_rate_mib: Some(100),
+            memcache_limit_mib: Some(512),
+            independent: Some(true),
+            completion_rate_mib: Some(32),
+            prefetch_siblings: Some(false),
+            fault_trace_dir: Some("/var/tmp/traces".into()),
             allocator: Some(AllocatorFile {
                 kind: Some("slurm".into()),
                 partition: Some("snowflock".into()),
@@ -233,6 +285,9 @@ mod tests {
         assert!(text.contains("listen = \"10.249.0.2:7170\""), "{text}");
         // Scalars come before the first table, or TOML would put them in it.
         assert!(text.find("prefetch_pages").unwrap() < text.find("[[peers]]").unwrap());
+        assert!(text.find("fault_trace_dir").unwrap() < text.find("[allocator]").unwrap());
+        assert!(text.contains("mcast = false"), "{text}");
+        assert!(text.contains("mcast_port = 7405"), "{text}");
         assert!(text.contains("[allocator]"), "{text}");
         assert!(text.contains("node7 = \"h2\""), "{text}");
     }
@@ -251,6 +306,12 @@ mod tests {
             "listen",
             "key_file",
             "fetch_timeout_ms",
+            "mcast",
+            "memcache_limit_mib",
+            "independent",
+            "completion_rate_mib",
+            "prefetch_siblings",
+            "fault_trace_dir",
         ] {
             assert!(!text.contains(key), "{key} in {text}");
         }
@@ -272,10 +333,16 @@ mod tests {
     fn out_of_range_values_still_write() {
         let f = HostFile {
             fetch_timeout_ms: Some(u64::MAX),
+            mcast_rate_mib: Some(u64::MAX),
+            memcache_limit_mib: Some(u64::MAX),
+            completion_rate_mib: Some(u64::MAX),
             ..HostFile::default()
         };
         let back = HostFile::parse(&f.to_toml(), "t").unwrap();
         assert_eq!(back.fetch_timeout_ms, Some(i64::MAX as u64));
+        assert_eq!(back.mcast_rate_mib, Some(i64::MAX as u64));
+        assert_eq!(back.memcache_limit_mib, Some(i64::MAX as u64));
+        assert_eq!(back.completion_rate_mib, Some(i64::MAX as u64));
     }
 
     #[test]
@@ -285,6 +352,9 @@ mod tests {
             "hots = \"a\"",
             "listen = \"nonsense\"",
             "[[peers]]\nname = \"a\"",
+            "mcast = \"on\"",
+            "mcast_port = 70000",
+            "mcast_rate_mib = -1",
         ] {
             let e = HostFile::parse(text, "/etc/x.toml").unwrap_err();
             let msg = crate::error::chain(&e);

@@ -59,22 +59,48 @@ async fn parts(cfg: &config::Config) -> Result<(Parts, Option<Control>), StartEr
             what: format!("control listener on {}", c.listen),
             err,
         })?;
-    let pages =
-        dom0_memtap::server::PageServer::start(c.page_server, key.clone()).map_err(|err| {
-            StartError::Setup {
-                what: format!("page server on {}", c.page_server),
-                err,
-            }
+    // The same groups, port and interface for sending (page server) and
+    // joining (memtap).
+    let mcast = c.mcast.map(|m| dom0_memtap::mcast::McastConfig {
+        port: m.port,
+        iface: c.mcast_iface(),
+        max_rate: m.max_rate,
+    });
+    let server_cfg = dom0_memtap::server::ServerConfig {
+        mcast: mcast.clone(),
+        ..Default::default()
+    };
+    let pages = dom0_memtap::server::PageServer::start_with(c.page_server, key.clone(), server_cfg)
+        .map_err(|err| StartError::Setup {
+            what: format!("page server on {}", c.page_server),
+            err,
         })?;
-    let memtap = dom0_memtap::Memtap::mount(dom0_memtap::MemtapConfig {
-        mount: cfg.state_dir.join("memtap"),
-        cache_dir: cfg.memcache_dir(),
-        key: key.clone(),
-        fetch_timeout: c.fetch_timeout,
-        prefetch_pages: c.prefetch_pages,
-        ..dom0_memtap::MemtapConfig::new("", "", key.clone())
-    })
-    .map_err(|e| StartError::Cluster(format!("cannot mount memtap: {}", chain(&e))))?;
+    if let Some(dir) = &c.fault_trace_dir {
+        std::fs::create_dir_all(dir).map_err(|err| StartError::Setup {
+            what: format!("fault trace directory {}", dir.display()),
+            err,
+        })?;
+    }
+    let mut memtap_cfg = dom0_memtap::MemtapConfig::new(
+        cfg.state_dir.join("memtap"),
+        cfg.memcache_dir(),
+        key.clone(),
+    );
+    memtap_cfg.fetch_timeout = c.fetch_timeout;
+    memtap_cfg.prefetch_pages = c.prefetch_pages;
+    memtap_cfg.prefetch_siblings = c.prefetch_siblings;
+    memtap_cfg.mcast = mcast.clone();
+    memtap_cfg.cache_limit = c.memcache_limit;
+    memtap_cfg.completion_rate = c.completion_rate;
+    memtap_cfg.trace_dir = c.fault_trace_dir.clone();
+    let memtap = dom0_memtap::Memtap::mount(memtap_cfg)
+        .map_err(|e| StartError::Cluster(format!("cannot mount memtap: {}", chain(&e))))?;
+    match &mcast {
+        Some(m) => {
+            tracing::info!(port = m.port, iface = ?m.iface, max_rate = m.max_rate, "pages multicast to the hosts of each generation")
+        }
+        None => tracing::info!("multicast off (mcast = false): pages by unicast only"),
+    }
     tracing::info!(listen = %c.listen, page_server = %c.page_server, peers = c.peers.len(), "cluster host");
     parts.peers = std::sync::Arc::new(crate::cluster::tcp::TcpPeers::new(c.clone(), key.clone()));
     parts.alloc = match &cfg.allocator {

@@ -163,7 +163,21 @@ impl Harness {
 
     /// Asks for a ticket of `n` and clones with it; returns the ticket.
     pub async fn ticket_and_clone(&self, parent: &FakeProc, n: u32) -> String {
-        let ticket = match parent.call(1, ApiRequest::RequestTicket { n }).await {
+        self.ticket_and_clone_with(parent, n, None).await
+    }
+
+    /// [`ticket_and_clone`](Self::ticket_and_clone) with the ticket's
+    /// independence flag.
+    pub async fn ticket_and_clone_with(
+        &self,
+        parent: &FakeProc,
+        n: u32,
+        independent: Option<bool>,
+    ) -> String {
+        let ticket = match parent
+            .call(1, ApiRequest::RequestTicket { n, independent })
+            .await
+        {
             ApiResponse::Ticket { ticket, .. } => ticket,
             other => panic!("{other:?}"),
         };

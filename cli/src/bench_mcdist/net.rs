@@ -115,20 +115,8 @@ impl Net {
         // From here on, drop removes what exists.
         let net = Net { layout };
         let fab = net.layout.fabric_netns();
+        // The bridge floods multicast to every port (no IGMP snooping).
         cluster::create_fabric(&fab)?;
-        // Flood multicast to every port: no IGMP snooping (and so no
-        // querier needed), as on a switch without it.
-        cluster::ip(&[
-            "-n",
-            &fab,
-            "link",
-            "set",
-            cluster::FABRIC_BRIDGE,
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
         for i in 0..=hosts {
             check_interrupted()?;
             cluster::connect_host(&fab, &net.host(i))?;

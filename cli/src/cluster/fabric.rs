@@ -8,11 +8,11 @@ use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
 
 const NETNS_DIR: &str = "/run/netns";
-pub(crate) const FABRIC_BRIDGE: &str = "fab";
+const FABRIC_BRIDGE: &str = "fab";
 pub(crate) const HOST_LINK: &str = "fab0";
 
 /// Runs `ip ARGS`, failing with its stderr.
-pub(crate) fn ip(args: &[&str]) -> Result<()> {
+pub(super) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -57,6 +57,11 @@ pub(crate) fn create(fab: &str) -> Result<()> {
         &mtu,
         "type",
         "bridge",
+        // Multicast (mcdist's page copies) floods every port, like a plain
+        // switch: with IGMP snooping and no querier on the fabric, the
+        // memberships the bridge learned would expire after 260 s.
+        "mcast_snooping",
+        "0",
     ])?;
     ip(&["-n", fab, "link", "set", FABRIC_BRIDGE, "up"])
 }

@@ -18,6 +18,13 @@ pub struct Settings {
     pub fetch_timeout_ms: u64,
     pub prefetch_pages: u32,
     pub ticket_ttl_s: u64,
+    /// Multicast page distribution between the hosts (`mcast`).
+    pub mcast: bool,
+    /// Bound of memtap's cache of one generation, MiB (`None`: unbounded).
+    pub memcache_limit_mib: Option<u64>,
+    /// Tickets ask for background completion unless the guest says
+    /// otherwise.
+    pub independent: bool,
     /// Tickets from the local cluster's Slurm (`None`: static slots).
     pub slurm: Option<SlurmSettings>,
 }
@@ -37,6 +44,9 @@ impl Default for Settings {
             fetch_timeout_ms: 10_000,
             prefetch_pages: 0,
             ticket_ttl_s: 600,
+            mcast: true,
+            memcache_limit_mib: None,
+            independent: false,
             slurm: None,
         }
     }
@@ -61,6 +71,9 @@ pub fn host_file(l: &Layout, i: u32, n: u32, s: &Settings) -> HostFile {
         fetch_timeout_ms: Some(s.fetch_timeout_ms),
         prefetch_pages: Some(s.prefetch_pages),
         ticket_ttl_s: (s.ticket_ttl_s != 600).then_some(s.ticket_ttl_s),
+        mcast: Some(s.mcast),
+        memcache_limit_mib: s.memcache_limit_mib,
+        independent: s.independent.then_some(true),
         allocator: s.slurm.as_ref().map(|sl| AllocatorFile {
             kind: Some("slurm".into()),
             partition: Some(super::slurm::PARTITION.into()),
@@ -134,6 +147,7 @@ mod tests {
                 quota_per_vm: Some(32),
                 fetch_timeout_ms: Some(10000),
                 prefetch_pages: Some(0),
+                mcast: Some(true),
                 peers: vec![Peer {
                     name: "h1".into(),
                     addr: "10.249.0.2:7170".parse().unwrap(),
@@ -143,7 +157,7 @@ mod tests {
         );
         // What the daemon does not get from the CLI stays its default.
         assert_eq!((f.net_prefix, f.qemu), (None, None));
-        for key in ["net_prefix", "qemu"] {
+        for key in ["net_prefix", "qemu", "memcache_limit_mib", "independent"] {
             assert!(!t.contains(key), "{key} in\n{t}");
         }
     }
@@ -157,6 +171,9 @@ mod tests {
             fetch_timeout_ms: 500,
             prefetch_pages: 7,
             ticket_ttl_s: 30,
+            mcast: false,
+            memcache_limit_mib: Some(64),
+            independent: true,
             slurm: Some(SlurmSettings {
                 wait_s: 4,
                 slots_per_node: Some(1),
@@ -184,6 +201,9 @@ mod tests {
         assert_eq!(f.quota_per_vm, Some(4));
         assert_eq!(f.fetch_timeout_ms, Some(500));
         assert_eq!(f.prefetch_pages, Some(7));
+        assert_eq!(f.mcast, Some(false));
+        assert_eq!(f.memcache_limit_mib, Some(64));
+        assert_eq!(f.independent, Some(true));
         assert_eq!(f, host_file(&l, 2, 4, &s));
         // A one-host cluster says so explicitly.
         let one = render_host_toml(&l, 0, 1, &s);

@@ -31,9 +31,7 @@ mod up;
 pub use down::down;
 // For benches that build a fabric of their own (no daemons): `bench mcdist`.
 pub(crate) use down::teardown;
-pub(crate) use fabric::{
-    connect_host, create as create_fabric, existing_netns, ip, FABRIC_BRIDGE, HOST_LINK,
-};
+pub(crate) use fabric::{connect_host, create as create_fabric, existing_netns, HOST_LINK};
 pub use host_config::{Settings, SlurmSettings};
 pub use layout::{first_host_client, host_client, HostInfo, Layout};
 pub use slurm::bill as slurm_bill;

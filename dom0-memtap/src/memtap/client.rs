@@ -63,6 +63,21 @@ pub enum FetchError {
     Invalid(String),
 }
 
+/// What a fetch got when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// The pages are in the caller's buffer.
+    Data {
+        /// The server's multicast count for the generation (0 without
+        /// multicast).
+        mcast_sent: u64,
+    },
+    /// The server says the pages are on their way by multicast (only for a
+    /// [`wire::FLAG_MEMBER`] request without [`wire::FLAG_UNICAST`]); the
+    /// buffer holds nothing.
+    Coalesced { mcast_sent: u64 },
+}
+
 enum Attempt {
     /// Drop the connection and try again on a fresh one.
     Retry(String),
@@ -123,6 +138,29 @@ impl OriginClient {
         deadline: Instant,
         cancel: &AtomicBool,
     ) -> Result<(), FetchError> {
+        let plain = wire::Asker::default();
+        match self.fetch_with(generation, first, count, plain, out, deadline, cancel)? {
+            Fetched::Data { .. } => Ok(()),
+            Fetched::Coalesced { .. } => Err(FetchError::Invalid(
+                "a plain request was answered as coalesced".into(),
+            )),
+        }
+    }
+
+    /// Like [`fetch`](Self::fetch), with request flags
+    /// ([`wire::FLAG_MEMBER`], [`wire::FLAG_UNICAST`]) and this host's
+    /// multicast report; a member may be answered [`Fetched::Coalesced`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn fetch_with(
+        &self,
+        generation: &str,
+        first: u64,
+        count: u32,
+        asker: wire::Asker,
+        out: &mut [u8],
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<Fetched, FetchError> {
         if !wire::valid_generation_name(generation) {
             return Err(FetchError::Invalid(format!(
                 "generation name {generation:?}"
@@ -134,7 +172,9 @@ impl OriginClient {
                 out.len()
             )));
         }
-        let req = wire::encode_request(generation, first, count);
+        let req = wire::encode_request_with(generation, first, count, asker);
+        // May the server answer "coalesced"?
+        let member = asker.flags & wire::FLAG_MEMBER != 0 && asker.flags & wire::FLAG_UNICAST == 0;
         let start = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut attempts = 0;
@@ -153,8 +193,8 @@ impl OriginClient {
                 });
             }
             attempts += 1;
-            match self.attempt(&req, generation, first, count, out, deadline) {
-                Ok(()) => return Ok(()),
+            match self.attempt(&req, member, generation, first, count, out, deadline) {
+                Ok(f) => return Ok(f),
                 Err(Attempt::Final(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => {
                     debug!(origin = %self.addr, generation, first, count, "page fetch attempt failed: {why}");
@@ -179,15 +219,17 @@ impl OriginClient {
         Ok(s)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attempt(
         &self,
         req: &[u8; wire::REQUEST_LEN],
+        member: bool,
         generation: &str,
         first: u64,
         count: u32,
         out: &mut [u8],
         deadline: Instant,
-    ) -> Result<(), Attempt> {
+    ) -> Result<Fetched, Attempt> {
         let pooled = {
             let mut idle = self.idle.lock();
             idle.retain(|(_, t)| t.elapsed() < IDLE_REUSE);
@@ -213,10 +255,21 @@ impl OriginClient {
             )));
         }
         let end = first + count as u64;
+        let mcast_sent = r.mcast_sent;
+        let mut got = Fetched::Data { mcast_sent };
         let fin = match r.status {
             Status::Ok => {
                 s.read_exact(out)?;
                 None
+            }
+            Status::Coalesced if member => {
+                got = Fetched::Coalesced { mcast_sent };
+                None
+            }
+            Status::Coalesced => {
+                return Err(Attempt::Retry(
+                    "origin answered coalesced to a request that did not allow it".into(),
+                ))
             }
             Status::UnknownGeneration => Some(FetchError::UnknownGeneration {
                 origin: self.addr,
@@ -242,7 +295,7 @@ impl OriginClient {
             idle.push((s, Instant::now()));
         }
         match fin {
-            None => Ok(()),
+            None => Ok(got),
             Some(e) => Err(Attempt::Final(e)),
         }
     }

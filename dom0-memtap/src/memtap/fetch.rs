@@ -10,8 +10,9 @@
 //! May import: `state.rs`, `generation.rs`, `origin_loss.rs`, `client.rs`,
 //! [`crate::wire`], [`crate::stats`], the crate root.
 
-use super::client::FetchError;
-use super::generation::set_bit;
+use super::client::{FetchError, Fetched};
+use super::generation::Gen;
+use super::mcast_rx::note_sent;
 use super::origin_loss::fetch_failed;
 use super::state::{Job, Shared};
 use crate::stats::ReadOutcome;
@@ -19,7 +20,6 @@ use crate::wire;
 use crate::PAGE_SIZE as PS;
 use fuser::Errno;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -33,6 +33,75 @@ pub const FETCH_THREADS: usize = 8;
 pub const MAX_FETCH_THREADS: usize = 64;
 /// Extra fetch threads end after this long without work.
 const WORKER_IDLE_EXIT: Duration = Duration::from_secs(10);
+/// How long a read waits for pages the origin coalesced (sent by multicast
+/// for another host a moment ago) before asking again by unicast.
+const COALESCE_WAIT: Duration = Duration::from_millis(30);
+
+/// How a run's pages came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Got {
+    /// Over TCP, into the caller's buffer (not stored yet).
+    Data,
+    /// By multicast: they are in the cache; the buffer holds nothing.
+    Arrived,
+}
+
+/// Lockstep figures of fetches, for the statistics.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Tally {
+    pub(super) coalesced: u64,
+    pub(super) rerequests: u64,
+}
+
+/// Fetches pages `first..first+n` of `g` into `data`. As a multicast
+/// member the origin may answer that they are on their way (lockstep
+/// detection): then wait for them, and ask again by unicast if they do not
+/// come in time (a lost datagram).
+pub(super) fn fetch_run(
+    g: &Gen,
+    first: u64,
+    n: u32,
+    data: &mut [u8],
+    deadline: Instant,
+    tally: &mut Tally,
+) -> Result<Got, FetchError> {
+    let mut unicast = false;
+    loop {
+        let mut flags = 0;
+        if g.member() {
+            flags |= wire::FLAG_MEMBER;
+        }
+        if unicast {
+            flags |= wire::FLAG_UNICAST;
+        }
+        let received =
+            g.rx.as_ref()
+                .map_or(0, |r| r.received.load(Ordering::Relaxed));
+        let asker = wire::Asker {
+            flags,
+            mcast_received: received,
+            host: g.host_id,
+        };
+        let got = g
+            .client
+            .fetch_with(&g.name, first, n, asker, data, deadline, &g.cancel)?;
+        match got {
+            Fetched::Data { mcast_sent } => {
+                note_sent(g, mcast_sent);
+                return Ok(Got::Data);
+            }
+            Fetched::Coalesced { mcast_sent } => {
+                note_sent(g, mcast_sent);
+                tally.coalesced += 1;
+                if g.wait_present(first, n as u64, COALESCE_WAIT) {
+                    return Ok(Got::Arrived);
+                }
+                tally.rerequests += 1;
+                unicast = true;
+            }
+        }
+    }
+}
 
 /// Queues a read that needs the network, adding a fetch thread when all
 /// are busy (a stalled origin must not starve the others).
@@ -155,40 +224,52 @@ fn serve_miss(sh: &Shared, job: Job, scratch: &mut [u8]) {
     let mut buf = vec![0u8; (end - offset) as usize];
     let deadline = Instant::now() + sh.fetch_timeout;
     let mut failure: Option<FetchError> = None;
+    // Runs whose data came over TCP and was copied into `buf`; the others
+    // came by multicast and are read from the cache.
+    let mut copied: Vec<(u64, u64)> = Vec::new();
+    let mut tally = Tally::default();
     'runs: for &(a, b) in &runs {
         let mut p = a;
         while p < b {
             let n = (b - p).min(wire::MAX_PAGES as u64) as u32;
             let data = &mut scratch[..wire::data_len(n)];
-            if let Err(e) = g.client.fetch(&g.name, p, n, data, deadline, &g.cancel) {
-                failure = Some(e);
-                break 'runs;
+            match fetch_run(&g, p, n, data, deadline, &mut tally) {
+                Ok(Got::Data) => {}
+                Ok(Got::Arrived) => {
+                    p += n as u64;
+                    continue;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break 'runs;
+                }
             }
             o.pages_fetched += n as u64;
+            copied.push((p, p + n as u64));
             // Copy what the read asked for.
             let (lo, hi) = ((p * PS).max(offset), ((p + n as u64) * PS).min(end));
             if lo < hi {
                 buf[(lo - offset) as usize..(hi - offset) as usize]
                     .copy_from_slice(&data[(lo - p * PS) as usize..(hi - p * PS) as usize]);
             }
-            // Store, then mark present: readers only read marked pages.
-            match g.cache.write_all_at(data, p * PS) {
-                Ok(()) => {
-                    for q in p..p + n as u64 {
-                        if q >= prefetch_from {
-                            set_bit(&g.prefetched, q);
-                        }
-                        set_bit(&g.present, q);
-                    }
-                }
-                Err(e) => warn!(
+            // Store (then marked present: readers only read marked pages);
+            // pages past the read are prefetch.
+            let split = prefetch_from.clamp(p, p + n as u64);
+            let (asked, ahead) = data.split_at(((split - p) * PS) as usize);
+            let stored = g
+                .store_run(p, asked, false)
+                .and_then(|_| g.store_run(split, ahead, true));
+            if let Err(e) = stored {
+                warn!(
                     generation = g.name,
                     "memtap cannot write its cache file: {e}"
-                ),
+                );
             }
             p += n as u64;
         }
     }
+    o.coalesced = tally.coalesced;
+    o.rerequests = tally.rerequests;
     if let Some(e) = failure {
         o.fetch_error = true;
         o.latency_us = t0.elapsed().as_micros() as u64;
@@ -197,7 +278,7 @@ fn serve_miss(sh: &Shared, job: Job, scratch: &mut [u8]) {
         fetch_failed(sh, &g, &e);
         return;
     }
-    let fetched = |p: u64| runs.iter().any(|&(a, b)| (a..b).contains(&p));
+    let fetched = |p: u64| copied.iter().any(|&(a, b)| (a..b).contains(&p));
     let r = g.fill(&mut buf, offset, end, fetched, &mut o);
     o.latency_us = t0.elapsed().as_micros() as u64;
     o.fetch_error = r.is_err();

@@ -204,6 +204,9 @@ impl Filesystem for MemtapFs {
         let pid = self.sh.tgid(req.pid());
         let end = (offset + size as u64).min(g.size);
         let (first, last) = (offset / PS, (end - 1) / PS);
+        if let Some(t) = &self.sh.tracer {
+            t.record(&g, pid, first, last);
+        }
         let mut o = ReadOutcome {
             pages: last - first + 1,
             ..Default::default()

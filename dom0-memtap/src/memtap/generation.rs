@@ -13,7 +13,7 @@ use crate::stats::{Acc, ReadOutcome};
 use crate::PAGE_SIZE as PS;
 use bitvec::prelude::*;
 use fuser::{FileAttr, FileType, INodeNo};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
@@ -37,6 +37,12 @@ pub(super) fn set_bit(bits: &[AtomicU64], i: u64) {
     bits[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
 }
 
+/// Sets bit `i`; returns whether it was clear before.
+pub(super) fn set_bit_new(bits: &[AtomicU64], i: u64) -> bool {
+    let m = 1u64 << (i % 64);
+    bits[(i / 64) as usize].fetch_or(m, Ordering::AcqRel) & m == 0
+}
+
 /// Clears a bit; returns whether it was set.
 pub(super) fn take_bit(bits: &[AtomicU64], i: u64) -> bool {
     let m = 1u64 << (i % 64);
@@ -57,12 +63,53 @@ pub(super) struct Gen {
     pub(super) cache_path: PathBuf,
     pub(super) present: Vec<AtomicU64>,
     pub(super) prefetched: Vec<AtomicU64>,
+    /// Pages a read waits for by multicast (they are kept even when
+    /// `prefetch_siblings` is off).
+    pub(super) wanted: Vec<AtomicU64>,
     /// Fetches failed past the deadline; misses fail at once.
     pub(super) lost: AtomicBool,
     /// Stop fetching (lost, or unmounting).
     pub(super) cancel: AtomicBool,
     pub(super) stats: Mutex<Acc>,
     pub(super) created: SystemTime,
+    /// This memtap's id in requests ([`crate::wire::Asker::host`]).
+    pub(super) host_id: u32,
+    /// Most pages the cache may hold ([`MemtapConfig::cache_limit`]).
+    ///
+    /// [`MemtapConfig::cache_limit`]: super::MemtapConfig::cache_limit
+    pub(super) limit: u64,
+    /// Pages the cache holds (present bits set).
+    pub(super) held: AtomicU64,
+    /// Logged once: the cache reached its limit.
+    pub(super) said_full: AtomicBool,
+    /// Multicast reception, for a generation whose group this host joined.
+    pub(super) rx: Option<Rx>,
+    /// Signalled when pages arrive by multicast (lockstep waits).
+    pub(super) arrived: Condvar,
+    pub(super) arrived_lock: Mutex<()>,
+}
+
+/// Multicast reception state of a generation (mcdist).
+pub(super) struct Rx {
+    /// This host asks as a member of the group (cleared when the group
+    /// turns out not to reach it).
+    pub(super) member: AtomicBool,
+    /// Valid datagrams of this generation received (duplicates included):
+    /// this host's report to the origin.
+    pub(super) received: AtomicU64,
+    /// The origin's datagram count when this host first heard from it
+    /// (`u64::MAX` before).
+    pub(super) baseline: AtomicU64,
+    pub(super) group: std::net::SocketAddrV4,
+}
+
+/// What [`Gen::store_run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stored {
+    /// Pages newly in the cache.
+    pub(super) new: u64,
+    /// Pages not kept because the cache is at its limit.
+    pub(super) refused: u64,
 }
 
 impl Gen {
@@ -72,6 +119,117 @@ impl Gen {
 
     pub(super) fn present(&self, p: u64) -> bool {
         bit(&self.present, p)
+    }
+
+    /// Whether this host asks as a multicast member: it joined the group,
+    /// the group reaches it, and its cache can still take pages.
+    pub(super) fn member(&self) -> bool {
+        self.rx
+            .as_ref()
+            .is_some_and(|r| r.member.load(Ordering::Relaxed))
+            && self.held.load(Ordering::Relaxed) < self.limit
+    }
+
+    /// Stores pages `first..` (`data`, whole pages) into the cache and marks
+    /// them present, as far as the limit allows; pages already present are
+    /// left as they are. `speculative` pages (prefetch, multicast,
+    /// completion) are marked so that a later read counts a prefetch hit.
+    pub(super) fn store_run(
+        &self,
+        first: u64,
+        data: &[u8],
+        speculative: bool,
+    ) -> io::Result<Stored> {
+        let n = (data.len() as u64) / PS;
+        let missing: Vec<u64> = (first..first + n).filter(|&p| !self.present(p)).collect();
+        let mut out = Stored { new: 0, refused: 0 };
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        // Reserve room for the missing pages, or as many as fit.
+        let want = missing.len() as u64;
+        let mut got = 0;
+        let _ = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                got = want.min(self.limit.saturating_sub(h));
+                (got > 0).then_some(h + got)
+            });
+        out.refused = want - got;
+        if out.refused > 0 && !self.said_full.swap(true, Ordering::Relaxed) {
+            warn!(
+                generation = self.name,
+                limit_pages = self.limit,
+                "memtap: the generation's cache is at its limit; further pages are read from the origin each time and not kept"
+            );
+        }
+        if got == 0 {
+            return Ok(out);
+        }
+        let keep = &missing[..got as usize];
+        let res = if got == want && want == n {
+            self.cache.write_all_at(data, first * PS)
+        } else {
+            keep.iter().try_for_each(|&p| {
+                let i = ((p - first) * PS) as usize;
+                self.cache.write_all_at(&data[i..i + PS as usize], p * PS)
+            })
+        };
+        if let Err(e) = res {
+            self.held.fetch_sub(got, Ordering::AcqRel);
+            return Err(e);
+        }
+        // Stored first, then marked present: readers read marked pages only.
+        for &p in keep {
+            if set_bit_new(&self.present, p) {
+                out.new += 1;
+                if speculative {
+                    set_bit(&self.prefetched, p);
+                }
+            }
+        }
+        // Pages another thread marked meanwhile were reserved twice.
+        self.held.fetch_sub(got - out.new, Ordering::AcqRel);
+        if out.new > 0 && self.rx.is_some() {
+            let _l = self.arrived_lock.lock();
+            self.arrived.notify_all();
+        }
+        Ok(out)
+    }
+
+    /// Waits until pages `first..first+n` are present (they were coalesced
+    /// by the origin and come by multicast), at most `wait`.
+    pub(super) fn wait_present(&self, first: u64, n: u64, wait: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        let all = || (first..first + n).all(|p| self.present(p));
+        (first..first + n).for_each(|p| set_bit(&self.wanted, p));
+        let mut l = self.arrived_lock.lock();
+        let arrived = loop {
+            if all() {
+                break true;
+            }
+            if self.arrived.wait_until(&mut l, deadline).timed_out() {
+                break all();
+            }
+        };
+        drop(l);
+        (first..first + n).for_each(|p| {
+            take_bit(&self.wanted, p);
+        });
+        arrived
+    }
+
+    pub(super) fn wanted(&self, p: u64) -> bool {
+        bit(&self.wanted, p)
+    }
+
+    /// Speculatively stored pages not read yet, in bytes.
+    pub(super) fn wasted_bytes(&self) -> u64 {
+        self.prefetched
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum::<u64>()
+            * PS
     }
 
     pub(super) fn attr(&self, uid: u32, gid: u32) -> FileAttr {

@@ -39,13 +39,16 @@
 //! root. Nothing here knows how generations are frozen or served.
 
 pub mod client;
+mod complete;
 mod events;
 mod fetch;
 mod fs;
 mod generation;
+mod mcast_rx;
 mod mount;
 mod origin_loss;
 mod state;
+mod trace;
 
 pub use events::MemtapEvent;
 pub use fetch::{FETCH_THREADS, MAX_FETCH_THREADS};

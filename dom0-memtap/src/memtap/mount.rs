@@ -232,6 +232,15 @@ impl Memtap {
         std::fs::set_permissions(&cfg.cache_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(cerr)?;
         clean_cache_dir(&cfg.cache_dir).map_err(cerr)?;
+        let tracer = match &cfg.trace_dir {
+            Some(d) => Some(
+                super::trace::Tracer::new(d).map_err(|err| MemtapError::Cache {
+                    path: d.display().to_string(),
+                    err,
+                })?,
+            ),
+            None => None,
+        };
 
         let (jtx, jrx) = mpsc::channel();
         let (etx, erx) = mpsc::channel();
@@ -258,6 +267,13 @@ impl Memtap {
             pid_stats: Mutex::new(HashMap::new()),
             pid_gen_stats: Mutex::new(HashMap::new()),
             tgids: Mutex::new(HashMap::new()),
+            mcast: cfg.mcast.clone(),
+            mcast_key: crate::mcast::McastKey::new(&cfg.key),
+            prefetch_siblings: cfg.prefetch_siblings,
+            cache_limit_pages: cfg.cache_limit.map_or(u64::MAX, |b| (b / PS).max(1)),
+            completion_rate: cfg.completion_rate,
+            host_id: rand::random::<u32>() | 1,
+            tracer,
         });
         let mut m = Memtap {
             sh: sh.clone(),
@@ -349,6 +365,31 @@ impl Memtap {
         cache.set_len(g.size).map_err(cerr)?;
         let words = pages.div_ceil(64) as usize;
         let zeros = || (0..words).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        // The generation's multicast group, if the origin multicasts and
+        // this host takes part. A group that cannot be joined is a
+        // warning: pages still come by unicast.
+        let group = crate::mcast::group_of(&g.name);
+        let sock = match (&self.sh.mcast, g.mcast) {
+            (Some(m), true) => {
+                match crate::mcast::receiver(group, m.port, m.iface, super::mcast_rx::POLL) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        warn!(generation = g.name, %group, "mcdist: cannot join the generation's multicast group ({e}); unicast only");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let rx = sock.as_ref().and_then(|s| {
+            let port = s.local_addr().ok()?.port();
+            Some(super::generation::Rx {
+                member: AtomicBool::new(true),
+                received: AtomicU64::new(0),
+                baseline: AtomicU64::new(u64::MAX),
+                group: std::net::SocketAddrV4::new(group, port),
+            })
+        });
         let gen = Arc::new(Gen {
             name: g.name.clone(),
             ino,
@@ -361,11 +402,38 @@ impl Memtap {
             cache_path,
             present: zeros(),
             prefetched: zeros(),
+            wanted: zeros(),
             lost: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             stats: Mutex::new(Acc::default()),
             created: SystemTime::now(),
+            limit: self.sh.cache_limit_pages,
+            host_id: self.sh.host_id,
+            held: AtomicU64::new(0),
+            said_full: AtomicBool::new(false),
+            rx,
+            arrived: parking_lot::Condvar::new(),
+            arrived_lock: Mutex::new(()),
         });
+        if let Some(s) = sock {
+            if let Err(e) = super::mcast_rx::spawn(&self.sh, &gen, s) {
+                warn!(
+                    generation = g.name,
+                    "mcdist: cannot start the receiving thread ({e}); unicast only"
+                );
+                if let Some(rx) = &gen.rx {
+                    rx.member.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        if g.complete {
+            if let Err(e) = super::complete::spawn(&self.sh, &gen) {
+                warn!(
+                    generation = g.name,
+                    "memtap: cannot start background completion: {e}"
+                );
+            }
+        }
         t.by_ino.insert(ino, gen.clone());
         t.by_name.insert(g.name.clone(), (gen, 1));
         debug!(generation = g.name, origin = %g.origin, size = g.size, "memtap: generation added");
@@ -430,6 +498,9 @@ impl Memtap {
 
     /// Forgets a process's statistics (call when a clone ends).
     pub fn forget_pid(&self, pid: u32) {
+        if let Some(t) = &self.sh.tracer {
+            t.finish(pid);
+        }
         self.sh.pid_stats.lock().remove(&pid);
         self.sh.pid_gen_stats.lock().retain(|(p, _), _| *p != pid);
         self.sh.tgids.lock().retain(|_, t| *t != pid);
@@ -444,7 +515,8 @@ impl Memtap {
             .by_name
             .get(name)
             .map(|(g, _)| g.clone())?;
-        let s = g.stats.lock().snapshot();
+        let mut s = g.stats.lock().snapshot();
+        s.prefetch_wasted_bytes = g.wasted_bytes();
         Some(s)
     }
 

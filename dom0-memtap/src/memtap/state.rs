@@ -80,6 +80,17 @@ pub(super) struct Shared {
     /// its disk layers apart.
     pub(super) pid_gen_stats: Mutex<HashMap<(u32, u64), Acc>>,
     pub(super) tgids: Mutex<HashMap<u32, u32>>,
+    /// Multicast settings, when this host joins generations' groups.
+    pub(super) mcast: Option<crate::mcast::McastConfig>,
+    pub(super) mcast_key: crate::mcast::McastKey,
+    pub(super) prefetch_siblings: bool,
+    /// Most pages one generation's cache holds.
+    pub(super) cache_limit_pages: u64,
+    /// Background completion rate, bytes per second.
+    pub(super) completion_rate: u64,
+    /// Random id of this mount in requests (mcdist members).
+    pub(super) host_id: u32,
+    pub(super) tracer: Option<super::trace::Tracer>,
 }
 
 impl Shared {

@@ -4,7 +4,9 @@
 //! May import: [`super`] (shared state, counters), [`crate::wire`],
 //! `sys`, the crate root.
 
+use super::mcast::Decision;
 use super::{inc, ServerConfig, Shared};
+use crate::mcast::DATAGRAM_LEN;
 use crate::wire::{self, Status, REQUEST_LEN};
 use crate::{sys, PAGE_SIZE};
 use snowflock_proto::auth;
@@ -108,6 +110,7 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
     }
     let mut req = [0u8; REQUEST_LEN];
     let mut out: Vec<u8> = Vec::new();
+    let mut dgram = Box::new([0u8; DATAGRAM_LEN]);
     loop {
         match read_request(&mut s, &sh.cfg, &mut req) {
             Ok(Some(())) => {}
@@ -144,6 +147,19 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
                 continue;
             }
         }
+        let cast = sh.mcast.as_ref().zip(g.cast.as_ref());
+        let sent = cast.map_or(0, |(_, c)| c.sent());
+        if let Some((m, c)) = cast {
+            if m.on_request(c, peer.ip(), &r) == Decision::Coalesce {
+                s.write_all(&wire::encode_reply_with(
+                    Status::Coalesced,
+                    r.first,
+                    r.count,
+                    sent,
+                ))?;
+                continue;
+            }
+        }
         let len = wire::data_len(r.count);
         out.resize(wire::REPLY_LEN + len, 0);
         let data = &mut out[wire::REPLY_LEN..];
@@ -162,9 +178,18 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
             s.write_all(&wire::encode_reply(Status::ServerError, r.first, r.count))?;
             continue;
         }
-        out[..wire::REPLY_LEN].copy_from_slice(&wire::encode_reply(Status::Ok, r.first, r.count));
+        out[..wire::REPLY_LEN].copy_from_slice(&wire::encode_reply_with(
+            Status::Ok,
+            r.first,
+            r.count,
+            sent,
+        ));
         inc(&c.pages_served, r.count as u64);
         inc(&c.bytes_served, len as u64);
         s.write_all(&out)?;
+        // The asker has its pages; now the copies for the other hosts.
+        if let Some((m, cast)) = cast {
+            m.multicast(&r.name, cast, r.first, &out[wire::REPLY_LEN..], &mut dgram);
+        }
     }
 }

@@ -8,13 +8,16 @@
 //!
 //! * this file: the [`PageServer`] handle (start, publish, withdraw,
 //!   counters, shutdown) and its settings;
-//! * `connection.rs`: the accept loop and one connection's requests.
+//! * `connection.rs`: the accept loop and one connection's requests;
+//! * `mcast.rs`: multicast copies of served pages (mcdist): lockstep
+//!   detection, flow control, end game.
 //!
-//! May import: [`crate::wire`], [`crate::origin::Layer`] (reading a
-//! layered generation), `sys`, the crate root. Nothing here knows about
+//! May import: [`crate::wire`], [`crate::mcast`], [`crate::origin::Layer`]
+//! (reading a layered generation), `sys`, the crate root. Nothing here knows about
 //! memtap or how generations are frozen.
 
 mod connection;
+mod mcast;
 
 use crate::wire;
 use crate::PAGE_SIZE;
@@ -31,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Why [`PageServer::publish`] refused a generation. The messages are
 /// those the daemon shows.
@@ -96,6 +99,23 @@ pub struct ServerStats {
     pub pages_served: u64,
     /// Page bytes sent.
     pub bytes_served: u64,
+    /// Page datagrams multicast (mcdist).
+    #[serde(default)]
+    pub mcast_datagrams: u64,
+    /// Requests answered "coalesced": the pages were on their way by
+    /// multicast.
+    #[serde(default)]
+    pub coalesced: u64,
+    /// Pages members asked for although they had been multicast: lost (or
+    /// not kept) by the asker.
+    #[serde(default)]
+    pub rerequested: u64,
+    /// Page copies not multicast because flow control's rate was used up.
+    #[serde(default)]
+    pub mcast_skipped: u64,
+    /// Current multicast rate allowed by flow control, bytes per second.
+    #[serde(default)]
+    pub mcast_rate: u64,
 }
 
 #[derive(Default)]
@@ -118,6 +138,8 @@ struct Published {
     pages: u64,
     /// The pages that differ from `file`, for a layered generation.
     layer: Option<crate::origin::Layer>,
+    /// Multicast state, when the server multicasts.
+    cast: Option<mcast::GenCast>,
 }
 
 struct Shared {
@@ -125,6 +147,7 @@ struct Shared {
     cfg: ServerConfig,
     gens: RwLock<HashMap<String, Arc<Published>>>,
     counters: Counters,
+    mcast: Option<mcast::Sender>,
     stop: AtomicBool,
     active: AtomicUsize,
     /// Open connections, so that `shutdown` can close them.
@@ -161,11 +184,19 @@ impl PageServer {
         let listener = TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        let mcast = cfg.mcast.as_ref().and_then(|m| {
+            mcast::Sender::new(m, crate::mcast::McastKey::new(&key))
+                .map_err(|e| {
+                    warn!("page server: cannot open a multicast socket ({e}); unicast only");
+                })
+                .ok()
+        });
         let shared = Arc::new(Shared {
             key,
             cfg,
             gens: RwLock::new(HashMap::new()),
             counters: Counters::default(),
+            mcast,
             stop: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),
@@ -214,10 +245,17 @@ impl PageServer {
                 size,
             });
         }
+        let pages = size / PAGE_SIZE;
+        let cast = self
+            .shared
+            .mcast
+            .as_ref()
+            .map(|m| mcast::GenCast::new(generation, m.port, pages));
         let p = Arc::new(Published {
             file: f,
-            pages: size / PAGE_SIZE,
+            pages,
             layer,
+            cast,
         });
         self.shared.gens.write().insert(generation.to_string(), p);
         debug!(generation, file = %file.display(), size, "published");
@@ -244,6 +282,23 @@ impl PageServer {
             requests: g(&c.requests),
             pages_served: g(&c.pages_served),
             bytes_served: g(&c.bytes_served),
+            ..self.mcast_stats()
+        }
+    }
+
+    fn mcast_stats(&self) -> ServerStats {
+        let Some(m) = &self.shared.mcast else {
+            return ServerStats::default();
+        };
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &m.counters;
+        ServerStats {
+            mcast_datagrams: g(&c.datagrams),
+            coalesced: g(&c.coalesced),
+            rerequested: g(&c.rerequested),
+            mcast_skipped: g(&c.skipped),
+            mcast_rate: m.rate(),
+            ..ServerStats::default()
         }
     }
 

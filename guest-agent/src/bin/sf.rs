@@ -15,7 +15,18 @@ struct Args {
 #[derive(Subcommand)]
 enum Cmd {
     /// Ask for N clones; prints the ticket (stdout) and `granted M of N` (stderr).
-    Ticket { n: u32 },
+    Ticket {
+        n: u32,
+        /// The clones' hosts fetch the whole memory (and disk) of the clone
+        /// point in the background, so the clones stop depending on this
+        /// host once it is there [default: the host's setting].
+        #[arg(long, conflicts_with = "no_independent")]
+        independent: bool,
+        /// The clones' hosts fetch only what the clones read, whatever the
+        /// host's default.
+        #[arg(long)]
+        no_independent: bool,
+    },
     /// Clone this VM; prints 0 in the parent and the clone ID in each clone.
     Clone { ticket: String },
     /// End this clone with STATUS (default 0). Does not return.
@@ -36,8 +47,15 @@ enum Cmd {
 
 fn run(cmd: Cmd) -> Result<(), client::SfError> {
     match cmd {
-        Cmd::Ticket { n } => {
-            let t = client::request_ticket(n)?;
+        Cmd::Ticket {
+            n,
+            independent,
+            no_independent,
+        } => {
+            let opts = client::TicketOptions {
+                independent: independent_flag(independent, no_independent),
+            };
+            let t = client::request_ticket_with(n, opts)?;
             println!("{}", t.id);
             eprintln!("granted {} of {n}", t.granted);
         }
@@ -62,6 +80,15 @@ fn run(cmd: Cmd) -> Result<(), client::SfError> {
     Ok(())
 }
 
+/// `--independent` / `--no-independent` / neither (the host's default).
+fn independent_flag(yes: bool, no: bool) -> Option<bool> {
+    match (yes, no) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
     match run(Args::parse().cmd) {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,5 +96,30 @@ fn main() -> ExitCode {
             eprintln!("sf: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(args: &[&str]) -> Result<Option<bool>, clap::Error> {
+        let a = Args::try_parse_from([&["sf", "ticket"], args].concat())?;
+        match a.cmd {
+            Cmd::Ticket {
+                independent,
+                no_independent,
+                ..
+            } => Ok(independent_flag(independent, no_independent)),
+            _ => panic!("not a ticket command"),
+        }
+    }
+
+    #[test]
+    fn the_independence_flags() {
+        assert_eq!(ticket(&["3"]).unwrap(), None);
+        assert_eq!(ticket(&["--independent", "3"]).unwrap(), Some(true));
+        assert_eq!(ticket(&["3", "--no-independent"]).unwrap(), Some(false));
+        assert!(ticket(&["--independent", "--no-independent", "3"]).is_err());
     }
 }

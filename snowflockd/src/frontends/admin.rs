@@ -250,6 +250,23 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vms_that_fetch_nothing_are_complete_but_not_independent() {
+        let h = Harness::new();
+        let (_, p) = h.start("p").await;
+        h.ticket_and_clone(&p, 1).await;
+        for (vm, memory) in [("p", "own"), ("p-g1c1", "local")] {
+            match ask(&h, &AdminRequest::Stats { name: vm.into() }).await {
+                AdminResponse::Stats(s) => {
+                    assert_eq!(s.memory, memory);
+                    assert_eq!(s.completion, 1.0);
+                    assert!(!s.independent);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn malformed_frames_get_a_clear_answer() {
         let h = Harness::new();
         let (mut client, server) = tokio::io::duplex(4096);

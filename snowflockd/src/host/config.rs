@@ -4,7 +4,7 @@
 //! writes it, and lives in [`snowflock_proto::host_config`]; what it means
 //! and which values are valid is decided here, in [`Config::apply_file`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,7 +66,45 @@ pub struct Cluster {
     pub fetch_timeout: Duration,
     /// Extra pages fetched with a miss.
     pub prefetch_pages: u32,
+    /// Multicast page distribution (`mcast`, `mcast_port`,
+    /// `mcast_rate_mib`); `None`: unicast only.
+    pub mcast: Option<Mcast>,
+    /// Most bytes memtap's cache of one generation holds
+    /// (`memcache_limit_mib`; `None`: the generation's size).
+    pub memcache_limit: Option<u64>,
+    /// Tickets ask for background completion unless the guest says
+    /// otherwise (`independent`).
+    pub independent: bool,
+    /// Rate of background completion, bytes per second
+    /// (`completion_rate_mib`).
+    pub completion_rate: u64,
+    /// memtap keeps the pages other hosts' clones faulted
+    /// (`prefetch_siblings`).
+    pub prefetch_siblings: bool,
+    /// Where memtap writes clones' page-fault traces (`fault_trace_dir`).
+    pub fault_trace_dir: Option<PathBuf>,
 }
+
+/// `mcast = true`: this host's page server multicasts copies of the pages
+/// it serves, and its memtap joins the groups of the generations it
+/// fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mcast {
+    /// UDP port of every group (`mcast_port`).
+    pub port: u16,
+    /// Highest rate of the page server's multicast, bytes per second
+    /// (`mcast_rate_mib`).
+    pub max_rate: u64,
+}
+
+/// Default `mcast_port`.
+pub const MCAST_PORT: u16 = 7404;
+/// Default `mcast_rate_mib`.
+pub const MCAST_RATE_MIB: u64 = 256;
+/// Default `completion_rate_mib`.
+pub const COMPLETION_RATE_MIB: u64 = 64;
+/// Largest `mcast_rate_mib` and `completion_rate_mib` (1 TiB/s).
+pub const MAX_RATE_MIB: u64 = 1 << 20;
 
 impl Cluster {
     /// This host's position among all hosts sorted by name, and their count.
@@ -81,6 +119,18 @@ impl Cluster {
 
     pub fn peer(&self, name: &str) -> Option<&Peer> {
         self.peers.iter().find(|p| p.name == name)
+    }
+
+    /// The local address whose interface sends and joins multicast: the
+    /// page server's address if it is a specified IPv4 address, else the
+    /// control channel's if it is IPv4; `None` lets the kernel choose by
+    /// its routes.
+    pub fn mcast_iface(&self) -> Option<Ipv4Addr> {
+        let v4 = |ip: IpAddr| match ip {
+            IpAddr::V4(a) if !a.is_unspecified() => Some(a),
+            _ => None,
+        };
+        v4(self.page_server.ip()).or_else(|| v4(self.listen.ip()))
     }
 }
 
@@ -344,6 +394,37 @@ fn apply_cluster(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), Con
             "prefetch_pages must be 0 to 255, got {prefetch}"
         )));
     }
+    let mib = |key: &str, v: u64, max: u64| {
+        if v == 0 || v > max {
+            return Err(bad(format!("{key} must be 1 to {max}, got {v}")));
+        }
+        Ok(v << 20)
+    };
+    let mcast_port = file.mcast_port.unwrap_or(MCAST_PORT);
+    if mcast_port == 0 {
+        return Err(bad("mcast_port must be 1 to 65535, got 0".into()));
+    }
+    let mcast_rate = mib(
+        "mcast_rate_mib",
+        file.mcast_rate_mib.unwrap_or(MCAST_RATE_MIB),
+        MAX_RATE_MIB,
+    )?;
+    let completion_rate = mib(
+        "completion_rate_mib",
+        file.completion_rate_mib.unwrap_or(COMPLETION_RATE_MIB),
+        MAX_RATE_MIB,
+    )?;
+    let memcache_limit = file
+        .memcache_limit_mib
+        .map(|m| mib("memcache_limit_mib", m, u64::MAX >> 20))
+        .transpose()?;
+    if file
+        .fault_trace_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        return Err(bad("fault_trace_dir must not be empty".into()));
+    }
     cfg.cluster = Some(Cluster {
         listen,
         page_server,
@@ -351,6 +432,15 @@ fn apply_cluster(file: HostFile, cfg: &mut Config, path: &str) -> Result<(), Con
         peers: file.peers,
         fetch_timeout: Duration::from_millis(fetch_ms),
         prefetch_pages: prefetch,
+        mcast: file.mcast.unwrap_or(true).then_some(Mcast {
+            port: mcast_port,
+            max_rate: mcast_rate,
+        }),
+        memcache_limit,
+        independent: file.independent.unwrap_or(false),
+        completion_rate,
+        prefetch_siblings: file.prefetch_siblings.unwrap_or(true),
+        fault_trace_dir: file.fault_trace_dir,
     });
     Ok(())
 }
@@ -457,11 +547,94 @@ addr = "10.249.0.3:7170"
         assert_eq!(c.page_server, "10.249.0.2:7171".parse().unwrap());
         assert_eq!(c.fetch_timeout, Duration::from_secs(2));
         assert_eq!(c.prefetch_pages, 3);
+        // What the file leaves out: multicast on, no cache bound.
+        assert_eq!(
+            c.mcast,
+            Some(Mcast {
+                port: 7404,
+                max_rate: 256 << 20
+            })
+        );
+        assert_eq!(c.mcast_iface(), Some(Ipv4Addr::new(10, 249, 0, 2)));
+        assert_eq!(c.memcache_limit, None);
+        assert!(!c.independent);
+        assert_eq!(c.completion_rate, 64 << 20);
+        assert!(c.prefetch_siblings);
+        assert_eq!(c.fault_trace_dir, None);
         assert_eq!(c.slot("h1"), (1, 3));
         assert_eq!(
             c.peer("h2").unwrap().addr,
             "10.249.0.3:7170".parse().unwrap()
         );
+    }
+
+    fn cluster_of(extra: &str) -> Result<Cluster, String> {
+        let mut cfg = Config::default();
+        let base = "host = \"h0\"\nlisten = \"10.0.0.1:7170\"\nkey_file = \"/k\"\n";
+        HostFile::parse(&format!("{base}{extra}"), "t")
+            .and_then(|f| cfg.apply_file(f, "t"))
+            .map(|()| cfg.cluster.expect("a cluster"))
+            .map_err(|e| snowflock_proto::error::chain(&e))
+    }
+
+    #[test]
+    fn mcdist_settings() {
+        let c = cluster_of(
+            "mcast_port = 7500\nmcast_rate_mib = 100\nmemcache_limit_mib = 512\nindependent = true\ncompletion_rate_mib = 8\nprefetch_siblings = false\nfault_trace_dir = \"/var/tmp/tr\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.mcast,
+            Some(Mcast {
+                port: 7500,
+                max_rate: 100 << 20
+            })
+        );
+        assert_eq!(c.memcache_limit, Some(512 << 20));
+        assert!(c.independent);
+        assert_eq!(c.completion_rate, 8 << 20);
+        assert!(!c.prefetch_siblings);
+        assert_eq!(c.fault_trace_dir, Some(PathBuf::from("/var/tmp/tr")));
+        // Off: unicast only, whatever the port and rate say.
+        let c = cluster_of("mcast = false\nmcast_port = 7500\n").unwrap();
+        assert_eq!(c.mcast, None);
+        for (extra, want) in [
+            ("mcast_port = 0\n", "mcast_port must be 1 to 65535, got 0"),
+            (
+                "mcast_rate_mib = 0\n",
+                "mcast_rate_mib must be 1 to 1048576, got 0",
+            ),
+            ("mcast_rate_mib = 1048577\n", "mcast_rate_mib must be 1 to"),
+            (
+                "completion_rate_mib = 0\n",
+                "completion_rate_mib must be 1 to",
+            ),
+            (
+                "memcache_limit_mib = 0\n",
+                "memcache_limit_mib must be 1 to",
+            ),
+            (
+                "fault_trace_dir = \"\"\n",
+                "fault_trace_dir must not be empty",
+            ),
+            ("mcast = 1\n", "Malformed"),
+        ] {
+            let e = cluster_of(extra).unwrap_err();
+            assert!(e.contains(want), "{extra:?}: {e}");
+            assert!(e.starts_with("t: ") || e.starts_with("Malformed t"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_multicast_interface_is_the_cluster_address() {
+        let mut c = cluster_of("page_server = \"0.0.0.0:7171\"\n").unwrap();
+        assert_eq!(c.mcast_iface(), Some(Ipv4Addr::new(10, 0, 0, 1)));
+        c.page_server = "10.0.0.9:7171".parse().unwrap();
+        assert_eq!(c.mcast_iface(), Some(Ipv4Addr::new(10, 0, 0, 9)));
+        c.page_server = "[fd00::1]:7171".parse().unwrap();
+        assert_eq!(c.mcast_iface(), Some(Ipv4Addr::new(10, 0, 0, 1)));
+        c.listen = "[fd00::1]:7170".parse().unwrap();
+        assert_eq!(c.mcast_iface(), None);
     }
 
     #[test]
@@ -576,6 +749,7 @@ addr = "10.249.0.3:7170"
             quota_per_vm: Some(32),
             fetch_timeout_ms: Some(10_000),
             prefetch_pages: Some(0),
+            mcast: Some(true),
             peers: (0..n)
                 .filter(|j| *j != i)
                 .map(|j| Peer {
@@ -610,6 +784,11 @@ addr = "10.249.0.3:7170"
             assert_eq!(c.key_file, PathBuf::from("/run/snowflock/ctest/key"));
             assert_eq!(c.fetch_timeout, Duration::from_secs(10));
             assert_eq!(c.page_server.port(), c.listen.port() + 1);
+            assert_eq!(c.mcast.map(|m| m.port), Some(MCAST_PORT));
+            assert_eq!(
+                c.mcast_iface(),
+                Some(Ipv4Addr::new(10, 249, 0, i as u8 + 1))
+            );
             clusters.push(c);
         }
         // Each host's peers are the others, at their own listen addresses.

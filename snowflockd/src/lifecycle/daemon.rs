@@ -208,6 +208,18 @@ impl Daemon {
     }
 
     /// Memory-on-demand figures of a VM of this host.
+    ///
+    /// The fault figures are the clone's QEMU's own reads, except
+    /// `prefetch_wasted_bytes`, `mcast_pages` and `mcast_dropped`, which
+    /// no process causes: those are its memory generation's on this host
+    /// (shared by the clones of that generation here).
+    ///
+    /// `completion` and `independent`: for a clone fetching from another
+    /// host, how much of its memory generation this host holds, and
+    /// whether it holds all of it and every disk layer the clone reads on
+    /// demand. An original VM or a clone on its parent's host fetches
+    /// nothing: completion 1, and never independent (it runs on the host
+    /// its memory belongs to).
     pub fn vm_stats(&self, vm: &Vm) -> VmStats {
         let mut s = VmStats {
             vm: vm.name().to_string(),
@@ -215,6 +227,8 @@ impl Daemon {
             memory: vm.spec.memory.kind().into(),
             origin: vm.spec.origin.clone(),
             mem: self.mem_use(vm),
+            completion: 1.0,
+            independent: false,
             ..Default::default()
         };
         let pid = *vm.pid.lock();
@@ -222,6 +236,24 @@ impl Daemon {
             Some(crate::state::vm::DiskPlan::Remote { memtap, .. }) => Some(memtap),
             _ => None,
         };
+        if let (crate::state::vm::MemSource::Remote { generation, .. }, Some(m)) =
+            (&vm.spec.memory, &self.memtap)
+        {
+            // What arrives for the host, not for one process: the
+            // generation's figures.
+            if let Some(g) = m.generation_stats(generation) {
+                s.fetch.prefetch_wasted_bytes = g.prefetch_wasted_bytes;
+                s.fetch.mcast_pages = g.mcast_pages;
+                s.fetch.mcast_dropped = g.mcast_dropped;
+            }
+            let memory = m.generation_progress(generation);
+            s.completion = memory.map_or(0.0, |p| p.fraction());
+            s.independent = memory.is_some_and(|p| p.complete())
+                && disk
+                    .into_iter()
+                    .flatten()
+                    .all(|layer| m.generation_progress(layer).is_some_and(|p| p.complete()));
+        }
         if let (crate::state::vm::MemSource::Remote { generation, .. }, Some(m), Some(pid)) =
             (&vm.spec.memory, &self.memtap, pid)
         {

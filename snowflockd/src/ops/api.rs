@@ -40,7 +40,7 @@ pub async fn answer(d: &Arc<Daemon>, vm: &Arc<Vm>, id: u64, req: ApiRequest) -> 
         return ApiResponse::error(E::BadRequest, e.to_string());
     }
     match req {
-        ApiRequest::RequestTicket { n } => request_ticket(d, vm, n).await,
+        ApiRequest::RequestTicket { n, independent } => request_ticket(d, vm, n, independent).await,
         ApiRequest::Clone { ticket } => {
             let span = tracing::info_span!("clone", vm = %vm.name(), %ticket);
             super::clone::clone(d.clone(), vm.clone(), id, ticket)
@@ -101,7 +101,12 @@ fn ticket_limits(
     Ok((n.min(allowed).min(ids_left), first_id))
 }
 
-async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
+async fn request_ticket(
+    d: &Arc<Daemon>,
+    vm: &Vm,
+    n: u32,
+    independent: Option<bool>,
+) -> ApiResponse {
     if vm.spec.is_clone() {
         return ApiResponse::error(
             E::WrongRole,
@@ -135,6 +140,9 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
         }
     };
     let me = &d.cfg.host;
+    // The guest's word, else this host's default (host.toml `independent`).
+    let independent =
+        independent.unwrap_or_else(|| d.cfg.cluster.as_ref().is_some_and(|c| c.independent));
     // Quota, clone IDs and this host's slots again: they may have changed
     // while the allocator was asked.
     let granted = d.with(|r| {
@@ -162,11 +170,10 @@ async fn request_ticket(d: &Arc<Daemon>, vm: &Vm, n: u32) -> ApiResponse {
         let mut free_by_host = vec![(me.clone(), free)];
         free_by_host.extend(offer.hosts.iter().cloned());
         let placement = place(me, &free_by_host, granted);
-        tracing::info!(vm = %vm.name(), ticket = %id, requested = n, granted, first_id, ?placement, allocator = d.alloc.kind(), "ticket granted");
-        r.tickets.insert(
-            id.clone(),
-            Ticket::grant(id.clone(), vm.name(), first_id, granted, placement),
-        );
+        tracing::info!(vm = %vm.name(), ticket = %id, requested = n, granted, first_id, ?placement, independent, allocator = d.alloc.kind(), "ticket granted");
+        let mut t = Ticket::grant(id.clone(), vm.name(), first_id, granted, placement);
+        t.independent = independent;
+        r.tickets.insert(id.clone(), t);
         Ok(granted)
     });
     match granted {
@@ -337,12 +344,36 @@ mod tests {
         a.answer(Err(AllocError::Refused(
             "Invalid partition name specified".into(),
         )));
-        let r = p.call(1, R::RequestTicket { n: 9 }).await;
+        let r = p
+            .call(
+                1,
+                R::RequestTicket {
+                    n: 9,
+                    independent: None,
+                },
+            )
+            .await;
         assert_eq!(code(&r), Some(E::NoCapacity));
         assert!(message(&r).contains("within 4 s"), "{r:?}");
-        let r = p.call(2, R::RequestTicket { n: 1 }).await;
+        let r = p
+            .call(
+                2,
+                R::RequestTicket {
+                    n: 1,
+                    independent: None,
+                },
+            )
+            .await;
         assert_eq!(code(&r), Some(E::HostUnavailable));
-        let r = p.call(3, R::RequestTicket { n: 1 }).await;
+        let r = p
+            .call(
+                3,
+                R::RequestTicket {
+                    n: 1,
+                    independent: None,
+                },
+            )
+            .await;
         assert_eq!(code(&r), Some(E::Failed));
         assert!(message(&r).contains("Invalid partition"), "{r:?}");
         // The allocator is asked for no more than the quota (4) allows.
@@ -360,7 +391,15 @@ mod tests {
             hosts: vec![("h1".into(), 1), ("h2".into(), 1)],
             here: 0,
         }));
-        let r = p.call(1, R::RequestTicket { n: 3 }).await;
+        let r = p
+            .call(
+                1,
+                R::RequestTicket {
+                    n: 3,
+                    independent: None,
+                },
+            )
+            .await;
         let ApiResponse::Ticket { ticket, granted } = r else {
             panic!("{r:?}");
         };
@@ -375,7 +414,15 @@ mod tests {
             hosts: vec![],
             here: u32::MAX,
         }));
-        let r = p.call(2, R::RequestTicket { n: 2 }).await;
+        let r = p
+            .call(
+                2,
+                R::RequestTicket {
+                    n: 2,
+                    independent: None,
+                },
+            )
+            .await;
         assert!(matches!(r, ApiResponse::Ticket { granted: 2, .. }), "{r:?}");
         assert!(a.released.lock().is_empty());
     }
@@ -389,7 +436,15 @@ mod tests {
             hosts: vec![("h1".into(), 0)],
             here: 0,
         }));
-        let r = p.call(1, R::RequestTicket { n: 2 }).await;
+        let r = p
+            .call(
+                1,
+                R::RequestTicket {
+                    n: 2,
+                    independent: None,
+                },
+            )
+            .await;
         assert_eq!(code(&r), Some(E::NoCapacity));
         assert!(
             message(&r).contains("granted hosts [\"h1\"] with no free VM slots"),
@@ -408,9 +463,25 @@ mod tests {
         let h = Harness::new();
         let (_, p) = h.start("p").await;
         // Quota 4 per VM.
-        let r = p.call(1, R::RequestTicket { n: 10 }).await;
+        let r = p
+            .call(
+                1,
+                R::RequestTicket {
+                    n: 10,
+                    independent: None,
+                },
+            )
+            .await;
         assert!(matches!(r, ApiResponse::Ticket { granted: 4, .. }), "{r:?}");
-        let r = p.call(2, R::RequestTicket { n: 1 }).await;
+        let r = p
+            .call(
+                2,
+                R::RequestTicket {
+                    n: 1,
+                    independent: None,
+                },
+            )
+            .await;
         assert_eq!(code(&r), Some(E::NoCapacity));
         assert!(
             message(&r).contains("already holds 4 unused clone slots"),
@@ -418,9 +489,25 @@ mod tests {
         );
         // Capacity: 8 VMs, 1 running, 4 reserved by the ticket.
         let (_, q) = h.start("q").await;
-        let r = q.call(1, R::RequestTicket { n: 4 }).await;
+        let r = q
+            .call(
+                1,
+                R::RequestTicket {
+                    n: 4,
+                    independent: None,
+                },
+            )
+            .await;
         assert!(matches!(r, ApiResponse::Ticket { granted: 2, .. }), "{r:?}");
-        let r = q.call(2, R::RequestTicket { n: 1 }).await;
+        let r = q
+            .call(
+                2,
+                R::RequestTicket {
+                    n: 1,
+                    independent: None,
+                },
+            )
+            .await;
         assert_eq!(code(&r), Some(E::NoCapacity));
         assert!(message(&r).contains("No capacity for clones"), "{r:?}");
     }
@@ -532,7 +619,16 @@ mod tests {
         let r = p.call(3, R::Exit { status: 0 }).await;
         assert_eq!(code(&r), Some(E::WrongRole));
         assert!(message(&r).contains("sf_exit is for clones"));
-        let t = match p.call(4, R::RequestTicket { n: 1 }).await {
+        let t = match p
+            .call(
+                4,
+                R::RequestTicket {
+                    n: 1,
+                    independent: None,
+                },
+            )
+            .await
+        {
             ApiResponse::Ticket { ticket, .. } => ticket,
             other => panic!("{other:?}"),
         };
@@ -551,12 +647,28 @@ mod tests {
         assert_eq!(code(&r), Some(E::TicketUsed));
         // A clone cannot clone or ask for tickets.
         let c = h.proc("p-g1c1");
-        let r = c.call(1, R::RequestTicket { n: 1 }).await;
+        let r = c
+            .call(
+                1,
+                R::RequestTicket {
+                    n: 1,
+                    independent: None,
+                },
+            )
+            .await;
         assert_eq!(code(&r), Some(E::WrongRole));
         let r = c.call(2, R::Clone { ticket: t.clone() }).await;
         assert_eq!(code(&r), Some(E::WrongRole));
         assert!(message(&r).contains("Nested cloning is not supported"));
-        let r = p.call(8, R::RequestTicket { n: 0 }).await;
+        let r = p
+            .call(
+                8,
+                R::RequestTicket {
+                    n: 0,
+                    independent: None,
+                },
+            )
+            .await;
         assert_eq!(code(&r), Some(E::BadRequest));
         // None of it harmed anyone.
         assert_eq!(h.vmm.running(), ["p", "p-g1c1", "q"]);
@@ -644,6 +756,104 @@ mod tests {
         assert_eq!(children[0].state, ChildState::Killed);
         assert!(matches!(children[1].state, ChildState::Lost { .. }));
         assert_eq!(h.d.counters.map()["clones_lost"], 1);
+    }
+
+    /// Host `h0` of a cluster with `h1`, multicast on port 7500, tickets
+    /// independent by default or not.
+    fn mcast_cluster(independent: bool) -> Harness {
+        use crate::host::config::{Cluster, Mcast, Peer};
+        let h = Harness::build(
+            |c| {
+                c.cluster = Some(Cluster {
+                    listen: "127.0.0.1:7170".parse().unwrap(),
+                    page_server: "127.0.0.1:7171".parse().unwrap(),
+                    key_file: "/nonexistent".into(),
+                    peers: vec![Peer {
+                        name: "h1".into(),
+                        addr: "127.0.0.2:7170".parse().unwrap(),
+                    }],
+                    fetch_timeout: std::time::Duration::from_secs(10),
+                    prefetch_pages: 0,
+                    mcast: Some(Mcast {
+                        port: 7500,
+                        max_rate: 1 << 20,
+                    }),
+                    memcache_limit: None,
+                    independent,
+                    completion_rate: 1 << 20,
+                    prefetch_siblings: true,
+                    fault_trace_dir: None,
+                })
+            },
+            true,
+        );
+        h.peer("h1", |req| match req {
+            PeerRequest::Capacity => AdminResponse::Capacity {
+                host: "h1".into(),
+                free: 8,
+            },
+            PeerRequest::StartClones { clone_ids, .. } => AdminResponse::ClonesStarted {
+                results: clone_ids
+                    .iter()
+                    .map(|id| CloneStart {
+                        clone_id: *id,
+                        vm: format!("p-g1c{id}"),
+                        error: None,
+                    })
+                    .collect(),
+            },
+            _ => AdminResponse::Ok,
+        });
+        h
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tickets_independence_is_the_guests_word_or_the_hosts_default() {
+        for default in [false, true] {
+            let h = mcast_cluster(default);
+            let (_, p) = h.start("p").await;
+            for (i, asked) in [None, Some(false), Some(true)].into_iter().enumerate() {
+                let r = p
+                    .call(
+                        i as u64 + 1,
+                        R::RequestTicket {
+                            n: 1,
+                            independent: asked,
+                        },
+                    )
+                    .await;
+                let ApiResponse::Ticket { ticket, .. } = r else {
+                    panic!("{r:?}");
+                };
+                let got = h.d.with(|r| r.tickets[&ticket].independent);
+                assert_eq!(
+                    got,
+                    asked.unwrap_or(default),
+                    "{asked:?}, default {default}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn descriptors_carry_the_tickets_independence_and_the_multicast_port() {
+        for asked in [Some(true), None] {
+            let h = mcast_cluster(false);
+            let (_, p) = h.start("p").await;
+            h.ticket_and_clone_with(&p, 2, asked).await;
+            let sent = h.peers.sent.lock().clone();
+            let desc = sent
+                .iter()
+                .find_map(|(host, r)| match r {
+                    PeerRequest::StartClones { descriptor, .. } if host == "h1" => {
+                        Some(snowflock_descriptor::Descriptor::decode(descriptor).unwrap())
+                    }
+                    _ => None,
+                })
+                .expect("clones started on h1");
+            assert_eq!(desc.meta.mcast_port, Some(7500));
+            assert_eq!(desc.meta.complete, asked == Some(true));
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,10 @@ pub struct Ticket {
     pub placement: Vec<(String, u32)>,
     /// Name under which the generation is published on the page server.
     pub published: Option<String>,
+    /// The clones' hosts fetch the whole clone point in the background
+    /// (the guest's flag, or the host's default): the descriptor's
+    /// `complete`.
+    pub independent: bool,
 }
 
 impl Ticket {
@@ -148,6 +152,7 @@ impl Ticket {
             created: Instant::now(),
             placement,
             published: None,
+            independent: false,
         }
     }
 

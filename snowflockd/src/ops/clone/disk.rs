@@ -108,12 +108,14 @@ pub enum AttachError {
 }
 
 /// Adds the descriptor's disk layers to memtap (one reference each, for
-/// one clone VM) and returns the clone's disk plan.
+/// one clone VM), fetched as the memory is (`fetch`), and returns the
+/// clone's disk plan.
 pub fn attach(
     memtap: &dom0_memtap::Memtap,
     origin_host: &str,
     origin: std::net::SocketAddr,
     disk: &DiskLayout,
+    fetch: blkfront_ondemand::Fetch,
 ) -> Result<DiskPlan, AttachError> {
     let names = disk
         .layers
@@ -123,7 +125,7 @@ pub fn attach(
                 .map_err(|_| AttachError::Source(l.source.clone()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let a = blkfront_ondemand::attach(memtap, origin, disk, &names)?;
+    let a = blkfront_ondemand::attach(memtap, origin, disk, &names, fetch)?;
     Ok(DiskPlan::Remote {
         layers: a
             .layers

@@ -186,9 +186,13 @@ pub async fn clone(
     let begun = d.with(|r| {
         let t = r.owned_ticket(parent.name(), &ticket)?;
         t.begin_clone()?;
-        Ok::<_, crate::state::ticket::TicketError>((t.clone_ids(), t.placement.clone()))
+        Ok::<_, crate::state::ticket::TicketError>((
+            t.clone_ids(),
+            t.placement.clone(),
+            t.independent,
+        ))
     });
-    let (ids, placement) = match begun {
+    let (ids, placement, independent) = match begun {
         Ok(b) => b,
         Err(e) => return ApiResponse::error(e.code(), e.to_string()),
     };
@@ -205,6 +209,7 @@ pub async fn clone(
         generation,
         gen_name: &gen_name,
         gen_dir: &gen_dir,
+        independent,
     };
     let result = match std::fs::create_dir_all(&gen_dir) {
         Ok(()) => do_clone(&d, &parent, &job, &tl).await,
@@ -262,6 +267,8 @@ struct Job<'a> {
     generation: u64,
     gen_name: &'a str,
     gen_dir: &'a Path,
+    /// The ticket asked for independence (background completion).
+    independent: bool,
 }
 
 /// The descriptor of a frozen parent.
@@ -300,6 +307,16 @@ fn descriptor(
             },
             clones: slots,
             disk,
+            // This host's page server multicasts what it serves (host.toml
+            // `mcast`): clone hosts with the same port join the groups.
+            mcast_port: d
+                .cfg
+                .cluster
+                .as_ref()
+                .and_then(|c| c.mcast)
+                .filter(|_| d.pages.is_some())
+                .map(|m| m.port),
+            complete: job.independent,
         },
         device_state: state,
         holes: mem.holes.clone(),

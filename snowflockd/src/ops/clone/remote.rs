@@ -66,6 +66,55 @@ pub async fn start_on_host(
     }
 }
 
+/// Whether this host joins the multicast groups of a descriptor's
+/// generation and disk layers: the origin multicasts (`mcast_port`) and
+/// this host has `mcast` on, on the same port. Ports that differ are a
+/// configuration mistake: warned about once per origin and port, and the
+/// pages come by unicast.
+fn joins_mcast(d: &Daemon, desc: &Descriptor) -> bool {
+    let mine = d.cfg.cluster.as_ref().and_then(|c| c.mcast).map(|m| m.port);
+    match mcast_join(desc.meta.mcast_port, mine) {
+        McastJoin::Join => true,
+        McastJoin::Unicast => false,
+        McastJoin::OtherPort { origin, mine } => {
+            static WARNED: parking_lot::Mutex<Vec<(String, u16)>> =
+                parking_lot::Mutex::new(Vec::new());
+            let key = (desc.meta.origin_host.clone(), origin);
+            let mut warned = WARNED.lock();
+            if !warned.contains(&key) {
+                tracing::warn!(
+                    origin = %desc.meta.origin_host,
+                    origin_port = origin,
+                    mcast_port = mine,
+                    "the origin multicasts pages on another port than this host's mcast_port: its pages come by unicast only (set the same mcast_port on every host)"
+                );
+                warned.push(key);
+            }
+            false
+        }
+    }
+}
+
+/// [`joins_mcast`]'s decision.
+#[derive(Debug, PartialEq, Eq)]
+enum McastJoin {
+    Join,
+    /// The origin or this host does not multicast.
+    Unicast,
+    OtherPort {
+        origin: u16,
+        mine: u16,
+    },
+}
+
+fn mcast_join(origin: Option<u16>, mine: Option<u16>) -> McastJoin {
+    match (origin, mine) {
+        (Some(o), Some(m)) if o == m => McastJoin::Join,
+        (Some(origin), Some(mine)) => McastJoin::OtherPort { origin, mine },
+        _ => McastJoin::Unicast,
+    }
+}
+
 /// Why a host refuses to start clones for another.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteStartError {
@@ -154,6 +203,12 @@ async fn try_start_remote(
             asked: ids.len(),
         });
     }
+    // Memory and disk layers alike: multicast copies from the origin, and
+    // the whole clone point in the background if the ticket asked.
+    let fetch = blkfront_ondemand::Fetch {
+        mcast: joins_mcast(d, &desc),
+        complete: desc.meta.complete,
+    };
     let tl = Timeline::new();
     tl.mark("request_checked");
     // One memtap reference per clone VM; each is released when that VM
@@ -166,8 +221,8 @@ async fn try_start_remote(
             size: desc.meta.memory.size,
             holes: desc.holes.clone(),
             origin: origin_addr,
-            mcast: false,
-            complete: false,
+            mcast: fetch.mcast,
+            complete: fetch.complete,
         };
         match memtap.add_generation(spec) {
             Ok(p) => ram = Some(p),
@@ -185,7 +240,7 @@ async fn try_start_remote(
     let mut disk = None;
     if let Some(layout) = &desc.meta.disk {
         for added in 0..slots.len() {
-            match super::disk::attach(memtap, &desc.meta.origin_host, origin_addr, layout) {
+            match super::disk::attach(memtap, &desc.meta.origin_host, origin_addr, layout, fetch) {
                 Ok(plan) => disk = Some(plan),
                 Err(e) => {
                     release(slots.len());
@@ -248,4 +303,24 @@ async fn try_start_remote(
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_joins_the_origins_groups_only_on_the_same_port() {
+        assert_eq!(mcast_join(Some(7404), Some(7404)), McastJoin::Join);
+        assert_eq!(mcast_join(None, Some(7404)), McastJoin::Unicast);
+        assert_eq!(mcast_join(Some(7404), None), McastJoin::Unicast);
+        assert_eq!(mcast_join(None, None), McastJoin::Unicast);
+        assert_eq!(
+            mcast_join(Some(7404), Some(7500)),
+            McastJoin::OtherPort {
+                origin: 7404,
+                mine: 7500
+            }
+        );
+    }
 }
