@@ -94,8 +94,19 @@ pub struct Opts {
 }
 
 /// Logging of the bench's processes: tracing to stderr (their log files),
-/// `RUST_LOG` or warnings; they end with the bench.
+/// `RUST_LOG` or warnings; they end with the process that started them
+/// (SIGTERM when it dies), and take the signals the bench blocks for its
+/// signal thread (a blocked mask is inherited through `ip netns exec`).
 pub(crate) fn init_child() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    let _ = set.thread_unblock();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
