@@ -439,8 +439,13 @@ pub fn run(o: Opts) -> Result<Vec<Row>> {
     } else {
         println!("{}", loaded.describe);
         println!(
-            "clones per host: {}; time scale {}; start skew {} ms; p50/p99: memtap's fault latency, median over hosts; rd99: a clone's read p99",
+            "clones per host: {}; time scale {}; start skew {} ms",
             o.clones_per_host, o.time_scale, o.start_skew_ms
+        );
+        println!(
+            "egress: the origin link's bytes out (x_trace: over the trace's bytes; tcp: page bytes answered by TCP; mc_dgram: page datagrams multicast); \
+             p50/p99: memtap's fault latency, median over hosts; rd99: a clone's read p99; rereq: memtap's re-requests of coalesced pages; \
+             o_rereq: pages asked for after they were multicast; lost: datagrams the hosts' kernels dropped; wrong: pages read wrong or not at all"
         );
         print!("{}", report::table(&rows));
         let wrong: u64 = rows.iter().map(|r| r.wrong_pages + r.read_errors).sum();

@@ -73,6 +73,13 @@ pub struct Row {
     /// unicast, ideally about 1 with multicast.
     pub egress_per_trace: f64,
     pub origin_tx_packets: u64,
+    /// Of the egress: page bytes answered over TCP, and page datagrams
+    /// multicast (the page server's `bytes_served` and `mcast_datagrams`).
+    pub origin_unicast_bytes: u64,
+    pub origin_mcast_datagrams: u64,
+    /// Pages the hosts asked for after they had been multicast to them
+    /// (the page server's `rerequested`): lost, or late.
+    pub origin_rerequested: u64,
     /// Slowest host: from the common start to its last clone done.
     pub replay_ms: f64,
     pub replay_ms_median: f64,
@@ -153,6 +160,13 @@ pub fn aggregate(
         |f: &dyn Fn(&HostResult) -> f64| crate::bench::median(results.iter().map(f).collect());
     let sum = |f: &dyn Fn(&HostResult) -> u64| results.iter().map(f).sum::<u64>();
     let egress = after.tx_bytes.saturating_sub(before.tx_bytes);
+    let server = value_delta(&before.server, &after.server);
+    let counter = |k: &str| {
+        server
+            .get(k)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
     let trace_bytes = info.trace_pages * dom0_memtap::PAGE_SIZE;
     Row {
         hosts: info.hosts,
@@ -168,6 +182,9 @@ pub fn aggregate(
             egress as f64 / trace_bytes as f64
         },
         origin_tx_packets: after.tx_packets.saturating_sub(before.tx_packets),
+        origin_unicast_bytes: counter("bytes_served"),
+        origin_mcast_datagrams: counter("mcast_datagrams"),
+        origin_rerequested: counter("rerequested"),
         replay_ms: results.iter().map(|r| r.replay_ms).fold(f64::NAN, f64::max),
         replay_ms_median: med(&|r| r.replay_ms),
         trace_ms: info.trace_ms,
@@ -191,7 +208,7 @@ pub fn aggregate(
         ip_reasm_fails: sum(&|r| r.ip_reasm_fails),
         read_errors: sum(&|r| r.read_errors),
         wrong_pages: sum(&|r| r.wrong_pages),
-        origin_server: value_delta(&before.server, &after.server),
+        origin_server: server,
     }
 }
 
@@ -219,42 +236,46 @@ pub fn egress_ratios(rows: &[Row]) -> Vec<(u32, u32, f64)> {
 pub fn table(rows: &[Row]) -> String {
     use std::fmt::Write as _;
     let mut s = format!(
-        "{:>5} {:>6} {:>5} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7} {:>7} {:>5}\n",
+        "{:>5} {:>6} {:>5} {:>10} {:>7} {:>8} {:>8} {:>9} {:>7} {:>7} {:>7} {:>9} {:>9} {:>6} {:>7} {:>5} {:>5}\n",
         "hosts",
         "clones",
         "mcast",
         "egress_MiB",
         "x_trace",
+        "tcp_MiB",
+        "mc_dgram",
         "replay_ms",
         "p50_us",
         "p99_us",
         "rd99_us",
-        "fetched",
         "mcast_pg",
         "coalesced",
         "rereq",
+        "o_rereq",
         "lost",
         "wrong"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:>5} {:>6} {:>5} {:>10.1} {:>8.2} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>9} {:>9} {:>9} {:>7} {:>7} {:>5}",
+            "{:>5} {:>6} {:>5} {:>10.1} {:>7.2} {:>8.1} {:>8} {:>9.0} {:>7.0} {:>7.0} {:>7.0} {:>9} {:>9} {:>6} {:>7} {:>5} {:>5}",
             r.hosts,
             r.clones,
             r.mcast,
             r.origin_egress_bytes as f64 / 1048576.0,
             r.egress_per_trace,
+            r.origin_unicast_bytes as f64 / 1048576.0,
+            r.origin_mcast_datagrams,
             r.replay_ms,
             r.latency_p50_us,
             r.latency_p99_us,
             r.read_p99_us,
-            r.pages_fetched,
             r.mcast_pages,
             r.coalesced,
             r.rerequests,
+            r.origin_rerequested,
             r.lost(),
-            r.wrong_pages
+            r.wrong_pages + r.read_errors
         );
     }
     for (hosts, k, ratio) in egress_ratios(rows) {
@@ -276,7 +297,12 @@ mod tests {
             tx_bytes: tx,
             tx_packets: tx / 1000,
             rx_bytes: 0,
-            server: serde_json::json!({"bytes_served": served, "connections": 3, "name": "x"}),
+            server: serde_json::json!({
+                "bytes_served": served,
+                "mcast_datagrams": served / 10,
+                "connections": 3,
+                "name": "x"
+            }),
         }
     }
 
@@ -350,6 +376,9 @@ mod tests {
         assert_eq!(r.rerequests, 3);
         assert_eq!(r.lost(), 9);
         assert_eq!(r.origin_server["bytes_served"], 100);
+        assert_eq!(r.origin_unicast_bytes, 100);
+        assert_eq!(r.origin_mcast_datagrams, 10);
+        assert_eq!(r.origin_rerequested, 0);
         assert_eq!(r.origin_server["connections"], 0);
         assert_eq!(r.origin_server["name"], "x");
         // Even host counts: the median is the mean of the middle two.
