@@ -89,6 +89,7 @@ pub struct Opts {
     /// Seed of the synthetic trace and of the pages' contents.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// One JSON row per host count and mode, instead of the table.
     #[arg(long)]
     pub json: bool,
 }
