@@ -167,6 +167,10 @@ enum ClusterCmd {
         /// the guest says otherwise (`independent` in host.toml).
         #[arg(long)]
         independent: bool,
+        /// Every host's memtap writes the fault trace of each clone there
+        /// when it ends (`fault_trace_dir`; for `bench mcdist --trace`).
+        #[arg(long)]
+        fault_trace_dir: Option<PathBuf>,
         /// Also start a Slurm cluster (munged, slurmdbd, slurmctld on h0, one
         /// slurmd per host) and let it grant tickets (docs/slurm.md).
         #[arg(long)]
@@ -789,6 +793,7 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
             mcast,
             memcache_limit_mib,
             independent,
+            fault_trace_dir,
             slurm,
             slurm_wait_s,
             slots_per_node,
@@ -803,6 +808,7 @@ fn cluster_cmd(cli: &Cli, cmd: &ClusterCmd) -> anyhow::Result<()> {
                 mcast: *mcast == OnOffArg::On,
                 memcache_limit_mib: *memcache_limit_mib,
                 independent: *independent,
+                fault_trace_dir: fault_trace_dir.clone(),
                 slurm: slurm.then_some(cluster::SlurmSettings {
                     wait_s: *slurm_wait_s,
                     slots_per_node: *slots_per_node,

@@ -100,6 +100,24 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, ms: i32) {
 
 /// Maps `file` privately and writable (copy-on-write), for tests of the
 /// written-page scan.
+/// Sets a socket's receive buffer to `bytes` past `net.core.rmem_max`
+/// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`); `false` if refused.
+pub(crate) fn force_recv_buffer(fd: BorrowedFd<'_>, bytes: usize) -> bool {
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt on a descriptor the caller keeps open, with a
+    // pointer to a live c_int and its exact size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
+
 #[cfg(test)]
 pub(crate) fn map_private_for_test(file: &File) -> io::Result<memmap2::MmapMut> {
     // SAFETY: a test's own temporary file, which nobody truncates while it

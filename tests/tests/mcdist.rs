@@ -40,10 +40,15 @@ fn nft(h: &ClusterHost, script: &str) {
 
 /// Drops `pct` % of the multicast page datagrams reaching `h` (counted).
 fn drop_mcast(h: &ClusterHost, pct: u32) {
+    let when = if pct >= 100 {
+        String::new()
+    } else {
+        format!("numgen random mod 100 < {pct} ")
+    };
     nft(
         h,
         &format!(
-            "table inet sfloss {{ chain in {{ type filter hook input priority 0; udp dport 7404 numgen random mod 100 < {pct} counter drop; }} }}"
+            "table inet sfloss {{\n chain in {{\n  type filter hook input priority 0;\n  udp dport 7404 {when}counter drop\n }}\n}}\n"
         ),
     );
 }
@@ -63,12 +68,18 @@ fn dropped(h: &ClusterHost) -> u64 {
         .unwrap_or_else(|| panic!("no counter in {t}"))
 }
 
-/// The generation names in `h`'s memtap mount.
+/// The generations `h`'s memtap holds, from its cache files
+/// (`<name>.<inode>.memtap-cache`; the mount itself lives in the daemon's
+/// mount namespace).
 fn generations(h: &ClusterHost) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(h.state_dir.join("memtap"))
+    let mut v: Vec<String> = std::fs::read_dir(h.state_dir.join("memcache"))
         .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
+            d.filter_map(|e| {
+                let f = e.ok()?.file_name().into_string().ok()?;
+                let stem = f.strip_suffix(".memtap-cache")?;
+                Some(stem.rsplit_once('.')?.0.to_string())
+            })
+            .collect()
         })
         .unwrap_or_default();
     v.sort();
@@ -329,7 +340,7 @@ fn background_completion_frees_clones_from_their_origin() {
         .expect("page_server port in h0's host.toml");
     let stop_pages = |on: bool| {
         if on {
-            nft(h[0], &format!("table inet sfstop {{ chain in {{ type filter hook input priority 0; tcp dport {page_server} drop; }} }}"));
+            nft(h[0], &format!("table inet sfstop {{\n chain in {{\n  type filter hook input priority 0;\n  tcp dport {page_server} drop\n }}\n}}\n"));
         } else {
             nft(h[0], "delete table inet sfstop");
         }

@@ -25,6 +25,8 @@ pub struct Settings {
     /// Tickets ask for background completion unless the guest says
     /// otherwise.
     pub independent: bool,
+    /// Where memtap writes clones' fault traces (`fault_trace_dir`).
+    pub fault_trace_dir: Option<std::path::PathBuf>,
     /// Tickets from the local cluster's Slurm (`None`: static slots).
     pub slurm: Option<SlurmSettings>,
 }
@@ -47,6 +49,7 @@ impl Default for Settings {
             mcast: true,
             memcache_limit_mib: None,
             independent: false,
+            fault_trace_dir: None,
             slurm: None,
         }
     }
@@ -74,6 +77,7 @@ pub fn host_file(l: &Layout, i: u32, n: u32, s: &Settings) -> HostFile {
         mcast: Some(s.mcast),
         memcache_limit_mib: s.memcache_limit_mib,
         independent: s.independent.then_some(true),
+        fault_trace_dir: s.fault_trace_dir.clone(),
         allocator: s.slurm.as_ref().map(|sl| AllocatorFile {
             kind: Some("slurm".into()),
             partition: Some(super::slurm::PARTITION.into()),

@@ -1,12 +1,15 @@
 //! The UDP sockets of mcdist, made with `socket2` (well kept, and it sets
 //! the options std's `UdpSocket` lacks before binding).
 //!
-//! May import: the crate root.
+//! May import: `sys`, the crate root.
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
+
+/// Receive buffer of a group socket: a few 256-page answers.
+const RECV_BUFFER: usize = 8 << 20;
 
 /// A socket that sends to groups from `iface` (TTL 1: the cluster's own
 /// link; loopback of our own datagrams off).
@@ -36,7 +39,10 @@ pub fn receiver(
     // Generations whose names hash to one group share it, on one host too.
     s.set_reuse_address(true)?;
     s.set_multicast_all_v4(false)?;
-    let _ = s.set_recv_buffer_size(8 << 20);
+    // Bursts of a 256-page answer: past rmem_max when allowed (root).
+    if !crate::sys::force_recv_buffer(std::os::fd::AsFd::as_fd(&s), RECV_BUFFER) {
+        let _ = s.set_recv_buffer_size(RECV_BUFFER);
+    }
     s.bind(&SockAddr::from(SocketAddrV4::new(group, port)))?;
     s.join_multicast_v4(&group, &iface.unwrap_or(Ipv4Addr::UNSPECIFIED))?;
     s.set_read_timeout(Some(poll))?;

@@ -178,6 +178,22 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
             s.write_all(&wire::encode_reply(Status::ServerError, r.first, r.count))?;
             continue;
         }
+        // A member gets its pages by multicast, with the others, when all
+        // of them could be sent; over TCP only the word that they are on
+        // their way.
+        let member = r.flags & wire::FLAG_MEMBER != 0 && r.flags & wire::FLAG_UNICAST == 0;
+        if let (Some((m, cast)), true) = (cast, member) {
+            if m.multicast(&r.name, cast, r.first, &out[wire::REPLY_LEN..], &mut dgram) {
+                m.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+                s.write_all(&wire::encode_reply_with(
+                    Status::Coalesced,
+                    r.first,
+                    r.count,
+                    cast.sent(),
+                ))?;
+                continue;
+            }
+        }
         out[..wire::REPLY_LEN].copy_from_slice(&wire::encode_reply_with(
             Status::Ok,
             r.first,

@@ -1,5 +1,10 @@
-//! The page server's side of mcdist: after answering a request over TCP,
-//! send a copy of each page to the generation's multicast group.
+//! The page server's side of mcdist: pages a host asks for go to the
+//! generation's multicast group. A member (a host that receives the group)
+//! asking for pages gets them there, and over its TCP connection only the
+//! answer "coalesced"; it asks again with the unicast flag if they do not
+//! arrive, and then gets the data over TCP. Pages answered over TCP (to a
+//! host that is not a member, a re-request, or when nothing could be
+//! multicast) are multicast too, for the others.
 //!
 //! * **Lockstep detection.** A member's request for pages that all went to
 //!   the group less than [`IN_FLIGHT`] ago is answered
@@ -245,9 +250,11 @@ impl Sender {
         Decision::Serve
     }
 
-    /// Sends copies of the pages just served (`data` holds pages
-    /// `first..`) to the group, unless they went there a moment ago, fewer
-    /// than two hosts are active members, or the rate allows no more.
+    /// Sends the pages `data` (pages `first..`) to the group, unless they
+    /// went there a moment ago, fewer than two hosts are active members, or
+    /// the rate allows no more. Returns whether every page is now on its
+    /// way (sent now or a moment ago), so that a member asking for them can
+    /// be answered "coalesced" instead of with the data.
     pub(super) fn multicast(
         &self,
         name: &str,
@@ -255,7 +262,7 @@ impl Sender {
         first: u64,
         data: &[u8],
         buf: &mut [u8; DATAGRAM_LEN],
-    ) {
+    ) -> bool {
         let now = Instant::now();
         if g.active_members(now) < 2 {
             if !g.said_end_game.swap(true, Ordering::Relaxed) {
@@ -264,7 +271,7 @@ impl Sender {
                     "mcdist: fewer than two hosts ask for this generation; unicast only until more do"
                 );
             }
-            return;
+            return false;
         }
         g.said_end_game.store(false, Ordering::Relaxed);
         let stamp = g.stamp(now);
@@ -276,7 +283,7 @@ impl Sender {
             if !self.take() {
                 let left = (data.len() / PAGE_SIZE as usize - i) as u64;
                 self.counters.skipped.fetch_add(left, Ordering::Relaxed);
-                return;
+                return false;
             }
             let seq = g.sent.fetch_add(1, Ordering::Relaxed);
             seal(&self.key, name, p, seq, page, buf);
@@ -289,9 +296,11 @@ impl Sender {
                     if self.counters.send_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                         warn!(generation = name, group = %g.group, "mcdist: cannot send to the group: {e}");
                     }
+                    return false;
                 }
             }
         }
+        true
     }
 }
 
@@ -381,7 +390,7 @@ mod tests {
         assert_eq!(g.active_members(Instant::now()), 1);
         // With one member left nothing is multicast.
         let mut buf = [0u8; DATAGRAM_LEN];
-        s.multicast("g", &g, 0, &[0u8; 4096], &mut buf);
+        assert!(!s.multicast("g", &g, 0, &[0u8; 4096], &mut buf));
         assert_eq!(s.counters.datagrams.load(Ordering::Relaxed), 0);
     }
 }

@@ -239,13 +239,6 @@ impl Daemon {
         if let (crate::state::vm::MemSource::Remote { generation, .. }, Some(m)) =
             (&vm.spec.memory, &self.memtap)
         {
-            // What arrives for the host, not for one process: the
-            // generation's figures.
-            if let Some(g) = m.generation_stats(generation) {
-                s.fetch.prefetch_wasted_bytes = g.prefetch_wasted_bytes;
-                s.fetch.mcast_pages = g.mcast_pages;
-                s.fetch.mcast_dropped = g.mcast_dropped;
-            }
             let memory = m.generation_progress(generation);
             s.completion = memory.map_or(0.0, |p| p.fraction());
             s.independent = memory.is_some_and(|p| p.complete())
@@ -266,6 +259,17 @@ impl Daemon {
                 s.disk = snowflock_proto::admin::DiskStats::from_fault_stats(
                     &m.pid_generations_stats(pid, names),
                 );
+            }
+        }
+        // What arrives for the host, not for one process: the generation's
+        // figures (after the process's, which would overwrite them).
+        if let (crate::state::vm::MemSource::Remote { generation, .. }, Some(m)) =
+            (&vm.spec.memory, &self.memtap)
+        {
+            if let Some(g) = m.generation_stats(generation) {
+                s.fetch.prefetch_wasted_bytes = g.prefetch_wasted_bytes;
+                s.fetch.mcast_pages = g.mcast_pages;
+                s.fetch.mcast_dropped = g.mcast_dropped;
             }
         }
         s
