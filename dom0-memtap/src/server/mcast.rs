@@ -10,7 +10,9 @@
 //!   the group less than [`IN_FLIGHT`] ago is answered
 //!   [`Status::Coalesced`](crate::wire::Status::Coalesced): they are on
 //!   their way. A member asking for a page multicast longer ago lost it
-//!   (counted `rerequested`) and gets it over TCP.
+//!   (counted `rerequested`) and gets it over TCP: a page is multicast at
+//!   most once per generation, and what one host lost goes to that host
+//!   alone (losses are a receiver's own on a switched network).
 //! * **Flow control.** Members report, in each request, how many datagrams
 //!   of the generation they accepted. Over each stretch of at least
 //!   [`SAMPLE`] datagrams, a member that got less than [`GOOD_DELIVERY`] of
@@ -275,10 +277,19 @@ impl Sender {
         }
         g.said_end_game.store(false, Ordering::Relaxed);
         let stamp = g.stamp(now);
+        let mut all = true;
         for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
             let p = first + i as u64;
-            if g.in_flight(p, stamp).0 {
-                continue;
+            match g.in_flight(p, stamp) {
+                (true, _) => continue,
+                // Multicast before: whoever asks again lost it (losses are
+                // a receiver's own on a switched network), so it goes to
+                // that host alone, over TCP.
+                (false, true) => {
+                    all = false;
+                    continue;
+                }
+                (false, false) => {}
             }
             if !self.take() {
                 let left = (data.len() / PAGE_SIZE as usize - i) as u64;
@@ -300,7 +311,7 @@ impl Sender {
                 }
             }
         }
-        true
+        all
     }
 }
 
