@@ -178,6 +178,7 @@ mod tests {
             mcast: false,
             memcache_limit_mib: Some(64),
             independent: true,
+            fault_trace_dir: None,
             slurm: Some(SlurmSettings {
                 wait_s: 4,
                 slots_per_node: Some(1),
