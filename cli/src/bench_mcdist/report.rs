@@ -108,8 +108,9 @@ pub struct Row {
     pub ip_reasm_fails: u64,
     pub read_errors: u64,
     pub wrong_pages: u64,
-    /// The page server's counters over the replay (`ServerStats`,
-    /// differences of its numeric fields).
+    /// The page server's counters over the replay (`ServerStats`: its
+    /// counters' differences; `mcast_rate`, flow control's rate, at the
+    /// end).
     pub origin_server: serde_json::Value,
 }
 
@@ -120,8 +121,9 @@ impl Row {
     }
 }
 
-/// The numeric fields of `after` minus those of `before`; other fields as
-/// in `after`.
+/// The numeric fields of `after` minus those of `before` (counters);
+/// rates (`*_rate`, gauges such as `mcast_rate`) and other fields as in
+/// `after`.
 pub fn value_delta(before: &serde_json::Value, after: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     let (Value::Object(b), Value::Object(a)) = (before, after) else {
@@ -130,7 +132,7 @@ pub fn value_delta(before: &serde_json::Value, after: &serde_json::Value) -> ser
     let mut out = serde_json::Map::new();
     for (k, v) in a {
         let d = match (v.as_u64(), b.get(k).and_then(Value::as_u64)) {
-            (Some(x), Some(y)) => Value::from(x.saturating_sub(y)),
+            (Some(x), Some(y)) if !k.ends_with("_rate") => Value::from(x.saturating_sub(y)),
             _ => v.clone(),
         };
         out.insert(k.clone(), d);
@@ -300,6 +302,7 @@ mod tests {
             server: serde_json::json!({
                 "bytes_served": served,
                 "mcast_datagrams": served / 10,
+                "mcast_rate": 1000 - served,
                 "connections": 3,
                 "name": "x"
             }),
@@ -381,6 +384,8 @@ mod tests {
         assert_eq!(r.origin_rerequested, 0);
         assert_eq!(r.origin_server["connections"], 0);
         assert_eq!(r.origin_server["name"], "x");
+        // A rate is a gauge: the value at the end.
+        assert_eq!(r.origin_server["mcast_rate"], 895);
         // Even host counts: the median is the mean of the middle two.
         let r = aggregate(&info, &hs[..2], &origin(0, 0), &origin(0, 0));
         assert_eq!(r.latency_p50_us, 200.0);
