@@ -5,6 +5,7 @@
 mod bench;
 mod bench_disk;
 mod bench_hosts;
+mod bench_mcdist;
 mod bench_mpi;
 mod bench_peers;
 mod bench_ticket;
@@ -366,6 +367,18 @@ enum BenchCmd {
     /// A clone against booting, save/restore and live migration, side by
     /// side: the original VM's pause and the time to a running worker.
     Peers(PeersOpts),
+    /// Multicast page distribution at scale, without VMs: a fault trace
+    /// replayed from many simulated clone hosts against one page server.
+    Mcdist(bench_mcdist::Opts),
+    /// One simulated clone host of `bench mcdist` (the bench runs it).
+    #[command(hide = true)]
+    McdistHost(bench_mcdist::HostOpts),
+    /// The origin of `bench mcdist` (the bench runs it).
+    #[command(hide = true)]
+    McdistOrigin(bench_mcdist::OriginOpts),
+    /// One simulated clone of `bench mcdist` (its host runs it).
+    #[command(hide = true)]
+    McdistClone(bench_mcdist::CloneOpts),
 }
 
 #[derive(clap::Args)]
@@ -469,7 +482,14 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .unwrap_or(Path::new(snowflock_proto::DAEMON_SOCKET)),
         ),
-        Cmd::Image { .. } => Client::new(Path::new(snowflock_proto::DAEMON_SOCKET)), // unused
+        Cmd::Image { .. }
+        | Cmd::Bench {
+            cmd:
+                BenchCmd::Mcdist(_)
+                | BenchCmd::McdistHost(_)
+                | BenchCmd::McdistOrigin(_)
+                | BenchCmd::McdistClone(_),
+        } => Client::new(Path::new(snowflock_proto::DAEMON_SOCKET)), // unused
         Cmd::Daemon {
             cmd: DaemonCmd::Stop,
         }
@@ -619,6 +639,20 @@ fn run(cli: Cli, m: &ArgMatches) -> anyhow::Result<ExitCode> {
                 json,
             })?;
         }
+        Cmd::Bench {
+            cmd: BenchCmd::Mcdist(o),
+        } => {
+            bench_mcdist::run(o)?;
+        }
+        Cmd::Bench {
+            cmd: BenchCmd::McdistHost(o),
+        } => bench_mcdist::run_host(o)?,
+        Cmd::Bench {
+            cmd: BenchCmd::McdistOrigin(o),
+        } => bench_mcdist::run_origin(o)?,
+        Cmd::Bench {
+            cmd: BenchCmd::McdistClone(o),
+        } => bench_mcdist::run_clone(o)?,
         Cmd::Bench {
             cmd: BenchCmd::Peers(o),
         } => {

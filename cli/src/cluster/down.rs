@@ -32,7 +32,7 @@ fn hosts_from_dirs(l: &Layout) -> Vec<HostInfo> {
 
 /// Removes everything of cluster `l` that exists; `info` is its
 /// `cluster.json`, if readable. `verbose` says what is removed on stderr.
-pub(super) fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> Result<()> {
+pub(crate) fn teardown(l: &Layout, info: Option<ClusterInfo>, verbose: bool) -> Result<()> {
     let say = |msg: String| {
         if verbose {
             eprintln!("{msg}");

@@ -29,7 +29,7 @@ pub(super) fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Network namespaces of this cluster that exist now (hosts first, fabric last).
-pub(super) fn existing_netns(l: &Layout) -> Vec<String> {
+pub(crate) fn existing_netns(l: &Layout) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(NETNS_DIR)
         .map(|rd| {
             rd.flatten()
@@ -43,7 +43,7 @@ pub(super) fn existing_netns(l: &Layout) -> Vec<String> {
 }
 
 /// Creates the fabric namespace `fab` with its bridge, all links up.
-pub(super) fn create(fab: &str) -> Result<()> {
+pub(crate) fn create(fab: &str) -> Result<()> {
     let mtu = FABRIC_MTU.to_string();
     ip(&["netns", "add", fab])?;
     ip(&["-n", fab, "link", "set", "lo", "up"])?;
@@ -68,7 +68,7 @@ pub(super) fn create(fab: &str) -> Result<()> {
 
 /// Creates host `h`'s namespace and joins it to the bridge in `fab`: veth
 /// `hI` on the bridge, `fab0` with the host's address in the namespace.
-pub(super) fn connect_host(fab: &str, h: &HostInfo) -> Result<()> {
+pub(crate) fn connect_host(fab: &str, h: &HostInfo) -> Result<()> {
     let mtu = FABRIC_MTU.to_string();
     let hn = &h.name;
     ip(&["netns", "add", &h.netns])?;

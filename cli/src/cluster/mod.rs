@@ -29,9 +29,11 @@ mod status;
 mod up;
 
 pub use down::down;
-pub(crate) use fabric::HOST_LINK;
+// For benches that build a fabric of their own (no daemons): `bench mcdist`.
+pub(crate) use down::teardown;
+pub(crate) use fabric::{connect_host, create as create_fabric, existing_netns, HOST_LINK};
 pub use host_config::{Settings, SlurmSettings};
-pub use layout::{first_host_client, host_client, HostInfo};
+pub use layout::{first_host_client, host_client, HostInfo, Layout};
 pub use slurm::bill as slurm_bill;
 pub use status::status;
 pub use up::{up, UpOpts};
