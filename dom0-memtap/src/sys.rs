@@ -98,8 +98,20 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, ms: i32) {
     unsafe { libc::poll(&mut p, 1, ms) };
 }
 
-/// Maps `file` privately and writable (copy-on-write), for tests of the
-/// written-page scan.
+/// Whether `fd` has data to read right now (a datagram queued on a
+/// socket), without waiting.
+pub(crate) fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, on a descriptor kept open by the borrow;
+    // a zero timeout does not block.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & libc::POLLIN != 0
+}
+
 /// Sets a socket's receive buffer to `bytes` past `net.core.rmem_max`
 /// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`); `false` if refused.
 pub(crate) fn force_recv_buffer(fd: BorrowedFd<'_>, bytes: usize) -> bool {
@@ -183,4 +195,28 @@ pub(crate) fn punch(file: &File, off: u64, len: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn readable_now_sees_a_queued_datagram_without_waiting() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let probe = rx.try_clone().unwrap();
+        assert!(!readable_now(probe.as_fd()));
+        tx.send_to(b"page", rx.local_addr().unwrap()).unwrap();
+        let t0 = std::time::Instant::now();
+        while !readable_now(probe.as_fd()) {
+            assert!(t0.elapsed().as_secs() < 5, "the datagram never queued");
+        }
+        let mut buf = [0u8; 8];
+        assert_eq!(rx.recv(&mut buf).unwrap(), 4);
+        // Taken by the socket it was cloned from: nothing left for the probe.
+        assert!(!readable_now(probe.as_fd()));
+    }
 }

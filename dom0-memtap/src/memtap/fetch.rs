@@ -36,6 +36,10 @@ const WORKER_IDLE_EXIT: Duration = Duration::from_secs(10);
 /// How long a read waits for pages the origin coalesced (sent by multicast
 /// for another host a moment ago) before asking again by unicast.
 const COALESCE_WAIT: Duration = Duration::from_millis(30);
+/// Longest a read waits, before asking the origin, for this host's
+/// receiving thread to take datagrams already queued for it (one of them
+/// may hold the page: asking for a page multicast before gets it over TCP).
+const CATCH_UP: Duration = Duration::from_millis(20);
 
 /// How a run's pages came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,9 @@ pub(super) fn fetch_run(
     deadline: Instant,
     tally: &mut Tally,
 ) -> Result<Got, FetchError> {
+    if g.member() && caught_up(g, first, n as u64) {
+        return Ok(Got::Arrived);
+    }
     let mut unicast = false;
     loop {
         let mut flags = 0;
@@ -101,6 +108,27 @@ pub(super) fn fetch_run(
             }
         }
     }
+}
+
+/// Whether pages `first..first+n` arrived while this host's receiving
+/// thread caught up with the datagrams queued for it (at most
+/// [`CATCH_UP`]). With nothing queued it returns at once: the pages are
+/// not on their way.
+fn caught_up(g: &Gen, first: u64, n: u64) -> bool {
+    let Some(rx) = &g.rx else {
+        return false;
+    };
+    let end = Instant::now() + CATCH_UP;
+    while rx.behind() {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if g.wait_present(first, n, left.min(Duration::from_millis(1))) {
+            return true;
+        }
+    }
+    (first..first + n).all(|p| g.present(p))
 }
 
 /// Queues a read that needs the network, adding a fetch thread when all

@@ -101,6 +101,20 @@ pub(super) struct Rx {
     /// (`u64::MAX` before).
     pub(super) baseline: AtomicU64,
     pub(super) group: std::net::SocketAddrV4,
+    /// The receiving socket (a duplicate of the receiving thread's): a
+    /// datagram queued there means the thread is behind.
+    pub(super) probe: Option<std::net::UdpSocket>,
+}
+
+impl Rx {
+    /// Whether datagrams wait in the socket that the receiving thread has
+    /// not taken yet.
+    pub(super) fn behind(&self) -> bool {
+        use std::os::fd::AsFd;
+        self.probe
+            .as_ref()
+            .is_some_and(|s| crate::sys::readable_now(s.as_fd()))
+    }
 }
 
 /// What [`Gen::store_run`] did.

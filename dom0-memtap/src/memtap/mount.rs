@@ -388,6 +388,7 @@ impl Memtap {
                 received: AtomicU64::new(0),
                 baseline: AtomicU64::new(u64::MAX),
                 group: std::net::SocketAddrV4::new(group, port),
+                probe: s.try_clone().ok(),
             })
         });
         let gen = Arc::new(Gen {
