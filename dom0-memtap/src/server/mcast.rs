@@ -87,8 +87,8 @@ struct Member {
 pub(super) struct GenCast {
     group: SocketAddrV4,
     epoch: Instant,
-    /// Per page: milliseconds since `epoch` + 1 of its last multicast; 0
-    /// for never.
+    /// Per page: milliseconds since `epoch` (modulo 2^32, at least 1) of
+    /// its last multicast; 0 for never.
     sent_at: Vec<AtomicU32>,
     /// Datagrams sent to the group.
     sent: AtomicU64,
@@ -125,7 +125,8 @@ impl GenCast {
     }
 
     fn stamp(&self, now: Instant) -> u32 {
-        (now.duration_since(self.epoch).as_millis() as u32).saturating_add(1)
+        // 0 means "never sent": a wrapped stamp skips it.
+        (now.duration_since(self.epoch).as_millis() as u32).max(1)
     }
 
     /// Whether page `p` went to the group less than [`IN_FLIGHT`] ago, and
@@ -133,7 +134,9 @@ impl GenCast {
     fn in_flight(&self, p: u64, now: u32) -> (bool, bool) {
         let at = self.sent_at[p as usize].load(Ordering::Relaxed);
         let limit = IN_FLIGHT.as_millis() as u32;
-        (at != 0 && now.saturating_sub(at) < limit, at != 0)
+        // Stamps are milliseconds modulo 2^32 (they wrap after 49 days of
+        // a generation's life): the difference wraps with them.
+        (at != 0 && now.wrapping_sub(at) < limit, at != 0)
     }
 
     fn active_members(&self, now: Instant) -> usize {
@@ -372,6 +375,15 @@ mod tests {
 
     fn ip(n: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+    }
+
+    #[test]
+    fn in_flight_holds_across_the_stamps_wrapping() {
+        let g = GenCast::new("g", 7404, 4);
+        g.sent_at[1].store(u32::MAX - 3, Ordering::Relaxed);
+        assert_eq!(g.in_flight(1, 2), (true, true));
+        assert_eq!(g.in_flight(1, 20), (false, true));
+        assert_eq!(g.in_flight(2, 2), (false, false));
     }
 
     #[test]
