@@ -604,7 +604,15 @@ impl Drop for Cluster {
     }
 }
 
-/// Polls `f` until it returns `Some` or `timeout` passes.
+/// Whether a remote clone's `stats --json` show pages from its origin:
+/// fetched over TCP, or multicast copies of pages a clone on another host
+/// faulted first (with multicast on, a clone may have fetched nothing
+/// itself).
+pub fn got_pages_from_origin(s: &Value) -> bool {
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    n("bytes_fetched") > 0 || n("mcast_pages") > 0
+}
+
 /// The clones of `ticket` in a VM list, by clone ID.
 pub fn clones_of(vms: &[Value], ticket: &str) -> Vec<Value> {
     let mut v: Vec<Value> = vms
@@ -630,6 +638,7 @@ pub fn wait_for_loss(h: &Daemon, vm: &str, timeout: Duration) -> Value {
     .unwrap_or_else(|| panic!("{vm} must be stopped within {timeout:?}"))
 }
 
+/// Polls `f` until it returns `Some` or `timeout` passes.
 pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
