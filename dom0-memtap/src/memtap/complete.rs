@@ -123,7 +123,7 @@ fn run(sh: Arc<Shared>, weak: Weak<Gen>) {
                     }
                     bytes += (b - a) * PS;
                 }
-                Ok(Got::Arrived) => {}
+                Ok(Got::Arrived | Got::CaughtUp) => {}
                 Err(e) => {
                     fetch_failed(&sh, &g, &e);
                     return;

@@ -46,8 +46,12 @@ const CATCH_UP: Duration = Duration::from_millis(20);
 pub(super) enum Got {
     /// Over TCP, into the caller's buffer (not stored yet).
     Data,
-    /// By multicast: they are in the cache; the buffer holds nothing.
+    /// By multicast, sent for this request (the origin answered
+    /// "coalesced"): they are in the cache; the buffer holds nothing.
     Arrived,
+    /// Already on their way before anything was asked: multicast for
+    /// another host, queued on the group socket. In the cache too.
+    CaughtUp,
 }
 
 /// Lockstep figures of fetches, for the statistics.
@@ -70,7 +74,7 @@ pub(super) fn fetch_run(
     tally: &mut Tally,
 ) -> Result<Got, FetchError> {
     if g.member() && caught_up(g, first, n as u64) {
-        return Ok(Got::Arrived);
+        return Ok(Got::CaughtUp);
     }
     let mut unicast = false;
     loop {
@@ -263,7 +267,13 @@ fn serve_miss(sh: &Shared, job: Job, scratch: &mut [u8]) {
             let data = &mut scratch[..wire::data_len(n)];
             match fetch_run(&g, p, n, data, deadline, &mut tally) {
                 Ok(Got::Data) => {}
-                Ok(Got::Arrived) => {
+                Ok(got @ (Got::Arrived | Got::CaughtUp)) => {
+                    // Pages the origin multicast because this read asked
+                    // count as fetched; pages another host's request
+                    // brought count as multicast pages only.
+                    if got == Got::Arrived {
+                        o.pages_fetched += n as u64;
+                    }
                     p += n as u64;
                     continue;
                 }
