@@ -303,6 +303,35 @@ mod tests {
     use snowflock_proto::api::{ApiErrorCode as E, ApiRequest as R, ApiResponse, ChildState};
     use snowflock_proto::peer::PeerRequest;
 
+    /// A ticket request for `n` clones, leaving independence to the host.
+    fn ticket_of(n: u32) -> R {
+        R::RequestTicket {
+            n,
+            independent: None,
+        }
+    }
+
+    /// `h1` answers with `free` slots and starts every clone it is asked to.
+    fn h1_starts_clones(h: &Harness, free: u32) {
+        h.peer("h1", move |req| match req {
+            PeerRequest::Capacity => AdminResponse::Capacity {
+                host: "h1".into(),
+                free,
+            },
+            PeerRequest::StartClones { clone_ids, .. } => AdminResponse::ClonesStarted {
+                results: clone_ids
+                    .iter()
+                    .map(|id| CloneStart {
+                        clone_id: *id,
+                        vm: format!("p-g1c{id}"),
+                        error: None,
+                    })
+                    .collect(),
+            },
+            _ => AdminResponse::Ok,
+        });
+    }
+
     fn code(r: &ApiResponse) -> Option<E> {
         match r {
             ApiResponse::Error { code, .. } => Some(*code),
@@ -344,36 +373,12 @@ mod tests {
         a.answer(Err(AllocError::Refused(
             "Invalid partition name specified".into(),
         )));
-        let r = p
-            .call(
-                1,
-                R::RequestTicket {
-                    n: 9,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(1, ticket_of(9)).await;
         assert_eq!(code(&r), Some(E::NoCapacity));
         assert!(message(&r).contains("within 4 s"), "{r:?}");
-        let r = p
-            .call(
-                2,
-                R::RequestTicket {
-                    n: 1,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(2, ticket_of(1)).await;
         assert_eq!(code(&r), Some(E::HostUnavailable));
-        let r = p
-            .call(
-                3,
-                R::RequestTicket {
-                    n: 1,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(3, ticket_of(1)).await;
         assert_eq!(code(&r), Some(E::Failed));
         assert!(message(&r).contains("Invalid partition"), "{r:?}");
         // The allocator is asked for no more than the quota (4) allows.
@@ -391,15 +396,7 @@ mod tests {
             hosts: vec![("h1".into(), 1), ("h2".into(), 1)],
             here: 0,
         }));
-        let r = p
-            .call(
-                1,
-                R::RequestTicket {
-                    n: 3,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(1, ticket_of(3)).await;
         let ApiResponse::Ticket { ticket, granted } = r else {
             panic!("{r:?}");
         };
@@ -414,15 +411,7 @@ mod tests {
             hosts: vec![],
             here: u32::MAX,
         }));
-        let r = p
-            .call(
-                2,
-                R::RequestTicket {
-                    n: 2,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(2, ticket_of(2)).await;
         assert!(matches!(r, ApiResponse::Ticket { granted: 2, .. }), "{r:?}");
         assert!(a.released.lock().is_empty());
     }
@@ -436,15 +425,7 @@ mod tests {
             hosts: vec![("h1".into(), 0)],
             here: 0,
         }));
-        let r = p
-            .call(
-                1,
-                R::RequestTicket {
-                    n: 2,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(1, ticket_of(2)).await;
         assert_eq!(code(&r), Some(E::NoCapacity));
         assert!(
             message(&r).contains("granted hosts [\"h1\"] with no free VM slots"),
@@ -463,25 +444,9 @@ mod tests {
         let h = Harness::new();
         let (_, p) = h.start("p").await;
         // Quota 4 per VM.
-        let r = p
-            .call(
-                1,
-                R::RequestTicket {
-                    n: 10,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(1, ticket_of(10)).await;
         assert!(matches!(r, ApiResponse::Ticket { granted: 4, .. }), "{r:?}");
-        let r = p
-            .call(
-                2,
-                R::RequestTicket {
-                    n: 1,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(2, ticket_of(1)).await;
         assert_eq!(code(&r), Some(E::NoCapacity));
         assert!(
             message(&r).contains("already holds 4 unused clone slots"),
@@ -489,25 +454,9 @@ mod tests {
         );
         // Capacity: 8 VMs, 1 running, 4 reserved by the ticket.
         let (_, q) = h.start("q").await;
-        let r = q
-            .call(
-                1,
-                R::RequestTicket {
-                    n: 4,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = q.call(1, ticket_of(4)).await;
         assert!(matches!(r, ApiResponse::Ticket { granted: 2, .. }), "{r:?}");
-        let r = q
-            .call(
-                2,
-                R::RequestTicket {
-                    n: 1,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = q.call(2, ticket_of(1)).await;
         assert_eq!(code(&r), Some(E::NoCapacity));
         assert!(message(&r).contains("No capacity for clones"), "{r:?}");
     }
@@ -619,16 +568,7 @@ mod tests {
         let r = p.call(3, R::Exit { status: 0 }).await;
         assert_eq!(code(&r), Some(E::WrongRole));
         assert!(message(&r).contains("sf_exit is for clones"));
-        let t = match p
-            .call(
-                4,
-                R::RequestTicket {
-                    n: 1,
-                    independent: None,
-                },
-            )
-            .await
-        {
+        let t = match p.call(4, ticket_of(1)).await {
             ApiResponse::Ticket { ticket, .. } => ticket,
             other => panic!("{other:?}"),
         };
@@ -647,28 +587,12 @@ mod tests {
         assert_eq!(code(&r), Some(E::TicketUsed));
         // A clone cannot clone or ask for tickets.
         let c = h.proc("p-g1c1");
-        let r = c
-            .call(
-                1,
-                R::RequestTicket {
-                    n: 1,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = c.call(1, ticket_of(1)).await;
         assert_eq!(code(&r), Some(E::WrongRole));
         let r = c.call(2, R::Clone { ticket: t.clone() }).await;
         assert_eq!(code(&r), Some(E::WrongRole));
         assert!(message(&r).contains("Nested cloning is not supported"));
-        let r = p
-            .call(
-                8,
-                R::RequestTicket {
-                    n: 0,
-                    independent: None,
-                },
-            )
-            .await;
+        let r = p.call(8, ticket_of(0)).await;
         assert_eq!(code(&r), Some(E::BadRequest));
         // None of it harmed anyone.
         assert_eq!(h.vmm.running(), ["p", "p-g1c1", "q"]);
@@ -699,23 +623,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn clones_are_placed_on_other_hosts_and_their_ends_come_back() {
         let h = Harness::cluster();
-        h.peer("h1", |req| match req {
-            PeerRequest::Capacity => AdminResponse::Capacity {
-                host: "h1".into(),
-                free: 7,
-            },
-            PeerRequest::StartClones { clone_ids, .. } => AdminResponse::ClonesStarted {
-                results: clone_ids
-                    .iter()
-                    .map(|id| CloneStart {
-                        clone_id: *id,
-                        vm: format!("p-g1c{id}"),
-                        error: None,
-                    })
-                    .collect(),
-            },
-            _ => AdminResponse::Ok,
-        });
+        h1_starts_clones(&h, 7);
         // h2 is down: left out of the ticket.
         h.peers.set("h2", None);
         let (_, p) = h.start("p").await;
@@ -787,23 +695,7 @@ mod tests {
             },
             true,
         );
-        h.peer("h1", |req| match req {
-            PeerRequest::Capacity => AdminResponse::Capacity {
-                host: "h1".into(),
-                free: 8,
-            },
-            PeerRequest::StartClones { clone_ids, .. } => AdminResponse::ClonesStarted {
-                results: clone_ids
-                    .iter()
-                    .map(|id| CloneStart {
-                        clone_id: *id,
-                        vm: format!("p-g1c{id}"),
-                        error: None,
-                    })
-                    .collect(),
-            },
-            _ => AdminResponse::Ok,
-        });
+        h1_starts_clones(&h, 8);
         h
     }
 
