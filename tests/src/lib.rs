@@ -222,6 +222,11 @@ impl Daemon {
         out
     }
 
+    /// `snowflock stats VM --json`.
+    pub fn stats(&self, vm: &str) -> Value {
+        serde_json::from_str(&self.ok(&["stats", vm, "--json"])).expect("stats --json")
+    }
+
     pub fn vms(&self) -> Vec<Value> {
         let out = self.ok(&["vm", "list", "--json"]);
         serde_json::from_str::<Value>(&out)
@@ -445,6 +450,14 @@ impl Cluster {
 
     pub fn host(&self, i: usize) -> &ClusterHost {
         &self.hosts[i]
+    }
+
+    /// The host called `name` (`h0`, `h1`, ...).
+    pub fn host_named(&self, name: &str) -> &ClusterHost {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name} in the cluster"))
     }
 
     /// Network namespace of host `i` (`NAME-hI`).

@@ -6,10 +6,6 @@ use serde_json::Value;
 use snowflock_tests::*;
 use std::time::Duration;
 
-fn stats(h: &ClusterHost, vm: &str) -> Value {
-    serde_json::from_str(&h.ok(&["stats", vm, "--json"])).expect("stats --json")
-}
-
 fn wait_socket(h: &ClusterHost, vm: &str, sock: &str) {
     h.sh_ok(vm, &format!("i=0; while [ ! -S {sock} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -S {sock} ]"));
 }
@@ -32,14 +28,14 @@ fn fresh_fill_fetched(h: &ClusterHost, name: &str) -> (u64, Value) {
         name,
         "sf-memtest ctl --sock /tmp/w.sock verify && kill $(cat /tmp/w.pid)",
     );
-    let before = stats(h, name)["bytes_fetched"].as_u64().unwrap();
+    let before = h.stats(name)["bytes_fetched"].as_u64().unwrap();
     h.sh_ok(
         name,
         "sf-memtest hold --mib 100 --seed 9 --sock /tmp/fill.sock </dev/null >/dev/null 2>&1 &",
     );
     wait_socket(h, name, "/tmp/fill.sock");
     h.sh_ok(name, "sf-memtest ctl --sock /tmp/fill.sock verify");
-    let after = stats(h, name);
+    let after = h.stats(name);
     (after["bytes_fetched"].as_u64().unwrap() - before, after)
 }
 
@@ -122,7 +118,7 @@ echo $T"#,
             h0.sh_ok(name, &format!("ping -c 1 -W 3 {subnet}.{j} >/dev/null"));
         }
         // Memory came from h0 on demand.
-        let s = stats(h0, name);
+        let s = h0.stats(name);
         assert_eq!(s["memory"], "remote", "{s}");
         assert_eq!(s["origin"], "h0", "{s}");
         for k in [

@@ -428,9 +428,7 @@ fn clones_see_the_disk_as_it_was_at_the_clone() {
 }
 
 fn disk_fetched(c: &Cluster, host: usize, vm: &str) -> u64 {
-    let s: serde_json::Value =
-        serde_json::from_str(&c.host(host).ok(&["stats", vm, "--json"])).unwrap();
-    s["disk_bytes_fetched"]
+    c.host(host).stats(vm)["disk_bytes_fetched"]
         .as_u64()
         .expect("disk_bytes_fetched")
 }
@@ -657,8 +655,7 @@ echo $T"#,
         for j in 1..=3 {
             h0.sh_ok(name, &format!("ping -c 1 -W 3 {subnet}.{j} >/dev/null"));
         }
-        let s: serde_json::Value =
-            serde_json::from_str(&h0.ok(&["stats", name, "--json"])).unwrap();
+        let s = h0.stats(name);
         assert_eq!(
             (s["memory"].as_str(), s["origin"].as_str()),
             (Some("remote"), Some("h0")),

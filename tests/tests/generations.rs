@@ -51,11 +51,6 @@ fn pid_of(h: &Host, vm: &str) -> u64 {
         .unwrap_or_else(|| panic!("{vm} not listed"))
 }
 
-/// `snowflock stats VM --json`.
-fn mem_of(h: &Host, vm: &str) -> Value {
-    serde_json::from_str(&h.ok(&["stats", vm, "--json"])).expect("stats --json")
-}
-
 fn passes(s: &str) -> u64 {
     s.split_whitespace()
         .find_map(|w| w.strip_prefix("passes="))
@@ -171,7 +166,7 @@ fn three_clone_points_each_see_their_own_memory_and_coexist() {
     // The memory they hold: the parent's last generation (shared with its
     // clone), the two older ones kept for the clones of points 1 and 2, and
     // each clone's own writes.
-    let m = mem_of(&h, "p");
+    let m = &h.stats("p");
     assert!(m["shared_bytes"].as_u64().unwrap() > 0, "{m}");
     assert!(m["generations_bytes"].as_u64().unwrap() > 0, "{m}");
     let listed = h.vms();
@@ -199,7 +194,7 @@ fn three_clone_points_each_see_their_own_memory_and_coexist() {
         "generations left after join and kill: {:?}",
         generations_left(&h)
     );
-    assert_eq!(mem_of(&h, "p")["generations_bytes"], 0);
+    assert_eq!(&h.stats("p")["generations_bytes"], 0);
 
     // With no clone left, a fourth point still sees its own memory.
     let t4 = h.sh_ok("p", ONE_MORE).trim().to_string();

@@ -14,10 +14,6 @@ use snowflock_tests::*;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn stats(h: &ClusterHost, vm: &str) -> Value {
-    serde_json::from_str(&h.ok(&["stats", vm, "--json"])).expect("stats --json")
-}
-
 fn n(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {v}"))
 }
@@ -210,8 +206,21 @@ fn verify_all(h0: &ClusterHost, kids: &[String], seed: u32) {
     });
 }
 
-/// Clones `count` clones of `p` (they sleep after the clone); their names
-/// by host.
+/// Boots `p` on `h0` holding `mib` MiB of pattern `seed`, its
+/// `sf-memtest` listening on /tmp/mt.sock (for [`verify_all`]).
+fn parent_holding(h0: &ClusterHost, img: &TestImage, mib: u32, seed: u32) {
+    h0.start_vm("p", img, "256M");
+    h0.sh_ok(
+        "p",
+        &format!(
+            "sf-memtest hold --mib {mib} --seed {seed} --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
+             i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ -S /tmp/mt.sock ]"
+        ),
+    );
+}
+
+/// Clones `p` with a ticket of `sf ticket TICKET_ARGS` (the clones sleep
+/// after the clone); the ticket, and the clones' names by host.
 fn clone_flock(h0: &ClusterHost, ticket_args: &str) -> (String, Vec<(String, String)>) {
     let t = h0
         .sh_ok(
@@ -241,12 +250,7 @@ fn clones_on_four_hosts_stay_right_under_loss_reordering_and_forgery() {
     let img = TestImage::build(&[]);
     let c = Cluster::up(5, &["--fetch-timeout-ms", "3000"]);
     let h: Vec<&ClusterHost> = (0..5).map(|i| c.host(i)).collect();
-    h[0].start_vm("p", &img, "256M");
-    h[0].sh_ok(
-        "p",
-        "sf-memtest hold --mib 96 --seed 7 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
-         i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ -S /tmp/mt.sock ]",
-    );
+    parent_holding(h[0], &img, 96, 7);
     // h1, h2 lose 5 % of the datagrams; h4 loses all of them (it misses
     // the whole burst); h3 gets everything, and the replayed copies.
     drop_mcast(h[1], 5);
@@ -266,7 +270,7 @@ fn clones_on_four_hosts_stay_right_under_loss_reordering_and_forgery() {
     for i in [1, 2] {
         assert!(dropped(h[i]) > 0, "h{i}: no datagram was dropped");
     }
-    let s: Vec<Value> = (1..=4).map(|i| stats(h[i], &names[i - 1])).collect();
+    let s: Vec<Value> = (1..=4).map(|i| h[i].stats(&names[i - 1])).collect();
     for (i, v) in s.iter().enumerate() {
         eprintln!(
             "h{}: fetched {} B, mcast pages {}, coalesced {}, re-requests {}, dropped datagrams {}",
@@ -293,7 +297,7 @@ fn clones_on_four_hosts_stay_right_under_loss_reordering_and_forgery() {
     undrop(h[4]);
 
     // Forged and corrupted datagrams, sent from h4: h3 drops all six.
-    let before = n(&stats(h[3], &names[2]), "mcast_dropped");
+    let before = n(&h[3].stats(&names[2]), "mcast_dropped");
     let key = c.config_dir().join("key");
     let pages = (256u64 << 20) / 4096;
     let mut f = python(
@@ -303,7 +307,7 @@ fn clones_on_four_hosts_stay_right_under_loss_reordering_and_forgery() {
     );
     assert!(f.wait().unwrap().success());
     let counted = wait_until(Duration::from_secs(10), || {
-        let d = n(&stats(h[3], &names[2]), "mcast_dropped");
+        let d = n(&h[3].stats(&names[2]), "mcast_dropped");
         (d >= before + 6).then_some(d)
     });
     assert_eq!(
@@ -324,12 +328,7 @@ fn background_completion_frees_clones_from_their_origin() {
     let img = TestImage::build(&[]);
     let c = Cluster::up(5, &["--fetch-timeout-ms", "3000"]);
     let h: Vec<&ClusterHost> = (0..5).map(|i| c.host(i)).collect();
-    h[0].start_vm("p", &img, "256M");
-    h[0].sh_ok(
-        "p",
-        "sf-memtest hold --mib 96 --seed 3 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
-         i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ -S /tmp/mt.sock ]",
-    );
+    parent_holding(h[0], &img, 96, 3);
     let page_server = std::fs::read_to_string(c.config_dir().join("h0").join("host.toml"))
         .unwrap()
         .lines()
@@ -353,15 +352,15 @@ fn background_completion_frees_clones_from_their_origin() {
     let names: Vec<String> = kids.iter().map(|(_, n)| n.clone()).collect();
     assert_eq!(kids.len(), 4);
     for (host, name) in &kids {
-        let hi = c.hosts.iter().find(|x| &x.name == host).unwrap();
+        let hi = c.host_named(host);
         let done = wait_until(Duration::from_secs(180), || {
-            let v = stats(hi, name);
+            let v = hi.stats(name);
             v["independent"].as_bool().unwrap_or(false).then_some(v)
         });
         let v = done.unwrap_or_else(|| {
             panic!(
                 "{name} on {host} never became independent: {}",
-                stats(hi, name)
+                hi.stats(name)
             )
         });
         assert!(
@@ -372,8 +371,8 @@ fn background_completion_frees_clones_from_their_origin() {
     stop_pages(true);
     verify_all(h[0], &names, 3);
     for (host, name) in &kids {
-        let hi = c.hosts.iter().find(|x| &x.name == host).unwrap();
-        assert_eq!(n(&stats(hi, name), "fetch_errors"), 0);
+        let hi = c.host_named(host);
+        assert_eq!(n(&hi.stats(name), "fetch_errors"), 0);
     }
     stop_pages(false);
     h[0].sh_ok("p", &format!("sf kill {t}"));
@@ -381,7 +380,7 @@ fn background_completion_frees_clones_from_their_origin() {
     // Without completion the same stop is an origin loss, as before.
     let (_t2, kids) = clone_flock(h[0], "1");
     let (host, name) = &kids[0];
-    let hi = c.hosts.iter().find(|x| &x.name == host).unwrap();
+    let hi = c.host_named(host);
     stop_pages(true);
     let _ = hi.sh(
         name,
@@ -404,18 +403,13 @@ fn with_multicast_off_the_cluster_is_unicast_only() {
     let img = TestImage::build(&[]);
     let c = Cluster::up(3, &["--mcast", "off"]);
     let h0 = c.host(0);
-    h0.start_vm("p", &img, "256M");
-    h0.sh_ok(
-        "p",
-        "sf-memtest hold --mib 32 --seed 4 --sock /tmp/mt.sock </dev/null >/dev/null 2>&1 &
-         i=0; while [ ! -S /tmp/mt.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ -S /tmp/mt.sock ]",
-    );
+    parent_holding(h0, &img, 32, 4);
     let (_t, kids) = clone_flock(h0, "2");
     let names: Vec<String> = kids.iter().map(|(_, n)| n.clone()).collect();
     verify_all(h0, &names, 4);
     for (host, name) in &kids {
-        let hi = c.hosts.iter().find(|x| &x.name == host).unwrap();
-        let v = stats(hi, name);
+        let hi = c.host_named(host);
+        let v = hi.stats(name);
         for k in ["mcast_pages", "mcast_dropped", "coalesced", "rerequests"] {
             assert_eq!(n(&v, k), 0, "{k} with multicast off: {v}");
         }
