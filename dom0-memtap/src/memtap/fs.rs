@@ -81,9 +81,7 @@ impl Filesystem for MemtapFs {
         if parent != INodeNo::ROOT {
             return reply.error(Errno::ENOENT);
         }
-        let g = name
-            .to_str()
-            .and_then(|n| self.sh.table.lock().by_name.get(n).map(|(g, _)| g.clone()));
+        let g = name.to_str().and_then(|n| self.sh.table.lock().visible(n));
         match g {
             Some(g) => reply.entry_with_ttls(
                 &ATTR_TTL,

@@ -509,13 +509,7 @@ impl Memtap {
 
     /// Statistics of a generation that is present in the mount.
     pub fn generation_stats(&self, name: &str) -> Option<FaultStats> {
-        let g = self
-            .sh
-            .table
-            .lock()
-            .by_name
-            .get(name)
-            .map(|(g, _)| g.clone())?;
+        let g = self.sh.table.lock().visible(name)?;
         let mut s = g.stats.lock().snapshot();
         s.prefetch_wasted_bytes = g.wasted_bytes();
         Some(s)
@@ -524,13 +518,7 @@ impl Memtap {
     /// How much of a generation present in the mount this host holds
     /// (background completion's progress).
     pub fn generation_progress(&self, name: &str) -> Option<Progress> {
-        let g = self
-            .sh
-            .table
-            .lock()
-            .by_name
-            .get(name)
-            .map(|(g, _)| g.clone())?;
+        let g = self.sh.table.lock().visible(name)?;
         let total = g.pages - g.holes.count_ones() as u64;
         let held = (0..g.pages).filter(|&p| !g.hole(p) && g.present(p)).count() as u64;
         Some(Progress { held, total })

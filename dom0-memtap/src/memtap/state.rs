@@ -36,6 +36,11 @@ pub(super) struct Table {
 }
 
 impl Table {
+    /// The generation visible in the mount under `name`.
+    pub(super) fn visible(&self, name: &str) -> Option<Arc<Gen>> {
+        self.by_name.get(name).map(|(g, _)| g.clone())
+    }
+
     /// Drops `ino` from `by_ino` if it is neither visible nor open.
     pub(super) fn collect(&mut self, ino: u64) {
         let visible = self.by_name.values().any(|(g, _)| g.ino == ino);
