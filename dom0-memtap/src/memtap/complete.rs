@@ -123,7 +123,10 @@ fn run(sh: Arc<Shared>, weak: Weak<Gen>) {
                     }
                     bytes += (b - a) * PS;
                 }
-                Ok(Got::Arrived | Got::CaughtUp) => {}
+                // Multicast for this request: the origin sent them too, so
+                // they count against the rate.
+                Ok(Got::Arrived) => bytes += (b - a) * PS,
+                Ok(Got::CaughtUp) => {}
                 Err(e) => {
                     fetch_failed(&sh, &g, &e);
                     return;
