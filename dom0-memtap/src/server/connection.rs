@@ -183,6 +183,8 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
         // their way.
         let member = r.flags & wire::FLAG_MEMBER != 0 && r.flags & wire::FLAG_UNICAST == 0;
         if let (Some((m, cast)), true) = (cast, member) {
+            // Tried once: what it could not send (flow control, pages lost
+            // before) is not tried again after the TCP answer.
             if m.multicast(&r.name, cast, r.first, &out[wire::REPLY_LEN..], &mut dgram) {
                 m.counters.coalesced.fetch_add(1, Ordering::Relaxed);
                 s.write_all(&wire::encode_reply_with(
@@ -204,7 +206,7 @@ fn serve(mut s: TcpStream, peer: SocketAddr, sh: &Shared) -> io::Result<()> {
         inc(&c.bytes_served, len as u64);
         s.write_all(&out)?;
         // The asker has its pages; now the copies for the other hosts.
-        if let Some((m, cast)) = cast {
+        if let (Some((m, cast)), false) = (cast, member) {
             m.multicast(&r.name, cast, r.first, &out[wire::REPLY_LEN..], &mut dgram);
         }
     }
